@@ -1,1 +1,46 @@
-fn main() {}
+//! The `atoll-init` binary: wires the real syscalls, the console and the panic hook
+//! to the library, and never returns (PID 1 exiting panics the kernel).
+
+use std::ffi::OsString;
+use std::io;
+use std::time::Duration;
+
+use atoll_init::console::Console;
+use atoll_init::ports::EXIT_PORT;
+use atoll_init::status::INIT_FAILURE;
+use atoll_init::syscall::{LinuxSyscall, Syscall};
+use atoll_init::{boot, shutdown};
+
+fn main() {
+    if std::process::id() != 1 {
+        // Mounting over the host's /dev and rebooting it would be a disaster.
+        eprintln!("atoll-init: refusing to run: this is PID 1 of an Atoll guest VM only");
+        std::process::exit(i32::from(INIT_FAILURE));
+    }
+    std::panic::set_hook(Box::new(|info| {
+        let mut console = Console::new(io::stderr());
+        console.say(format_args!("panic: {info}"));
+        let mut sys = LinuxSyscall::new();
+        if let Err(err) = sys.enable_port(EXIT_PORT) {
+            console.say(format_args!("cannot use I/O port {EXIT_PORT:#x}: {err}"));
+        }
+        console.say(format_args!("exit {INIT_FAILURE}"));
+        sys.sync();
+        shutdown::power_off(&mut sys, &mut console, INIT_FAILURE);
+        wait_forever();
+    }));
+
+    let mut sys = LinuxSyscall::new();
+    let mut console = Console::new(io::stderr());
+    let init_args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let status = boot(&mut sys, &mut console, &init_args);
+    shutdown::finish(&mut sys, &mut console, status);
+    wait_forever();
+}
+
+/// Where PID 1 ends up if every way of stopping the machine failed.
+fn wait_forever() -> ! {
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}

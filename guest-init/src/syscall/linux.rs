@@ -1,0 +1,293 @@
+//! The real [`Syscall`] implementation: libc calls, each return value checked.
+
+use std::ffi::{CString, OsString};
+use std::fs::OpenOptions;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::{MountFlags, Reaped, RebootCmd, Syscall};
+use crate::arch;
+
+/// Where the command's stdio and PID 1's own fallback stdio come from.
+const CONSOLE: &str = "/dev/console";
+
+/// The environment every command starts with (nothing is inherited from the kernel).
+const COMMAND_ENV: [(&str, &str); 3] = [
+    (
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ),
+    ("HOME", "/root"),
+    ("TERM", "linux"),
+];
+
+/// Signals PID 1 blocks and then takes with `sigtimedwait`.
+const HANDLED_SIGNALS: [libc::c_int; 4] =
+    [libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
+
+/// The Linux implementation of [`Syscall`].
+#[derive(Debug, Default)]
+pub struct LinuxSyscall {
+    /// Ports `ioperm` granted; `outb` refuses any other (it would fault).
+    enabled_ports: Vec<u16>,
+}
+
+impl LinuxSyscall {
+    /// Creates the implementation; no port is enabled yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+fn c_string(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
+}
+
+/// Turns a `-1` return into the errno it set.
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn handled_signal_set() -> io::Result<libc::sigset_t> {
+    let mut set = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set it is given a valid pointer to.
+    check(unsafe { libc::sigemptyset(set.as_mut_ptr()) })?;
+    // SAFETY: sigemptyset returned 0, so the set is initialised.
+    let mut set = unsafe { set.assume_init() };
+    for signal in HANDLED_SIGNALS {
+        // SAFETY: `set` is an initialised sigset_t and `signal` a valid signal number.
+        check(unsafe { libc::sigaddset(&mut set, signal) })?;
+    }
+    Ok(set)
+}
+
+fn duration_to_timespec(d: Duration) -> libc::timespec {
+    libc::timespec {
+        tv_sec: libc::time_t::try_from(d.as_secs()).unwrap_or(libc::time_t::MAX),
+        tv_nsec: libc::c_long::from(d.subsec_nanos()),
+    }
+}
+
+/// Runs in the forked child: a new session, the console as controlling terminal,
+/// and no blocked signals (PID 1 blocks the ones it waits for).
+fn prepare_child() -> io::Result<()> {
+    // SAFETY: setsid has no arguments; the result is checked.
+    check(unsafe { libc::setsid() })?;
+    // A controlling terminal lets a shell do job control and get ^C; not getting one
+    // is no reason to fail the command.
+    // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the console.
+    let _ = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
+    let mut empty = MaybeUninit::<libc::sigset_t>::uninit();
+    // SAFETY: sigemptyset initialises the set behind the valid pointer.
+    check(unsafe { libc::sigemptyset(empty.as_mut_ptr()) })?;
+    // SAFETY: `empty` was initialised above; the old mask is not wanted.
+    check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut()) })?;
+    Ok(())
+}
+
+impl Syscall for LinuxSyscall {
+    fn create_dir(&mut self, path: &Path, mode: u32) -> io::Result<()> {
+        std::fs::DirBuilder::new().mode(mode).create(path)
+    }
+
+    fn mount(
+        &mut self,
+        source: &str,
+        target: &Path,
+        fstype: &str,
+        flags: MountFlags,
+        data: &str,
+    ) -> io::Result<()> {
+        let source = c_string(source.as_bytes())?;
+        let target = c_string(target.as_os_str().as_bytes())?;
+        let fstype = c_string(fstype.as_bytes())?;
+        let data = c_string(data.as_bytes())?;
+        // SAFETY: all pointers are NUL-terminated strings that outlive the call; the
+        // kernel copies them.
+        check(unsafe {
+            libc::mount(
+                source.as_ptr(),
+                target.as_ptr(),
+                fstype.as_ptr(),
+                flags,
+                data.as_ptr().cast(),
+            )
+        })?;
+        Ok(())
+    }
+
+    fn unmount(&mut self, target: &Path) -> io::Result<()> {
+        let target = c_string(target.as_os_str().as_bytes())?;
+        // SAFETY: `target` is a NUL-terminated string that outlives the call.
+        check(unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) })?;
+        Ok(())
+    }
+
+    fn sync(&mut self) {
+        // SAFETY: sync takes no arguments and cannot fail.
+        unsafe { libc::sync() };
+    }
+
+    fn enable_port(&mut self, port: u16) -> io::Result<()> {
+        arch::enable_port(port)?;
+        if !self.enabled_ports.contains(&port) {
+            self.enabled_ports.push(port);
+        }
+        Ok(())
+    }
+
+    fn outb(&mut self, port: u16, value: u8) -> io::Result<()> {
+        if !self.enabled_ports.contains(&port) {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!("I/O port {port:#x} was not enabled"),
+            ));
+        }
+        // SAFETY: ioperm granted `port` (checked just above), so `out` cannot fault;
+        // the ports we write are the VMM's exit and boot-stage ports, which expect
+        // exactly one byte.
+        unsafe { arch::outb(port, value) };
+        Ok(())
+    }
+
+    fn reboot(&mut self, cmd: RebootCmd) -> io::Result<()> {
+        let how = match cmd {
+            RebootCmd::PowerOff => libc::RB_POWER_OFF,
+            RebootCmd::Restart => libc::RB_AUTOBOOT,
+        };
+        // SAFETY: reboot takes a plain integer; if it returns, it failed.
+        check(unsafe { libc::reboot(how) })?;
+        Ok(())
+    }
+
+    fn uptime(&mut self) -> io::Result<Duration> {
+        let mut ts = MaybeUninit::<libc::timespec>::uninit();
+        // SAFETY: `ts` is a valid pointer to writable timespec storage.
+        check(unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, ts.as_mut_ptr()) })?;
+        // SAFETY: clock_gettime returned 0, so it filled `ts`.
+        let ts = unsafe { ts.assume_init() };
+        let secs = u64::try_from(ts.tv_sec).unwrap_or(0);
+        let nanos = u32::try_from(ts.tv_nsec).unwrap_or(0);
+        Ok(Duration::new(secs, nanos))
+    }
+
+    fn kernel_cmdline(&mut self) -> io::Result<String> {
+        let bytes = std::fs::read("/proc/cmdline")?;
+        String::from_utf8(bytes)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "/proc/cmdline is not UTF-8"))
+    }
+
+    fn attach_console(&mut self) -> io::Result<()> {
+        for fd in 0..=2 {
+            // SAFETY: F_GETFD only queries the descriptor flags of `fd`.
+            if unsafe { libc::fcntl(fd, libc::F_GETFD) } != -1 {
+                continue;
+            }
+            let console = c_string(CONSOLE.as_bytes())?;
+            // SAFETY: `console` is NUL-terminated; the returned fd is checked.
+            let opened =
+                check(unsafe { libc::open(console.as_ptr(), libc::O_RDWR | libc::O_NOCTTY) })?;
+            if opened != fd {
+                // SAFETY: both are open descriptors owned by this process; fd 0-2
+                // are the lowest so `opened` landed on or above them.
+                check(unsafe { libc::dup2(opened, fd) })?;
+                // SAFETY: `opened` is a descriptor we own and no longer need.
+                check(unsafe { libc::close(opened) })?;
+            }
+        }
+        Ok(())
+    }
+
+    fn block_signals(&mut self) -> io::Result<()> {
+        let set = handled_signal_set()?;
+        // SAFETY: `set` is an initialised sigset_t; the old mask is not wanted.
+        let rc = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+        check(rc)?;
+        Ok(())
+    }
+
+    fn wait_signal(&mut self, timeout: Option<Duration>) -> io::Result<Option<libc::c_int>> {
+        let set = handled_signal_set()?;
+        let timespec = timeout.map(duration_to_timespec);
+        let timespec_ptr = timespec
+            .as_ref()
+            .map_or(std::ptr::null(), |ts| ts as *const libc::timespec);
+        loop {
+            // SAFETY: `set` is initialised, `timespec_ptr` is null or points to a
+            // live timespec, and the siginfo out-parameter may be null.
+            let rc = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), timespec_ptr) };
+            if rc != -1 {
+                return Ok(Some(rc));
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::EAGAIN) => return Ok(None),
+                Some(libc::EINTR) => continue,
+                _ => return Err(err),
+            }
+        }
+    }
+
+    fn wait_any(&mut self) -> io::Result<Reaped> {
+        let mut status: libc::c_int = 0;
+        loop {
+            // SAFETY: `status` is a valid out-parameter; WNOHANG never blocks.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid > 0 {
+                return Ok(Reaped::Child { pid, status });
+            }
+            if pid == 0 {
+                return Ok(Reaped::NoneReady);
+            }
+            let err = io::Error::last_os_error();
+            match err.raw_os_error() {
+                Some(libc::ECHILD) => return Ok(Reaped::NoChildren),
+                Some(libc::EINTR) => continue,
+                _ => return Err(err),
+            }
+        }
+    }
+
+    fn kill(&mut self, pid: libc::pid_t, signal: libc::c_int) -> io::Result<()> {
+        // SAFETY: kill takes plain integers; the result is checked.
+        check(unsafe { libc::kill(pid, signal) })?;
+        Ok(())
+    }
+
+    fn spawn(&mut self, argv: &[OsString]) -> io::Result<libc::pid_t> {
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let console = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY)
+            .open(CONSOLE)?;
+        let mut command = Command::new(program);
+        command
+            .args(args)
+            .env_clear()
+            .envs(COMMAND_ENV)
+            .current_dir("/")
+            .stdin(Stdio::from(console.try_clone()?))
+            .stdout(Stdio::from(console.try_clone()?))
+            .stderr(Stdio::from(console));
+        // SAFETY: `prepare_child` runs in the forked child before exec and calls only
+        // async-signal-safe functions; it allocates nothing and takes no locks.
+        unsafe { command.pre_exec(prepare_child) };
+        let child = command.spawn()?;
+        // PID 1 reaps with waitpid(-1); dropping `Child` neither waits nor kills.
+        libc::pid_t::try_from(child.id())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "pid out of range"))
+    }
+}

@@ -1,0 +1,281 @@
+//! Assembles a VM from a [`VmConfig`]: KVM, memory, devices, kernel, vCPUs; then runs
+//! it until the guest reports an exit status, resets, fails, or time runs out.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::arch::x86_64::boot::{self, BootSpec, KernelFormat, LoadKernelError};
+use crate::arch::x86_64::layout::{SERIAL_IRQ, SERIAL_PORT};
+use crate::devices::bus::{Bus, BusError};
+use crate::devices::legacy::debug_port::{ExitPort, StagePort, EXIT_PORT, STAGE_PORT};
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::legacy::EventSink;
+use crate::metrics::{MetricsSnapshot, VmMetrics};
+use crate::vstate::kvm::{self, KvmError};
+use crate::vstate::vcpu::{ConfigureVcpuError, Vcpu, VcpuShared};
+use crate::vstate::vm::{CreateVmError, Vm};
+use crate::vstate::VmEvent;
+
+/// Smallest guest we start: below this a Linux guest cannot even unpack itself.
+pub const MIN_MEM_MIB: u64 = 16;
+/// Largest vCPU count (8-bit APIC ids, one kept for the IOAPIC).
+pub const MAX_VCPUS: u8 = 254;
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    /// Kernel image (ELF vmlinux or bzImage).
+    pub kernel: PathBuf,
+    /// Initrd.
+    pub initrd: Option<PathBuf>,
+    /// Full kernel command line.
+    pub cmdline: String,
+    /// vCPUs.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub mem_mib: u64,
+    /// Stop the VM after this long.
+    pub timeout: Option<Duration>,
+    /// Feed the VMM's stdin to the guest console.
+    pub console_input: bool,
+}
+
+/// How the VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The guest reported this exit status.
+    Exited(u8),
+    /// The guest powered off without a status.
+    PoweredOff,
+    /// The guest crashed, reset or a vCPU failed: why.
+    Crashed(String),
+    /// `--timeout` expired.
+    TimedOut(Duration),
+}
+
+/// The outcome with the VM's counters.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    /// How it ended.
+    pub outcome: Outcome,
+    /// Counters at the end.
+    pub metrics: MetricsSnapshot,
+    /// The kernel format booted.
+    pub format: KernelFormat,
+}
+
+/// Why the VM could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum StartVmError {
+    /// KVM unusable.
+    #[error(transparent)]
+    Kvm(#[from] KvmError),
+    /// Bad vCPU count.
+    #[error("--vcpus {given} is out of range: give 1 to {max}")]
+    Vcpus {
+        /// Asked.
+        given: u8,
+        /// Limit here.
+        max: u8,
+    },
+    /// Too little (or absurd) memory.
+    #[error("--mem {given} MiB is too little: a guest needs at least {MIN_MEM_MIB} MiB")]
+    TooLittleMemory {
+        /// Asked.
+        given: u64,
+    },
+    /// Absurd memory size.
+    #[error("--mem {0} MiB is larger than this VMM can address")]
+    TooMuchMemory(u64),
+    /// VM creation.
+    #[error(transparent)]
+    CreateVm(#[from] CreateVmError),
+    /// Kernel, initrd, tables.
+    #[error(transparent)]
+    Load(#[from] LoadKernelError),
+    /// vCPU set-up.
+    #[error(transparent)]
+    Vcpu(#[from] ConfigureVcpuError),
+    /// A device could not be placed or wired.
+    #[error("cannot attach {what}")]
+    Device {
+        /// Which device.
+        what: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Bus conflict (a bug in our layout).
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    /// A thread could not be started.
+    #[error("cannot start a VMM thread")]
+    Thread(#[source] std::io::Error),
+}
+
+fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
+}
+
+/// Builds the VM described by `config`, runs it to its end and reports how it
+/// ended. The guest console goes to `console`; `start` is the VMM's launch instant
+/// (boot stage times count from it).
+pub fn run(
+    config: &VmConfig,
+    start: Instant,
+    console: Box<dyn Write + Send>,
+) -> Result<RunReport, StartVmError> {
+    let kvm = kvm::open()?;
+    let max_vcpus = u8::try_from(kvm.get_max_vcpus())
+        .unwrap_or(MAX_VCPUS)
+        .min(MAX_VCPUS);
+    if config.vcpus == 0 || config.vcpus > max_vcpus {
+        return Err(StartVmError::Vcpus {
+            given: config.vcpus,
+            max: max_vcpus,
+        });
+    }
+    if config.mem_mib < MIN_MEM_MIB {
+        return Err(StartVmError::TooLittleMemory {
+            given: config.mem_mib,
+        });
+    }
+    let mem_size = config
+        .mem_mib
+        .checked_mul(1 << 20)
+        .filter(|s| *s <= (1u64 << 46))
+        .ok_or(StartVmError::TooMuchMemory(config.mem_mib))?;
+
+    let vm = Vm::new(&kvm, mem_size)?;
+    let metrics = Arc::new(VmMetrics::new(start));
+    let (tx, rx) = channel();
+    let events = Arc::new(EventSink::new(tx));
+
+    // Legacy devices on the port bus.
+    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| StartVmError::Device {
+        what: "the serial console",
+        source,
+    })?;
+    vm.fd
+        .register_irqfd(&serial_irq, SERIAL_IRQ)
+        .map_err(|e| StartVmError::Device {
+            what: "the serial console interrupt",
+            source: io_err(e),
+        })?;
+    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
+    let mut io_bus = Bus::new();
+    io_bus.insert(serial.clone(), u64::from(SERIAL_PORT), 8)?;
+    io_bus.insert(Arc::new(Mutex::new(I8042::new(events.clone()))), 0x60, 5)?;
+    io_bus.insert(
+        Arc::new(Mutex::new(ExitPort::new(events.clone()))),
+        u64::from(EXIT_PORT),
+        1,
+    )?;
+    io_bus.insert(
+        Arc::new(Mutex::new(StagePort::new(metrics.clone()))),
+        u64::from(STAGE_PORT),
+        1,
+    )?;
+
+    let spec = BootSpec {
+        kernel: config.kernel.clone(),
+        initrd: config.initrd.clone(),
+        cmdline: config.cmdline.clone(),
+        num_cpus: config.vcpus,
+        mem_size,
+    };
+    let boot = boot::load(&vm.memory, &spec)?;
+    tracing::debug!(?boot, "kernel loaded");
+
+    let shared = VcpuShared {
+        io_bus: Arc::new(io_bus),
+        mmio_bus: Arc::new(Bus::new()),
+        events: events.clone(),
+        metrics: metrics.clone(),
+    };
+    let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
+    for id in 0..config.vcpus {
+        vcpus.push(Vcpu::new(
+            &kvm,
+            &vm.fd,
+            &vm.memory,
+            id,
+            config.vcpus,
+            boot.entry,
+            shared.clone(),
+        )?);
+    }
+    for (id, vcpu) in vcpus.into_iter().enumerate() {
+        std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || vcpu.run())
+            .map_err(StartVmError::Thread)?;
+    }
+    if config.console_input {
+        let serial = serial.clone();
+        std::thread::Builder::new()
+            .name("console-in".into())
+            .spawn(move || pump_stdin(serial))
+            .map_err(StartVmError::Thread)?;
+    }
+
+    let event = match config.timeout {
+        Some(t) => match rx.recv_timeout(t.saturating_sub(start.elapsed())) {
+            Ok(ev) => Some(ev),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => {
+                Some(VmEvent::VcpuError("all vCPUs are gone".into()))
+            }
+        },
+        None => Some(
+            rx.recv()
+                .unwrap_or(VmEvent::VcpuError("all vCPUs are gone".into())),
+        ),
+    };
+    let outcome = match event {
+        Some(VmEvent::Exit(status)) => Outcome::Exited(status),
+        Some(VmEvent::PowerOff) => Outcome::PoweredOff,
+        Some(VmEvent::Reset(why)) => Outcome::Crashed(format!(
+            "{why} before reporting an exit status (with panic=-1 a guest kernel panic ends this way; see the console output above)"
+        )),
+        Some(VmEvent::VcpuError(msg)) => Outcome::Crashed(msg),
+        None => Outcome::TimedOut(config.timeout.unwrap_or_default()),
+    };
+    serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
+    // The VM (memory, vCPU threads) goes away with the process; the caller exits.
+    std::mem::forget(vm);
+    Ok(RunReport {
+        outcome,
+        metrics: metrics.snapshot(),
+        format: boot.format,
+    })
+}
+
+/// Copies host stdin into the UART's receive FIFO as room frees up.
+fn pump_stdin(serial: Arc<Mutex<SerialDevice>>) {
+    let mut stdin = std::io::stdin();
+    let mut buf = [0u8; 64];
+    loop {
+        let n = match stdin.read(&mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let mut pending = &buf[..n];
+        while !pending.is_empty() {
+            let taken = serial
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .enqueue_input(pending);
+            pending = &pending[taken..];
+            if !pending.is_empty() {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}

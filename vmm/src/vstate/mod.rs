@@ -1,0 +1,20 @@
+//! KVM state: opening and judging `/dev/kvm`, the VM (memory slots, in-kernel
+//! irqchip and PIT) and the vCPUs with their run loops. Everything that will be
+//! captured for snapshots later lives here.
+
+pub mod kvm;
+pub mod vcpu;
+pub mod vm;
+
+/// What the VM's threads tell the VMM's main thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmEvent {
+    /// The guest reported its exit status through the exit port.
+    Exit(u8),
+    /// The guest reset or triple-faulted: why.
+    Reset(&'static str),
+    /// The guest asked to power off without reporting a status.
+    PowerOff,
+    /// A vCPU stopped on an error; the message says why and what to do.
+    VcpuError(String),
+}

@@ -86,7 +86,10 @@ fn try_boot<S: Syscall, W: Write>(
 ) -> Result<u8, BootError> {
     for port in [EXIT_PORT, STAGE_PORT] {
         if let Err(err) = sys.enable_port(port) {
-            console.say(format_args!("cannot use I/O port {port:#x}: {err}"));
+            console.say(format_args!(
+                "cannot use I/O port {port:#x}: {err}{}",
+                port_hint(&err)
+            ));
         }
     }
     stage(sys, BootStage::Entered);
@@ -119,6 +122,16 @@ fn try_boot<S: Syscall, W: Write>(
     })?;
     stage(sys, BootStage::CommandStarted);
     Ok(supervise::supervise(sys, console, pid)?)
+}
+
+/// What to do about a failed `ioperm`: without `CONFIG_X86_IOPL_IOPERM` the kernel
+/// has no such syscall, and the VMM never hears the exit status.
+pub fn port_hint(err: &io::Error) -> &'static str {
+    if err.raw_os_error() == Some(libc::ENOSYS) {
+        " (the guest kernel needs CONFIG_X86_IOPL_IOPERM=y)"
+    } else {
+        ""
+    }
 }
 
 /// Reports a boot stage; a missing stage port only costs the VMM a timestamp.
@@ -234,6 +247,23 @@ mod tests {
             ..FakeSyscall::default()
         };
         assert_eq!(run(&mut sys, &["/etc/passwd"]).0, 126);
+    }
+
+    #[test]
+    fn boot_port_unavailable_says_which_kernel_option_is_missing() {
+        let mut sys = FakeSyscall {
+            enable_port_error: Some(libc::ENOSYS),
+            ..FakeSyscall::default()
+        };
+        let (status, printed) = run(&mut sys, &[]);
+        assert_eq!(status, 0);
+        assert!(
+            printed.starts_with(
+                "atoll-init: cannot use I/O port 0xf4: Function not implemented (os error 38) \
+                 (the guest kernel needs CONFIG_X86_IOPL_IOPERM=y)\n"
+            ),
+            "{printed}"
+        );
     }
 
     #[test]

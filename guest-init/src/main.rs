@@ -22,7 +22,10 @@ fn main() {
         console.say(format_args!("panic: {info}"));
         let mut sys = LinuxSyscall::new();
         if let Err(err) = sys.enable_port(EXIT_PORT) {
-            console.say(format_args!("cannot use I/O port {EXIT_PORT:#x}: {err}"));
+            let hint = atoll_init::port_hint(&err);
+            console.say(format_args!(
+                "cannot use I/O port {EXIT_PORT:#x}: {err}{hint}"
+            ));
         }
         console.say(format_args!("exit {INIT_FAILURE}"));
         sys.sync();

@@ -3,7 +3,14 @@
 //! Order: print `atoll-init: exit <status>`, sync, SIGTERM every remaining process
 //! and then SIGKILL after a short bound, detach the mounts, sync, write the status
 //! to the exit port (our VMM and QEMU's isa-debug-exit stop here), and only if the
-//! machine is still running, reboot(2) with power-off, then restart.
+//! machine is still running, reboot(2): restart first, power-off only if refused.
+//!
+//! Why restart first: when the kernel has no power-off method (no ACPI, as on a
+//! minimal microvm), `RB_POWER_OFF` silently becomes a halt that never returns,
+//! and the VM hangs ("reboot: Power off not available: System halted instead").
+//! A restart always ends: with the contract's `reboot=k` it resets through the
+//! keyboard controller (falling back to a triple fault), which our VMM treats as a
+//! stop and `qemu -no-reboot` as an exit.
 
 use std::io::Write;
 use std::time::{Duration, Instant};
@@ -73,17 +80,19 @@ fn wait_for_no_children<S: Syscall>(sys: &mut S, grace: Duration) -> bool {
     }
 }
 
-/// Writes `status` to the exit port, then falls back to reboot(2).
+/// Writes `status` to the exit port, then falls back to reboot(2) (see the module
+/// docs for the order).
 pub fn power_off<S: Syscall, W: Write>(sys: &mut S, console: &mut Console<W>, status: u8) {
     if let Err(err) = sys.outb(EXIT_PORT, status) {
         console.say(format_args!("cannot write the exit port: {err}"));
     }
     // Still running: no exit device at 0xf4 (not our VMM, not isa-debug-exit).
-    if let Err(err) = sys.reboot(RebootCmd::PowerOff) {
-        console.say(format_args!("power-off failed: {err}"));
-    }
+    console.say(format_args!("no exit device answered; restarting"));
     if let Err(err) = sys.reboot(RebootCmd::Restart) {
         console.say(format_args!("restart failed: {err}"));
+    }
+    if let Err(err) = sys.reboot(RebootCmd::PowerOff) {
+        console.say(format_args!("power-off failed: {err}"));
     }
 }
 
@@ -124,7 +133,7 @@ mod tests {
     }
 
     #[test]
-    fn power_off_writes_status_then_falls_back_to_reboot() {
+    fn power_off_writes_status_then_restarts_before_powering_off() {
         let mut sys = FakeSyscall::default();
         let mut console = Console::new(Vec::new());
         power_off(&mut sys, &mut console, 7);
@@ -132,8 +141,8 @@ mod tests {
             sys.calls,
             vec![
                 Call::Outb(EXIT_PORT, 7),
-                Call::Reboot(RebootCmd::PowerOff),
                 Call::Reboot(RebootCmd::Restart),
+                Call::Reboot(RebootCmd::PowerOff),
             ]
         );
     }

@@ -51,6 +51,8 @@ pub struct FakeSyscall {
     pub reaps: VecDeque<Reaped>,
     /// Answers to `wait_signal`, in order; `None` (timeout) once empty.
     pub signals: VecDeque<libc::c_int>,
+    /// errno for every `enable_port`.
+    pub enable_port_error: Option<i32>,
     /// Whether `reboot` succeeds (the real one never returns when it does).
     pub reboot_error: Option<i32>,
 }
@@ -66,6 +68,7 @@ impl Default for FakeSyscall {
             spawn_result: Ok(100),
             reaps: VecDeque::new(),
             signals: VecDeque::new(),
+            enable_port_error: None,
             reboot_error: None,
         }
     }
@@ -148,7 +151,10 @@ impl Syscall for FakeSyscall {
 
     fn enable_port(&mut self, port: u16) -> io::Result<()> {
         self.calls.push(Call::EnablePort(port));
-        Ok(())
+        match self.enable_port_error {
+            Some(errno) => Err(io::Error::from_raw_os_error(errno)),
+            None => Ok(()),
+        }
     }
 
     fn outb(&mut self, port: u16, value: u8) -> io::Result<()> {

@@ -20,6 +20,10 @@ use crate::mounts::{self, MOUNT_PLAN};
 use crate::ports::EXIT_PORT;
 use crate::syscall::{Reaped, RebootCmd, Syscall};
 
+/// At most this long is spent letting the serial port send what is queued: the exit
+/// stops the VM at once, and output still queued in the guest would be lost.
+pub const CONSOLE_DRAIN: Duration = Duration::from_millis(200);
+
 /// How long remaining processes get after SIGTERM, and again after SIGKILL.
 pub const GRACE: Duration = Duration::from_millis(1000);
 
@@ -83,6 +87,7 @@ fn wait_for_no_children<S: Syscall>(sys: &mut S, grace: Duration) -> bool {
 /// Writes `status` to the exit port, then falls back to reboot(2) (see the module
 /// docs for the order).
 pub fn power_off<S: Syscall, W: Write>(sys: &mut S, console: &mut Console<W>, status: u8) {
+    drain_console(sys, CONSOLE_DRAIN);
     if let Err(err) = sys.outb(EXIT_PORT, status) {
         console.say(format_args!("cannot write the exit port: {err}"));
     }
@@ -93,6 +98,15 @@ pub fn power_off<S: Syscall, W: Write>(sys: &mut S, console: &mut Console<W>, st
     }
     if let Err(err) = sys.reboot(RebootCmd::PowerOff) {
         console.say(format_args!("power-off failed: {err}"));
+    }
+}
+
+/// Waits, up to `bound`, until the console has sent everything queued. Bounded and
+/// polled rather than tcdrain(3), which waits forever on a stuck UART.
+pub fn drain_console<S: Syscall>(sys: &mut S, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    while matches!(sys.console_pending(), Ok(n) if n > 0) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 
@@ -140,11 +154,28 @@ mod tests {
         assert_eq!(
             sys.calls,
             vec![
+                Call::ConsolePending,
                 Call::Outb(EXIT_PORT, 7),
                 Call::Reboot(RebootCmd::Restart),
                 Call::Reboot(RebootCmd::PowerOff),
             ]
         );
+    }
+
+    #[test]
+    fn drain_console_polls_until_nothing_is_queued() {
+        let mut sys = FakeSyscall::default();
+        sys.console_pending.extend([30, 12]);
+        drain_console(&mut sys, Duration::from_secs(5));
+        assert_eq!(sys.calls, vec![Call::ConsolePending; 3]);
+    }
+
+    #[test]
+    fn drain_console_gives_up_after_bound() {
+        let mut sys = FakeSyscall::default();
+        sys.console_pending.extend([5; 1000]);
+        drain_console(&mut sys, Duration::from_millis(5));
+        assert!(sys.console_pending.len() > 900);
     }
 
     #[test]

@@ -88,6 +88,9 @@ pub trait Syscall {
     /// Makes sure fds 0, 1 and 2 are open, on `/dev/console` if they were closed.
     fn attach_console(&mut self) -> io::Result<()>;
 
+    /// Bytes written to the console (fd 2) that the serial port has not sent yet.
+    fn console_pending(&mut self) -> io::Result<usize>;
+
     /// Blocks the signals PID 1 handles synchronously (`SIGCHLD`, `SIGTERM`, `SIGINT`,
     /// `SIGHUP`) so they queue for [`Syscall::wait_signal`].
     fn block_signals(&mut self) -> io::Result<()>;

@@ -30,6 +30,7 @@ pub enum Call {
     Reboot(RebootCmd),
     KernelCmdline,
     AttachConsole,
+    ConsolePending,
     BlockSignals,
     WaitSignal(Option<Duration>),
     Kill(libc::pid_t, libc::c_int),
@@ -53,6 +54,8 @@ pub struct FakeSyscall {
     pub signals: VecDeque<libc::c_int>,
     /// errno for every `enable_port`.
     pub enable_port_error: Option<i32>,
+    /// Answers to `console_pending`, in order; 0 once empty.
+    pub console_pending: VecDeque<usize>,
     /// Whether `reboot` succeeds (the real one never returns when it does).
     pub reboot_error: Option<i32>,
 }
@@ -69,6 +72,7 @@ impl Default for FakeSyscall {
             reaps: VecDeque::new(),
             signals: VecDeque::new(),
             enable_port_error: None,
+            console_pending: VecDeque::new(),
             reboot_error: None,
         }
     }
@@ -182,6 +186,11 @@ impl Syscall for FakeSyscall {
     fn attach_console(&mut self) -> io::Result<()> {
         self.calls.push(Call::AttachConsole);
         Ok(())
+    }
+
+    fn console_pending(&mut self) -> io::Result<usize> {
+        self.calls.push(Call::ConsolePending);
+        Ok(self.console_pending.pop_front().unwrap_or(0))
     }
 
     fn block_signals(&mut self) -> io::Result<()> {

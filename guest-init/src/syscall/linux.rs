@@ -78,15 +78,15 @@ fn duration_to_timespec(d: Duration) -> libc::timespec {
     }
 }
 
-/// Runs in the forked child: a new session, the console as controlling terminal,
-/// and no blocked signals (PID 1 blocks the ones it waits for).
+/// Runs in the forked child: a new session and no blocked signals (PID 1 blocks the
+/// ones it waits for).
+///
+/// The console is deliberately not made the session's controlling terminal: when a
+/// session leader with a (non-pty) controlling tty exits, the kernel hangs the tty
+/// up and discards output not yet sent, which cut the command's last line short.
 fn prepare_child() -> io::Result<()> {
     // SAFETY: setsid has no arguments; the result is checked.
     check(unsafe { libc::setsid() })?;
-    // A controlling terminal lets a shell do job control and get ^C; not getting one
-    // is no reason to fail the command.
-    // SAFETY: TIOCSCTTY takes an integer argument; fd 0 is the console.
-    let _ = unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) };
     let mut empty = MaybeUninit::<libc::sigset_t>::uninit();
     // SAFETY: sigemptyset initialises the set behind the valid pointer.
     check(unsafe { libc::sigemptyset(empty.as_mut_ptr()) })?;
@@ -206,6 +206,13 @@ impl Syscall for LinuxSyscall {
             }
         }
         Ok(())
+    }
+
+    fn console_pending(&mut self) -> io::Result<usize> {
+        let mut pending: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one c_int through the valid pointer.
+        check(unsafe { libc::ioctl(2, libc::TIOCOUTQ, &mut pending) })?;
+        Ok(usize::try_from(pending).unwrap_or(0))
     }
 
     fn block_signals(&mut self) -> io::Result<()> {

@@ -1,1 +1,77 @@
-fn main() {}
+//! `atoll-bench`: Atoll's benchmarks. Each subcommand prints a short table and saves
+//! its numbers as JSON. Benchmarks that need a real KVM run on the host when its KVM
+//! can run a standard guest, and inside the nested KVM node otherwise (the same
+//! binary runs there, as `*-inner`).
+
+mod boot;
+mod proc;
+mod stats;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "Atoll benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Boot the same vmlinux + initramfs N times with atoll-vmm and with QEMU microvm,
+    /// alternating, in one node run; time process launch -> the guest's ready marker.
+    Boot {
+        /// Measured boots per VMM (after one warm-up each).
+        #[arg(long, default_value_t = 10)]
+        runs: u32,
+        /// Where to save the JSON.
+        #[arg(long, default_value = "perf/results/boot.json")]
+        json: PathBuf,
+        /// Directory with vmlinux and initramfs.cpio.
+        #[arg(long, default_value = "build")]
+        artifacts: PathBuf,
+        /// Directory with the static atoll-vmm and atoll-bench.
+        #[arg(long, default_value = "target/x86_64-unknown-linux-gnu/release")]
+        bin: PathBuf,
+        /// vCPUs of each guest.
+        #[arg(long, default_value_t = 1)]
+        vcpus: u8,
+        /// Memory of each guest in MiB.
+        #[arg(long, default_value_t = 128)]
+        mem: u32,
+    },
+    /// The measuring half of `boot`, run where the KVM is (inside the node or on the host).
+    #[command(hide = true)]
+    BootInner(boot::InnerArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Boot {
+            runs,
+            json,
+            artifacts,
+            bin,
+            vcpus,
+            mem,
+        } => boot::outer(&boot::OuterArgs {
+            runs,
+            json,
+            artifacts,
+            bin,
+            vcpus,
+            mem,
+        }),
+        Cmd::BootInner(args) => boot::inner(&args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("atoll-bench: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,53 @@
+# Atoll: `make demo` boots a pod microVM, `make test` runs every test.
+# Both do all the set-up a fresh Debian 12 machine needs.
+
+SHELL := /bin/bash
+TARGET := x86_64-unknown-linux-gnu
+STATIC := target/$(TARGET)/release
+BUILD := build
+export ATOLL_CACHE ?= /var/cache/atoll
+
+# Static binaries: they run in the guest and inside the nested node, which have no libc.
+STATIC_ENV := RUSTFLAGS='-C target-feature=+crt-static'
+STATIC_PKGS := -p atoll-vmm -p atoll-init -p atoll-image -p atoll-tests -p atoll-bench
+
+.PHONY: all deps static kernel initramfs artifacts demo test unit e2e bench clean
+
+all: artifacts
+
+deps:
+	@scripts/install-deps.sh
+
+static: deps
+	$(STATIC_ENV) cargo build --release --locked --target $(TARGET) $(STATIC_PKGS)
+
+# The guest kernel is cached under $(ATOLL_CACHE)/kernel/<hash of config + source>.
+kernel: static
+	$(STATIC)/atoll-image kernel --out $(BUILD)
+
+initramfs: static
+	@mkdir -p $(BUILD)
+	$(STATIC)/atoll-image initramfs --init $(STATIC)/atoll-init --busybox -o $(BUILD)/initramfs.cpio
+
+artifacts: kernel initramfs
+
+demo: artifacts
+	$(STATIC)/atoll-bench demo --artifacts $(BUILD) --bin $(STATIC)
+
+unit: deps
+	cargo test --workspace --locked --lib --bins
+
+e2e: artifacts
+	ATOLL_BUILD_DIR=$(CURDIR)/$(BUILD) ATOLL_STATIC_DIR=$(CURDIR)/$(STATIC) \
+	  cargo test --locked -p atoll-tests --test '*' -- --test-threads=1
+
+test: artifacts
+	cargo test --workspace --locked --lib --bins
+	ATOLL_BUILD_DIR=$(CURDIR)/$(BUILD) ATOLL_STATIC_DIR=$(CURDIR)/$(STATIC) \
+	  cargo test --locked -p atoll-tests --test '*' -- --test-threads=1
+
+bench: artifacts
+	$(STATIC)/atoll-bench boot --artifacts $(BUILD) --bin $(STATIC) --runs 10 --json perf/results/boot.json
+
+clean:
+	rm -rf $(BUILD) target

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Atoll builds and tests with, only those missing.
+# Idempotent; runs `apt-get update` once when something must be installed.
+set -euo pipefail
+
+packages=(
+  # guest kernel build (atoll-image kernel)
+  linux-source-6.12 bc flex bison libelf-dev libssl-dev xz-utils lz4 make gcc binutils
+  # guest userland for tests and the nested node
+  busybox-static cpio
+  # the nested KVM node and the benchmark peer
+  qemu-system-x86
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi

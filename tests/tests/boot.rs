@@ -1,0 +1,209 @@
+//! End-to-end: atoll-vmm boots our guest kernel into atoll-init on a real KVM (the
+//! host's when it can run a standard guest, the nested node's otherwise).
+//!
+//! Needs the static binaries and guest artefacts that `make artifacts` builds; `make
+//! test` builds them first and points `ATOLL_BUILD_DIR` / `ATOLL_STATIC_DIR` at them.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use atoll_node::{RunOutput, Runner, Where};
+
+fn dir(var: &str, default: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(default))
+}
+
+fn build_dir() -> PathBuf {
+    dir("ATOLL_BUILD_DIR", "build")
+}
+
+fn static_dir() -> PathBuf {
+    dir(
+        "ATOLL_STATIC_DIR",
+        "target/x86_64-unknown-linux-gnu/release",
+    )
+}
+
+fn artefact(p: PathBuf) -> PathBuf {
+    assert!(
+        p.exists(),
+        "{} is missing: run `make artifacts` (or `make test`, which builds it)",
+        p.display()
+    );
+    p
+}
+
+/// Runs `script` where a real KVM is, with atoll-vmm, vmlinux, bzImage and the
+/// initramfs in its working directory.
+fn on_kvm(script: &str) -> RunOutput {
+    let out = Runner::detect()
+        .file(artefact(static_dir().join("atoll-vmm")), "atoll-vmm")
+        .unwrap()
+        .file(artefact(build_dir().join("vmlinux")), "vmlinux")
+        .unwrap()
+        .file(artefact(build_dir().join("bzImage")), "bzImage")
+        .unwrap()
+        .file(
+            artefact(build_dir().join("initramfs.cpio")),
+            "initramfs.cpio",
+        )
+        .unwrap()
+        .timeout(Duration::from_secs(300))
+        .stream_to_stderr(false)
+        .run(script)
+        .expect("the KVM runner failed");
+    eprintln!(
+        "--- output ---\n{}\n--- status {} ---",
+        out.output, out.status
+    );
+    out
+}
+
+const VMM: &str = "./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --timeout 120";
+
+#[test]
+fn boot_reaches_ready_marker_and_reports_status_zero() {
+    let out = on_kvm(&format!(
+        "{VMM} --metrics m.json; echo \"vmm=$?\"; cat m.json"
+    ));
+    assert!(out.output.contains("ATOLL-READY"), "no ready marker");
+    assert!(out.output.contains("vmm=0"), "exit status 0 expected");
+    assert!(
+        out.output.contains("\"ready\""),
+        "the VMM timestamped the ready stage"
+    );
+    assert_eq!(out.status, 0);
+}
+
+#[test]
+fn guest_command_exit_status_becomes_vmm_exit_status() {
+    let out = on_kvm(&format!(
+        "{VMM} -- /bin/sh -c 'echo from-guest; exit 7'; echo \"vmm=$?\""
+    ));
+    assert!(out.output.contains("from-guest"));
+    assert!(
+        out.output.contains("vmm=7"),
+        "guest status 7 must come back"
+    );
+}
+
+#[test]
+fn guest_with_two_vcpus_sees_two_cpus() {
+    let out = on_kvm(&format!(
+        "{VMM} --vcpus 2 -- /bin/sh -c 'echo cpus=$(grep -c ^processor /proc/cpuinfo) online=$(cat /sys/devices/system/cpu/online)'; echo \"vmm=$?\""
+    ));
+    assert!(out.output.contains("cpus=2"), "guest must see 2 CPUs");
+    assert!(out.output.contains("online=0-1"));
+    assert!(out.output.contains("vmm=0"));
+}
+
+#[test]
+fn command_line_reaches_pid1_both_ways() {
+    let out = on_kvm(
+        "./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --timeout 120 \
+         --cmdline 'console=ttyS0 reboot=k panic=-1 quiet atoll.cmd=/bin/true atoll.marker=q42' \
+         ; echo \"vmm-a=$?\"; \
+         ./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --timeout 120 \
+         --cmdline 'console=ttyS0 reboot=k panic=-1 quiet atoll.marker=z99' -- /bin/cat /proc/cmdline \
+         ; echo \"vmm-b=$?\"",
+    );
+    assert!(
+        out.output.contains("vmm-a=0"),
+        "atoll.cmd=/bin/true ran and exited 0"
+    );
+    assert!(
+        out.output.contains("atoll.marker=z99"),
+        "PID 1's command printed the cmdline"
+    );
+    assert!(out.output.contains("vmm-b=0"));
+}
+
+#[test]
+fn bzimage_boots_through_the_64bit_entry() {
+    let out = on_kvm(
+        "./atoll-vmm --kernel bzImage --initrd initramfs.cpio --timeout 120 -- /bin/sh -c 'exit 5'; echo \"vmm=$?\"",
+    );
+    assert!(out.output.contains("ATOLL-READY"));
+    assert!(out.output.contains("vmm=5"));
+}
+
+#[test]
+fn guest_kernel_panic_ends_with_an_error_not_a_hang() {
+    // No init at that path: the kernel panics, panic=-1 reboots, the VMM reports.
+    let start = Instant::now();
+    let out = on_kvm(
+        "./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --timeout 120 \
+         --cmdline 'console=ttyS0 reboot=k panic=-1 rdinit=/nonexistent init=/nonexistent' 2>err.txt; \
+         echo \"vmm=$?\"; cat err.txt",
+    );
+    assert!(out.output.contains("vmm=123"), "crash status 123 expected");
+    assert!(out.output.contains("before reporting an exit status"));
+    assert!(start.elapsed() < Duration::from_secs(200));
+}
+
+#[test]
+fn timeout_stops_a_guest_that_runs_too_long() {
+    let out = on_kvm(
+        "./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --timeout 8 -- /bin/sleep 1000 2>err.txt; \
+         echo \"vmm=$?\"; cat err.txt",
+    );
+    assert!(out.output.contains("vmm=124"));
+    assert!(out.output.contains("did not finish within 8s"));
+}
+
+#[test]
+fn garbage_kernel_and_too_little_memory_give_clear_errors() {
+    let out = on_kvm(
+        "head -c 100000 /dev/urandom > garbage; \
+         ./atoll-vmm --kernel garbage 2>e1.txt; echo \"a=$?\"; cat e1.txt; \
+         ./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --mem 8 2>e2.txt; echo \"b=$?\"; cat e2.txt; \
+         ./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --mem 20 2>e3.txt; echo \"c=$?\"; cat e3.txt",
+    );
+    assert!(out.output.contains("a=1"));
+    assert!(out.output.contains("neither an ELF vmlinux nor a bzImage"));
+    assert!(out.output.contains("b=1"));
+    assert!(out.output.contains("too little"));
+    assert!(
+        out.output.contains("c=1"),
+        "the initrd does not fit in 20 MiB"
+    );
+    assert!(out.output.contains("give --mem"));
+}
+
+/// On the host itself: atoll-vmm must say at once why it cannot run here (no KVM,
+/// KVM-PVM), or, on a host with hardware KVM, get as far as judging the kernel.
+#[test]
+fn host_kvm_is_judged_at_once_with_one_clear_line() {
+    let vmm = artefact(static_dir().join("atoll-vmm"));
+    let garbage = std::env::temp_dir().join(format!("atoll-garbage-{}", std::process::id()));
+    std::fs::write(&garbage, vec![0x5a; 4096]).unwrap();
+    let start = Instant::now();
+    let out = Command::new(vmm)
+        .arg("--kernel")
+        .arg(&garbage)
+        .output()
+        .unwrap();
+    let elapsed = start.elapsed();
+    std::fs::remove_file(&garbage).ok();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    match Where::detect() {
+        _ if pvm => assert!(
+            err.contains("KVM-PVM") && err.contains("cannot boot"),
+            "{err}"
+        ),
+        _ if !std::path::Path::new("/dev/kvm").exists() => assert!(err.contains("does not exist")),
+        _ => assert!(
+            err.contains("neither an ELF vmlinux nor a bzImage"),
+            "{err}"
+        ),
+    }
+}

@@ -297,7 +297,7 @@ fn configure(
     fs::create_dir_all(build).map_err(io_err("create", build))?;
     let fragment_path = build.join("atoll-guest.config");
     fs::write(&fragment_path, fragment_text).map_err(io_err("write", &fragment_path))?;
-    progress("make allnoconfig with the Atoll fragment");
+    progress("make allnoconfig with the config fragment");
     let allconfig = format!("KCONFIG_ALLCONFIG={}", fragment_path.display());
     run_make(
         src,

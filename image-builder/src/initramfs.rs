@@ -57,6 +57,9 @@ pub enum BuildInitramfsError {
         #[source]
         source: io::Error,
     },
+    /// `--busybox` did not list its applets.
+    #[error("{path} is not a usable busybox: `{path} --list` failed or listed odd names", path = path.display())]
+    BadBusybox { path: PathBuf },
     #[error("cannot write the archive")]
     Archive(#[from] WriteCpioError),
 }
@@ -94,6 +97,10 @@ pub struct InitramfsSpec {
     /// The static init binary, stored as `/init` with mode 0755.
     pub init: PathBuf,
     pub extra: Vec<AddSpec>,
+    /// A static busybox to install as `/bin/busybox`, with one `/bin/<applet>`
+    /// symlink per applet it lists (`busybox --list`), so guest commands find
+    /// `sh`, `cat`, ... on PATH.
+    pub busybox: Option<PathBuf>,
     /// Modification time of every entry.
     pub mtime: u32,
 }
@@ -105,7 +112,12 @@ impl InitramfsSpec {
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        Self { init, extra, mtime }
+        Self {
+            init,
+            extra,
+            busybox: None,
+            mtime,
+        }
     }
 }
 
@@ -167,6 +179,9 @@ pub fn write_initramfs(
         for add in &spec.extra {
             builder.add_host(&add.host, &add.guest)?;
         }
+        if let Some(busybox) = &spec.busybox {
+            builder.add_busybox(busybox)?;
+        }
         let (entries, buffered) = builder.finish()?;
         let file = buffered
             .into_inner()
@@ -181,6 +196,38 @@ pub fn write_initramfs(
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+/// The applet names `busybox --list` prints, each checked to be a plain file name.
+fn busybox_applets(busybox: &Path) -> Result<Vec<String>, BuildInitramfsError> {
+    let out = std::process::Command::new(busybox)
+        .arg("--list")
+        .output()
+        .map_err(|source| BuildInitramfsError::ReadHost {
+            path: busybox.to_owned(),
+            source,
+        })?;
+    let bad = || BuildInitramfsError::BadBusybox {
+        path: busybox.to_owned(),
+    };
+    if !out.status.success() {
+        return Err(bad());
+    }
+    let text = String::from_utf8(out.stdout).map_err(|_| bad())?;
+    let applets: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .map(str::to_owned)
+        .collect();
+    if applets.is_empty()
+        || applets
+            .iter()
+            .any(|a| a.contains('/') || a == "." || a == "..")
+    {
+        return Err(bad());
+    }
+    Ok(applets)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +342,22 @@ impl<W: Write> Builder<W> {
         Ok(())
     }
 
+    /// Adds a busybox binary as `bin/busybox` and a symlink per applet in `bin/`,
+    /// except where an earlier entry already claimed the name.
+    fn add_busybox(&mut self, busybox: &Path) -> Result<(), BuildInitramfsError> {
+        let list = busybox_applets(busybox)?;
+        self.add_host(busybox, "bin/busybox")?;
+        for applet in list {
+            let guest = format!("bin/{applet}");
+            if self.seen.contains_key(&guest) {
+                continue;
+            }
+            self.claim(&guest, Kind::Other, "busybox applet")?;
+            self.cpio.symlink(&guest, self.meta(0o777), "busybox")?;
+        }
+        Ok(())
+    }
+
     /// Emits every missing ancestor of `guest` as a 0755 directory.
     fn parents(&mut self, guest: &str) -> Result<(), BuildInitramfsError> {
         let mut end = 0;
@@ -387,6 +450,52 @@ mod tests {
     }
 
     #[test]
+    fn write_initramfs_busybox_links_every_applet_to_busybox() {
+        let src = tempfile::tempdir().unwrap();
+        let init = src.path().join("atoll-init");
+        fs::write(&init, b"\x7fELF fake").unwrap();
+        // A stand-in busybox that lists two applets.
+        let bb = src.path().join("busybox");
+        fs::write(&bb, "#!/bin/sh\nprintf 'sh\\ncat\\n'\n").unwrap();
+        fs::set_permissions(&bb, fs::Permissions::from_mode(0o755)).unwrap();
+        let spec = InitramfsSpec {
+            init,
+            extra: vec![],
+            busybox: Some(bb),
+            mtime: 0,
+        };
+        let (_dir, bytes) = build(&spec);
+        let entries = parse(&bytes);
+        let find = |n: &str| entries.iter().find(|e| e.name == n).unwrap();
+        assert_eq!(find("bin/busybox").mode & 0o170_000, 0o100_000);
+        for applet in ["bin/sh", "bin/cat"] {
+            let e = find(applet);
+            assert_eq!(e.mode & 0o170_000, 0o120_000, "{applet} is a symlink");
+            assert_eq!(e.data, b"busybox");
+        }
+    }
+
+    #[test]
+    fn write_initramfs_busybox_that_lists_nothing_is_rejected() {
+        let src = tempfile::tempdir().unwrap();
+        let init = src.path().join("atoll-init");
+        fs::write(&init, b"x").unwrap();
+        let spec = InitramfsSpec {
+            init,
+            extra: vec![],
+            busybox: Some(PathBuf::from("/bin/true")),
+            mtime: 0,
+        };
+        let out = src.path().join("out.cpio");
+        let err = write_initramfs(&spec, &out).unwrap_err();
+        assert!(
+            matches!(err, BuildInitramfsError::BadBusybox { .. }),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+
+    #[test]
     fn write_initramfs_base_layout_init_and_console() {
         let src = tempfile::tempdir().unwrap();
         let init = src.path().join("atoll-init");
@@ -394,6 +503,7 @@ mod tests {
         let spec = InitramfsSpec {
             init,
             extra: vec![],
+            busybox: None,
             mtime: 7,
         };
         let (_dir, bytes) = build(&spec);
@@ -444,6 +554,7 @@ mod tests {
                     .unwrap(),
                 format!("{}:/etc/single", single.display()).parse().unwrap(),
             ],
+            busybox: None,
             mtime: 0,
         };
         let (_dir, bytes) = build(&spec);
@@ -484,6 +595,7 @@ mod tests {
         let spec = InitramfsSpec {
             init: init.clone(),
             extra: vec![format!("{}:/init", init.display()).parse().unwrap()],
+            busybox: None,
             mtime: 0,
         };
         let dir = tempfile::tempdir().unwrap();
@@ -506,6 +618,7 @@ mod tests {
             extra: vec![format!("{}:/dev/console/x", init.display())
                 .parse()
                 .unwrap()],
+            busybox: None,
             mtime: 0,
         };
         let dir = tempfile::tempdir().unwrap();

@@ -43,6 +43,9 @@ enum Cmd {
         /// Extra host file or directory tree, as HOST:GUEST (repeatable).
         #[arg(long = "add", value_name = "HOST:GUEST")]
         add: Vec<AddSpec>,
+        /// A static busybox to add as /bin/busybox with its applet links in /bin.
+        #[arg(long)]
+        busybox: Option<PathBuf>,
         /// Output file (written atomically).
         #[arg(short, long)]
         output: PathBuf,
@@ -91,8 +94,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ));
             println!("{}", k.dir.display());
         }
-        Cmd::Initramfs { init, add, output } => {
-            let spec = InitramfsSpec::new(init, add);
+        Cmd::Initramfs {
+            init,
+            add,
+            busybox,
+            output,
+        } => {
+            let mut spec = InitramfsSpec::new(init, add);
+            spec.busybox = busybox;
             let s = initramfs::write_initramfs(&spec, &output)?;
             progress(&format!(
                 "wrote {} ({} entries, {} bytes)",

@@ -17,7 +17,7 @@ use crate::proc::{run_timed, Timed};
 use crate::stats::{r1, summarize};
 
 /// The kernel command line both VMMs give the guest.
-pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 const READY: &[u8] = b"ATOLL-READY";
 const JSON_PREFIX: &str = "ATOLL-BENCH-JSON ";
 

@@ -105,10 +105,10 @@ fn guest_with_two_vcpus_sees_two_cpus() {
 fn command_line_reaches_pid1_both_ways() {
     let out = on_kvm(
         "./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --timeout 120 \
-         --cmdline 'console=ttyS0 reboot=k panic=-1 quiet atoll.cmd=/bin/true atoll.marker=q42' \
+         --cmdline 'console=ttyS0 reboot=k panic=-1 pci=off quiet atoll.cmd=/bin/true atoll.marker=q42' \
          ; echo \"vmm-a=$?\"; \
          ./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --timeout 120 \
-         --cmdline 'console=ttyS0 reboot=k panic=-1 quiet atoll.marker=z99' -- /bin/cat /proc/cmdline \
+         --cmdline 'console=ttyS0 reboot=k panic=-1 pci=off quiet atoll.marker=z99' -- /bin/cat /proc/cmdline \
          ; echo \"vmm-b=$?\"",
     );
     assert!(

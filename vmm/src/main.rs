@@ -10,7 +10,7 @@ use atoll_vmm::builder::{self, Outcome, VmConfig};
 use clap::Parser;
 
 /// The command line every guest gets unless `--cmdline` replaces it.
-const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet";
+const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 
 /// Exit status when the guest crashed or reset without reporting a status.
 const EXIT_GUEST_CRASHED: u8 = 123;

@@ -10,3 +10,4 @@ pub mod cpio;
 pub mod host;
 pub mod initramfs;
 pub mod kernel;
+pub mod oci;

@@ -5,15 +5,22 @@ use std::path::PathBuf;
 use anyhow::Context;
 use atoll_image::initramfs::{self, AddSpec, InitramfsSpec};
 use atoll_image::kernel::{self, KernelBuildOptions};
+use atoll_image::oci::convert::{self, Format};
+use atoll_image::oci::import;
+use atoll_image::oci::store::{self, Store};
+use atoll_image::oci::unpack::{self, UnpackLimits};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
     name = "atoll-image",
     version,
-    about = "Builds Atoll guest kernels and initramfs images"
+    about = "Builds Atoll guest kernels and initramfs images; pulls, imports and converts OCI images"
 )]
 struct Cli {
+    /// The image store.
+    #[arg(long, global = true, env = store::STORE_ENV, default_value = store::DEFAULT_STORE_ROOT)]
+    store: PathBuf,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -47,6 +54,33 @@ enum Cmd {
         #[arg(long)]
         busybox: Option<PathBuf>,
         /// Output file (written atomically).
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+    /// Import an OCI image layout directory or a `docker save` tarball.
+    Import {
+        path: PathBuf,
+        /// Store the image under this name (only when the input holds one image).
+        #[arg(long)]
+        name: Option<String>,
+        /// Import only the image with this tag (layout ref name or RepoTag).
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// List the images in the store.
+    Ls,
+    /// Show an image's manifest, config and layers as JSON.
+    Inspect { reference: String },
+    /// Remove an image; blobs no image uses any more are collected.
+    Rm { reference: String },
+    /// Write an image's flattened root filesystem into DIR (created, or empty).
+    Unpack { reference: String, dir: PathBuf },
+    /// Convert an image to a VM root filesystem image (cached by manifest digest);
+    /// `<FILE>.config.json` gets the entrypoint, cmd, env, user and workdir.
+    Convert {
+        reference: String,
+        #[arg(long, default_value = "erofs")]
+        format: Format,
         #[arg(short, long)]
         output: PathBuf,
     },
@@ -108,6 +142,124 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 output.display(),
                 s.entries,
                 s.bytes
+            ));
+        }
+        Cmd::Import { path, name, tag } => {
+            let store = Store::open(&cli.store)?;
+            for i in import::import(&store, &path, name.as_deref(), tag.as_deref())? {
+                progress(&format!("imported {} ({})", i.name, i.manifest));
+                println!("{}", i.name);
+            }
+        }
+        Cmd::Ls => {
+            let store = Store::open(&cli.store)?;
+            println!("{:<50} {:<19} {:>12}", "NAME", "MANIFEST", "SIZE");
+            for (name, d) in store.refs()? {
+                let size = match store.image(&d) {
+                    Ok(img) => img
+                        .manifest
+                        .layers()
+                        .iter()
+                        .map(|l| l.size())
+                        .sum::<u64>()
+                        .to_string(),
+                    Err(_) => "broken".to_owned(),
+                };
+                println!("{name:<50} {:<19} {size:>12}", &d.to_string()[..19]);
+            }
+        }
+        Cmd::Inspect { reference } => {
+            let store = Store::open(&cli.store)?;
+            let (name, d) = store.resolve(&reference)?;
+            let img = store.image(&d)?;
+            let layers: Vec<_> = img
+                .manifest
+                .layers()
+                .iter()
+                .map(|l| {
+                    serde_json::json!({
+                        "digest": l.digest().to_string(),
+                        "size": l.size(),
+                        "mediaType": l.media_type().to_string(),
+                    })
+                })
+                .collect();
+            let out = serde_json::json!({
+                "name": name,
+                "manifest_digest": d.to_string(),
+                "config_digest": img.config_digest.to_string(),
+                "size": img.manifest.layers().iter().map(|l| l.size()).sum::<u64>(),
+                "layers": layers,
+                "config": img.config,
+            });
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
+        Cmd::Rm { reference } => {
+            let store = Store::open(&cli.store)?;
+            let name = store.remove_ref(&reference)?;
+            let gc = store.gc()?;
+            progress(&format!(
+                "removed {name}; collected {} blobs ({} bytes), {} converted images",
+                gc.blobs_removed, gc.bytes_removed, gc.images_removed
+            ));
+        }
+        Cmd::Unpack { reference, dir } => {
+            let store = Store::open(&cli.store)?;
+            let _lock = store.lock_shared()?;
+            let (_, d) = store.resolve(&reference)?;
+            let img = store.image(&d)?;
+            match std::fs::read_dir(&dir) {
+                Ok(mut it) => {
+                    if it.next().is_some() {
+                        anyhow::bail!(
+                            "{} is not empty: unpack needs a new or empty directory",
+                            dir.display()
+                        );
+                    }
+                }
+                Err(_) => std::fs::create_dir_all(&dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?,
+            }
+            let layers: Vec<_> = img
+                .layer_digests()?
+                .iter()
+                .map(|l| store.blob_path(l))
+                .collect();
+            let s = unpack::unpack_layers(&layers, &dir, UnpackLimits::default())?;
+            progress(&format!(
+                "unpacked {} layers, {} entries, {} bytes into {}{}",
+                s.layers,
+                s.entries,
+                s.bytes,
+                dir.display(),
+                if s.skipped_devices > 0 {
+                    format!(" ({} device nodes skipped: not root)", s.skipped_devices)
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        Cmd::Convert {
+            reference,
+            format,
+            output,
+        } => {
+            let store = Store::open(&cli.store)?;
+            let (name, d) = store.resolve(&reference)?;
+            let c = convert::convert(&store, &d, format, &output, UnpackLimits::default())?;
+            if c.built {
+                progress(&format!(
+                    "{name}: unpacked in {:.2}s, mkfs.{format} in {:.2}s",
+                    c.unpack_time.as_secs_f64(),
+                    c.mkfs_time.as_secs_f64()
+                ));
+            } else {
+                progress(&format!("{name}: reused {}", c.cached.display()));
+            }
+            progress(&format!(
+                "wrote {} and {}",
+                output.display(),
+                convert::config_path_for(&output).display()
             ));
         }
     }

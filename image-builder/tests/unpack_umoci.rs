@@ -76,6 +76,8 @@ fn layers(busybox: Vec<u8>) -> Vec<(Vec<u8>, Comp)> {
         E::Symlink("bin/sh", "/bin/busybox"),
         E::File("opq/sub-new", 0o644, b"after opaque".to_vec()),
         E::File("tmp/.keep", 0o600, vec![]),
+        E::Symlink("dangling", "../../made/by/link"),
+        E::File("dangling/f", 0o644, b"through a dangling link".to_vec()),
     ]);
     vec![(base, Comp::Gzip), (upper, Comp::None), (top, Comp::Gzip)]
 }
@@ -132,6 +134,7 @@ fn unpack_multilayer_matches_umoci() {
     assert_eq!(a["etc/shadow"].gid, 42);
     assert_eq!(a["etc/shadow"].mtime, Some(1_600_000_000));
     assert_eq!(a["bin/sh"].content, "/bin/busybox");
+    assert_eq!(a["made/by/link/f"].kind, "file");
     assert_eq!(a["dev/null"].kind, "char");
     assert_eq!(a["fifo"].kind, "fifo");
     assert_eq!(a["tmp"].mode, 0o1777);

@@ -444,23 +444,100 @@ impl Unpacker {
         ) {
             Ok(fd) => Ok(fd),
             Err(rustix::io::Errno::NOENT) if create && !comps.is_empty() => {
-                let (last, parent) = comps.split_last().expect("non-empty");
-                let pfd = self.open_dir(parent, true)?;
-                match rustix::fs::mkdirat(&pfd, os(last), Mode::from_raw_mode(0o755)) {
-                    Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                    Err(e) => return Err(self.entry_err(&rel, "mkdir (parent)")(e)),
-                }
-                self.note_path(&rel);
-                rustix::fs::openat2(
-                    &self.root,
-                    os(&rel),
-                    OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
-                    Mode::empty(),
-                    ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
-                )
-                .map_err(self.entry_err(&rel, "open parent directory"))
+                self.create_dirs(comps, &rel)
             }
             Err(e) => Err(self.entry_err(&rel, "open parent directory")(e)),
+        }
+    }
+
+    /// Slow path of [`Self::open_dir`]: walks `comps` one at a time from the root,
+    /// following symlinks by hand (absolute targets restart at the image root, `..`
+    /// stops at it) and creating what is missing, as `MkdirAll` on a securely
+    /// joined path would. Every step is an `*at` call on a directory we opened with
+    /// `O_NOFOLLOW`, so nothing outside the root is touched.
+    fn create_dirs(&mut self, comps: &[&[u8]], rel: &[u8]) -> Result<OwnedFd, UnpackError> {
+        const MAX_LINKS: usize = 40;
+        let layer = self.layer;
+        let err = |op: &'static str, e: rustix::io::Errno| UnpackError::Entry {
+            layer,
+            path: String::from_utf8_lossy(rel).into_owned(),
+            op,
+            source: e.into(),
+        };
+        // Components still to walk, the next one last.
+        let mut todo: Vec<Vec<u8>> = comps.iter().rev().map(|c| c.to_vec()).collect();
+        let mut stack: Vec<(Vec<u8>, OwnedFd)> = Vec::new();
+        let mut links = 0;
+        while let Some(c) = todo.pop() {
+            match c.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    stack.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            let cur = match stack.last() {
+                Some((_, fd)) => fd.as_fd(),
+                None => self.root.as_fd(),
+            };
+            let st = match rustix::fs::statat(cur, os(&c), AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => Some(FileType::from_raw_mode(st.st_mode)),
+                Err(rustix::io::Errno::NOENT) => None,
+                Err(e) => return Err(err("stat parent", e)),
+            };
+            match st {
+                Some(FileType::Symlink) => {
+                    links += 1;
+                    if links > MAX_LINKS {
+                        return Err(err("resolve parent", rustix::io::Errno::LOOP));
+                    }
+                    let target = rustix::fs::readlinkat(cur, os(&c), Vec::new())
+                        .map_err(|e| err("readlink", e))?;
+                    let target = target.into_bytes();
+                    if target.starts_with(b"/") {
+                        stack.clear();
+                    }
+                    for t in target.split(|&b| b == b'/').rev() {
+                        todo.push(t.to_vec());
+                    }
+                    continue;
+                }
+                Some(FileType::Directory) => {}
+                Some(_) => return Err(err("open parent directory", rustix::io::Errno::NOTDIR)),
+                None => {
+                    match rustix::fs::mkdirat(cur, os(&c), Mode::from_raw_mode(0o755)) {
+                        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                        Err(e) => return Err(err("mkdir (parent)", e)),
+                    }
+                    let mut p: Vec<&[u8]> = stack.iter().map(|(n, _)| n.as_slice()).collect();
+                    p.push(&c);
+                    let joined = join(&p);
+                    self.note_path(&joined);
+                }
+            }
+            let cur = match stack.last() {
+                Some((_, fd)) => fd.as_fd(),
+                None => self.root.as_fd(),
+            };
+            let fd = rustix::fs::openat(
+                cur,
+                os(&c),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| err("open parent directory", e))?;
+            stack.push((c, fd));
+        }
+        match stack.pop() {
+            Some((_, fd)) => Ok(fd),
+            None => rustix::fs::openat(
+                &self.root,
+                ".",
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| err("open root", e)),
         }
     }
 

@@ -27,21 +27,16 @@ kernel: static
 
 initramfs: static
 	@mkdir -p $(BUILD)
-	$(STATIC)/atoll-image initramfs --init $(STATIC)/atoll-init --busybox -o $(BUILD)/initramfs.cpio
+	$(STATIC)/atoll-image initramfs --init $(STATIC)/atoll-init --busybox /bin/busybox -o $(BUILD)/initramfs.cpio
 
 artifacts: kernel initramfs
 
 # Boots the pod VM once where a real KVM is (the host's, or the nested node's: the
 # first line says which and why) and prints the guest's output and boot time.
-DEMO_CMD := ./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --vcpus 2 --timeout 120 --metrics m.json \
-  -- /bin/sh -c 'echo "hello from PID 1s child in an Atoll microVM: $$(uname -sr), $$(nproc) vCPUs"'; \
-  status=$$?; ready=$$(sed -n 's/.*"ready": \([0-9]*\).*/\1/p' m.json); exits=$$(sed -n 's/.*"exits_total": \([0-9]*\).*/\1/p' m.json); \
-  echo "atoll-vmm: launch -> guest ready in $$((ready / 1000)) ms, $$exits VM exits to userspace, guest exit status $$status"; exit $$status
-
 demo: artifacts
 	@$(STATIC)/atoll-node where
 	@$(STATIC)/atoll-node run --file $(STATIC)/atoll-vmm:atoll-vmm --file $(BUILD)/vmlinux:vmlinux \
-	  --file $(BUILD)/initramfs.cpio:initramfs.cpio -- "$(DEMO_CMD)"
+	  --file $(BUILD)/initramfs.cpio:initramfs.cpio --file scripts/demo-guest.sh:demo.sh -- ./demo.sh
 
 unit: deps
 	cargo test --workspace --locked --lib --bins

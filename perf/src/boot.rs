@@ -280,7 +280,7 @@ pub fn inner(a: &InnerArgs) -> anyhow::Result<()> {
                 .collect()
         })
         .unwrap_or_default();
-    ports.sort_by(|x, y| y.1.cmp(&x.1));
+    ports.sort_by_key(|p| std::cmp::Reverse(p.1));
     let top_ports: BTreeMap<String, u64> = ports.into_iter().take(6).collect();
     let med = |v: &[f64]| summarize(v).map(|s| s.median).unwrap_or(0.0);
     let result = json!({

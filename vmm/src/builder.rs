@@ -131,7 +131,9 @@ pub fn run(
     start: Instant,
     console: Box<dyn Write + Send>,
 ) -> Result<RunReport, StartVmError> {
+    let metrics = Arc::new(VmMetrics::new(start));
     let kvm = kvm::open()?;
+    metrics.record_phase("kvm_open");
     let max_vcpus = u8::try_from(kvm.get_max_vcpus())
         .unwrap_or(MAX_VCPUS)
         .min(MAX_VCPUS);
@@ -153,7 +155,7 @@ pub fn run(
         .ok_or(StartVmError::TooMuchMemory(config.mem_mib))?;
 
     let vm = Vm::new(&kvm, mem_size)?;
-    let metrics = Arc::new(VmMetrics::new(start));
+    metrics.record_phase("vm_created");
     let (tx, rx) = channel();
     let events = Arc::new(EventSink::new(tx));
 
@@ -191,6 +193,7 @@ pub fn run(
         mem_size,
     };
     let boot = boot::load(&vm.memory, &spec)?;
+    metrics.record_phase("kernel_loaded");
     tracing::debug!(?boot, "kernel loaded");
 
     let shared = VcpuShared {
@@ -211,12 +214,14 @@ pub fn run(
             shared.clone(),
         )?);
     }
+    metrics.record_phase("vcpus_configured");
     for (id, vcpu) in vcpus.into_iter().enumerate() {
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || vcpu.run())
             .map_err(StartVmError::Thread)?;
     }
+    metrics.record_phase("vcpus_started");
     if config.console_input {
         let serial = serial.clone();
         std::thread::Builder::new()

@@ -55,6 +55,7 @@ pub struct VmMetrics {
     bad_stage_writes: AtomicU64,
     ports: Mutex<BTreeMap<u16, u64>>,
     mmio_pages: Mutex<BTreeMap<u64, u64>>,
+    phases: Mutex<Vec<(&'static str, u64)>>,
 }
 
 /// A point-in-time copy, as written to JSON.
@@ -66,6 +67,8 @@ pub struct MetricsSnapshot {
     pub exits_total: u64,
     /// VM exits by reason.
     pub exits: BTreeMap<String, u64>,
+    /// Microseconds from launch to the end of each VMM set-up phase, in order.
+    pub vmm_phases_us: Vec<(String, u64)>,
     /// Port I/O exits by port (hex).
     pub io_ports: BTreeMap<String, u64>,
     /// MMIO exits by 4 KiB page (hex).
@@ -88,7 +91,17 @@ impl VmMetrics {
             bad_stage_writes: AtomicU64::new(0),
             ports: Mutex::new(BTreeMap::new()),
             mmio_pages: Mutex::new(BTreeMap::new()),
+            phases: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Records that VMM set-up phase `name` ended now.
+    pub fn record_phase(&self, name: &'static str) {
+        let us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX);
+        self.phases
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name, us));
     }
 
     /// Counts one exit.
@@ -152,12 +165,14 @@ impl VmMetrics {
                     .map(|us| (STAGES[usize::from(s)].to_string(), us))
             })
             .collect();
+        let phases = self.phases.lock().unwrap_or_else(|e| e.into_inner());
         let ports = self.ports.lock().unwrap_or_else(|e| e.into_inner());
         let pages = self.mmio_pages.lock().unwrap_or_else(|e| e.into_inner());
         MetricsSnapshot {
             stages_us,
             exits_total: exits.values().sum(),
             exits,
+            vmm_phases_us: phases.iter().map(|(n, us)| (n.to_string(), *us)).collect(),
             io_ports: ports.iter().map(|(p, n)| (format!("{p:#x}"), *n)).collect(),
             mmio_pages: pages.iter().map(|(p, n)| (format!("{p:#x}"), *n)).collect(),
             bad_stage_writes: self.bad_stage_writes.load(Ordering::Relaxed),
@@ -207,5 +222,14 @@ mod tests {
         assert_eq!(m.stage_us(2), Some(first));
         m.record_stage(0);
         assert_eq!(m.snapshot().bad_stage_writes, 1);
+        m.record_phase("a");
+        m.record_phase("b");
+        let names: Vec<String> = m
+            .snapshot()
+            .vmm_phases_us
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        assert_eq!(names, ["a", "b"]);
     }
 }

@@ -146,12 +146,14 @@ impl Vcpu {
     }
 
     /// Runs the guest until it stops, then reports why through the event sink.
+    /// Returns without a report when another part of the VM already ended it (the
+    /// exit port, the i8042 reset line, another vCPU).
     pub fn run(mut self) {
         let event = loop {
             match self.run_once() {
+                Ok(None) if self.events.stopping() => return,
                 Ok(None) => continue,
-                Ok(Some(ev)) => break ev,
-                Err(ev) => break ev,
+                Ok(Some(ev)) | Err(ev) => break ev,
             }
         };
         self.events.send(event);

@@ -89,16 +89,14 @@ pub enum LoadKernelError {
         /// The path.
         path: PathBuf,
     },
-    /// linux-loader rejected the image.
-    #[error("kernel {path} is corrupt or does not fit in guest memory ({mem_mib} MiB)")]
+    /// linux-loader rejected the image. Its message already carries its own causes,
+    /// so it is shown, not chained.
+    #[error("kernel {path} is corrupt ({cause})")]
     Load {
         /// The path.
         path: PathBuf,
-        /// Guest memory.
-        mem_mib: u64,
         /// The loader's error.
-        #[source]
-        source: linux_loader::loader::Error,
+        cause: linux_loader::loader::Error,
     },
     /// A bzImage without the 64-bit entry point.
     #[error("bzImage {path} has no 64-bit entry point (boot protocol {version:#x}); build a 64-bit kernel")]
@@ -196,13 +194,28 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo, LoadKern
         .ok_or_else(|| LoadKernelError::UnknownFormat {
             path: spec.kernel.clone(),
         })?;
-    let load_err = |source| LoadKernelError::Load {
+    let load_err = |cause| LoadKernelError::Load {
         path: spec.kernel.clone(),
-        mem_mib: mib(spec.mem_size),
-        source,
+        cause,
+    };
+    let initrd_size = match &spec.initrd {
+        Some(p) => std::fs::metadata(p)
+            .map_err(|source| LoadKernelError::ReadInitrd {
+                path: p.clone(),
+                source,
+            })?
+            .len(),
+        None => 0,
     };
     let (entry, kernel_end, header) = match format {
         KernelFormat::Elf => {
+            // Judge the size before loading, so a small guest gets "too little
+            // memory" rather than a loader error.
+            if let Some(end) = elf_load_end(&mut kernel).map_err(read_kernel)? {
+                if end > layout::low_mem_end(spec.mem_size) {
+                    return Err(too_little_memory(spec.mem_size, end, initrd_size));
+                }
+            }
             let r = Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
                 .map_err(load_err)?;
             let entry = match r.pvh_boot_cap {
@@ -274,6 +287,63 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo, LoadKern
     })
 }
 
+fn too_little_memory(mem_size: u64, kernel_end: u64, initrd_size: u64) -> LoadKernelError {
+    LoadKernelError::TooLittleMemory {
+        mem_mib: mib(mem_size),
+        kernel_mib: mib(kernel_end),
+        initrd_mib: mib(initrd_size),
+        // Room for kernel, initrd and the kernel's own early allocations.
+        suggest_mib: (mib(kernel_end) + mib(initrd_size) * 2 + 32).next_power_of_two(),
+    }
+}
+
+/// Most program headers we look at; a vmlinux has about five.
+const MAX_PHDRS: u16 = 64;
+
+/// The end of the highest `PT_LOAD` segment (physical address + memory size) of a
+/// 64-bit little-endian ELF, or `None` when the headers cannot be read that way
+/// (the loader then gives the precise error). Bounded and overflow-checked: the
+/// file is untrusted.
+pub fn elf_load_end<R: Read + Seek>(image: &mut R) -> std::io::Result<Option<u64>> {
+    let mut ehdr = [0u8; 64];
+    image.seek(SeekFrom::Start(0))?;
+    if image.read_exact(&mut ehdr).is_err() || ehdr[4] != 2 || ehdr[5] != 1 {
+        return Ok(None);
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(a)
+    };
+    let phoff = u64_at(&ehdr, 32);
+    let phentsize = u16_at(&ehdr, 54);
+    let phnum = u16_at(&ehdr, 56);
+    if phentsize != 56 || phnum == 0 || phnum > MAX_PHDRS {
+        return Ok(None);
+    }
+    let mut end: u64 = 0;
+    let mut ph = [0u8; 56];
+    for i in 0..u64::from(phnum) {
+        let Some(off) = phoff.checked_add(i * 56) else {
+            return Ok(None);
+        };
+        image.seek(SeekFrom::Start(off))?;
+        if image.read_exact(&mut ph).is_err() {
+            return Ok(None);
+        }
+        let p_type = u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]);
+        if p_type != 1 {
+            continue;
+        }
+        match u64_at(&ph, 24).checked_add(u64_at(&ph, 40)) {
+            Some(e) => end = end.max(e),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(end))
+}
+
 fn write(
     mem: &GuestMemoryMmap,
     bytes: &[u8],
@@ -302,13 +372,7 @@ fn load_initrd(
         top = top.min(u64::from(hdr.initrd_addr_max) + 1);
     }
     let kernel_top = kernel_end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
-    let too_small = || LoadKernelError::TooLittleMemory {
-        mem_mib: mib(spec.mem_size),
-        kernel_mib: mib(kernel_end),
-        initrd_mib: mib(size),
-        // Room for kernel, initrd and the kernel's own early allocations.
-        suggest_mib: (mib(kernel_end) + mib(size) * 2 + 32).next_power_of_two(),
-    };
+    let too_small = || too_little_memory(spec.mem_size, kernel_end, size);
     let start = top
         .checked_sub(size)
         .map(|s| s & !(PAGE_SIZE - 1))
@@ -608,6 +672,37 @@ mod tests {
             }
             other => panic!("unexpected {other}"),
         }
+    }
+
+    #[test]
+    fn elf_larger_than_memory_asks_for_more_memory() {
+        let k = temp_file("pvh4.elf", &tiny_elf(true));
+        let mut s = spec(&k, None);
+        // The segment sits at 16 MiB: a 16 MiB guest cannot hold it.
+        s.mem_size = 16 << 20;
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 16 << 20)]).unwrap();
+        let err = load(&m, &s).unwrap_err();
+        assert!(
+            matches!(err, LoadKernelError::TooLittleMemory { mem_mib: 16, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("give --mem"));
+    }
+
+    #[test]
+    fn elf_load_end_is_bounded_on_hostile_headers() {
+        assert_eq!(
+            elf_load_end(&mut Cursor::new(tiny_elf(true))).unwrap(),
+            Some(0x100_0010)
+        );
+        let mut e = tiny_elf(true);
+        e[56] = 0xff; // phnum = 0xff02: more than we look at
+        e[57] = 0xff;
+        assert_eq!(elf_load_end(&mut Cursor::new(e)).unwrap(), None);
+        let mut e = tiny_elf(true);
+        e[32..40].copy_from_slice(&u64::MAX.to_le_bytes()); // phoff overflows
+        assert_eq!(elf_load_end(&mut Cursor::new(e)).unwrap(), None);
+        assert_eq!(elf_load_end(&mut Cursor::new(vec![0u8; 10])).unwrap(), None);
     }
 
     #[test]

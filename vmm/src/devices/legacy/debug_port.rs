@@ -74,12 +74,18 @@ mod tests {
     #[test]
     fn exit_port_reports_byte_writes_only() {
         let (tx, rx) = channel();
-        let mut p = ExitPort::new(Arc::new(EventSink::new(tx)));
+        let sink = Arc::new(EventSink::new(tx));
+        let mut p = ExitPort::new(sink.clone());
         p.write(0, &[7, 0]);
         p.write(1, &[7]);
         assert!(rx.try_recv().is_err());
+        assert!(!sink.stopping());
         p.write(0, &[7]);
         assert!(matches!(rx.try_recv(), Ok(VmEvent::Exit(7))));
+        assert!(
+            sink.stopping(),
+            "vCPUs stop running the guest once it reported"
+        );
     }
 
     #[test]

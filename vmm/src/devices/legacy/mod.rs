@@ -5,26 +5,41 @@ pub mod debug_port;
 pub mod i8042;
 pub mod serial;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Mutex;
 
 use crate::vstate::VmEvent;
 
 /// Sends a [`VmEvent`] to the VMM's main thread; what the reset line of the i8042
-/// and the exit port pull.
+/// and the exit port pull. Every event ends the VM, so sending one also raises the
+/// `stopping` flag that the vCPU loops check after each exit: the guest does not run
+/// on after it reported its status.
 #[derive(Debug)]
-pub struct EventSink(Mutex<Sender<VmEvent>>);
+pub struct EventSink {
+    tx: Mutex<Sender<VmEvent>>,
+    stopping: AtomicBool,
+}
 
 impl EventSink {
     /// Wraps a sender.
     pub fn new(tx: Sender<VmEvent>) -> Self {
-        Self(Mutex::new(tx))
+        Self {
+            tx: Mutex::new(tx),
+            stopping: AtomicBool::new(false),
+        }
     }
 
     /// Sends; a VMM that is already going away has dropped the receiver, which is
     /// fine.
     pub fn send(&self, ev: VmEvent) {
-        let tx = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.stopping.store(true, Ordering::SeqCst);
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
         let _ = tx.send(ev);
+    }
+
+    /// True once any event was sent: the VM is ending.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
     }
 }

@@ -10,6 +10,8 @@ packages=(
   busybox-static cpio
   # the nested KVM node and the benchmark peer
   qemu-system-x86
+  # OCI images (atoll-image convert; its tests and benchmark peers)
+  erofs-utils e2fsprogs umoci skopeo docker-registry debootstrap
 )
 
 missing=()

@@ -7,6 +7,7 @@ use atoll_image::initramfs::{self, AddSpec, InitramfsSpec};
 use atoll_image::kernel::{self, KernelBuildOptions};
 use atoll_image::oci::convert::{self, Format};
 use atoll_image::oci::import;
+use atoll_image::oci::pull;
 use atoll_image::oci::store::{self, Store};
 use atoll_image::oci::unpack::{self, UnpackLimits};
 use clap::{Parser, Subcommand};
@@ -66,6 +67,13 @@ enum Cmd {
         /// Import only the image with this tag (layout ref name or RepoTag).
         #[arg(long)]
         tag: Option<String>,
+    },
+    /// Pull an image from a registry (linux/amd64 from multi-platform indexes).
+    Pull {
+        reference: String,
+        /// Use HTTP instead of HTTPS (a local registry).
+        #[arg(long)]
+        plain_http: bool,
     },
     /// List the images in the store.
     Ls,
@@ -150,6 +158,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 progress(&format!("imported {} ({})", i.name, i.manifest));
                 println!("{}", i.name);
             }
+        }
+        Cmd::Pull {
+            reference,
+            plain_http,
+        } => {
+            let store = Store::open(&cli.store)?;
+            let p = pull::pull(&store, &reference, &pull::PullOptions { plain_http })?;
+            progress(&format!("pulled {} ({})", p.name, p.manifest));
+            println!("{}", p.name);
         }
         Cmd::Ls => {
             let store = Store::open(&cli.store)?;

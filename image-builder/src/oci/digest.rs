@@ -96,6 +96,10 @@ impl<W: Write> HashingWriter<W> {
         self.len
     }
 
+    pub fn inner_mut(&mut self) -> &mut W {
+        &mut self.inner
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

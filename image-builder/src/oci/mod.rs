@@ -6,6 +6,7 @@ pub mod convert;
 pub mod digest;
 pub mod import;
 pub mod manifest;
+pub mod pull;
 pub mod reference;
 pub mod store;
 pub mod unpack;

@@ -92,6 +92,17 @@ fn guest_command_exit_status_becomes_vmm_exit_status() {
 }
 
 #[test]
+fn missing_command_and_signal_deaths_map_to_shell_statuses() {
+    let out = on_kvm(&format!(
+        "{VMM} -- /bin/no-such-command; echo \"a=$?\"; \
+         {VMM} -- /bin/sh -c 'kill -9 $$'; echo \"b=$?\""
+    ));
+    assert!(out.output.contains("a=127"), "command not found is 127");
+    assert!(out.output.contains("No such file or directory"));
+    assert!(out.output.contains("b=137"), "SIGKILL is 128 + 9");
+}
+
+#[test]
 fn guest_with_two_vcpus_sees_two_cpus() {
     let out = on_kvm(&format!(
         "{VMM} --vcpus 2 -- /bin/sh -c 'echo cpus=$(grep -c ^processor /proc/cpuinfo) online=$(cat /sys/devices/system/cpu/online)'; echo \"vmm=$?\""

@@ -634,6 +634,63 @@ mod tests {
         assert_eq!({ p.acpi_rsdp_addr }, ACPI_START);
     }
 
+    /// A bzImage-shaped file: one setup sector, the "HdrS" header, protocol 2.15,
+    /// loaded high, with `xloadflags` as given, then a payload.
+    fn tiny_bzimage(xloadflags: u16) -> Vec<u8> {
+        let mut f = vec![0u8; 2 * 512 + 4096];
+        f[0x1f1] = 1; // setup_sects
+        f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+        f[0x202..0x206].copy_from_slice(b"HdrS");
+        f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+        f[0x211] = 1; // LOADED_HIGH
+        f[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+        f[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+        f[0x236..0x238].copy_from_slice(&xloadflags.to_le_bytes());
+        f[1024..1028].copy_from_slice(b"KERN");
+        f
+    }
+
+    #[test]
+    fn bzimage_boots_through_64bit_entry_with_its_setup_header() {
+        let k = temp_file("bz", &tiny_bzimage(XLF_KERNEL_64));
+        let i = temp_file("initrd-bz", &[3u8; 100]);
+        let m = mem();
+        let info = load(&m, &spec(&k, Some(&i))).unwrap();
+        assert_eq!(info.format, KernelFormat::BzImage);
+        assert_eq!(info.entry, EntryMode::Linux64(0x10_0000 + 0x200));
+        let mut payload = [0u8; 4];
+        m.read_slice(&mut payload, GuestAddress(0x10_0000)).unwrap();
+        assert_eq!(
+            &payload, b"KERN",
+            "the protected-mode part loads at code32_start"
+        );
+        let p: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_ADDR)).unwrap();
+        assert_eq!({ p.hdr.version }, 0x020f);
+        assert_eq!({ p.hdr.type_of_loader }, KERNEL_LOADER_OTHER);
+        let (addr, size) = info.initrd.unwrap();
+        assert_eq!(
+            ({ p.hdr.ramdisk_image }, { p.hdr.ramdisk_size }),
+            (addr as u32, size as u32)
+        );
+        assert_eq!(p.e820_entries as usize, layout::e820_map(MEM).len());
+    }
+
+    #[test]
+    fn bzimage_without_64bit_entry_is_refused() {
+        let k = temp_file("bz32", &tiny_bzimage(0));
+        let err = load(&mem(), &spec(&k, None)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                LoadKernelError::No64BitEntry {
+                    version: 0x020f,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
     #[test]
     fn garbage_kernel_is_unknown_format() {
         let k = temp_file("garbage", &[0x5au8; 4096]);

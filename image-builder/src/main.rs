@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use atoll_image::initramfs::{self, AddSpec, InitramfsSpec};
 use atoll_image::kernel::{self, KernelBuildOptions};
+use atoll_image::oci::bench;
 use atoll_image::oci::convert::{self, Format};
 use atoll_image::oci::import;
 use atoll_image::oci::pull;
@@ -74,6 +75,25 @@ enum Cmd {
         /// Use HTTP instead of HTTPS (a local registry).
         #[arg(long)]
         plain_http: bool,
+    },
+    /// Time OCI layout -> erofs: `import` + `convert` against `umoci unpack` +
+    /// `mkfs.erofs`, on the same layout in the same run.
+    Bench {
+        /// The OCI layout to convert (written first from --from-rootfs if missing).
+        #[arg(long)]
+        layout: PathBuf,
+        #[arg(long, default_value = "latest")]
+        tag: String,
+        /// A root filesystem tree (e.g. debootstrap'd) to build the layout from.
+        #[arg(long)]
+        from_rootfs: Option<PathBuf>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Scratch directory (default: a temp dir next to the layout).
+        #[arg(long)]
+        work: Option<PathBuf>,
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// List the images in the store.
     Ls,
@@ -167,6 +187,43 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let p = pull::pull(&store, &reference, &pull::PullOptions { plain_http })?;
             progress(&format!("pulled {} ({})", p.name, p.manifest));
             println!("{}", p.name);
+        }
+        Cmd::Bench {
+            layout,
+            tag,
+            from_rootfs,
+            runs,
+            work,
+            json,
+        } => {
+            if !layout.join("index.json").is_file() {
+                let rootfs = from_rootfs.context("--layout does not exist: give --from-rootfs")?;
+                progress(&format!(
+                    "writing {} from {}",
+                    layout.display(),
+                    rootfs.display()
+                ));
+                bench::layout_from_rootfs(&rootfs, &layout, &tag)?;
+            }
+            let work = work.unwrap_or_else(|| {
+                let mut w = layout.clone().into_os_string();
+                w.push(".bench-work");
+                PathBuf::from(w)
+            });
+            let opts = bench::BenchOptions {
+                layout,
+                tag,
+                runs,
+                work,
+                exe: std::env::current_exe()?,
+            };
+            let report = bench::run(&opts, &progress)?;
+            let text = serde_json::to_string_pretty(&report)?;
+            println!("{text}");
+            if let Some(p) = json {
+                std::fs::write(&p, text)
+                    .with_context(|| format!("cannot write {}", p.display()))?;
+            }
         }
         Cmd::Ls => {
             let store = Store::open(&cli.store)?;

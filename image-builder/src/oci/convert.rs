@@ -172,13 +172,21 @@ pub fn convert_cached(
     let out = work.path().join(format!("rootfs.{}", format.ext()));
     make_fs(format, &rootfs, &out, &stats)?;
     let mkfs_time = t1.elapsed();
+    // The unpacked tree is not needed any more: remove it while the image is synced.
+    let tree = work.path().join("rootfs");
+    let cleaner = std::thread::spawn(move || {
+        let _ = fs::remove_dir_all(tree);
+    });
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;
     let cjson = serde_json::to_vec_pretty(&config).expect("config serializes");
     write_atomic(&dir.join("config.json"), &cjson, &store.tmp_dir())?;
     fs::File::open(&out)
         .and_then(|f| f.sync_all())
         .map_err(io_err(&out))?;
+    // Read-only: outputs may be hard links to it.
+    let _ = fs::set_permissions(&out, std::os::unix::fs::PermissionsExt::from_mode(0o444));
     fs::rename(&out, &cached).map_err(io_err(&cached))?;
+    let _ = cleaner.join();
     Ok(Converted {
         cached,
         config,
@@ -202,12 +210,18 @@ pub fn convert(
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
-    // Copied, not linked: a guest may write to an ext4 disk, never to the cache.
+    // erofs is a read-only format: the output is a hard link to the cached image
+    // when both are on one filesystem. ext4 is copied: a guest may write to it,
+    // never to the cache.
     let tmp = super::store::unique_tmp(&parent, "partial");
-    fs::copy(&c.cached, &tmp).map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        io_err(out)(e)
-    })?;
+    let linked = format == Format::Erofs && fs::hard_link(&c.cached, &tmp).is_ok();
+    if !linked {
+        fs::copy(&c.cached, &tmp).map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            io_err(out)(e)
+        })?;
+        let _ = fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    }
     fs::rename(&tmp, out).map_err(io_err(out))?;
     let cjson = serde_json::to_vec_pretty(&c.config).expect("config serializes");
     write_atomic(&config_path_for(out), &cjson, &parent)?;

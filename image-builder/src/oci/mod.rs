@@ -2,6 +2,7 @@
 //! archives, pull from registries, exact and confined unpacking, conversion to VM
 //! root filesystem images.
 
+pub mod bench;
 pub mod convert;
 pub mod digest;
 pub mod import;

@@ -218,3 +218,23 @@ fn host_kvm_is_judged_at_once_with_one_clear_line() {
         ),
     }
 }
+
+#[test]
+fn virtio_rng_feeds_the_guest_hwrng_via_acpi_and_via_the_command_line() {
+    let out = on_kvm(&format!(
+        "{VMM} --rng --metrics m.json -- /bin/sh -c 'cat /sys/class/misc/hw_random/rng_current; \
+           head -c 4096 /dev/hwrng | wc -c'; echo \"a=$?\"; grep -A3 '\"bytes\"' m.json; \
+         ./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --timeout 120 --rng \
+           --cmdline 'console=ttyS0 reboot=k panic=-1 pci=off quiet acpi=off' \
+           -- /bin/sh -c 'cat /proc/cmdline; head -c 16 /dev/hwrng | wc -c'; \
+         echo \"b=$?\""
+    ));
+    assert!(
+        out.output.contains("virtio_rng.0"),
+        "the guest bound virtio-rng"
+    );
+    assert!(out.output.contains("4096"), "4 KiB of entropy read");
+    assert!(out.output.contains("a=0"));
+    assert!(out.output.contains("virtio_mmio.device=4K@0xd0000000:5"));
+    assert!(out.output.contains("b=0"));
+}

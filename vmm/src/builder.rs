@@ -7,15 +7,24 @@ use std::sync::mpsc::{channel, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::IoEventAddress;
+use vmm_sys_util::epoll::Epoll;
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::arch::x86_64::acpi::{self, DsdtDevice};
 use crate::arch::x86_64::boot::{self, BootSpec, KernelFormat, LoadKernelError};
-use crate::arch::x86_64::layout::{SERIAL_IRQ, SERIAL_PORT};
+use crate::arch::x86_64::layout::{SERIAL_IRQ, SERIAL_PORT, VIRTIO_GSIS, VIRTIO_MMIO_BASE};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::debug_port::{ExitPort, StagePort, EXIT_PORT, STAGE_PORT};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventSink;
+use crate::devices::virtio::event_loop::EventLoop;
+use crate::devices::virtio::mmio::{
+    CreateTransportError, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY,
+};
+use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::{DeviceMetricsSnapshot, Interrupt, VirtioDevice};
 use crate::metrics::{MetricsSnapshot, VmMetrics};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::vcpu::{ConfigureVcpuError, Vcpu, VcpuShared};
@@ -44,6 +53,15 @@ pub struct VmConfig {
     pub timeout: Option<Duration>,
     /// Feed the VMM's stdin to the guest console.
     pub console_input: bool,
+    /// virtio devices, in the order the guest will see them.
+    pub devices: Vec<DeviceConfig>,
+}
+
+/// One virtio device to attach.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceConfig {
+    /// virtio-rng fed from the host's getrandom.
+    Rng,
 }
 
 /// How the VM ended.
@@ -68,6 +86,8 @@ pub struct RunReport {
     pub metrics: MetricsSnapshot,
     /// The kernel format booted.
     pub format: KernelFormat,
+    /// Per-device counters at the end.
+    pub devices: Vec<DeviceMetricsSnapshot>,
 }
 
 /// Why the VM could not be started.
@@ -117,6 +137,90 @@ pub enum StartVmError {
     /// A thread could not be started.
     #[error("cannot start a VMM thread")]
     Thread(#[source] std::io::Error),
+    /// More virtio devices than interrupt lines.
+    #[error("at most {max} virtio devices fit, {given} were asked for")]
+    TooManyDevices {
+        /// Asked.
+        given: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// A virtio transport could not be built.
+    #[error(transparent)]
+    Transport(#[from] CreateTransportError),
+}
+
+/// The virtio devices of a VM, wired to KVM.
+struct VirtioSetup {
+    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    epoll: Arc<Epoll>,
+    dsdt: Vec<DsdtDevice>,
+    cmdline: Vec<String>,
+}
+
+fn build_device(cfg: &DeviceConfig) -> Arc<Mutex<dyn VirtioDevice>> {
+    match cfg {
+        DeviceConfig::Rng => Arc::new(Mutex::new(Rng::new())),
+    }
+}
+
+/// Creates every virtio device, its transport on the MMIO bus, its irqfd and
+/// ioeventfds, and how the guest learns of it.
+fn attach_virtio(
+    vm: &Vm,
+    configs: &[DeviceConfig],
+    mmio_bus: &mut Bus,
+) -> Result<VirtioSetup, StartVmError> {
+    let max = VIRTIO_GSIS.clone().count();
+    if configs.len() > max {
+        return Err(StartVmError::TooManyDevices {
+            given: configs.len(),
+            max,
+        });
+    }
+    let dev_err = |what, source| StartVmError::Device { what, source };
+    let epoll = Arc::new(Epoll::new().map_err(|e| dev_err("the device event loop", e))?);
+    let mut setup = VirtioSetup {
+        devices: Vec::new(),
+        epoll: epoll.clone(),
+        dsdt: Vec::new(),
+        cmdline: Vec::new(),
+    };
+    for (i, (cfg, gsi)) in configs.iter().zip(VIRTIO_GSIS).enumerate() {
+        let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
+        let device = build_device(cfg);
+        let irqfd =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err("a virtio interrupt", e))?;
+        vm.fd
+            .register_irqfd(&irqfd, gsi)
+            .map_err(|e| dev_err("a virtio interrupt", io_err(e)))?;
+        let transport = MmioTransport::new(
+            device.clone(),
+            i as u32,
+            epoll.clone(),
+            vm.memory.clone(),
+            Arc::new(Interrupt::new(irqfd)),
+        )?;
+        for (q, evt) in transport.queue_events().iter().enumerate() {
+            vm.fd
+                .register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
+                .map_err(|e| dev_err("a virtio queue notifier", io_err(e)))?;
+        }
+        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
+        // Below 4 GiB by construction of the layout.
+        let base32 = u32::try_from(base).unwrap_or(u32::MAX);
+        setup.dsdt.push(DsdtDevice::VirtioMmio {
+            base: base32,
+            size: MMIO_WINDOW as u32,
+            irq: gsi,
+            index: i as u8,
+        });
+        setup
+            .cmdline
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        setup.devices.push(device);
+    }
+    Ok(setup)
 }
 
 fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
@@ -185,12 +289,35 @@ pub fn run(
         1,
     )?;
 
+    let mut mmio_bus = Bus::new();
+    let virtio = attach_virtio(&vm, &config.devices, &mut mmio_bus)?;
+    // The guest finds virtio devices in the DSDT; a guest booted with acpi=off
+    // gets them on its command line instead (never both: it would probe twice).
+    let acpi_off = config.cmdline.split_whitespace().any(|w| w == "acpi=off");
+    let mut cmdline = config.cmdline.clone();
+    let mut dsdt_devices = acpi::legacy_devices();
+    if acpi_off {
+        // Device parameters go before any `--` (init arguments).
+        let (kernel_args, init_args) = match cmdline.find(" -- ") {
+            Some(i) => (cmdline[..i].to_string(), cmdline[i..].to_string()),
+            None => (cmdline.clone(), String::new()),
+        };
+        cmdline = [kernel_args]
+            .into_iter()
+            .chain(virtio.cmdline.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ")
+            + &init_args;
+    } else {
+        dsdt_devices.extend(virtio.dsdt.iter().copied());
+    }
     let spec = BootSpec {
         kernel: config.kernel.clone(),
         initrd: config.initrd.clone(),
-        cmdline: config.cmdline.clone(),
+        cmdline,
         num_cpus: config.vcpus,
         mem_size,
+        dsdt_devices,
     };
     let boot = boot::load(&vm.memory, &spec)?;
     metrics.record_phase("kernel_loaded");
@@ -198,7 +325,7 @@ pub fn run(
 
     let shared = VcpuShared {
         io_bus: Arc::new(io_bus),
-        mmio_bus: Arc::new(Bus::new()),
+        mmio_bus: Arc::new(mmio_bus),
         events: events.clone(),
         metrics: metrics.clone(),
     };
@@ -219,6 +346,13 @@ pub fn run(
         std::thread::Builder::new()
             .name(format!("vcpu{id}"))
             .spawn(move || vcpu.run())
+            .map_err(StartVmError::Thread)?;
+    }
+    if !virtio.devices.is_empty() {
+        let event_loop = EventLoop::new(virtio.epoll.clone(), virtio.devices.clone());
+        std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || event_loop.run())
             .map_err(StartVmError::Thread)?;
     }
     metrics.record_phase("vcpus_started");
@@ -255,10 +389,19 @@ pub fn run(
     serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
     // The VM (memory, vCPU threads) goes away with the process; the caller exits.
     std::mem::forget(vm);
+    let devices = virtio
+        .devices
+        .iter()
+        .map(|d| {
+            let d = d.lock().unwrap_or_else(|p| p.into_inner());
+            d.metrics().snapshot(d.kind())
+        })
+        .collect();
     Ok(RunReport {
         outcome,
         metrics: metrics.snapshot(),
         format: boot.format,
+        devices,
     })
 }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use atoll_vmm::builder::{self, Outcome, VmConfig};
+use atoll_vmm::builder::{self, DeviceConfig, Outcome, VmConfig};
 use clap::Parser;
 
 /// The command line every guest gets unless `--cmdline` replaces it.
@@ -49,6 +49,9 @@ struct Args {
     /// Stop the VM after this many seconds (0: never).
     #[arg(long, default_value_t = 0)]
     timeout: u64,
+    /// Attach a virtio-rng device fed from the host's getrandom.
+    #[arg(long)]
+    rng: bool,
     /// Write VM exit counts, boot stage times and peak RSS as JSON to this file.
     #[arg(long)]
     metrics: Option<PathBuf>,
@@ -107,6 +110,11 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         mem_mib: args.mem,
         timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
         console_input: std::io::stdin().is_terminal() || !stdin_is_devnull(),
+        devices: if args.rng {
+            vec![DeviceConfig::Rng]
+        } else {
+            vec![]
+        },
     };
     let console = Box::new(LineWriter::new(std::io::stdout()));
     let report = builder::run(&config, start, console)?;
@@ -114,6 +122,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         let mut json = serde_json::to_value(&report.metrics)?;
         json["outcome"] = serde_json::Value::String(format!("{:?}", report.outcome));
         json["kernel_format"] = serde_json::Value::String(format!("{:?}", report.format));
+        json["devices"] = serde_json::to_value(&report.devices)?;
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
             .with_context(|| format!("cannot write metrics to {}", path.display()))?;
     }

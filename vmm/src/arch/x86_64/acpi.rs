@@ -44,8 +44,19 @@ pub enum AcpiError {
 }
 
 /// A device that the DSDT announces.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DsdtDevice {
+    /// A virtio-mmio register window with its GSI (Linux matches `LNRO0005`).
+    VirtioMmio {
+        /// MMIO base.
+        base: u32,
+        /// Window size.
+        size: u32,
+        /// GSI (edge-triggered, active high: raised through an irqfd).
+        irq: u32,
+        /// Index, for the device name and `_UID`.
+        index: u8,
+    },
     /// A 16550 UART at an I/O port with an ISA IRQ.
     Serial {
         /// First port.
@@ -79,6 +90,22 @@ pub fn dsdt(devices: &[DsdtDevice]) -> Vec<u8> {
                 let io = aml::IO::new(port, port, 1, 8);
                 let int = aml::Interrupt::new(true, true, false, false, irq);
                 let crs_tmpl = aml::ResourceTemplate::new(vec![&io, &int]);
+                let crs = aml::Name::new("_CRS".into(), &crs_tmpl);
+                let device = aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]);
+                device.to_aml_bytes(&mut body);
+            }
+            DsdtDevice::VirtioMmio {
+                base,
+                size,
+                irq,
+                index,
+            } => {
+                let name = format!("V{index:03X}");
+                let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+                let uid = aml::Name::new("_UID".into(), &index);
+                let mem = aml::Memory32Fixed::new(true, base, size);
+                let int = aml::Interrupt::new(true, true, false, false, irq);
+                let crs_tmpl = aml::ResourceTemplate::new(vec![&mem, &int]);
                 let crs = aml::Name::new("_CRS".into(), &crs_tmpl);
                 let device = aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]);
                 device.to_aml_bytes(&mut body);
@@ -276,6 +303,25 @@ mod tests {
         let body = &d[36..];
         assert!(body.windows(4).any(|w| w == b"COM1"));
         assert!(body.windows(4).any(|w| w == b"_CRS"));
+    }
+
+    #[test]
+    fn dsdt_announces_virtio_mmio_devices() {
+        let mut devs = legacy_devices();
+        devs.push(DsdtDevice::VirtioMmio {
+            base: 0xd000_0000,
+            size: 0x1000,
+            irq: 5,
+            index: 0,
+        });
+        let d = dsdt(&devs);
+        assert_eq!(sum(&d), 0);
+        let body = &d[36..];
+        assert!(body.windows(4).any(|w| w == b"V000"));
+        assert!(body.windows(8).any(|w| w == b"LNRO0005"));
+        // Memory32Fixed descriptor (0x86) carrying the base address.
+        let base = 0xd000_0000u32.to_le_bytes();
+        assert!(body.windows(12).any(|w| w[0] == 0x86 && w[4..8] == base));
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct BootSpec {
     pub num_cpus: u8,
     /// Guest memory size in bytes.
     pub mem_size: u64,
+    /// Devices the DSDT announces (legacy devices and virtio-mmio windows).
+    pub dsdt_devices: Vec<acpi::DsdtDevice>,
 }
 
 /// Why the guest could not be loaded.
@@ -271,7 +273,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo, LoadKern
         ACPI_START,
         (BIOS_END - ACPI_START) as usize,
         spec.num_cpus,
-        &acpi::legacy_devices(),
+        &spec.dsdt_devices,
     )?;
     write(mem, &tables.bytes, tables.rsdp_addr, "the ACPI tables")?;
 
@@ -565,6 +567,7 @@ mod tests {
             cmdline: "console=ttyS0 -- /bin/true".into(),
             num_cpus: 2,
             mem_size: MEM,
+            dsdt_devices: acpi::legacy_devices(),
         }
     }
 

@@ -64,6 +64,12 @@ pub const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// Number of IOAPIC pins (GSIs) of KVM's in-kernel IOAPIC.
 pub const IOAPIC_PINS: u8 = 24;
 
+/// First virtio-mmio register window; device n sits at `+ n * 4 KiB`.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
+/// GSIs for virtio devices: the ISA range above the UART's (edge-triggered by
+/// default in both the MP table and ACPI, which suits irqfd pulses).
+pub const VIRTIO_GSIS: std::ops::RangeInclusive<u32> = 5..=15;
+
 /// The legacy IRQ of the first serial port.
 pub const SERIAL_IRQ: u32 = 4;
 /// The first serial port.

@@ -1,0 +1,304 @@
+//! The entropy device.
+
+use std::os::unix::io::{AsRawFd, RawFd};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::virtio::{
+    device_type, ActivateContext, ActivateError, DeviceMetrics, Interrupt, VirtioDevice, Watch,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
+
+const QUEUE_SIZE: u16 = 256;
+/// Most bytes handed out per request: bounds the work one guest request causes.
+pub const MAX_REQUEST_BYTES: u32 = 64 * 1024;
+
+struct Active {
+    mem: GuestMemoryMmap,
+    queue: Queue,
+    queue_event: EventFd,
+    interrupt: std::sync::Arc<Interrupt>,
+}
+
+/// The device.
+pub struct Rng {
+    active: Option<Active>,
+    metrics: DeviceMetrics,
+}
+
+impl std::fmt::Debug for Rng {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rng")
+            .field("active", &self.active.is_some())
+            .finish()
+    }
+}
+
+impl Default for Rng {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
+}
+
+impl Rng {
+    /// An inactive device.
+    pub fn new() -> Self {
+        Self {
+            active: None,
+            metrics: DeviceMetrics::default(),
+        }
+    }
+
+    /// Serves every available request; returns whether any was completed.
+    fn process_queue(&mut self) -> bool {
+        let Some(a) = self.active.as_mut() else {
+            return false;
+        };
+        let mut used_any = false;
+        let mut buf = Vec::new();
+        // pop_descriptor_chain stops at the avail index the guest published; each
+        // chain's walk is bounded by the queue size (virtio-queue's ttl).
+        while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
+            let head = chain.head_index();
+            let mut written: u32 = 0;
+            let mut malformed = false;
+            for desc in chain {
+                if !desc.is_write_only() {
+                    malformed = true;
+                    break;
+                }
+                let room = MAX_REQUEST_BYTES - written;
+                let len = desc.len().min(room);
+                if len == 0 {
+                    break;
+                }
+                buf.resize(len as usize, 0);
+                if fill_random(&mut buf).is_err() {
+                    DeviceMetrics::inc(&self.metrics.errors);
+                    break;
+                }
+                if a.mem.write_slice(&buf, desc.addr()).is_err() {
+                    malformed = true;
+                    break;
+                }
+                written += len;
+            }
+            if malformed {
+                DeviceMetrics::inc(&self.metrics.malformed);
+            }
+            // A malformed chain is still returned, with what was written, so the
+            // guest does not wait forever for it.
+            if a.queue.add_used(&a.mem, head, written).is_err() {
+                DeviceMetrics::inc(&self.metrics.malformed);
+                continue;
+            }
+            DeviceMetrics::inc(&self.metrics.requests);
+            DeviceMetrics::add(&self.metrics.bytes, u64::from(written));
+            used_any = true;
+        }
+        if used_any && a.queue.needs_notification(&a.mem).unwrap_or(true) {
+            a.interrupt.signal_used_queue();
+            DeviceMetrics::inc(&self.metrics.interrupts);
+        }
+        used_any
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        device_type::RNG
+    }
+
+    fn kind(&self) -> &'static str {
+        "rng"
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn device_features(&self) -> u64 {
+        VIRTIO_RING_F_INDIRECT_DESC
+    }
+
+    fn read_config(&self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<Vec<Watch>, ActivateError> {
+        if ctx.queues.len() != 1 || ctx.queue_events.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                given: ctx.queues.len(),
+            });
+        }
+        let queue = ctx.queues.remove(0);
+        let queue_event = ctx.queue_events.remove(0);
+        let watch = Watch {
+            fd: queue_event.as_raw_fd(),
+            source: 0,
+            events: EventSet::IN,
+        };
+        self.active = Some(Active {
+            mem: ctx.mem,
+            queue,
+            queue_event,
+            interrupt: ctx.interrupt,
+        });
+        Ok(vec![watch])
+    }
+
+    fn process_event(&mut self, _source: u32, _events: EventSet) {
+        if let Some(a) = &self.active {
+            // Drain the notification counter before looking at the ring, so a
+            // notification that arrives meanwhile is not lost.
+            let _ = a.queue_event.read();
+        }
+        self.process_queue();
+    }
+
+    fn reset(&mut self) -> Vec<RawFd> {
+        self.active
+            .take()
+            .map(|a| vec![a.queue_event.as_raw_fd()])
+            .unwrap_or_default()
+    }
+
+    fn metrics(&self) -> &DeviceMetrics {
+        &self.metrics
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::GuestAddress;
+
+    const VIRTQ_DESC_F_NEXT: u16 = 1;
+    const VIRTQ_DESC_F_WRITE: u16 = 2;
+
+    fn activate(
+        rng: &mut Rng,
+        mem: &GuestMemoryMmap,
+        q: &MockSplitQueue<GuestMemoryMmap>,
+    ) -> EventFd {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let ctx = ActivateContext {
+            mem: mem.clone(),
+            queues: vec![q.create_queue::<Queue>().unwrap()],
+            queue_events: vec![EventFd::new(libc::EFD_NONBLOCK).unwrap()],
+            interrupt: Arc::new(Interrupt::new(irq.try_clone().unwrap())),
+            acked_features: 0,
+        };
+        assert_eq!(rng.activate(ctx).unwrap().len(), 1);
+        irq
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u16, next: u16) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+    }
+
+    #[test]
+    fn rng_fills_writable_buffers_and_interrupts() {
+        let m = mem();
+        let q = MockSplitQueue::new(&m, 16);
+        q.add_desc_chains(
+            &[
+                desc(0x8000, 16, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 1),
+                desc(0x9000, 48, VIRTQ_DESC_F_WRITE, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut rng = Rng::new();
+        let irq = activate(&mut rng, &m, &q);
+        rng.process_event(0, EventSet::IN);
+        let used = q.used().ring().ref_at(0).unwrap().load();
+        assert_eq!(used.len(), 64);
+        assert_eq!(q.used().idx().load(), 1);
+        let mut out = [0u8; 48];
+        m.read_slice(&mut out, GuestAddress(0x9000)).unwrap();
+        assert_ne!(out, [0u8; 48], "random bytes arrived");
+        assert_eq!(irq.read().unwrap(), 1);
+        assert_eq!(rng.metrics().snapshot("rng").bytes, 64);
+    }
+
+    #[test]
+    fn rng_read_only_descriptor_is_malformed_but_completed() {
+        let m = mem();
+        let q = MockSplitQueue::new(&m, 16);
+        q.add_desc_chains(&[desc(0x8000, 16, 0, 0)], 0).unwrap();
+        let mut rng = Rng::new();
+        activate(&mut rng, &m, &q);
+        rng.process_event(0, EventSet::IN);
+        assert_eq!(q.used().idx().load(), 1, "the guest gets its buffer back");
+        assert_eq!(q.used().ring().ref_at(0).unwrap().load().len(), 0);
+        assert_eq!(rng.metrics().snapshot("rng").malformed, 1);
+    }
+
+    #[test]
+    fn rng_buffer_outside_memory_and_giant_lengths_are_bounded() {
+        let m = mem();
+        let q = MockSplitQueue::new(&m, 16);
+        q.add_desc_chains(
+            &[
+                desc(0xffff_ffff_0000, 4096, VIRTQ_DESC_F_WRITE, 0),
+                desc(0x8000, u32::MAX, VIRTQ_DESC_F_WRITE, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        let mut rng = Rng::new();
+        activate(&mut rng, &m, &q);
+        rng.process_event(0, EventSet::IN);
+        assert_eq!(q.used().idx().load(), 2);
+        assert_eq!(q.used().ring().ref_at(0).unwrap().load().len(), 0);
+        let second = q.used().ring().ref_at(1).unwrap().load().len();
+        assert!(
+            second == 0 || second == MAX_REQUEST_BYTES,
+            "capped at {MAX_REQUEST_BYTES}, got {second}"
+        );
+        assert!(rng.metrics().snapshot("rng").malformed >= 1);
+    }
+
+    #[test]
+    fn rng_events_before_activation_or_after_reset_do_nothing() {
+        let mut rng = Rng::new();
+        rng.process_event(0, EventSet::IN);
+        assert!(rng.reset().is_empty());
+        let m = mem();
+        let q = MockSplitQueue::new(&m, 16);
+        activate(&mut rng, &m, &q);
+        assert_eq!(rng.reset().len(), 1);
+        rng.process_event(0, EventSet::IN);
+        assert_eq!(rng.metrics().snapshot("rng").requests, 0);
+    }
+}

@@ -19,11 +19,14 @@ use crate::devices::legacy::debug_port::{ExitPort, StagePort, EXIT_PORT, STAGE_P
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventSink;
+use crate::devices::virtio::block::Block;
 use crate::devices::virtio::event_loop::EventLoop;
 use crate::devices::virtio::mmio::{
     CreateTransportError, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY,
 };
+use crate::devices::virtio::net::Net;
 use crate::devices::virtio::rng::Rng;
+use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{DeviceMetricsSnapshot, Interrupt, VirtioDevice};
 use crate::metrics::{MetricsSnapshot, VmMetrics};
 use crate::vstate::kvm::{self, KvmError};
@@ -62,6 +65,29 @@ pub struct VmConfig {
 pub enum DeviceConfig {
     /// virtio-rng fed from the host's getrandom.
     Rng,
+    /// virtio-blk backed by a host file.
+    Block {
+        /// The backing file.
+        path: PathBuf,
+        /// Refuse guest writes.
+        read_only: bool,
+        /// What VIRTIO_BLK_T_GET_ID answers.
+        id: Option<String>,
+    },
+    /// virtio-net backed by a tap device.
+    Net {
+        /// The tap interface name.
+        tap: String,
+        /// The guest MAC address.
+        mac: Option<[u8; 6]>,
+    },
+    /// virtio-vsock backed by Unix domain sockets.
+    Vsock {
+        /// The guest's context id.
+        cid: u64,
+        /// The host-side socket path.
+        uds: PathBuf,
+    },
 }
 
 /// How the VM ended.
@@ -158,10 +184,24 @@ struct VirtioSetup {
     cmdline: Vec<String>,
 }
 
-fn build_device(cfg: &DeviceConfig) -> Arc<Mutex<dyn VirtioDevice>> {
-    match cfg {
+fn build_device(cfg: &DeviceConfig) -> Result<Arc<Mutex<dyn VirtioDevice>>, StartVmError> {
+    let err = |what| move |source| StartVmError::Device { what, source };
+    Ok(match cfg {
         DeviceConfig::Rng => Arc::new(Mutex::new(Rng::new())),
-    }
+        DeviceConfig::Block {
+            path,
+            read_only,
+            id,
+        } => Arc::new(Mutex::new(
+            Block::new(path, *read_only, id.clone()).map_err(err("a virtio-blk disk"))?,
+        )),
+        DeviceConfig::Net { tap, mac } => Arc::new(Mutex::new(
+            Net::new(tap, *mac).map_err(err("a virtio-net device"))?,
+        )),
+        DeviceConfig::Vsock { cid, uds } => Arc::new(Mutex::new(
+            Vsock::new(*cid, uds).map_err(err("a virtio-vsock device"))?,
+        )),
+    })
 }
 
 /// Creates every virtio device, its transport on the MMIO bus, its irqfd and
@@ -188,7 +228,7 @@ fn attach_virtio(
     };
     for (i, (cfg, gsi)) in configs.iter().zip(VIRTIO_GSIS).enumerate() {
         let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
-        let device = build_device(cfg);
+        let device = build_device(cfg)?;
         let irqfd =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err("a virtio interrupt", e))?;
         vm.fd

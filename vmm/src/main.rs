@@ -52,6 +52,15 @@ struct Args {
     /// Attach a virtio-rng device fed from the host's getrandom.
     #[arg(long)]
     rng: bool,
+    /// Attach a virtio-blk disk: PATH[,ro][,id=ID] (repeatable).
+    #[arg(long, value_name = "PATH[,ro][,id=ID]", value_parser = parse_disk)]
+    disk: Vec<DeviceConfig>,
+    /// Attach a virtio-net device on a tap: tap=NAME[,mac=AA:BB:CC:DD:EE:FF].
+    #[arg(long, value_name = "tap=NAME[,mac=MAC]", value_parser = parse_net)]
+    net: Vec<DeviceConfig>,
+    /// Attach a virtio-vsock device: cid=N,uds=PATH.
+    #[arg(long, value_name = "cid=N,uds=PATH", value_parser = parse_vsock)]
+    vsock: Option<DeviceConfig>,
     /// Write VM exit counts, boot stage times and peak RSS as JSON to this file.
     #[arg(long)]
     metrics: Option<PathBuf>,
@@ -146,6 +155,97 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
     })
 }
 
+/// Splits `a=1,b,c=3` into (key, optional value) pairs.
+fn options(s: &str) -> Vec<(&str, Option<&str>)> {
+    s.split(',')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (p, None),
+        })
+        .collect()
+}
+
+fn parse_disk(s: &str) -> Result<DeviceConfig, String> {
+    let mut parts = options(s).into_iter();
+    let Some((path, None)) = parts.next() else {
+        return Err("expected PATH[,ro][,id=ID]".into());
+    };
+    let (mut read_only, mut id) = (false, None);
+    for (k, v) in parts {
+        match (k, v) {
+            ("ro", None) => read_only = true,
+            ("id", Some(v)) if v.len() <= 20 => id = Some(v.to_string()),
+            ("id", Some(_)) => {
+                return Err("id= takes at most 20 bytes (VIRTIO_BLK_ID_BYTES)".into())
+            }
+            _ => return Err(format!("unknown disk option {k:?}: expected ro or id=ID")),
+        }
+    }
+    Ok(DeviceConfig::Block {
+        path: PathBuf::from(path),
+        read_only,
+        id,
+    })
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16))
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("bad MAC address {s:?}"))?;
+    bytes
+        .try_into()
+        .map_err(|_| format!("bad MAC address {s:?}: six bytes expected"))
+}
+
+fn parse_net(s: &str) -> Result<DeviceConfig, String> {
+    let (mut tap, mut mac) = (None, None);
+    for (k, v) in options(s) {
+        match (k, v) {
+            ("tap", Some(v)) if !v.is_empty() && v.len() < 16 => tap = Some(v.to_string()),
+            ("tap", _) => return Err("tap= needs an interface name of 1 to 15 bytes".into()),
+            ("mac", Some(v)) => mac = Some(parse_mac(v)?),
+            _ => {
+                return Err(format!(
+                    "unknown net option {k:?}: expected tap=NAME[,mac=MAC]"
+                ))
+            }
+        }
+    }
+    let tap = tap.ok_or("tap=NAME is required")?;
+    Ok(DeviceConfig::Net { tap, mac })
+}
+
+fn parse_vsock(s: &str) -> Result<DeviceConfig, String> {
+    let (mut cid, mut uds) = (None, None);
+    for (k, v) in options(s) {
+        match (k, v) {
+            ("cid", Some(v)) => {
+                let c: u64 = v.parse().map_err(|_| format!("bad cid {v:?}"))?;
+                // 0-2 are reserved (hypervisor, local, host).
+                if c < 3 || c > u64::from(u32::MAX) {
+                    return Err(format!(
+                        "cid {c} is reserved or too large: use 3..=4294967295"
+                    ));
+                }
+                cid = Some(c);
+            }
+            ("uds", Some(v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
+            _ => {
+                return Err(format!(
+                    "unknown vsock option {k:?}: expected cid=N,uds=PATH"
+                ))
+            }
+        }
+    }
+    Ok(DeviceConfig::Vsock {
+        cid: cid.ok_or("cid=N is required")?,
+        uds: uds.ok_or("uds=PATH is required")?,
+    })
+}
+
 /// True when stdin is /dev/null or closed: nothing to feed the console.
 fn stdin_is_devnull() -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -161,6 +261,39 @@ fn stdin_is_devnull() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_options_parse_and_reject_nonsense() {
+        assert_eq!(
+            parse_disk("/d.img,ro,id=root").unwrap(),
+            DeviceConfig::Block {
+                path: "/d.img".into(),
+                read_only: true,
+                id: Some("root".into())
+            }
+        );
+        assert!(parse_disk("/d.img,rw").is_err());
+        assert!(parse_disk("/d.img,id=123456789012345678901").is_err());
+        assert_eq!(
+            parse_net("tap=tap0,mac=02:00:00:00:00:01").unwrap(),
+            DeviceConfig::Net {
+                tap: "tap0".into(),
+                mac: Some([2, 0, 0, 0, 0, 1])
+            }
+        );
+        assert!(parse_net("mac=02:00:00:00:00:01").is_err());
+        assert!(parse_net("tap=x,mac=02:00").is_err());
+        assert!(parse_net("tap=averyveryverylongname").is_err());
+        assert_eq!(
+            parse_vsock("cid=3,uds=/tmp/v.sock").unwrap(),
+            DeviceConfig::Vsock {
+                cid: 3,
+                uds: "/tmp/v.sock".into()
+            }
+        );
+        assert!(parse_vsock("cid=2,uds=/tmp/v").is_err());
+        assert!(parse_vsock("cid=3").is_err());
+    }
 
     #[test]
     fn init_args_are_appended_and_quoted() {

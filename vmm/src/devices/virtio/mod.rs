@@ -11,9 +11,12 @@
 //! virtio-queue (bounded), lengths are checked, malformed requests are counted in
 //! the device's metrics and answered with an error, never a panic.
 
+pub mod block;
 pub mod event_loop;
 pub mod mmio;
+pub mod net;
 pub mod rng;
+pub mod vsock;
 
 use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -47,6 +47,7 @@ e2e: artifacts
 
 test: artifacts
 	cargo test --workspace --locked --lib --bins
+	cargo test --locked -p atoll-image --test '*' -- --test-threads=2
 	ATOLL_BUILD_DIR=$(CURDIR)/$(BUILD) ATOLL_STATIC_DIR=$(CURDIR)/$(STATIC) \
 	  cargo test --locked -p atoll-tests --test '*' -- --test-threads=1
 

@@ -276,6 +276,8 @@ pub fn run(
     console: Box<dyn Write + Send>,
 ) -> Result<RunReport, StartVmError> {
     let metrics = Arc::new(VmMetrics::new(start));
+    // Process start, argument parsing and logging set-up end here.
+    metrics.record_phase("process_ready");
     let kvm = kvm::open()?;
     metrics.record_phase("kvm_open");
     let max_vcpus = u8::try_from(kvm.get_max_vcpus())

@@ -119,11 +119,12 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         mem_mib: args.mem,
         timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
         console_input: std::io::stdin().is_terminal() || !stdin_is_devnull(),
-        devices: if args.rng {
-            vec![DeviceConfig::Rng]
-        } else {
-            vec![]
-        },
+        devices: args
+            .rng
+            .then_some(DeviceConfig::Rng)
+            .into_iter()
+            .chain(args.disk)
+            .collect(),
     };
     let console = Box::new(LineWriter::new(std::io::stdout()));
     let report = builder::run(&config, start, console)?;

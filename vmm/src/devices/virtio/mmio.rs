@@ -9,7 +9,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::{ActivateContext, Interrupt, VirtioDevice, VIRTIO_F_VERSION_1};
+use super::{ActivateContext, Interrupt, VirtioDevice, Watcher, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 
 /// Size of one device's register window.
@@ -86,11 +86,11 @@ impl MmioTransport {
         mem: GuestMemoryMmap,
         interrupt: Arc<Interrupt>,
     ) -> Result<Self, CreateTransportError> {
-        let sizes: Vec<u16> = device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .queue_max_sizes()
-            .to_vec();
+        let sizes: Vec<u16> = {
+            let mut dev = device.lock().unwrap_or_else(|p| p.into_inner());
+            dev.set_watcher(Watcher::new(epoll.clone(), index));
+            dev.queue_max_sizes().to_vec()
+        };
         let queues = sizes
             .iter()
             .map(|&s| Queue::new(s).map_err(|_| CreateTransportError::QueueSize(s)))

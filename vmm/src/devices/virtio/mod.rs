@@ -25,7 +25,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
-use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 /// virtio device IDs.
@@ -138,6 +138,43 @@ pub struct Watch {
     pub events: EventSet,
 }
 
+/// A device's handle on the event loop, for fds it opens while running (a vsock
+/// device's host connections): the same epoll and device index the transport uses
+/// for the watches [`VirtioDevice::activate`] returns.
+#[derive(Clone)]
+pub struct Watcher {
+    epoll: Arc<Epoll>,
+    index: u32,
+}
+
+impl std::fmt::Debug for Watcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Watcher")
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+impl Watcher {
+    /// Watches on `epoll` for the device the event loop knows as `index`.
+    pub fn new(epoll: Arc<Epoll>, index: u32) -> Self {
+        Self { epoll, index }
+    }
+
+    /// Starts watching `w.fd`; the device will be called with `w.source`.
+    pub fn add(&self, w: Watch) -> std::io::Result<()> {
+        let data = (u64::from(self.index) << 32) | u64::from(w.source);
+        self.epoll
+            .ctl(ControlOperation::Add, w.fd, EpollEvent::new(w.events, data))
+    }
+
+    /// Stops watching `fd` (call before closing it).
+    pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {
+        self.epoll
+            .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+}
+
 /// Counters every device keeps. Guest misbehaviour shows up in `malformed`.
 #[derive(Debug, Default)]
 pub struct DeviceMetrics {
@@ -209,6 +246,9 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// Writes the device configuration space (most devices ignore writes).
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {}
+    /// Called once by the transport with the device's [`Watcher`], for devices that
+    /// watch fds they open after activation. Most devices ignore it.
+    fn set_watcher(&mut self, _watcher: Watcher) {}
     /// Starts serving: the device keeps `ctx` and returns the fds to watch.
     fn activate(&mut self, ctx: ActivateContext) -> Result<Vec<Watch>, ActivateError>;
     /// One watched fd is ready.

@@ -4,6 +4,7 @@
 //! binary runs there, as `*-inner`).
 
 mod boot;
+mod io;
 mod proc;
 mod stats;
 
@@ -45,6 +46,32 @@ enum Cmd {
     /// The measuring half of `boot`, run where the KVM is (inside the node or on the host).
     #[command(hide = true)]
     BootInner(boot::InnerArgs),
+    /// virtio-blk throughput: sequential read MiB/s and 4 KiB random-read IOPS in the
+    /// guest (O_DIRECT), atoll-vmm against QEMU microvm's virtio-blk, plus VM exits
+    /// per I/O from atoll-vmm's metrics.
+    Io {
+        /// Rounds per VMM (alternating).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// 4 KiB random reads per guest.
+        #[arg(long, default_value_t = 2000)]
+        rand_ios: u32,
+        /// Where to save the JSON.
+        #[arg(long, default_value = "perf/results/io.json")]
+        json: PathBuf,
+        /// Directory with vmlinux.
+        #[arg(long, default_value = "build")]
+        artifacts: PathBuf,
+        /// Directory with the static atoll-vmm, atoll-init, atoll-image and atoll-bench.
+        #[arg(long, default_value = "target/x86_64-unknown-linux-gnu/release")]
+        bin: PathBuf,
+    },
+    /// The measuring half of `io`, run where the KVM is.
+    #[command(hide = true)]
+    IoInner(io::InnerArgs),
+    /// The guest half of `io`: timed O_DIRECT reads of a disk.
+    #[command(hide = true)]
+    IoGuest(io::GuestArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -66,6 +93,21 @@ fn main() -> std::process::ExitCode {
             mem,
         }),
         Cmd::BootInner(args) => boot::inner(&args),
+        Cmd::Io {
+            runs,
+            rand_ios,
+            json,
+            artifacts,
+            bin,
+        } => io::outer(&io::OuterArgs {
+            runs,
+            rand_ios,
+            json,
+            artifacts,
+            bin,
+        }),
+        Cmd::IoInner(args) => io::inner(&args),
+        Cmd::IoGuest(args) => io::guest(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

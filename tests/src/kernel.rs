@@ -1,10 +1,12 @@
 //! Fetching and caching what the node boots: Debian's cloud kernel (without installing
-//! it on the host) and its KVM modules, decompressed.
+//! it on the host) and the modules the node loads (KVM, tun), decompressed.
 //!
 //! Layout of the cache (`${ATOLL_CACHE:-/var/cache/atoll}/node/`):
 //! - `<pkg-version>/root/`: the `.deb` extracted with `dpkg-deb -x`
 //!   (`boot/vmlinuz-*`, `lib/modules/<release>/...`);
-//! - `<pkg-version>/modules/{irqbypass,kvm,kvm-amd}.ko`: decompressed copies;
+//! - `<pkg-version>/modules/{irqbypass,kvm,kvm-amd,tun}.ko`: decompressed copies
+//!   (a module added to [`NODE_MODULES`] later is decompressed from `root/` on the
+//!   next use, so an existing cache needs no new download);
 //! - `<pkg-version>/vmlinux`: the uncompressed kernel for a PVH boot (see
 //!   [`NodeKernel::boot_image`]);
 //! - `<pkg-version>/package`: the package name and version;
@@ -33,11 +35,13 @@ pub const META_ENV: &str = "ATOLL_NODE_KERNEL_META";
 /// Meta package whose dependency names the cloud kernel image package.
 pub const DEFAULT_META: &str = "linux-image-6.12-cloud-amd64";
 
-/// The modules L1 loads, in load order, with their place below `kernel/`.
-pub const KVM_MODULES: [(&str, &str); 3] = [
+/// The modules L1 loads, in load order, with their place below `kernel/`: KVM, and
+/// `tun` (a module in the cloud kernel) so that tests can give VMs tap devices.
+pub const NODE_MODULES: [(&str, &str); 4] = [
     ("irqbypass", "virt/lib/irqbypass.ko.xz"),
     ("kvm", "arch/x86/kvm/kvm.ko.xz"),
     ("kvm-amd", "arch/x86/kvm/kvm-amd.ko.xz"),
+    ("tun", "drivers/net/tun.ko.xz"),
 ];
 
 /// Host packages the node needs: (a file the package installs, package name).
@@ -260,7 +264,7 @@ fn load(dir: &Path) -> Option<NodeKernel> {
     let package = words.next()?.to_owned();
     let version = words.next()?.to_owned();
     let vmlinuz = find_vmlinuz(&dir.join("root")).ok()?;
-    let modules: Vec<PathBuf> = KVM_MODULES
+    let modules: Vec<PathBuf> = NODE_MODULES
         .iter()
         .map(|(name, _)| dir.join("modules").join(format!("{name}.ko")))
         .collect();
@@ -419,6 +423,15 @@ fn fill(tmp: &Path, package: &str, version: &str) -> Result<(), PrepareError> {
     fs::remove_file(&deb).map_err(io_err("removing", &deb))?;
     find_vmlinuz(&root)?;
 
+    decompress_modules(&root, &tmp.join("modules"))?;
+    let info = tmp.join("package");
+    fs::write(&info, format!("{package} {version}\n")).map_err(io_err("writing", &info))
+}
+
+/// Decompresses every [`NODE_MODULES`] entry missing from `out_dir` out of the
+/// extracted package at `root`. Each file is written under a temporary name and
+/// renamed, so a present module is always complete.
+fn decompress_modules(root: &Path, out_dir: &Path) -> Result<(), PrepareError> {
     let lib_modules = root.join("lib/modules");
     let release = fs::read_dir(&lib_modules)
         .map_err(io_err("reading", &lib_modules))?
@@ -429,9 +442,12 @@ fn fill(tmp: &Path, package: &str, version: &str) -> Result<(), PrepareError> {
             what: "lib/modules/<release>".into(),
             path: lib_modules.clone(),
         })?;
-    let out_dir = tmp.join("modules");
-    fs::create_dir_all(&out_dir).map_err(io_err("creating", &out_dir))?;
-    for (name, rel) in KVM_MODULES {
+    fs::create_dir_all(out_dir).map_err(io_err("creating", out_dir))?;
+    for (name, rel) in NODE_MODULES {
+        let dst = out_dir.join(format!("{name}.ko"));
+        if dst.is_file() {
+            continue;
+        }
         let src = release.join("kernel").join(rel);
         if !src.is_file() {
             return Err(PrepareError::Missing {
@@ -439,8 +455,8 @@ fn fill(tmp: &Path, package: &str, version: &str) -> Result<(), PrepareError> {
                 path: src,
             });
         }
-        let dst = out_dir.join(format!("{name}.ko"));
-        let file = fs::File::create(&dst).map_err(io_err("creating", &dst))?;
+        let tmp = temp_name(out_dir, name);
+        let file = fs::File::create(&tmp).map_err(io_err("creating", &tmp))?;
         let status = Command::new("xz")
             .arg("-dc")
             .arg(&src)
@@ -451,15 +467,16 @@ fn fill(tmp: &Path, package: &str, version: &str) -> Result<(), PrepareError> {
                 source,
             })?;
         if !status.success() {
+            let _ = fs::remove_file(&tmp);
             return Err(PrepareError::Command {
                 command: format!("xz -dc {}", src.display()),
                 status: status.to_string(),
                 stderr: String::new(),
             });
         }
+        fs::rename(&tmp, &dst).map_err(io_err("renaming into", &dst))?;
     }
-    let info = tmp.join("package");
-    fs::write(&info, format!("{package} {version}\n")).map_err(io_err("writing", &info))
+    Ok(())
 }
 
 fn write_current(base: &Path, version: &str) -> Result<(), PrepareError> {
@@ -485,6 +502,9 @@ pub fn prepare(refresh: Refresh) -> Result<NodeKernel, PrepareError> {
     if refresh == Refresh::IfMissing {
         if let Ok(v) = fs::read_to_string(base.join("current")) {
             let dir = base.join(v.trim());
+            if dir.join("package").is_file() {
+                decompress_modules(&dir.join("root"), &dir.join("modules"))?;
+            }
             if let Some(k) = load(&dir) {
                 ensure_vmlinux(&dir, &k.vmlinuz)?;
                 return load(&dir).ok_or_else(|| PrepareError::Missing {
@@ -501,6 +521,7 @@ pub fn prepare(refresh: Refresh) -> Result<NodeKernel, PrepareError> {
         .unwrap_or_else(|| DEFAULT_META.to_owned());
     let (package, version) = resolve(&meta)?;
     let dir = fetch(&base, &package, &version)?;
+    decompress_modules(&dir.join("root"), &dir.join("modules"))?;
     if let Some(k) = load(&dir) {
         ensure_vmlinux(&dir, &k.vmlinuz)?;
     }

@@ -124,6 +124,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             .then_some(DeviceConfig::Rng)
             .into_iter()
             .chain(args.disk)
+            .chain(args.net)
             .collect(),
     };
     let console = Box::new(LineWriter::new(std::io::stdout()));

@@ -125,6 +125,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             .into_iter()
             .chain(args.disk)
             .chain(args.net)
+            .chain(args.vsock)
             .collect(),
     };
     let console = Box::new(LineWriter::new(std::io::stdout()));

@@ -20,7 +20,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
 use std::process::Command;
 
-use crate::cpio::{CpioError, CpioWriter};
+use atoll_image::cpio::{EntryMeta, NewcWriter, WriteCpioError as CpioError};
 
 /// Where the caller's artifacts live inside L1.
 pub const GUEST_ARTIFACTS: &str = "/node/artifacts";
@@ -157,7 +157,7 @@ pub struct InitramfsSpec<'a> {
 
 /// Archive writer that creates parent directories once and skips duplicates.
 struct Tree {
-    w: CpioWriter<BufWriter<fs::File>>,
+    w: NewcWriter<BufWriter<fs::File>>,
     seen: HashSet<String>,
 }
 
@@ -168,7 +168,7 @@ impl Tree {
             end += i;
             let dir = &name[..end];
             if !dir.is_empty() && self.seen.insert(dir.to_owned()) {
-                self.w.dir(dir, 0o755)?;
+                self.w.directory(dir, EntryMeta::root(0o755))?;
             }
             end += 1;
         }
@@ -178,7 +178,7 @@ impl Tree {
     fn dir(&mut self, name: &str) -> Result<(), CpioError> {
         self.parents(name)?;
         if self.seen.insert(name.to_owned()) {
-            self.w.dir(name, 0o755)?;
+            self.w.directory(name, EntryMeta::root(0o755))?;
         }
         Ok(())
     }
@@ -186,7 +186,12 @@ impl Tree {
     fn bytes(&mut self, name: &str, perm: u32, data: &[u8]) -> Result<(), CpioError> {
         self.parents(name)?;
         if self.seen.insert(name.to_owned()) {
-            self.w.file_bytes(name, perm, data)?;
+            self.w.file(
+                name,
+                EntryMeta::root(perm),
+                data.len() as u64,
+                &mut &data[..],
+            )?;
         }
         Ok(())
     }
@@ -194,7 +199,7 @@ impl Tree {
     fn symlink(&mut self, name: &str, target: &str) -> Result<(), CpioError> {
         self.parents(name)?;
         if self.seen.insert(name.to_owned()) {
-            self.w.symlink(name, target)?;
+            self.w.symlink(name, EntryMeta::root(0o777), target)?;
         }
         Ok(())
     }
@@ -210,7 +215,8 @@ impl Tree {
         self.parents(name)?;
         self.seen.insert(name.to_owned());
         let perm = meta.permissions().mode();
-        self.w.file(name, perm, meta.len(), &mut f)?;
+        self.w
+            .file(name, EntryMeta::root(perm), meta.len(), &mut f)?;
         Ok(())
     }
 
@@ -302,7 +308,7 @@ pub fn build(spec: &InitramfsSpec<'_>, out: &Path) -> Result<u64, InitramfsError
     };
     let file = fs::File::create(out).map_err(|e| werr(CpioError::Io(e)))?;
     let mut tree = Tree {
-        w: CpioWriter::new(BufWriter::with_capacity(1 << 20, file)),
+        w: NewcWriter::new(BufWriter::with_capacity(1 << 20, file)),
         seen: HashSet::new(),
     };
     match fill(&mut tree, spec) {
@@ -312,7 +318,7 @@ pub fn build(spec: &InitramfsSpec<'_>, out: &Path) -> Result<u64, InitramfsError
         Err(BuildError::Unsupported(p)) => return Err(InitramfsError::Unsupported(p)),
         Err(BuildError::Ldd(s)) => return Err(InitramfsError::Ldd(s)),
     }
-    let size = tree.w.written();
+    let size = tree.w.bytes_written();
     tree.w.finish().map_err(werr)?;
     fs::metadata(out).map(|m| m.len()).or(Ok(size))
 }
@@ -331,7 +337,7 @@ fn fill(t: &mut Tree, spec: &InitramfsSpec<'_>) -> Result<(), BuildError> {
     ] {
         t.dir(d)?;
     }
-    t.w.char_dev("dev/console", 0o600, 5, 1)?;
+    t.w.char_device("dev/console", EntryMeta::root(0o600), 5, 1)?;
     t.symlink("lib", "usr/lib")?;
     t.symlink("lib64", "usr/lib64")?;
 

@@ -10,11 +10,10 @@
 //! - [`place`]: deciding where ([`Where`]);
 //! - [`runner`]: the API for tests ([`Runner`]);
 //! - [`kernel`]: fetching and caching the node kernel and its KVM modules;
-//! - [`initramfs`] and [`cpio`]: L1's root filesystem;
+//! - [`initramfs`]: L1's root filesystem (written with atoll-image's cpio writer);
 //! - [`node`]: booting L1 and running one command;
 //! - [`protocol`]: separating the command's output from console noise.
 
-pub mod cpio;
 pub mod initramfs;
 pub mod kernel;
 pub mod node;

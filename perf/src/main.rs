@@ -7,6 +7,7 @@ mod boot;
 mod io;
 mod proc;
 mod stats;
+mod vsock;
 
 use std::path::PathBuf;
 
@@ -72,6 +73,9 @@ enum Cmd {
     /// The guest half of `io`: timed O_DIRECT reads of a disk.
     #[command(hide = true)]
     IoGuest(io::GuestArgs),
+    /// virtio-vsock: 64-byte round-trip latency and echo throughput between a host
+    /// program and the guest through atoll-vmm's Unix-socket backend.
+    Vsock(vsock::Args),
 }
 
 fn main() -> std::process::ExitCode {
@@ -108,6 +112,7 @@ fn main() -> std::process::ExitCode {
         }),
         Cmd::IoInner(args) => io::inner(&args),
         Cmd::IoGuest(args) => io::guest(&args),
+        Cmd::Vsock(args) => vsock::outer(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

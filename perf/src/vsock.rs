@@ -1,0 +1,141 @@
+//! The vsock benchmark: round-trip latency of small echoes and echo throughput
+//! between a host program and a guest, through atoll-vmm's virtio-vsock (Unix
+//! socket on the host, AF_VSOCK in the guest).
+//!
+//! Runs where a real KVM is (host or nested node). The guest runs
+//! `atoll-vsock-probe listen` (an echo server); the host runs `atoll-vsock-probe
+//! bench`, which dials it with `CONNECT`, times N 64-byte round trips, then streams
+//! B bytes while reading the echo back. No QEMU peer: that needs vhost-vsock loaded
+//! in the node's kernel, which the node does not do today.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use atoll_node::{Runner, Where};
+use serde_json::{json, Value};
+
+/// Arguments of `atoll-bench vsock`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// 64-byte round trips timed.
+    #[arg(long, default_value_t = 1000)]
+    rtt: u32,
+    /// Bytes streamed through the echo (each way).
+    #[arg(long, default_value_t = 64 << 20)]
+    bytes: u64,
+    /// Where to save the JSON.
+    #[arg(long, default_value = "perf/results/vsock.json")]
+    json: PathBuf,
+    /// Directory with vmlinux.
+    #[arg(long, default_value = "build")]
+    artifacts: PathBuf,
+    /// Directory with the static atoll-vmm, atoll-init, atoll-image, atoll-vsock-probe.
+    #[arg(long, default_value = "target/x86_64-unknown-linux-gnu/release")]
+    bin: PathBuf,
+}
+
+const METRICS_PREFIX: &str = "ATOLL-VSOCK-METRICS ";
+
+fn need(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let p = dir.join(name);
+    if !p.exists() {
+        bail!(
+            "{} is missing: run `make artifacts` (and `make static`) first",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+pub fn outer(args: &Args) -> anyhow::Result<()> {
+    let probe = need(&args.bin, "atoll-vsock-probe")?;
+    let work = tempfile_dir()?;
+    let initrd = work.join("vsock-initramfs.cpio");
+    let status = Command::new(need(&args.bin, "atoll-image")?)
+        .arg("initramfs")
+        .arg("--init")
+        .arg(need(&args.bin, "atoll-init")?)
+        .arg("--busybox")
+        .arg("/bin/busybox")
+        .arg("--add")
+        .arg(format!("{}:/bin/atoll-vsock-probe", probe.display()))
+        .arg("-o")
+        .arg(&initrd)
+        .status()
+        .context("cannot run atoll-image")?;
+    if !status.success() {
+        bail!("atoll-image initramfs failed ({status})");
+    }
+    let runner = Runner::detect();
+    let place = runner.place().clone();
+    let script = format!(
+        "./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --timeout 600 \
+           --vsock cid=3,uds=./v.sock --metrics m.json \
+           -- /bin/atoll-vsock-probe listen 5000 --exit-after 1 > vmm.log 2>&1 & VMM=$!; \
+         ./atoll-vsock-probe bench ./v.sock 5000 --rtt {} --bytes {} || cat vmm.log; \
+         wait $VMM; echo \"vmm=$?\"; echo \"{METRICS_PREFIX}$(tr -d '\\n' < m.json)\"",
+        args.rtt, args.bytes
+    );
+    let out = runner
+        .file(need(&args.bin, "atoll-vmm")?, "atoll-vmm")?
+        .file(probe, "atoll-vsock-probe")?
+        .file(need(&args.artifacts, "vmlinux")?, "vmlinux")?
+        .file(initrd.clone(), "initramfs.cpio")?
+        .timeout(Duration::from_secs(900))
+        .stream_to_stderr(false)
+        .run(&script)?;
+    let _ = std::fs::remove_dir_all(&work);
+    let line = out
+        .output
+        .lines()
+        .find(|l| l.starts_with("{\"rtt_n\""))
+        .with_context(|| format!("the benchmark printed no result:\n{}", out.output))?;
+    let mut result: Value = serde_json::from_str(line).context("bad benchmark JSON")?;
+    if !out.output.contains("vmm=0") {
+        bail!("atoll-vmm did not exit cleanly:\n{}", out.output);
+    }
+    if let Some(m) = out
+        .output
+        .lines()
+        .find_map(|l| l.strip_prefix(METRICS_PREFIX))
+        .and_then(|m| serde_json::from_str::<Value>(m).ok())
+    {
+        result["vmm_rss_kib"] = m["vmm_rss_kib"].clone();
+        result["exits_total"] = m["exits_total"].clone();
+        result["vsock_device"] = m["devices"]
+            .as_array()
+            .and_then(|d| d.iter().find(|d| d["kind"] == "vsock"))
+            .cloned()
+            .unwrap_or(Value::Null);
+    }
+    result["where"] = json!(match &place {
+        Where::HostKvm => "host-kvm".to_string(),
+        Where::NestedNode(_) => "nested-node".to_string(),
+    });
+    result["qemu_peer"] = json!("not measured: vhost-vsock is not loaded in the nested node");
+    println!(
+        "vsock ({}): {} x 64 B round trips: median {} us, p99 {} us; echo of {} MiB: {} MiB/s each way; VMM peak RSS {} KiB",
+        result["where"],
+        result["rtt_n"],
+        result["rtt_median_us"],
+        result["rtt_p99_us"],
+        args.bytes >> 20,
+        result["mib_per_s_each_way"],
+        result["vmm_rss_kib"]
+    );
+    if let Some(dir) = args.json.parent() {
+        std::fs::create_dir_all(dir).ok();
+    }
+    std::fs::write(&args.json, serde_json::to_vec_pretty(&result)?)
+        .with_context(|| format!("cannot write {}", args.json.display()))?;
+    eprintln!("atoll-bench: saved {}", args.json.display());
+    Ok(())
+}
+
+fn tempfile_dir() -> anyhow::Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("atoll-bench-vsock-{}", std::process::id()));
+    std::fs::create_dir_all(&d).with_context(|| format!("cannot create {}", d.display()))?;
+    Ok(d)
+}

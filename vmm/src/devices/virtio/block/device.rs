@@ -374,7 +374,9 @@ impl Block {
                 DeviceMetrics::inc(&self.metrics.malformed);
                 break;
             }
+            let mut popped = 0usize;
             while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
+                popped += 1;
                 let head = chain.head_index();
                 let descriptors = chain.map(|d| (d.addr(), d.len(), d.is_write_only()));
                 let (status_byte, written, status_addr) =
@@ -413,7 +415,14 @@ impl Block {
                 break;
             }
             match a.queue.enable_notification(&a.mem) {
-                Ok(true) => continue,
+                // More work, and this pass made progress: go again.
+                Ok(true) if popped > 0 => continue,
+                // The ring claims work yet yields no chain (an available index
+                // more than a queue ahead): looping would never end.
+                Ok(true) => {
+                    DeviceMetrics::inc(&self.metrics.malformed);
+                    break;
+                }
                 Ok(false) => break,
                 Err(_) => {
                     DeviceMetrics::inc(&self.metrics.malformed);
@@ -972,6 +981,20 @@ mod tests {
         blk.process_event(0, EventSet::IN);
         assert_eq!(q.used().idx().load(), 1);
         assert_eq!(irq.read().unwrap(), 1);
+    }
+
+    #[test]
+    fn block_available_index_beyond_the_queue_does_not_loop_forever() {
+        let disk = TempDisk::new(&pattern());
+        let m = mem();
+        let q = MockSplitQueue::new(&m, 16);
+        // avail.idx 1000 with next_avail 0: more than a queue's worth "available".
+        q.avail().idx().store(1000);
+        let mut blk = Block::new(&disk.0, false, None).unwrap();
+        activate_with(&mut blk, &m, &q, VIRTIO_RING_F_EVENT_IDX);
+        blk.process_event(0, EventSet::IN);
+        assert_eq!(q.used().idx().load(), 0);
+        assert_eq!(malformed(&blk), 1);
     }
 
     #[test]

@@ -11,7 +11,7 @@ export ATOLL_CACHE ?= /var/cache/atoll
 STATIC_ENV := RUSTFLAGS='-C target-feature=+crt-static'
 STATIC_PKGS := -p atoll-vmm -p atoll-init -p atoll-image -p atoll-tests -p atoll-bench
 
-.PHONY: all deps static kernel initramfs artifacts demo test unit e2e bench clean
+.PHONY: all deps static kernel initramfs artifacts demo test unit e2e bench bench-image clean
 
 all: artifacts
 
@@ -51,8 +51,19 @@ test: artifacts
 	ATOLL_BUILD_DIR=$(CURDIR)/$(BUILD) ATOLL_STATIC_DIR=$(CURDIR)/$(STATIC) \
 	  cargo test --locked -p atoll-tests --test '*' -- --test-threads=1
 
+# Benchmarks print a table and save JSON under perf/results/ (quoted in the README).
 bench: artifacts
-	$(STATIC)/atoll-bench boot --artifacts $(BUILD) --bin $(STATIC) --runs 10 --json perf/results/boot.json
+	$(STATIC)/atoll-bench boot --runs 10 --json perf/results/boot.json
+	$(STATIC)/atoll-bench io --json perf/results/io.json
+	$(STATIC)/atoll-bench vsock --json perf/results/vsock.json
+
+# OCI layout of a debootstrap'd Debian (~200 MB) -> erofs, against umoci + mkfs.erofs.
+BENCH_ROOTFS := $(ATOLL_CACHE)/bench/rootfs
+bench-image: static
+	@test -d $(BENCH_ROOTFS)/usr || { mkdir -p $(ATOLL_CACHE)/bench && rm -rf $(BENCH_ROOTFS).tmp && \
+	  debootstrap --variant=minbase bookworm $(BENCH_ROOTFS).tmp && mv $(BENCH_ROOTFS).tmp $(BENCH_ROOTFS); }
+	$(STATIC)/atoll-image bench --layout $(ATOLL_CACHE)/bench/layout --from-rootfs $(BENCH_ROOTFS) \
+	  --tag bookworm --runs 3 --json perf/results/image.json
 
 clean:
 	rm -rf $(BUILD) target

@@ -46,6 +46,12 @@ const KINDS: [(ExitKind, &str); 9] = [
 
 const STAGES: [&str; 4] = ["", "init", "ready", "command"];
 
+/// Most distinct MMIO pages counted one by one: the guest chooses the addresses, so
+/// the map is bounded; exits beyond it are counted under [`OTHER_PAGES`].
+const MAX_MMIO_PAGES: usize = 256;
+/// The bucket for MMIO exits on pages beyond [`MAX_MMIO_PAGES`].
+const OTHER_PAGES: u64 = u64::MAX;
+
 /// Live counters, shared by the vCPU threads and devices.
 #[derive(Debug)]
 pub struct VmMetrics {
@@ -130,7 +136,13 @@ impl VmMetrics {
             ExitKind::MmioRead
         });
         let mut p = self.mmio_pages.lock().unwrap_or_else(|e| e.into_inner());
-        *p.entry(addr & !0xfff).or_insert(0) += 1;
+        let page = addr & !0xfff;
+        let key = if p.len() < MAX_MMIO_PAGES || p.contains_key(&page) {
+            page
+        } else {
+            OTHER_PAGES
+        };
+        *p.entry(key).or_insert(0) += 1;
     }
 
     /// Records boot stage `stage` now (the first report of each stage wins).
@@ -174,7 +186,13 @@ impl VmMetrics {
             exits,
             vmm_phases_us: phases.iter().map(|(n, us)| (n.to_string(), *us)).collect(),
             io_ports: ports.iter().map(|(p, n)| (format!("{p:#x}"), *n)).collect(),
-            mmio_pages: pages.iter().map(|(p, n)| (format!("{p:#x}"), *n)).collect(),
+            mmio_pages: pages
+                .iter()
+                .map(|(p, n)| match *p {
+                    OTHER_PAGES => ("other".to_string(), *n),
+                    p => (format!("{p:#x}"), *n),
+                })
+                .collect(),
             bad_stage_writes: self.bad_stage_writes.load(Ordering::Relaxed),
             wall_us: u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX),
             vmm_rss_kib: peak_rss_kib().unwrap_or(0),
@@ -209,6 +227,18 @@ mod tests {
         assert_eq!(s.io_ports["0x3f8"], 2);
         assert_eq!(s.mmio_pages["0xd0000000"], 1);
         assert!(s.vmm_rss_kib > 0);
+    }
+
+    #[test]
+    fn metrics_mmio_page_map_is_bounded_against_a_scanning_guest() {
+        let m = VmMetrics::new(Instant::now());
+        for page in 0..10_000u64 {
+            m.count_mmio(page << 12, false);
+        }
+        let s = m.snapshot();
+        assert_eq!(s.mmio_pages.len(), MAX_MMIO_PAGES + 1);
+        assert_eq!(s.mmio_pages["other"], 10_000 - MAX_MMIO_PAGES as u64);
+        assert_eq!(s.exits_total, 10_000);
     }
 
     #[test]

@@ -59,6 +59,8 @@ pub struct VmMetrics {
     exits: [AtomicU64; KINDS.len()],
     stages: [AtomicU64; STAGES.len()],
     bad_stage_writes: AtomicU64,
+    /// µs + 1 from launch to the guest's first exit to userspace (0: none yet).
+    first_exit: AtomicU64,
     ports: Mutex<BTreeMap<u16, u64>>,
     mmio_pages: Mutex<BTreeMap<u64, u64>>,
     phases: Mutex<Vec<(&'static str, u64)>>,
@@ -81,6 +83,9 @@ pub struct MetricsSnapshot {
     pub mmio_pages: BTreeMap<String, u64>,
     /// Writes of unknown stage numbers.
     pub bad_stage_writes: u64,
+    /// Microseconds from launch to the guest's first exit to userspace (the
+    /// kernel's first port access: the end of its earliest boot code).
+    pub first_exit_us: Option<u64>,
     /// Microseconds since launch at the time of the snapshot.
     pub wall_us: u64,
     /// Peak resident set of the VMM process (guest memory it touched included).
@@ -95,6 +100,7 @@ impl VmMetrics {
             exits: Default::default(),
             stages: Default::default(),
             bad_stage_writes: AtomicU64::new(0),
+            first_exit: AtomicU64::new(0),
             ports: Mutex::new(BTreeMap::new()),
             mmio_pages: Mutex::new(BTreeMap::new()),
             phases: Mutex::new(Vec::new()),
@@ -112,6 +118,12 @@ impl VmMetrics {
 
     /// Counts one exit.
     pub fn count_exit(&self, kind: ExitKind) {
+        if self.first_exit.load(Ordering::Relaxed) == 0 {
+            let us = u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX - 1) + 1;
+            let _ = self
+                .first_exit
+                .compare_exchange(0, us, Ordering::Relaxed, Ordering::Relaxed);
+        }
         if let Some(i) = KINDS.iter().position(|(k, _)| *k == kind) {
             self.exits[i].fetch_add(1, Ordering::Relaxed);
         }
@@ -194,6 +206,10 @@ impl VmMetrics {
                 })
                 .collect(),
             bad_stage_writes: self.bad_stage_writes.load(Ordering::Relaxed),
+            first_exit_us: match self.first_exit.load(Ordering::Relaxed) {
+                0 => None,
+                v => Some(v - 1),
+            },
             wall_us: u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX),
             vmm_rss_kib: peak_rss_kib().unwrap_or(0),
         }
@@ -226,6 +242,7 @@ mod tests {
         assert_eq!(s.exits["io_in"], 1);
         assert_eq!(s.io_ports["0x3f8"], 2);
         assert_eq!(s.mmio_pages["0xd0000000"], 1);
+        assert!(s.first_exit_us.is_some());
         assert!(s.vmm_rss_kib > 0);
     }
 

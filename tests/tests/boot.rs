@@ -4,63 +4,22 @@
 //! Needs the static binaries and guest artefacts that `make artifacts` builds; `make
 //! test` builds them first and points `ATOLL_BUILD_DIR` / `ATOLL_STATIC_DIR` at them.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use atoll_node::{RunOutput, Runner, Where};
+mod common;
 
-fn dir(var: &str, default: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(default))
-}
-
-fn build_dir() -> PathBuf {
-    dir("ATOLL_BUILD_DIR", "build")
-}
-
-fn static_dir() -> PathBuf {
-    dir(
-        "ATOLL_STATIC_DIR",
-        "target/x86_64-unknown-linux-gnu/release",
-    )
-}
-
-fn artefact(p: PathBuf) -> PathBuf {
-    assert!(
-        p.exists(),
-        "{} is missing: run `make artifacts` (or `make test`, which builds it)",
-        p.display()
-    );
-    p
-}
+use atoll_node::{RunOutput, Where};
+use common::{artefact, build_dir, kvm_runner, run, static_dir, with};
 
 /// Runs `script` where a real KVM is, with atoll-vmm, vmlinux, bzImage and the
 /// initramfs in its working directory.
 fn on_kvm(script: &str) -> RunOutput {
-    let out = Runner::detect()
-        .file(artefact(static_dir().join("atoll-vmm")), "atoll-vmm")
-        .unwrap()
-        .file(artefact(build_dir().join("vmlinux")), "vmlinux")
-        .unwrap()
-        .file(artefact(build_dir().join("bzImage")), "bzImage")
-        .unwrap()
-        .file(
-            artefact(build_dir().join("initramfs.cpio")),
-            "initramfs.cpio",
-        )
-        .unwrap()
-        .timeout(Duration::from_secs(300))
-        .stream_to_stderr(false)
-        .run(script)
-        .expect("the KVM runner failed");
-    eprintln!(
-        "--- output ---\n{}\n--- status {} ---",
-        out.output, out.status
-    );
-    out
+    let r = with(kvm_runner(), &build_dir().join("bzImage"), "bzImage");
+    run(
+        with(r, &build_dir().join("initramfs.cpio"), "initramfs.cpio"),
+        script,
+    )
 }
 
 const VMM: &str = "./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --timeout 120";

@@ -5,52 +5,9 @@
 //! checked after the VM has exited, in the same place the VMM ran. Needs the
 //! artefacts `make artifacts` builds (see boot.rs).
 
-use std::path::PathBuf;
-use std::time::Duration;
+mod common;
 
-use atoll_node::{RunOutput, Runner};
-
-fn dir(var: &str, default: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(default))
-}
-
-fn artefact(p: PathBuf) -> PathBuf {
-    assert!(
-        p.exists(),
-        "{} is missing: run `make artifacts` (or `make test`, which builds it)",
-        p.display()
-    );
-    p
-}
-
-/// Runs `script` where a real KVM is, with atoll-vmm, vmlinux and the initramfs in
-/// its working directory.
-fn on_kvm(script: &str) -> RunOutput {
-    let build = dir("ATOLL_BUILD_DIR", "build");
-    let bin = dir(
-        "ATOLL_STATIC_DIR",
-        "target/x86_64-unknown-linux-gnu/release",
-    );
-    let out = Runner::detect()
-        .file(artefact(bin.join("atoll-vmm")), "atoll-vmm")
-        .unwrap()
-        .file(artefact(build.join("vmlinux")), "vmlinux")
-        .unwrap()
-        .file(artefact(build.join("initramfs.cpio")), "initramfs.cpio")
-        .unwrap()
-        .timeout(Duration::from_secs(300))
-        .stream_to_stderr(false)
-        .run(script)
-        .expect("the KVM runner failed");
-    eprintln!(
-        "--- output ---\n{}\n--- status {} ---",
-        out.output, out.status
-    );
-    out
-}
+use common::on_kvm;
 
 const VMM: &str = "./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --timeout 120";
 

@@ -4,38 +4,12 @@
 //! Needs `make artifacts` plus the static `atoll-vsock-probe` (`make static`); the
 //! test builds an initramfs with the probe in it as `/bin/atoll-vsock-probe`.
 
-use std::path::PathBuf;
 use std::process::Command;
-use std::time::Duration;
 
-use atoll_node::{RunOutput, Runner};
+mod common;
 
-fn dir(var: &str, default: &str) -> PathBuf {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::env::var_os(var)
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join(default))
-}
-
-fn build_dir() -> PathBuf {
-    dir("ATOLL_BUILD_DIR", "build")
-}
-
-fn static_dir() -> PathBuf {
-    dir(
-        "ATOLL_STATIC_DIR",
-        "target/x86_64-unknown-linux-gnu/release",
-    )
-}
-
-fn artefact(p: PathBuf) -> PathBuf {
-    assert!(
-        p.exists(),
-        "{} is missing: run `make artifacts` (or `make test`, which builds it)",
-        p.display()
-    );
-    p
-}
+use atoll_node::RunOutput;
+use common::{artefact, kvm_runner, run, static_dir, with};
 
 /// Runs `script` where a real KVM is, with atoll-vmm, the probe, vmlinux and an
 /// initramfs holding the probe (`initramfs.cpio`) in its working directory.
@@ -56,24 +30,8 @@ fn on_kvm(script: &str) -> RunOutput {
         .status()
         .expect("atoll-image runs");
     assert!(status.success(), "building the test initramfs failed");
-    let out = Runner::detect()
-        .file(artefact(static_dir().join("atoll-vmm")), "atoll-vmm")
-        .unwrap()
-        .file(probe, "atoll-vsock-probe")
-        .unwrap()
-        .file(artefact(build_dir().join("vmlinux")), "vmlinux")
-        .unwrap()
-        .file(&initramfs, "initramfs.cpio")
-        .unwrap()
-        .timeout(Duration::from_secs(300))
-        .stream_to_stderr(false)
-        .run(script)
-        .expect("the KVM runner failed");
-    eprintln!(
-        "--- output ---\n{}\n--- status {} ---",
-        out.output, out.status
-    );
-    out
+    let r = with(kvm_runner(), &probe, "atoll-vsock-probe");
+    run(with(r, &initramfs, "initramfs.cpio"), script)
 }
 
 const VMM: &str =

@@ -1,0 +1,80 @@
+//! What every end-to-end test needs: where `make artifacts` put the static binaries
+//! and guest artefacts, and a runner that carries atoll-vmm and the guest kernel to
+//! wherever a real KVM is (the host's, or the nested node's).
+//!
+//! `make test` points `ATOLL_BUILD_DIR` / `ATOLL_STATIC_DIR` at the artefacts; run
+//! alone, the tests look in the checkout's `build/` and static target directory.
+
+#![allow(dead_code)] // each test file uses a different part
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use atoll_node::{RunOutput, Runner};
+
+fn dir(var: &str, default: &str) -> PathBuf {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(default))
+}
+
+/// vmlinux, bzImage, initramfs.cpio.
+pub fn build_dir() -> PathBuf {
+    dir("ATOLL_BUILD_DIR", "build")
+}
+
+/// The static binaries (atoll-vmm, atoll-init, atoll-image, probes).
+pub fn static_dir() -> PathBuf {
+    dir(
+        "ATOLL_STATIC_DIR",
+        "target/x86_64-unknown-linux-gnu/release",
+    )
+}
+
+/// `p`, which must exist: the test fails (never skips) with what to run otherwise.
+pub fn artefact(p: PathBuf) -> PathBuf {
+    assert!(
+        p.exists(),
+        "{} is missing: run `make artifacts` (or `make test`, which builds it)",
+        p.display()
+    );
+    p
+}
+
+/// A runner carrying `atoll-vmm` and `vmlinux`, quiet, with a 300 s limit; add the
+/// initramfs and anything else with `.file(...)`.
+pub fn kvm_runner<'a>() -> Runner<'a> {
+    Runner::detect()
+        .file(artefact(static_dir().join("atoll-vmm")), "atoll-vmm")
+        .unwrap()
+        .file(artefact(build_dir().join("vmlinux")), "vmlinux")
+        .unwrap()
+        .timeout(Duration::from_secs(300))
+        .stream_to_stderr(false)
+}
+
+/// Adds `host` (which must exist) as `name`.
+pub fn with<'a>(runner: Runner<'a>, host: &Path, name: &str) -> Runner<'a> {
+    runner.file(artefact(host.to_path_buf()), name).unwrap()
+}
+
+/// Runs `script` and prints what it printed, for the test log.
+pub fn run(runner: Runner<'_>, script: &str) -> RunOutput {
+    let out = runner.run(script).expect("the KVM runner failed");
+    eprintln!(
+        "--- output ---\n{}\n--- status {} ---",
+        out.output, out.status
+    );
+    out
+}
+
+/// Runs `script` with atoll-vmm, vmlinux and the standard initramfs.
+pub fn on_kvm(script: &str) -> RunOutput {
+    let r = with(
+        kvm_runner(),
+        &build_dir().join("initramfs.cpio"),
+        "initramfs.cpio",
+    );
+    run(r, script)
+}

@@ -18,12 +18,12 @@ pub mod net;
 pub mod rng;
 pub mod vsock;
 
-use std::os::unix::io::RawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -172,6 +172,58 @@ impl Watcher {
     pub fn remove(&self, fd: RawFd) -> std::io::Result<()> {
         self.epoll
             .ctl(ControlOperation::Delete, fd, EpollEvent::default())
+    }
+}
+
+/// The one queue of a single-queue device (block, rng) and what serving it needs.
+#[derive(Debug)]
+pub struct SingleQueue {
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// The queue.
+    pub queue: Queue,
+    /// Its notification eventfd.
+    pub queue_event: EventFd,
+    /// The device's interrupt.
+    pub interrupt: Arc<Interrupt>,
+}
+
+impl SingleQueue {
+    /// Takes the only queue out of `ctx` (event-index suppression on if the driver
+    /// accepted it) and the watch `activate` returns for it.
+    pub fn from_context(mut ctx: ActivateContext) -> Result<(Self, Watch), ActivateError> {
+        if ctx.queues.len() != 1 || ctx.queue_events.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                given: ctx.queues.len(),
+            });
+        }
+        let mut queue = ctx.queues.remove(0);
+        queue.set_event_idx(ctx.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
+        let queue_event = ctx.queue_events.remove(0);
+        let watch = Watch {
+            fd: queue_event.as_raw_fd(),
+            source: 0,
+            events: EventSet::IN,
+        };
+        let single = Self {
+            mem: ctx.mem,
+            queue,
+            queue_event,
+            interrupt: ctx.interrupt,
+        };
+        Ok((single, watch))
+    }
+
+    /// Drains the notification counter. Call it before looking at the ring, so a
+    /// notification that arrives meanwhile is not lost.
+    pub fn ack_notification(&self) {
+        let _ = self.queue_event.read();
+    }
+
+    /// The fd to stop watching when the device is reset.
+    pub fn watched_fds(&self) -> Vec<RawFd> {
+        vec![self.queue_event.as_raw_fd()]
     }
 }
 

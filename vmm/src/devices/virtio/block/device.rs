@@ -6,20 +6,18 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::Path;
-use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::bitmap::BitmapSlice;
 use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{
     self, status, DiscardSegment, Request, RequestKind, Segment, ID_BYTES, MAX_DISCARD_SECTORS,
     SECTOR_SIZE, SEG_MAX, SIZE_MAX,
 };
 use crate::devices::virtio::{
-    device_type, ActivateContext, ActivateError, DeviceMetrics, Interrupt, VirtioDevice, Watch,
+    device_type, ActivateContext, ActivateError, DeviceMetrics, VirtioDevice, Watch,
     VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -51,12 +49,7 @@ const CONFIG_BYTES: usize = 60;
 /// thread: a guest that keeps refilling its ring cannot monopolise it.
 const MAX_CHAINS_PER_EVENT: usize = 2 * QUEUE_SIZE as usize;
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    queue_event: EventFd,
-    interrupt: Arc<Interrupt>,
-}
+use crate::devices::virtio::SingleQueue as Active;
 
 /// The device.
 pub struct Block {
@@ -486,35 +479,15 @@ impl VirtioDevice for Block {
         data[..n].copy_from_slice(&self.config[start..start + n]);
     }
 
-    fn activate(&mut self, mut ctx: ActivateContext) -> Result<Vec<Watch>, ActivateError> {
-        if ctx.queues.len() != 1 || ctx.queue_events.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                given: ctx.queues.len(),
-            });
-        }
-        let mut queue = ctx.queues.remove(0);
-        queue.set_event_idx(ctx.acked_features & VIRTIO_RING_F_EVENT_IDX != 0);
-        let queue_event = ctx.queue_events.remove(0);
-        let watch = Watch {
-            fd: queue_event.as_raw_fd(),
-            source: 0,
-            events: EventSet::IN,
-        };
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            queue_event,
-            interrupt: ctx.interrupt,
-        });
+    fn activate(&mut self, ctx: ActivateContext) -> Result<Vec<Watch>, ActivateError> {
+        let (active, watch) = Active::from_context(ctx)?;
+        self.active = Some(active);
         Ok(vec![watch])
     }
 
     fn process_event(&mut self, _source: u32, _events: EventSet) {
         if let Some(a) = &self.active {
-            // Drain the counter before looking at the ring so that a notification
-            // arriving meanwhile is not lost.
-            let _ = a.queue_event.read();
+            a.ack_notification();
         }
         self.process_queue();
     }
@@ -522,7 +495,7 @@ impl VirtioDevice for Block {
     fn reset(&mut self) -> Vec<RawFd> {
         self.active
             .take()
-            .map(|a| vec![a.queue_event.as_raw_fd()])
+            .map(|a| a.watched_fds())
             .unwrap_or_default()
     }
 
@@ -535,11 +508,16 @@ impl VirtioDevice for Block {
 mod tests {
     use super::*;
     use crate::devices::virtio::block::request::{request_type, MAX_DATA_BYTES, MAX_DESCRIPTORS};
+    use crate::devices::virtio::Interrupt;
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
     use vm_memory::GuestAddress;
+    use vm_memory::GuestMemoryMmap;
+    use vmm_sys_util::eventfd::EventFd;
 
     const F_NEXT: u16 = 1;
     const F_WRITE: u16 = 2;

@@ -1,14 +1,13 @@
 //! The entropy device.
 
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::RawFd;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use virtio_queue::QueueT;
+use vm_memory::Bytes;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::virtio::{
-    device_type, ActivateContext, ActivateError, DeviceMetrics, Interrupt, VirtioDevice, Watch,
+    device_type, ActivateContext, ActivateError, DeviceMetrics, VirtioDevice, Watch,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 
@@ -16,12 +15,7 @@ const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out per request: bounds the work one guest request causes.
 pub const MAX_REQUEST_BYTES: u32 = 64 * 1024;
 
-struct Active {
-    mem: GuestMemoryMmap,
-    queue: Queue,
-    queue_event: EventFd,
-    interrupt: std::sync::Arc<Interrupt>,
-}
+use crate::devices::virtio::SingleQueue as Active;
 
 /// The device.
 pub struct Rng {
@@ -146,34 +140,15 @@ impl VirtioDevice for Rng {
         data.fill(0);
     }
 
-    fn activate(&mut self, mut ctx: ActivateContext) -> Result<Vec<Watch>, ActivateError> {
-        if ctx.queues.len() != 1 || ctx.queue_events.len() != 1 {
-            return Err(ActivateError::QueueCount {
-                expected: 1,
-                given: ctx.queues.len(),
-            });
-        }
-        let queue = ctx.queues.remove(0);
-        let queue_event = ctx.queue_events.remove(0);
-        let watch = Watch {
-            fd: queue_event.as_raw_fd(),
-            source: 0,
-            events: EventSet::IN,
-        };
-        self.active = Some(Active {
-            mem: ctx.mem,
-            queue,
-            queue_event,
-            interrupt: ctx.interrupt,
-        });
+    fn activate(&mut self, ctx: ActivateContext) -> Result<Vec<Watch>, ActivateError> {
+        let (active, watch) = Active::from_context(ctx)?;
+        self.active = Some(active);
         Ok(vec![watch])
     }
 
     fn process_event(&mut self, _source: u32, _events: EventSet) {
         if let Some(a) = &self.active {
-            // Drain the notification counter before looking at the ring, so a
-            // notification that arrives meanwhile is not lost.
-            let _ = a.queue_event.read();
+            a.ack_notification();
         }
         self.process_queue();
     }
@@ -181,7 +156,7 @@ impl VirtioDevice for Rng {
     fn reset(&mut self) -> Vec<RawFd> {
         self.active
             .take()
-            .map(|a| vec![a.queue_event.as_raw_fd()])
+            .map(|a| a.watched_fds())
             .unwrap_or_default()
     }
 
@@ -193,10 +168,14 @@ impl VirtioDevice for Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::devices::virtio::Interrupt;
     use std::sync::Arc;
     use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
     use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
     use vm_memory::GuestAddress;
+    use vm_memory::GuestMemoryMmap;
+    use vmm_sys_util::eventfd::EventFd;
 
     const VIRTQ_DESC_F_NEXT: u16 = 1;
     const VIRTQ_DESC_F_WRITE: u16 = 2;

@@ -11,11 +11,11 @@ use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
 };
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{bzimage::BzImage, load_cmdline, KernelLoader};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::acpi::{self, AcpiError};
-use super::elf;
 use super::layout::{
     self, ACPI_START, BIOS_END, CMDLINE_ADDR, CMDLINE_MAX_SIZE, EBDA_START, HIMEM_START,
     PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
@@ -91,17 +91,8 @@ pub enum LoadKernelError {
         /// The path.
         path: PathBuf,
     },
-    /// The ELF vmlinux is malformed.
-    #[error("kernel {path} cannot be loaded")]
-    Elf {
-        /// The path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: elf::LoadElfError,
-    },
-    /// linux-loader rejected the bzImage. Its message already carries its own
-    /// causes, so it is shown, not chained.
+    /// linux-loader rejected the image. Its message already carries its own causes,
+    /// so it is shown, not chained.
     #[error("kernel {path} is corrupt ({cause})")]
     Load {
         /// The path.
@@ -222,24 +213,19 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo, LoadKern
         KernelFormat::Elf => {
             // Judge the size before loading, so a small guest gets "too little
             // memory" rather than a loader error.
-            let limit = layout::low_mem_end(spec.mem_size);
-            if let Some(end) = elf::load_end(&mut kernel).map_err(read_kernel)? {
-                if end > limit {
+            if let Some(end) = elf_load_end(&mut kernel).map_err(read_kernel)? {
+                if end > layout::low_mem_end(spec.mem_size) {
                     return Err(too_little_memory(spec.mem_size, end, initrd_size));
                 }
             }
-            let l = elf::load(mem, &mut kernel, HIMEM_START, limit).map_err(|source| {
-                LoadKernelError::Elf {
-                    path: spec.kernel.clone(),
-                    source,
-                }
-            })?;
-            let entry = match l.pvh_entry {
-                Some(addr) => EntryMode::Pvh(addr),
+            let r = Elf::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
+                .map_err(load_err)?;
+            let entry = match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => EntryMode::Pvh(addr.0),
                 // A vmlinux without the PVH note still has its 64-bit entry.
-                None => EntryMode::Linux64(l.entry),
+                _ => EntryMode::Linux64(r.kernel_load.0),
             };
-            (entry, l.end, None)
+            (entry, r.kernel_end, None)
         }
         KernelFormat::BzImage => {
             let r = BzImage::load(mem, None, &mut kernel, Some(GuestAddress(HIMEM_START)))
@@ -311,6 +297,53 @@ fn too_little_memory(mem_size: u64, kernel_end: u64, initrd_size: u64) -> LoadKe
         // Room for kernel, initrd and the kernel's own early allocations.
         suggest_mib: (mib(kernel_end) + mib(initrd_size) * 2 + 32).next_power_of_two(),
     }
+}
+
+/// Most program headers we look at; a vmlinux has about five.
+const MAX_PHDRS: u16 = 64;
+
+/// The end of the highest `PT_LOAD` segment (physical address + memory size) of a
+/// 64-bit little-endian ELF, or `None` when the headers cannot be read that way
+/// (the loader then gives the precise error). Bounded and overflow-checked: the
+/// file is untrusted.
+pub fn elf_load_end<R: Read + Seek>(image: &mut R) -> std::io::Result<Option<u64>> {
+    let mut ehdr = [0u8; 64];
+    image.seek(SeekFrom::Start(0))?;
+    if image.read_exact(&mut ehdr).is_err() || ehdr[4] != 2 || ehdr[5] != 1 {
+        return Ok(None);
+    }
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u64_at = |b: &[u8], o: usize| {
+        let mut a = [0u8; 8];
+        a.copy_from_slice(&b[o..o + 8]);
+        u64::from_le_bytes(a)
+    };
+    let phoff = u64_at(&ehdr, 32);
+    let phentsize = u16_at(&ehdr, 54);
+    let phnum = u16_at(&ehdr, 56);
+    if phentsize != 56 || phnum == 0 || phnum > MAX_PHDRS {
+        return Ok(None);
+    }
+    let mut end: u64 = 0;
+    let mut ph = [0u8; 56];
+    for i in 0..u64::from(phnum) {
+        let Some(off) = phoff.checked_add(i * 56) else {
+            return Ok(None);
+        };
+        image.seek(SeekFrom::Start(off))?;
+        if image.read_exact(&mut ph).is_err() {
+            return Ok(None);
+        }
+        let p_type = u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]);
+        if p_type != 1 {
+            continue;
+        }
+        match u64_at(&ph, 24).checked_add(u64_at(&ph, 40)) {
+            Some(e) => end = end.max(e),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(end))
 }
 
 fn write(
@@ -680,7 +713,7 @@ mod tests {
         elf.truncate(100);
         let k = temp_file("truncated.elf", &elf);
         let err = load(&mem(), &spec(&k, None)).unwrap_err();
-        assert!(matches!(err, LoadKernelError::Elf { .. }), "{err}");
+        assert!(matches!(err, LoadKernelError::Load { .. }), "{err}");
     }
 
     #[test]
@@ -714,6 +747,22 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("give --mem"));
+    }
+
+    #[test]
+    fn elf_load_end_is_bounded_on_hostile_headers() {
+        assert_eq!(
+            elf_load_end(&mut Cursor::new(tiny_elf(true))).unwrap(),
+            Some(0x100_0010)
+        );
+        let mut e = tiny_elf(true);
+        e[56] = 0xff; // phnum = 0xff02: more than we look at
+        e[57] = 0xff;
+        assert_eq!(elf_load_end(&mut Cursor::new(e)).unwrap(), None);
+        let mut e = tiny_elf(true);
+        e[32..40].copy_from_slice(&u64::MAX.to_le_bytes()); // phoff overflows
+        assert_eq!(elf_load_end(&mut Cursor::new(e)).unwrap(), None);
+        assert_eq!(elf_load_end(&mut Cursor::new(vec![0u8; 10])).unwrap(), None);
     }
 
     #[test]

@@ -10,16 +10,16 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use atoll_node::{Runner, Where};
+use atoll_node::Runner;
 use serde_json::{json, Value};
 
+use crate::common::{inner_result, need, place_line, save, JSON_PREFIX};
 use crate::proc::{run_timed, Timed};
 use crate::stats::{r1, summarize};
 
 /// The kernel command line both VMMs give the guest.
 pub const CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 const READY: &[u8] = b"ATOLL-READY";
-const JSON_PREFIX: &str = "ATOLL-BENCH-JSON ";
 
 /// Arguments of `atoll-bench boot`.
 #[derive(Debug)]
@@ -52,13 +52,6 @@ pub struct InnerArgs {
 }
 
 pub fn outer(args: &OuterArgs) -> anyhow::Result<()> {
-    let need = |dir: &Path, name: &str| -> anyhow::Result<PathBuf> {
-        let p = dir.join(name);
-        if !p.exists() {
-            bail!("{} is missing: run `make artifacts` first", p.display());
-        }
-        Ok(p)
-    };
     let runner = Runner::detect();
     let place = runner.place().clone();
     eprintln!("atoll-bench: {}", place_line(&place));
@@ -78,25 +71,7 @@ pub fn outer(args: &OuterArgs) -> anyhow::Result<()> {
             "./atoll-bench boot-inner --runs {} --vcpus {} --mem {}",
             args.runs, args.vcpus, args.mem
         ))?;
-    if out.status != 0 {
-        bail!(
-            "the benchmark failed (status {}):\n{}",
-            out.status,
-            out.output
-        );
-    }
-    let line = out
-        .output
-        .lines()
-        .find_map(|l| l.strip_prefix(JSON_PREFIX))
-        .context("the benchmark printed no result")?;
-    let mut result: Value = serde_json::from_str(line).context("bad benchmark JSON")?;
-    result["where"] = json!(if place.is_nested() {
-        "nested-node"
-    } else {
-        "host-kvm"
-    });
-    result["where_reason"] = json!(place_line(&place));
+    let mut result = inner_result(&out, &place)?;
     if let Some(node) = &out.node {
         result["node"] = json!({
             "boot_to_command_ms": node.boot_to_command_ms,
@@ -105,20 +80,8 @@ pub fn outer(args: &OuterArgs) -> anyhow::Result<()> {
         });
     }
     print_table(&result);
-    if let Some(dir) = args.json.parent() {
-        std::fs::create_dir_all(dir).ok();
-    }
-    std::fs::write(&args.json, serde_json::to_vec_pretty(&result)?)
-        .with_context(|| format!("cannot write {}", args.json.display()))?;
-    eprintln!("atoll-bench: saved {}", args.json.display());
+    save(&args.json, &result)?;
     Ok(())
-}
-
-fn place_line(place: &Where) -> String {
-    match place {
-        Where::HostKvm => "running on the host's KVM".to_string(),
-        Where::NestedNode(why) => why.clone(),
-    }
 }
 
 fn print_table(r: &Value) {

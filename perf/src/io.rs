@@ -19,13 +19,13 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use atoll_node::{Runner, Where};
+use atoll_node::Runner;
 use serde_json::{json, Value};
 
+use crate::common::{guest_initramfs, inner_result, need, place_line, save, JSON_PREFIX};
 use crate::proc::run_timed;
 use crate::stats::{r1, summarize};
 
-const JSON_PREFIX: &str = "ATOLL-BENCH-JSON ";
 const GUEST_PREFIX: &str = "ATOLL-IO ";
 const DISK_MIB: u64 = 64;
 const BASE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
@@ -71,33 +71,12 @@ pub struct GuestArgs {
 }
 
 pub fn outer(args: &OuterArgs) -> anyhow::Result<()> {
-    let need = |dir: &Path, name: &str| -> anyhow::Result<PathBuf> {
-        let p = dir.join(name);
-        if !p.exists() {
-            bail!("{} is missing: run `make artifacts` first", p.display());
-        }
-        Ok(p)
-    };
     // The guest runs this very binary: put it into a copy of the usual initramfs.
     let work = std::env::temp_dir().join(format!("atoll-bench-io-{}", std::process::id()));
     std::fs::create_dir_all(&work)?;
     let initrd = work.join("io-initramfs.cpio");
     let bench = need(&args.bin, "atoll-bench")?;
-    let status = Command::new(need(&args.bin, "atoll-image")?)
-        .arg("initramfs")
-        .arg("--init")
-        .arg(need(&args.bin, "atoll-init")?)
-        .arg("--busybox")
-        .arg("/bin/busybox")
-        .arg("--add")
-        .arg(format!("{}:/bin/atoll-bench", bench.display()))
-        .arg("-o")
-        .arg(&initrd)
-        .status()
-        .context("cannot run atoll-image")?;
-    if !status.success() {
-        bail!("atoll-image initramfs failed ({status})");
-    }
+    guest_initramfs(&args.bin, &bench, "atoll-bench", &initrd)?;
     let runner = Runner::detect();
     let place = runner.place().clone();
     eprintln!("atoll-bench: {}", place_line(&place));
@@ -118,40 +97,10 @@ pub fn outer(args: &OuterArgs) -> anyhow::Result<()> {
             args.runs, args.rand_ios
         ))?;
     let _ = std::fs::remove_dir_all(&work);
-    if out.status != 0 {
-        bail!(
-            "the benchmark failed (status {}):\n{}",
-            out.status,
-            out.output
-        );
-    }
-    let line = out
-        .output
-        .lines()
-        .find_map(|l| l.strip_prefix(JSON_PREFIX))
-        .context("the benchmark printed no result")?;
-    let mut result: Value = serde_json::from_str(line).context("bad benchmark JSON")?;
-    result["where"] = json!(if place.is_nested() {
-        "nested-node"
-    } else {
-        "host-kvm"
-    });
-    result["where_reason"] = json!(place_line(&place));
+    let result = inner_result(&out, &place)?;
     print_table(&result);
-    if let Some(dir) = args.json.parent() {
-        std::fs::create_dir_all(dir).ok();
-    }
-    std::fs::write(&args.json, serde_json::to_vec_pretty(&result)?)
-        .with_context(|| format!("cannot write {}", args.json.display()))?;
-    eprintln!("atoll-bench: saved {}", args.json.display());
+    save(&args.json, &result)?;
     Ok(())
-}
-
-fn place_line(place: &Where) -> String {
-    match place {
-        Where::HostKvm => "running on the host's KVM".to_string(),
-        Where::NestedNode(why) => why.clone(),
-    }
 }
 
 fn print_table(r: &Value) {

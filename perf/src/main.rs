@@ -4,6 +4,7 @@
 //! binary runs there, as `*-inner`).
 
 mod boot;
+mod common;
 mod io;
 mod proc;
 mod stats;

@@ -8,10 +8,10 @@
 //! B bytes while reading the echo back. No QEMU peer: that needs vhost-vsock loaded
 //! in the node's kernel, which the node does not do today.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::common::{guest_initramfs, need, save};
 use anyhow::{bail, Context};
 use atoll_node::{Runner, Where};
 use serde_json::{json, Value};
@@ -38,36 +38,11 @@ pub struct Args {
 
 const METRICS_PREFIX: &str = "ATOLL-VSOCK-METRICS ";
 
-fn need(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
-    let p = dir.join(name);
-    if !p.exists() {
-        bail!(
-            "{} is missing: run `make artifacts` (and `make static`) first",
-            p.display()
-        );
-    }
-    Ok(p)
-}
-
 pub fn outer(args: &Args) -> anyhow::Result<()> {
     let probe = need(&args.bin, "atoll-vsock-probe")?;
     let work = tempfile_dir()?;
     let initrd = work.join("vsock-initramfs.cpio");
-    let status = Command::new(need(&args.bin, "atoll-image")?)
-        .arg("initramfs")
-        .arg("--init")
-        .arg(need(&args.bin, "atoll-init")?)
-        .arg("--busybox")
-        .arg("/bin/busybox")
-        .arg("--add")
-        .arg(format!("{}:/bin/atoll-vsock-probe", probe.display()))
-        .arg("-o")
-        .arg(&initrd)
-        .status()
-        .context("cannot run atoll-image")?;
-    if !status.success() {
-        bail!("atoll-image initramfs failed ({status})");
-    }
+    guest_initramfs(&args.bin, &probe, "atoll-vsock-probe", &initrd)?;
     let runner = Runner::detect();
     let place = runner.place().clone();
     let script = format!(
@@ -125,12 +100,7 @@ pub fn outer(args: &Args) -> anyhow::Result<()> {
         result["mib_per_s_each_way"],
         result["vmm_rss_kib"]
     );
-    if let Some(dir) = args.json.parent() {
-        std::fs::create_dir_all(dir).ok();
-    }
-    std::fs::write(&args.json, serde_json::to_vec_pretty(&result)?)
-        .with_context(|| format!("cannot write {}", args.json.display()))?;
-    eprintln!("atoll-bench: saved {}", args.json.display());
+    save(&args.json, &result)?;
     Ok(())
 }
 

@@ -429,7 +429,10 @@ pub fn run(
         None => Outcome::TimedOut(config.timeout.unwrap_or_default()),
     };
     serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
-    // The VM (memory, vCPU threads) goes away with the process; the caller exits.
+    // vCPU threads may still be inside KVM_RUN on this memory: unmapping it (by
+    // dropping `vm`) under them would turn guest accesses into faults. The caller
+    // exits the process right after, which ends threads and mappings together.
+    // (Pausing and kicking vCPUs comes with snapshots.)
     std::mem::forget(vm);
     let devices = virtio
         .devices

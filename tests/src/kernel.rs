@@ -4,7 +4,7 @@
 //! Layout of the cache (`${ATOLL_CACHE:-/var/cache/atoll}/node/`):
 //! - `<pkg-version>/root/`: the `.deb` extracted with `dpkg-deb -x`
 //!   (`boot/vmlinuz-*`, `lib/modules/<release>/...`);
-//! - `<pkg-version>/modules/{irqbypass,kvm,kvm-amd,tun}.ko`: decompressed copies
+//! - `<pkg-version>/modules/{irqbypass,kvm,kvm-amd,tun,vhost*,vsock*}.ko`: decompressed copies
 //!   (a module added to [`NODE_MODULES`] later is decompressed from `root/` on the
 //!   next use, so an existing cache needs no new download);
 //! - `<pkg-version>/vmlinux`: the uncompressed kernel for a PVH boot (see
@@ -42,6 +42,29 @@ pub const NODE_MODULES: [(&str, &str); 4] = [
     ("kvm", "arch/x86/kvm/kvm.ko.xz"),
     ("kvm-amd", "arch/x86/kvm/kvm-amd.ko.xz"),
     ("tun", "drivers/net/tun.ko.xz"),
+];
+
+/// Modules L1 loads only for runs that ask for them ([`crate::Runner::extra_modules`]),
+/// in load order: vhost-vsock (`/dev/vhost-vsock`, the host side of QEMU's
+/// `vhost-vsock-device`) with its dependencies. Decompressed like [`NODE_MODULES`].
+pub const EXTRA_MODULES: [(&str, &str); 5] = [
+    ("vhost_iotlb", "drivers/vhost/vhost_iotlb.ko.xz"),
+    ("vhost", "drivers/vhost/vhost.ko.xz"),
+    ("vsock", "net/vmw_vsock/vsock.ko.xz"),
+    (
+        "vmw_vsock_virtio_transport_common",
+        "net/vmw_vsock/vmw_vsock_virtio_transport_common.ko.xz",
+    ),
+    ("vhost_vsock", "drivers/vhost/vhost_vsock.ko.xz"),
+];
+
+/// What [`crate::Runner::extra_modules`] loads for vhost-vsock, in load order.
+pub const VHOST_VSOCK: [&str; 5] = [
+    "vhost_iotlb",
+    "vhost",
+    "vsock",
+    "vmw_vsock_virtio_transport_common",
+    "vhost_vsock",
 ];
 
 /// Host packages the node needs: (a file the package installs, package name).
@@ -128,6 +151,21 @@ pub struct NodeKernel {
     pub boot_image: PathBuf,
     /// Decompressed modules in load order.
     pub modules: Vec<PathBuf>,
+}
+
+impl NodeKernel {
+    /// The decompressed [`EXTRA_MODULES`] entry `name`, if the package has it.
+    pub fn extra_module(&self, name: &str) -> Result<PathBuf, PrepareError> {
+        let path = self.dir.join("modules").join(format!("{name}.ko"));
+        if EXTRA_MODULES.iter().any(|(n, _)| *n == name) && path.is_file() {
+            Ok(path)
+        } else {
+            Err(PrepareError::Missing {
+                what: format!("{name} module (one of EXTRA_MODULES)"),
+                path,
+            })
+        }
+    }
 }
 
 /// The cache root: `$ATOLL_CACHE` or `/var/cache/atoll`.
@@ -429,8 +467,9 @@ fn fill(tmp: &Path, package: &str, version: &str) -> Result<(), PrepareError> {
 }
 
 /// Decompresses every [`NODE_MODULES`] entry missing from `out_dir` out of the
-/// extracted package at `root`. Each file is written under a temporary name and
-/// renamed, so a present module is always complete.
+/// extracted package at `root`, and every [`EXTRA_MODULES`] entry the package has.
+/// Each file is written under a temporary name and renamed, so a present module is
+/// always complete.
 fn decompress_modules(root: &Path, out_dir: &Path) -> Result<(), PrepareError> {
     let lib_modules = root.join("lib/modules");
     let release = fs::read_dir(&lib_modules)
@@ -443,13 +482,17 @@ fn decompress_modules(root: &Path, out_dir: &Path) -> Result<(), PrepareError> {
             path: lib_modules.clone(),
         })?;
     fs::create_dir_all(out_dir).map_err(io_err("creating", out_dir))?;
-    for (name, rel) in NODE_MODULES {
+    let required = NODE_MODULES.iter().map(|m| (m, true));
+    for ((name, rel), needed) in required.chain(EXTRA_MODULES.iter().map(|m| (m, false))) {
         let dst = out_dir.join(format!("{name}.ko"));
         if dst.is_file() {
             continue;
         }
         let src = release.join("kernel").join(rel);
         if !src.is_file() {
+            if !needed {
+                continue;
+            }
             return Err(PrepareError::Missing {
                 what: format!("{name} module"),
                 path: src,
@@ -536,6 +579,22 @@ pub fn prepare(refresh: Refresh) -> Result<NodeKernel, PrepareError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vhost_vsock_modules_are_extra_modules_in_load_order() {
+        let names: Vec<&str> = EXTRA_MODULES.iter().map(|(n, _)| *n).collect();
+        assert_eq!(names, VHOST_VSOCK);
+        let k = NodeKernel {
+            dir: PathBuf::from("/nonexistent"),
+            version: String::new(),
+            package: String::new(),
+            vmlinuz: PathBuf::new(),
+            boot_image: PathBuf::new(),
+            modules: Vec::new(),
+        };
+        assert!(k.extra_module("vhost_vsock").is_err());
+        assert!(k.extra_module("kvm").is_err());
+    }
 
     #[test]
     fn depends_output_yields_image_package() {

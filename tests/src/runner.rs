@@ -106,6 +106,7 @@ pub struct Runner<'a> {
     place: Where,
     artifacts: Vec<Artifact>,
     with_qemu: bool,
+    extra_modules: Vec<String>,
     timeout: Duration,
     memory_mib: u32,
     cpus: u32,
@@ -136,6 +137,7 @@ impl<'a> Runner<'a> {
             place,
             artifacts: Vec::new(),
             with_qemu: false,
+            extra_modules: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
             memory_mib: 2048,
             cpus: 2,
@@ -164,6 +166,13 @@ impl<'a> Runner<'a> {
     /// `qemu-system-x86_64 -accel kvm` works there. No effect on the host.
     pub fn with_qemu(mut self, yes: bool) -> Self {
         self.with_qemu = yes;
+        self
+    }
+
+    /// Also loads these [`kernel::EXTRA_MODULES`] in L1, in the order given, after
+    /// the usual ones (e.g. [`kernel::VHOST_VSOCK`]). No effect on the host.
+    pub fn extra_modules(mut self, names: &[&str]) -> Self {
+        self.extra_modules = names.iter().map(|n| (*n).to_owned()).collect();
         self
     }
 
@@ -243,8 +252,12 @@ impl<'a> Runner<'a> {
             .tempdir()
             .map_err(RunError::WorkDir)?;
         let initrd = work.path().join("l1-initramfs.cpio");
+        let mut modules = kernel.modules.clone();
+        for name in &self.extra_modules {
+            modules.push(kernel.extra_module(name)?);
+        }
         let spec = InitramfsSpec {
-            modules: &kernel.modules,
+            modules: &modules,
             artifacts: &self.artifacts,
             command,
             with_qemu: self.with_qemu,

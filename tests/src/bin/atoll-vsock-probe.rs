@@ -1,6 +1,7 @@
 //! `atoll-vsock-probe`: both ends of virtio-vsock end-to-end tests and benchmarks.
 //!
-//! Guest modes use AF_VSOCK; host modes use atoll-vmm's Unix sockets (`CONNECT
+//! Guest modes use AF_VSOCK; host modes use atoll-vmm's Unix sockets, except
+//! `vsock-bench`, which dials a guest over AF_VSOCK (QEMU's vhost-vsock) (`CONNECT
 //! <port>\n` / `OK <host port>\n` on the device's socket, `<uds>_<port>` listeners
 //! for guest-initiated connections). Static, so it runs in the guest and the node.
 //!
@@ -12,6 +13,7 @@
 //!        host-connect UDS PORT MSG [--count N]  N parallel echoes via the device
 //!        flood UDS PORT --seconds S        write without pause; print bytes taken
 //!        bench UDS PORT --rtt N --bytes B  latency and throughput as one JSON line
+//!        vsock-bench CID PORT --rtt N --bytes B  the same over AF_VSOCK (vhost-vsock)
 //! ```
 
 use std::io::{self, Read, Write};
@@ -204,6 +206,73 @@ fn parallel(count: u64, f: impl Fn(u64) -> anyhow::Result<()> + Sync) -> anyhow:
     })
 }
 
+/// Connects to a guest's AF_VSOCK port, retrying while it is not listening yet.
+fn vsock_dial(cid: u32, port: u32, patience: Duration) -> anyhow::Result<UnixStream> {
+    let start = Instant::now();
+    loop {
+        match vsock_connect(cid, port) {
+            Ok(s) => return Ok(s),
+            Err(e) if start.elapsed() > patience => {
+                return Err(e).with_context(|| format!("vsock connect {cid}:{port}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(200)),
+        }
+    }
+}
+
+/// Times `rtt_n` 64-byte round trips, then echoes `bytes` each way; prints one
+/// JSON line.
+fn bench(mut s: UnixStream, rtt_n: u64, bytes: u64) -> anyhow::Result<()> {
+    let mut lat = Vec::with_capacity(rtt_n as usize);
+    let mut b = [0u8; 64];
+    for _ in 0..rtt_n {
+        let t = Instant::now();
+        s.write_all(&b)?;
+        s.read_exact(&mut b)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
+    // Throughput: write `bytes` while a second thread reads the echo back.
+    let reader = s.try_clone()?;
+    let t = Instant::now();
+    let rx = std::thread::spawn(move || -> io::Result<u64> {
+        let mut r = reader;
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut got = 0u64;
+        while got < bytes {
+            let n = r.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            got += n as u64;
+        }
+        Ok(got)
+    });
+    let chunk = vec![0xa5u8; 256 * 1024];
+    let mut sent = 0u64;
+    while sent < bytes {
+        let n = chunk.len().min((bytes - sent) as usize);
+        s.write_all(&chunk[..n])?;
+        sent += n as u64;
+    }
+    let got = rx
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    let secs = t.elapsed().as_secs_f64();
+    if got != bytes {
+        bail!("echoed {got} of {bytes} bytes");
+    }
+    println!(
+        "{{\"rtt_n\":{rtt_n},\"rtt_median_us\":{:.1},\"rtt_p99_us\":{:.1},\"rtt_min_us\":{:.1},\"bytes_each_way\":{bytes},\"echo_seconds\":{secs:.3},\"mib_per_s_each_way\":{:.2}}}",
+        pct(0.5),
+        pct(0.99),
+        lat[0],
+        bytes as f64 / (1 << 20) as f64 / secs
+    );
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = arg(&args, 0, "mode")?;
@@ -293,54 +362,16 @@ fn main() -> anyhow::Result<()> {
             let port: u32 = arg(&args, 2, "PORT")?.parse()?;
             let rtt_n = flag(&args, "--rtt", 1000)?;
             let bytes = flag(&args, "--bytes", 64 << 20)?;
-            let mut s = host_dial(uds, port, Duration::from_secs(60))?;
-            let mut lat = Vec::with_capacity(rtt_n as usize);
-            let mut b = [0u8; 64];
-            for _ in 0..rtt_n {
-                let t = Instant::now();
-                s.write_all(&b)?;
-                s.read_exact(&mut b)?;
-                lat.push(t.elapsed().as_secs_f64() * 1e6);
-            }
-            lat.sort_by(f64::total_cmp);
-            let pct = |p: f64| lat[((lat.len() - 1) as f64 * p) as usize];
-            // Throughput: write `bytes` while a second thread reads the echo back.
-            let reader = s.try_clone()?;
-            let t = Instant::now();
-            let rx = std::thread::spawn(move || -> io::Result<u64> {
-                let mut r = reader;
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut got = 0u64;
-                while got < bytes {
-                    let n = r.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    got += n as u64;
-                }
-                Ok(got)
-            });
-            let chunk = vec![0xa5u8; 256 * 1024];
-            let mut sent = 0u64;
-            while sent < bytes {
-                let n = chunk.len().min((bytes - sent) as usize);
-                s.write_all(&chunk[..n])?;
-                sent += n as u64;
-            }
-            let got = rx
-                .join()
-                .map_err(|_| anyhow::anyhow!("reader panicked"))??;
-            let secs = t.elapsed().as_secs_f64();
-            if got != bytes {
-                bail!("echoed {got} of {bytes} bytes");
-            }
-            println!(
-                "{{\"rtt_n\":{rtt_n},\"rtt_median_us\":{:.1},\"rtt_p99_us\":{:.1},\"rtt_min_us\":{:.1},\"bytes_each_way\":{bytes},\"echo_seconds\":{secs:.3},\"mib_per_s_each_way\":{:.2}}}",
-                pct(0.5),
-                pct(0.99),
-                lat[0],
-                bytes as f64 / (1 << 20) as f64 / secs
-            );
+            let s = host_dial(uds, port, Duration::from_secs(60))?;
+            bench(s, rtt_n, bytes)?;
+        }
+        "vsock-bench" => {
+            let cid: u32 = arg(&args, 1, "CID")?.parse()?;
+            let port: u32 = arg(&args, 2, "PORT")?.parse()?;
+            let rtt_n = flag(&args, "--rtt", 1000)?;
+            let bytes = flag(&args, "--bytes", 64 << 20)?;
+            let s = vsock_dial(cid, port, Duration::from_secs(180))?;
+            bench(s, rtt_n, bytes)?;
         }
         other => bail!("unknown mode {other:?}"),
     }

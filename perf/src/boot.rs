@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use atoll_node::Runner;
 use serde_json::{json, Value};
 
-use crate::common::{inner_result, need, place_line, save, JSON_PREFIX};
+use crate::common::{inner_result, need, place_line, qemu_microvm, save, JSON_PREFIX};
 use crate::proc::{run_timed, Timed};
 use crate::stats::{r1, summarize};
 
@@ -135,34 +135,17 @@ fn atoll_cmd(a: &InnerArgs, metrics: &Path) -> Command {
 }
 
 fn qemu_cmd(a: &InnerArgs) -> Command {
-    let mut c = Command::new(&a.qemu);
-    c.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off,isa-serial=on",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
-    ])
-    .arg("-smp")
-    .arg(a.vcpus.to_string())
-    .arg("-m")
-    .arg(a.mem.to_string())
-    .arg("-kernel")
-    .arg(&a.kernel)
-    .arg("-initrd")
-    .arg(&a.initrd)
-    .arg("-append")
-    .arg(CMDLINE);
+    let mut c = qemu_microvm(&a.qemu);
+    c.arg("-smp")
+        .arg(a.vcpus.to_string())
+        .arg("-m")
+        .arg(a.mem.to_string())
+        .arg("-kernel")
+        .arg(&a.kernel)
+        .arg("-initrd")
+        .arg(&a.initrd)
+        .arg("-append")
+        .arg(CMDLINE);
     c
 }
 

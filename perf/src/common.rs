@@ -11,6 +11,31 @@ use serde_json::{json, Value};
 /// The prefix of the one line of JSON an inner benchmark prints.
 pub const JSON_PREFIX: &str = "ATOLL-BENCH-JSON ";
 
+/// QEMU's microvm in its fastest configuration for a like-for-like peer: KVM, the
+/// host CPU, no option ROMs and no RTC, the console on stdio, and isa-debug-exit on
+/// port 0xf4 so the guest's exit status ends it as it ends atoll-vmm.
+pub fn qemu_microvm(qemu: &str) -> Command {
+    let mut c = Command::new(qemu);
+    c.args([
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,isa-serial=on",
+        "-accel",
+        "kvm",
+        "-cpu",
+        "host",
+        "-nodefaults",
+        "-no-user-config",
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-no-reboot",
+        "-device",
+        "isa-debug-exit,iobase=0xf4,iosize=1",
+    ]);
+    c
+}
+
 /// `dir/name`, which must exist.
 pub fn need(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let p = dir.join(name);

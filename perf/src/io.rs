@@ -22,7 +22,9 @@ use anyhow::{bail, Context};
 use atoll_node::Runner;
 use serde_json::{json, Value};
 
-use crate::common::{guest_initramfs, inner_result, need, place_line, save, JSON_PREFIX};
+use crate::common::{
+    guest_initramfs, inner_result, need, place_line, qemu_microvm, save, JSON_PREFIX,
+};
 use crate::proc::run_timed;
 use crate::stats::{r1, summarize};
 
@@ -161,38 +163,20 @@ fn atoll_cmd(a: &InnerArgs, disk: &Path, metrics: &Path, cmdline: &str) -> Comma
 }
 
 fn qemu_cmd(a: &InnerArgs, disk: &Path, cmdline: &str) -> Command {
-    let mut c = Command::new(&a.qemu);
-    c.args([
-        "-M",
-        "microvm,x-option-roms=off,rtc=off,isa-serial=on",
-        "-accel",
-        "kvm",
-        "-cpu",
-        "host",
-        "-nodefaults",
-        "-no-user-config",
-        "-display",
-        "none",
-        "-serial",
-        "stdio",
-        "-no-reboot",
-        "-device",
-        "isa-debug-exit,iobase=0xf4,iosize=1",
-        "-m",
-        "256",
-    ])
-    .arg("-kernel")
-    .arg(&a.kernel)
-    .arg("-initrd")
-    .arg(&a.initrd)
-    .arg("-append")
-    .arg(cmdline)
-    .arg("-drive")
-    .arg(format!(
-        "id=d,file={},format=raw,if=none,cache=writeback",
-        disk.display()
-    ))
-    .args(["-device", "virtio-blk-device,drive=d"]);
+    let mut c = qemu_microvm(&a.qemu);
+    c.args(["-m", "256"])
+        .arg("-kernel")
+        .arg(&a.kernel)
+        .arg("-initrd")
+        .arg(&a.initrd)
+        .arg("-append")
+        .arg(cmdline)
+        .arg("-drive")
+        .arg(format!(
+            "id=d,file={},format=raw,if=none,cache=writeback",
+            disk.display()
+        ))
+        .args(["-device", "virtio-blk-device,drive=d"]);
     c
 }
 

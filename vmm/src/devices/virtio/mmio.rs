@@ -209,11 +209,13 @@ impl MmioTransport {
             }
             0x024 => self.driver_features_sel = value,
             0x030 => self.queue_sel = value,
-            0x038 => self.with_queue(|q| {
-                // virtio-queue ignores sizes that are not a power of two or exceed
-                // the maximum; the queue is then invalid and activation refuses it.
-                q.set_size(value as u16)
-            }),
+            // virtio-queue ignores sizes that are not a power of two or exceed the
+            // maximum; the queue is then invalid and activation refuses it. A value
+            // wider than 16 bits is refused here rather than truncated into range.
+            0x038 => match u16::try_from(value) {
+                Ok(size) => self.with_queue(|q| q.set_size(size)),
+                Err(_) => self.bad(),
+            },
             0x044 => self.with_queue(|q| q.set_ready(value == 1)),
             0x050 => match self.queue_events.get(value as usize) {
                 // Normally KVM's ioeventfd catches this write; this is the fallback.
@@ -604,6 +606,19 @@ mod tests {
         w(&mut t, 0x070, status::ACKNOWLEDGE);
         w(&mut t, 0x070, status::DRIVER);
         assert_eq!(r(&mut t, 0x070), status::ACKNOWLEDGE);
+        // A queue size that only fits after truncation (0x1_0010 -> 16) is refused,
+        // while the queue is configurable and 16 itself would be accepted.
+        w(&mut t, 0x070, 0);
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        assert_ne!(r(&mut t, 0x070) & status::FEATURES_OK, 0);
+        w(&mut t, 0x030, 0);
+        let before = bad.load(Ordering::Relaxed);
+        w(&mut t, 0x038, 0x1_0010);
+        assert_eq!(bad.load(Ordering::Relaxed), before + 1);
+        w(&mut t, 0x038, 16);
+        assert_eq!(bad.load(Ordering::Relaxed), before + 1);
+        w(&mut t, 0x070, 0);
+        w(&mut t, 0x070, status::ACKNOWLEDGE);
         // Queue set-up before FEATURES_OK, and notify before DRIVER_OK.
         w(&mut t, 0x038, 8);
         w(&mut t, 0x050, 0);

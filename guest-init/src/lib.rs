@@ -11,6 +11,7 @@
 mod arch;
 pub mod cmdline;
 pub mod console;
+pub mod container;
 pub mod mounts;
 pub mod ports;
 pub mod shutdown;

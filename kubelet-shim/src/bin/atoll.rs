@@ -1,0 +1,3 @@
+//! `atoll`: run containers in microVMs.
+
+fn main() {}

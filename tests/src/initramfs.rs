@@ -55,6 +55,7 @@ mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
 nonce=none
 for w in $(cat /proc/cmdline); do
   case "$w" in atoll.nonce=*) nonce="${w#atoll.nonce=}" ;; esac
@@ -153,6 +154,9 @@ pub struct InitramfsSpec<'a> {
     pub command: &'a str,
     /// Bundle QEMU so it can run as an L2 VMM inside the node.
     pub with_qemu: bool,
+    /// Host programs (absolute paths, e.g. `/usr/sbin/runc`) carried at the same
+    /// path with their `ldd` libraries.
+    pub host_programs: &'a [PathBuf],
 }
 
 /// Archive writer that creates parent directories once and skips duplicates.
@@ -379,23 +383,34 @@ fn fill(t: &mut Tree, spec: &InitramfsSpec<'_>) -> Result<(), BuildError> {
     if spec.with_qemu {
         add_qemu(t)?;
     }
+    for program in spec.host_programs {
+        add_program(t, program)?;
+    }
+    Ok(())
+}
+
+/// `program` at its own path, and the libraries `ldd` lists for it.
+fn add_program(t: &mut Tree, program: &Path) -> Result<(), BuildError> {
+    let name = program.to_string_lossy();
+    if !program.is_absolute() {
+        return Err(BuildError::Unsupported(program.to_owned()));
+    }
+    t.host_file(name.trim_start_matches('/'), program)?;
+    let ldd = Command::new("ldd")
+        .arg(program)
+        .output()
+        .map_err(|e| BuildError::Ldd(format!("{name}: {e}")))?;
+    // A static program has no libraries: ldd says so and fails.
+    if ldd.status.success() {
+        for lib in ldd_paths(&String::from_utf8_lossy(&ldd.stdout)) {
+            t.host_file(&guest_lib_path(&lib), Path::new(&lib))?;
+        }
+    }
     Ok(())
 }
 
 fn add_qemu(t: &mut Tree) -> Result<(), BuildError> {
-    t.host_file(QEMU.trim_start_matches('/'), Path::new(QEMU))?;
-    let ldd = Command::new("ldd")
-        .arg(QEMU)
-        .output()
-        .map_err(|e| BuildError::Ldd(e.to_string()))?;
-    if !ldd.status.success() {
-        return Err(BuildError::Ldd(
-            String::from_utf8_lossy(&ldd.stderr).trim().to_owned(),
-        ));
-    }
-    for lib in ldd_paths(&String::from_utf8_lossy(&ldd.stdout)) {
-        t.host_file(&guest_lib_path(&lib), Path::new(&lib))?;
-    }
+    add_program(t, Path::new(QEMU))?;
     for fw in QEMU_FIRMWARE {
         let host = Path::new(QEMU_DATA).join(fw);
         if host.exists() {

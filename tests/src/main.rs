@@ -39,6 +39,9 @@ enum Cmd {
         /// Carry QEMU (binary, libraries, firmware) into the node.
         #[arg(long)]
         with_qemu: bool,
+        /// Carry this host program (absolute path) and its libraries (repeatable).
+        #[arg(long = "host-program", value_name = "PATH")]
+        host_programs: Vec<PathBuf>,
         /// Make HOST available as $ATOLL_ARTIFACTS/NAME (NAME relative; repeatable).
         #[arg(long = "file", value_name = "HOST:NAME", value_parser = parse_file_arg)]
         files: Vec<(PathBuf, PathBuf)>,
@@ -91,6 +94,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
         }
         Cmd::Run {
             with_qemu,
+            host_programs,
             files,
             timeout,
             console,
@@ -118,6 +122,9 @@ fn real_main() -> anyhow::Result<ExitCode> {
                 });
             for (host, name) in files {
                 runner = runner.file(host, name)?;
+            }
+            for program in host_programs {
+                runner = runner.host_program(program);
             }
             let out = runner.run(&command.join(" "))?;
             if verbose {

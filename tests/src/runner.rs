@@ -106,6 +106,7 @@ pub struct Runner<'a> {
     place: Where,
     artifacts: Vec<Artifact>,
     with_qemu: bool,
+    host_programs: Vec<PathBuf>,
     extra_modules: Vec<String>,
     timeout: Duration,
     memory_mib: u32,
@@ -137,6 +138,7 @@ impl<'a> Runner<'a> {
             place,
             artifacts: Vec::new(),
             with_qemu: false,
+            host_programs: Vec::new(),
             extra_modules: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
             memory_mib: 2048,
@@ -166,6 +168,14 @@ impl<'a> Runner<'a> {
     /// `qemu-system-x86_64 -accel kvm` works there. No effect on the host.
     pub fn with_qemu(mut self, yes: bool) -> Self {
         self.with_qemu = yes;
+        self
+    }
+
+    /// Also carries the host program at absolute path `program` (say `/usr/sbin/runc`)
+    /// into the node at the same path, with its libraries. On the host it is simply
+    /// there already.
+    pub fn host_program(mut self, program: impl Into<PathBuf>) -> Self {
+        self.host_programs.push(program.into());
         self
     }
 
@@ -261,6 +271,7 @@ impl<'a> Runner<'a> {
             artifacts: &self.artifacts,
             command,
             with_qemu: self.with_qemu,
+            host_programs: &self.host_programs,
         };
         let initramfs_bytes = initramfs::build(&spec, &initrd)?;
         let prepare_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);

@@ -7,6 +7,7 @@ mod boot;
 mod common;
 mod io;
 mod proc;
+mod run;
 mod stats;
 mod vsock;
 
@@ -77,6 +78,12 @@ enum Cmd {
     /// virtio-vsock: 64-byte round-trip latency and echo throughput between a host
     /// program and the guest through atoll-vmm's Unix-socket backend.
     Vsock(vsock::Args),
+    /// Pod start: `atoll run IMAGE -- echo` against `runc run` of the same image's
+    /// bundle, alternating, launch -> first output line, with atoll's phases.
+    Run(run::Args),
+    /// The measuring half of `run`, run where the KVM is.
+    #[command(hide = true)]
+    RunInner(run::InnerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -114,6 +121,8 @@ fn main() -> std::process::ExitCode {
         Cmd::IoInner(args) => io::inner(&args),
         Cmd::IoGuest(args) => io::guest(&args),
         Cmd::Vsock(args) => vsock::outer(&args),
+        Cmd::Run(args) => run::outer(&args),
+        Cmd::RunInner(args) => run::inner(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

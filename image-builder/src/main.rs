@@ -6,6 +6,7 @@ use anyhow::Context;
 use atoll_image::initramfs::{self, AddSpec, InitramfsSpec};
 use atoll_image::kernel::{self, KernelBuildOptions};
 use atoll_image::oci::bench;
+use atoll_image::oci::builtin;
 use atoll_image::oci::convert::{self, Format};
 use atoll_image::oci::import;
 use atoll_image::oci::pull;
@@ -94,6 +95,13 @@ enum Cmd {
         work: Option<PathBuf>,
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Build the default image `atoll/busybox:latest` from the host's static busybox
+    /// and record it in the store.
+    Builtin {
+        /// The static busybox binary to put in the image.
+        #[arg(long, default_value = builtin::DEFAULT_BUSYBOX)]
+        busybox: PathBuf,
     },
     /// List the images in the store.
     Ls,
@@ -224,6 +232,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::fs::write(&p, text)
                     .with_context(|| format!("cannot write {}", p.display()))?;
             }
+        }
+        Cmd::Builtin { busybox } => {
+            let store = Store::open(&cli.store)?;
+            let d = builtin::build(&store, &busybox)?;
+            progress(&format!("built {} ({d})", builtin::BUILTIN_REF));
+            println!("{}", builtin::BUILTIN_REF);
         }
         Cmd::Ls => {
             let store = Store::open(&cli.store)?;

@@ -3,6 +3,7 @@
 //! root filesystem images.
 
 pub mod bench;
+pub mod builtin;
 pub mod convert;
 pub mod digest;
 pub mod import;

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)] // each test file uses a different part
 
+pub mod oci;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 

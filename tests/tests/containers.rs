@@ -282,8 +282,8 @@ fn isolation() -> &'static str {
              scenario seccomp_custom_off $A run busybox -- sh -c 'mkdir /tmp/d && echo made'; \
              scenario seccomp_default $A run busybox -- dmesg; \
              scenario seccomp_unconfined sh -c \"$A run --seccomp unconfined busybox -- dmesg | grep -c Linux\"; \
-             scenario oom $A run --memory-limit 32m busybox -- sh -c 'x=$(head -c 200000000 /dev/zero | tr \"\\0\" a); echo survived'; \
-             scenario within_limit $A run --memory-limit 32m busybox -- sh -c 'x=$(head -c 1000000 /dev/zero | tr \"\\0\" a); echo fine'; \
+             scenario oom $A run --memory-limit 32m busybox -- sh -c 'x=$(yes | head -c 100000000); echo survived'; \
+             scenario within_limit $A run --memory-limit 32m busybox -- sh -c 'x=$(yes | head -c 1000000); echo fine'; \
              scenario pod_localhost $A run --sidecar 'echo pong-from-sidecar | nc -l -p 7000' busybox -- \
                 sh -c 'for i in 1 2 3 4 5 6 7 8 9 10; do nc 127.0.0.1 7000 && exit 0; sleep 1; done; exit 1'",
         )

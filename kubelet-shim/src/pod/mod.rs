@@ -1,0 +1,842 @@
+//! A pod is one microVM: `atoll-vmm` booting the guest kernel and initramfs, whose
+//! PID 1 supervises the agent, with the pod's image and volume disks attached.
+//!
+//! [`Pod::start`] makes the state directory `<run dir>/pods/<id>/`, spawns the VMM
+//! (guest console and VMM messages go to `console.log` there) and connects to the
+//! agent. The [`Pod`] value owns the VMM process and the directory: dropping it,
+//! whatever happened before, kills a VMM that is still running, keeps the container
+//! log under `<run dir>/logs/<id>.log` and removes the directory with its sockets and
+//! disks. The VMM runs in its own process group (a terminal's Ctrl-C reaches only
+//! `atoll`, which stops the pod in order) and dies with the thread that spawned it
+//! (`PR_SET_PDEATHSIG`), so even a killed `atoll` leaves no VM behind.
+
+pub mod image;
+pub mod state;
+
+use std::fs::{self, File};
+use std::io::{self, Read, Seek, SeekFrom};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use atoll_agent_proto::{v1, validate_id, FrameError, IdError};
+use serde::Serialize;
+
+use crate::agent::{self, AgentClient, AgentError, AttachError, ConnectError};
+use state::{PodState, PodStatus};
+
+/// The guest kernel command line the host and the guest agree on.
+pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
+/// Guest CID of every pod (each VM has its own vsock device).
+pub const GUEST_CID: u32 = 3;
+/// How long the guest may take to boot and start its agent (TCG-backed nested KVM
+/// is slow).
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the VMM may take to power off after Shutdown before it is killed.
+pub const VMM_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Lines of `console.log` quoted when the VMM ends early.
+const CONSOLE_TAIL_LINES: usize = 12;
+
+/// One `--disk` of the VMM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disk {
+    pub path: PathBuf,
+    /// The virtio-blk serial the guest finds it by (at most 20 bytes).
+    pub serial: String,
+    pub read_only: bool,
+}
+
+/// A `--net tap=NAME[,mac=MAC]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tap {
+    pub name: String,
+    pub mac: Option<String>,
+}
+
+/// How to boot a pod.
+#[derive(Debug, Clone)]
+pub struct PodConfig {
+    /// `[A-Za-z0-9_.-]`, 1 to 64 characters; the directory name.
+    pub id: String,
+    /// A human name (`atoll run --name`); defaults to the id.
+    pub name: String,
+    /// The main image, for `atoll ps`.
+    pub image: String,
+    pub vcpus: u8,
+    pub mem_mib: u64,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vmm: PathBuf,
+    pub disks: Vec<Disk>,
+    pub tap: Option<Tap>,
+    /// `<run dir>`; the pod directory is `<run_dir>/pods/<id>`.
+    pub run_dir: PathBuf,
+    pub agent_timeout: Duration,
+    /// Time zero of the timings (when the user's command started).
+    pub t0: Instant,
+}
+
+impl PodConfig {
+    /// A config with the usual defaults (1 vCPU, 256 MiB, no disks).
+    pub fn new(id: &str, kernel: PathBuf, initramfs: PathBuf, vmm: PathBuf) -> Self {
+        Self {
+            id: id.to_owned(),
+            name: id.to_owned(),
+            image: String::new(),
+            vcpus: 1,
+            mem_mib: 256,
+            kernel,
+            initramfs,
+            vmm,
+            disks: Vec::new(),
+            tap: None,
+            run_dir: state::run_dir(),
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            t0: Instant::now(),
+        }
+    }
+
+    /// The VMM's arguments (without the program).
+    pub fn vmm_args(&self, dir: &Path) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "--kernel".into(),
+            self.kernel.display().to_string(),
+            "--initrd".into(),
+            self.initramfs.display().to_string(),
+            "--mem".into(),
+            self.mem_mib.to_string(),
+            "--vcpus".into(),
+            self.vcpus.to_string(),
+            "--cmdline".into(),
+            GUEST_CMDLINE.into(),
+            "--vsock".into(),
+            format!("cid={GUEST_CID},uds={}", dir.join("vsock.sock").display()),
+            "--metrics".into(),
+            dir.join("vmm-metrics.json").display().to_string(),
+        ];
+        for d in &self.disks {
+            let mut s = d.path.display().to_string();
+            if d.read_only {
+                s.push_str(",ro");
+            }
+            s.push_str(",id=");
+            s.push_str(&d.serial);
+            a.push("--disk".into());
+            a.push(s);
+        }
+        if let Some(t) = &self.tap {
+            let mut s = format!("tap={}", t.name);
+            if let Some(m) = &t.mac {
+                s.push_str(",mac=");
+                s.push_str(m);
+            }
+            a.push("--net".into());
+            a.push(s);
+        }
+        a.extend(["--".into(), "/init".into(), "agent".into()]);
+        a
+    }
+}
+
+/// Phase times of one `atoll run`, in milliseconds since its start (guest-side
+/// durations in microseconds as the agent reports them).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Timings {
+    pub image_prepared_ms: Option<f64>,
+    pub image_converted: Option<bool>,
+    pub vmm_spawned_ms: Option<f64>,
+    pub agent_connected_ms: Option<f64>,
+    /// Guest CLOCK_BOOTTIME when the agent listened.
+    pub guest_agent_ready_us: Option<u64>,
+    pub created_ms: Option<f64>,
+    pub guest_rootfs_us: Option<u64>,
+    pub guest_create_us: Option<u64>,
+    pub started_ms: Option<f64>,
+    pub guest_start_us: Option<u64>,
+    pub first_output_ms: Option<f64>,
+    pub exited_ms: Option<f64>,
+    pub vm_stopped_ms: Option<f64>,
+}
+
+/// Milliseconds from `t0` to now.
+pub fn ms_since(t0: Instant) -> f64 {
+    t0.elapsed().as_secs_f64() * 1000.0
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("pod id {id:?}")]
+    InvalidId {
+        id: String,
+        #[source]
+        source: IdError,
+    },
+    #[error("pod {0} already exists (its directory is there); pick another id or remove it")]
+    AlreadyExists(PathBuf),
+    #[error("{path}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot run the VMM {vmm}; build it with `make artifacts` or pass --vmm")]
+    Spawn {
+        vmm: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    /// The VMM said why it could not start (e.g. a KVM that cannot run the guest).
+    #[error("{0}")]
+    VmmFailed(String),
+    #[error(
+        "atoll-vmm exited ({status}) before the guest agent answered; the end of {log}:\n{tail}"
+    )]
+    VmmExited {
+        status: ExitStatus,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error("the guest agent did not answer within {waited:?}; the end of {log}:\n{tail}")]
+    AgentTimeout {
+        waited: Duration,
+        log: PathBuf,
+        tail: String,
+    },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PodError + '_ {
+    move |source| PodError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// The last `lines` lines of a file (reading at most its last 16 KiB).
+pub fn file_tail(path: &Path, lines: usize) -> String {
+    let mut buf = Vec::new();
+    if let Ok(mut f) = File::open(path) {
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        let _ = f.seek(SeekFrom::Start(len.saturating_sub(16 << 10)));
+        let _ = f.take(16 << 10).read_to_end(&mut buf);
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let all: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The VMM's own error line (`atoll-vmm: error: ...`) in its log, if any.
+pub fn vmm_error_line(log: &Path) -> Option<String> {
+    file_tail(log, 200)
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("atoll-vmm: error:"))
+        .map(str::to_owned)
+}
+
+/// Asks the kernel to SIGKILL this process when the thread that forked it ends.
+fn set_pdeathsig() -> io::Result<()> {
+    let sig = libc::c_ulong::try_from(libc::SIGKILL).unwrap_or(9);
+    // SAFETY: prctl(PR_SET_PDEATHSIG) reads only its integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The pod's directory; removed (after saving the container log) when dropped.
+#[derive(Debug)]
+struct PodDir {
+    path: PathBuf,
+    run_dir: PathBuf,
+    id: String,
+}
+
+impl Drop for PodDir {
+    fn drop(&mut self) {
+        let logs = state::logs_dir(&self.run_dir);
+        let log = self.path.join("container.log");
+        if log.is_file() && fs::create_dir_all(&logs).is_ok() {
+            let _ = fs::rename(&log, logs.join(format!("{}.log", self.id)));
+            if let Ok(mut s) = PodState::read(&self.path.join("state.json")) {
+                s.status = PodStatus::Exited;
+                let _ = s.write(&logs.join(format!("{}.json", self.id)));
+            }
+        }
+        if let Err(e) = fs::remove_dir_all(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!("cannot remove {}: {e}", self.path.display());
+            }
+        }
+    }
+}
+
+/// What other threads need to talk to a running pod (a signal handler stopping a
+/// container while the main thread waits on it).
+#[derive(Debug, Clone)]
+pub struct PodHandle {
+    vsock: PathBuf,
+}
+
+impl PodHandle {
+    /// A new control connection (the guest is up: a short deadline).
+    pub fn client(&self) -> Result<AgentClient, AgentError> {
+        AgentClient::connect(&self.vsock, Duration::from_secs(10))
+    }
+
+    pub fn attach(
+        &self,
+        container: &str,
+        exec_id: &str,
+        stream: v1::attach::Stream,
+    ) -> Result<UnixStream, AttachError> {
+        agent::attach(&self.vsock, container, exec_id, stream)
+    }
+
+    /// SIGTERM to the container's init; after `grace`, SIGKILL to all its processes.
+    /// Returns the exit if it came within the grace period.
+    pub fn stop_container(
+        &self,
+        id: &str,
+        grace: Duration,
+    ) -> Result<Option<v1::WaitReply>, AgentError> {
+        let mut c = self.client()?;
+        match c.signal(id, "", libc::SIGTERM, false) {
+            Ok(()) => {}
+            // Already gone: nothing to stop.
+            Err(e) if e.code() == Some(v1::error::Code::NotFound) => return Ok(None),
+            Err(e) if e.code() == Some(v1::error::Code::FailedPrecondition) => {}
+            Err(e) => return Err(e),
+        }
+        let mut w = self.client()?;
+        let _ = w.set_timeout(Some(grace.max(Duration::from_millis(1))));
+        match w.wait(id, "") {
+            Ok(r) => return Ok(Some(r)),
+            Err(AgentError::Frame {
+                source: FrameError::Io(e),
+                ..
+            }) if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) => {}
+            Err(e) => return Err(e),
+        }
+        match c.signal(id, "", libc::SIGKILL, true) {
+            Ok(()) => Ok(None),
+            Err(e) if e.code().is_some() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// A running pod VM. Dropping it tears everything down.
+#[derive(Debug)]
+pub struct Pod {
+    id: String,
+    vmm: Option<Child>,
+    control: Option<AgentClient>,
+    handle: PodHandle,
+    state: PodState,
+    timings: Timings,
+    t0: Instant,
+    // Last: dropped after the VMM is gone.
+    dir: PodDir,
+}
+
+impl Pod {
+    /// Boots the pod and connects to its agent.
+    ///
+    /// Call it from a thread that lives as long as the pod: the VMM is killed when
+    /// the thread that spawned it ends (`PR_SET_PDEATHSIG`).
+    pub fn start(cfg: PodConfig) -> Result<Pod, PodError> {
+        let dir = Self::make_dir(&cfg)?;
+        let log_path = dir.path.join("console.log");
+        let vsock = dir.path.join("vsock.sock");
+        let mut pod = Pod {
+            id: cfg.id.clone(),
+            vmm: None,
+            control: None,
+            handle: PodHandle {
+                vsock: vsock.clone(),
+            },
+            state: PodState {
+                id: cfg.id.clone(),
+                name: if cfg.name.is_empty() {
+                    cfg.id.clone()
+                } else {
+                    cfg.name.clone()
+                },
+                image: cfg.image.clone(),
+                status: PodStatus::Starting,
+                owner_pid: std::process::id(),
+                vmm_pid: None,
+                created: state::now_secs(),
+                exit_status: None,
+            },
+            timings: Timings::default(),
+            t0: cfg.t0,
+            dir,
+        };
+        pod.write_state();
+        let log = File::create(&log_path).map_err(io_err(&log_path))?;
+        let log2 = log.try_clone().map_err(io_err(&log_path))?;
+        let mut cmd = Command::new(&cfg.vmm);
+        cmd.args(cfg.vmm_args(&pod.dir.path))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .process_group(0);
+        // SAFETY: the closure runs in the child between fork and exec and only calls
+        // `set_pdeathsig`, which makes one async-signal-safe prctl(2) call and touches
+        // no memory of the parent.
+        unsafe {
+            cmd.pre_exec(set_pdeathsig);
+        }
+        let child = cmd.spawn().map_err(|source| PodError::Spawn {
+            vmm: cfg.vmm.clone(),
+            source,
+        })?;
+        pod.state.vmm_pid = Some(child.id());
+        pod.vmm = Some(child);
+        pod.timings.vmm_spawned_ms = Some(ms_since(pod.t0));
+        pod.write_state();
+
+        let control = pod.connect_agent(&log_path, cfg.agent_timeout)?;
+        pod.timings.agent_connected_ms = Some(ms_since(pod.t0));
+        pod.timings.guest_agent_ready_us = Some(control.hello().agent_ready_us);
+        pod.control = Some(control);
+        pod.state.status = PodStatus::Running;
+        pod.write_state();
+        Ok(pod)
+    }
+
+    fn make_dir(cfg: &PodConfig) -> Result<PodDir, PodError> {
+        validate_id(&cfg.id).map_err(|source| PodError::InvalidId {
+            id: cfg.id.clone(),
+            source,
+        })?;
+        let pods = state::pods_dir(&cfg.run_dir);
+        fs::create_dir_all(&pods).map_err(io_err(&pods))?;
+        let path = pods.join(&cfg.id);
+        match fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Err(PodError::AlreadyExists(path))
+            }
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        Ok(PodDir {
+            path,
+            run_dir: cfg.run_dir.clone(),
+            id: cfg.id.clone(),
+        })
+    }
+
+    /// Connects in short attempts, watching the VMM between them so that a VMM that
+    /// ends early is reported at once, with its reason.
+    fn connect_agent(&mut self, log: &Path, timeout: Duration) -> Result<AgentClient, PodError> {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.vmm.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.vmm = None;
+                if let Some(line) = vmm_error_line(log) {
+                    return Err(PodError::VmmFailed(line));
+                }
+                return Err(PodError::VmmExited {
+                    status,
+                    log: log.to_owned(),
+                    tail: file_tail(log, CONSOLE_TAIL_LINES),
+                });
+            }
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
+                return Err(PodError::AgentTimeout {
+                    waited: start.elapsed(),
+                    log: log.to_owned(),
+                    tail: file_tail(log, CONSOLE_TAIL_LINES),
+                });
+            }
+            match AgentClient::connect(&self.handle.vsock, left.min(Duration::from_millis(500))) {
+                Ok(c) => return Ok(c),
+                Err(AgentError::Connect(ConnectError::Timeout { .. })) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn write_state(&self) {
+        if let Err(e) = self.state.write(&self.dir.path.join("state.json")) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// `<run dir>/pods/<id>`.
+    pub fn dir(&self) -> &Path {
+        &self.dir.path
+    }
+
+    /// Where the container output is teed (kept as `<run dir>/logs/<id>.log`).
+    pub fn container_log(&self) -> PathBuf {
+        self.dir.path.join("container.log")
+    }
+
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.path.join("console.log")
+    }
+
+    pub fn handle(&self) -> PodHandle {
+        self.handle.clone()
+    }
+
+    pub fn timings(&self) -> &Timings {
+        &self.timings
+    }
+
+    pub fn timings_mut(&mut self) -> &mut Timings {
+        &mut self.timings
+    }
+
+    pub fn state(&self) -> &PodState {
+        &self.state
+    }
+
+    fn control(&mut self) -> Result<&mut AgentClient, AgentError> {
+        match self.control {
+            Some(ref mut c) => Ok(c),
+            None => {
+                let c = self.handle.client()?;
+                Ok(self.control.insert(c))
+            }
+        }
+    }
+
+    /// Creates a container; records the guest's rootfs and create times.
+    pub fn create_container(
+        &mut self,
+        req: v1::CreateContainer,
+    ) -> Result<v1::CreateReply, AgentError> {
+        let r = self.control()?.create(req)?;
+        self.timings.created_ms.get_or_insert(ms_since(self.t0));
+        self.timings.guest_rootfs_us.get_or_insert(r.rootfs_us);
+        self.timings.guest_create_us.get_or_insert(r.create_us);
+        Ok(r)
+    }
+
+    pub fn start_container(&mut self, id: &str) -> Result<v1::StartReply, AgentError> {
+        let r = self.control()?.start(id)?;
+        self.timings.started_ms.get_or_insert(ms_since(self.t0));
+        self.timings.guest_start_us.get_or_insert(r.start_us);
+        Ok(r)
+    }
+
+    pub fn attach(
+        &self,
+        container: &str,
+        exec_id: &str,
+        stream: v1::attach::Stream,
+    ) -> Result<UnixStream, AttachError> {
+        self.handle.attach(container, exec_id, stream)
+    }
+
+    /// Blocks until the container's init ends.
+    pub fn wait(&mut self, id: &str) -> Result<v1::WaitReply, AgentError> {
+        let r = self.control()?.wait(id, "")?;
+        self.timings.exited_ms.get_or_insert(ms_since(self.t0));
+        self.state.exit_status = Some(r.status);
+        self.write_state();
+        Ok(r)
+    }
+
+    pub fn signal(&mut self, id: &str, signal: i32) -> Result<(), AgentError> {
+        self.control()?.signal(id, "", signal, false)
+    }
+
+    /// Stops a container: SIGTERM, after `grace` SIGKILL.
+    pub fn stop_container(
+        &mut self,
+        id: &str,
+        grace: Duration,
+    ) -> Result<Option<v1::WaitReply>, AgentError> {
+        self.handle.stop_container(id, grace)
+    }
+
+    /// Stops the container `id` (if any), shuts the VM down and waits for the VMM.
+    pub fn stop(
+        &mut self,
+        id: Option<&str>,
+        grace: Duration,
+    ) -> Result<Option<ExitStatus>, PodError> {
+        self.state.status = PodStatus::Stopping;
+        self.write_state();
+        if let Some(id) = id {
+            self.stop_container(id, grace)?;
+        }
+        self.shutdown()
+    }
+
+    /// Asks the agent to power the VM off and waits for the VMM (killing it after
+    /// [`VMM_EXIT_TIMEOUT`]). Returns the VMM's exit status.
+    pub fn shutdown(&mut self) -> Result<Option<ExitStatus>, PodError> {
+        let sent = match self.control() {
+            Ok(c) => {
+                let _ = c.set_timeout(Some(VMM_EXIT_TIMEOUT));
+                c.shutdown(0)
+            }
+            Err(e) => Err(e),
+        };
+        self.control = None;
+        let status = self.reap(VMM_EXIT_TIMEOUT);
+        self.timings.vm_stopped_ms = Some(ms_since(self.t0));
+        self.state.status = PodStatus::Exited;
+        self.write_state();
+        sent?;
+        Ok(status)
+    }
+
+    /// Waits up to `timeout` for the VMM, then kills it.
+    fn reap(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let mut child = self.vmm.take()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            match child.try_wait() {
+                Ok(Some(s)) => return Some(s),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => break,
+            }
+        }
+        let _ = child.kill();
+        child.wait().ok()
+    }
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.control = None;
+        if let Some(mut c) = self.vmm.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        // `dir` is dropped after this: the log is kept and the directory removed.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+        let p = dir.join(name);
+        fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o755)).unwrap();
+        p
+    }
+
+    fn cfg(tmp: &Path, vmm: PathBuf) -> PodConfig {
+        let mut c = PodConfig::new("p1", "/k".into(), "/i".into(), vmm);
+        c.run_dir = tmp.join("run");
+        c.agent_timeout = Duration::from_secs(10);
+        c
+    }
+
+    #[test]
+    fn vmm_args_follow_the_boot_contract() {
+        let mut c = PodConfig::new("p", "/b/vmlinux".into(), "/b/i.cpio".into(), "v".into());
+        c.disks.push(Disk {
+            path: "/s/rootfs.erofs".into(),
+            serial: "img0".into(),
+            read_only: true,
+        });
+        c.mem_mib = 512;
+        let a = c.vmm_args(Path::new("/run/atoll/pods/p")).join(" ");
+        assert!(
+            a.contains("--vsock cid=3,uds=/run/atoll/pods/p/vsock.sock"),
+            "{a}"
+        );
+        assert!(a.contains("--disk /s/rootfs.erofs,ro,id=img0"), "{a}");
+        assert!(a.contains("--mem 512 --vcpus 1"), "{a}");
+        assert!(a.ends_with("-- /init agent"), "{a}");
+    }
+
+    #[test]
+    fn start_vmm_exiting_early_quotes_console_and_removes_dir() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vmm = script(
+            tmp.path(),
+            "vmm",
+            "echo 'Linux booting'\necho 'kernel panic: oops'\nexit 1",
+        );
+        let c = cfg(tmp.path(), vmm);
+        let err = Pod::start(c).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, PodError::VmmExited { .. }), "{err:?}");
+        assert!(msg.contains("kernel panic: oops"), "{msg}");
+        let left: Vec<_> = fs::read_dir(tmp.path().join("run/pods")).unwrap().collect();
+        assert!(left.is_empty(), "pod dir left behind: {left:?}");
+    }
+
+    #[test]
+    fn start_on_pvm_surfaces_the_vmm_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vmm = script(
+            tmp.path(),
+            "vmm",
+            "echo 'atoll-vmm: error: /dev/kvm is KVM-PVM (module kvm_pvm): ...' >&2\nexit 1",
+        );
+        let err = Pod::start(cfg(tmp.path(), vmm)).unwrap_err();
+        assert!(matches!(err, PodError::VmmFailed(_)), "{err:?}");
+        assert!(err
+            .to_string()
+            .starts_with("atoll-vmm: error: /dev/kvm is KVM-PVM"));
+        assert!(!tmp.path().join("run/pods/p1").exists());
+    }
+
+    #[test]
+    fn start_missing_vmm_is_a_spawn_error_and_cleans_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let err = Pod::start(cfg(tmp.path(), tmp.path().join("no-such-vmm"))).unwrap_err();
+        assert!(matches!(err, PodError::Spawn { .. }), "{err:?}");
+        assert!(err.to_string().contains("make artifacts"));
+        assert!(!tmp.path().join("run/pods/p1").exists());
+    }
+
+    #[test]
+    fn start_silent_vmm_times_out_and_is_killed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let pidfile = tmp.path().join("pid");
+        let vmm = script(
+            tmp.path(),
+            "vmm",
+            &format!("echo $$ > {}\nexec sleep 30", pidfile.display()),
+        );
+        let mut c = cfg(tmp.path(), vmm);
+        c.agent_timeout = Duration::from_millis(600);
+        let err = Pod::start(c).unwrap_err();
+        assert!(matches!(err, PodError::AgentTimeout { .. }), "{err:?}");
+        let pid: u32 = fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // Killed and reaped by the teardown: the pid is gone.
+        assert!(!state::pid_alive(pid), "VMM {pid} still running");
+        assert!(!tmp.path().join("run/pods/p1").exists());
+    }
+
+    #[test]
+    fn start_twice_with_one_id_is_refused_without_touching_the_first() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = cfg(tmp.path(), tmp.path().join("x"));
+        let existing = state::pods_dir(&c.run_dir).join("p1");
+        fs::create_dir_all(&existing).unwrap();
+        let err = Pod::start(c).unwrap_err();
+        assert!(matches!(err, PodError::AlreadyExists(_)), "{err:?}");
+        assert!(existing.is_dir());
+    }
+
+    #[test]
+    fn start_bad_id_is_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut c = cfg(tmp.path(), tmp.path().join("x"));
+        c.id = "../evil".into();
+        assert!(matches!(Pod::start(c), Err(PodError::InvalidId { .. })));
+        assert!(!tmp.path().join("evil").exists());
+    }
+
+    /// A fake VMM: a script that waits while the test serves a fake agent on the
+    /// pod's vsock socket.
+    #[test]
+    fn pod_lifecycle_against_fake_agent_keeps_log_and_removes_dir() {
+        use crate::agent::fake;
+        let tmp = tempfile::tempdir().unwrap();
+        let vmm = script(tmp.path(), "vmm", "exec sleep 30");
+        let c = cfg(tmp.path(), vmm);
+        let sock = state::pods_dir(&c.run_dir).join("p1/vsock.sock");
+        let s2 = sock.clone();
+        // The socket appears once the pod directory exists (as the VMM would make it).
+        std::thread::spawn(move || {
+            for _ in 0..500 {
+                if s2.parent().is_some_and(Path::is_dir) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            fake::serve(
+                &s2,
+                fake::agent(|req| {
+                    let result = match req.op? {
+                        v1::request::Op::Create(_) => {
+                            v1::response::Result::Create(v1::CreateReply {
+                                pid: 1,
+                                rootfs_us: 11,
+                                create_us: 22,
+                            })
+                        }
+                        v1::request::Op::Start(_) => {
+                            v1::response::Result::Start(v1::StartReply { start_us: 33 })
+                        }
+                        v1::request::Op::Wait(_) => v1::response::Result::Wait(v1::WaitReply {
+                            status: 3,
+                            ..Default::default()
+                        }),
+                        v1::request::Op::Shutdown(_) => return None,
+                        _ => v1::response::Result::Ok(v1::Empty {}),
+                    };
+                    Some(v1::Response {
+                        result: Some(result),
+                    })
+                }),
+            );
+        });
+        let mut pod = Pod::start(c).unwrap();
+        let dir = pod.dir().to_owned();
+        assert!(dir.join("state.json").is_file());
+        assert_eq!(
+            state::PodState::read(&dir.join("state.json"))
+                .unwrap()
+                .status,
+            PodStatus::Running
+        );
+        pod.create_container(v1::CreateContainer {
+            id: "main".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        pod.start_container("main").unwrap();
+        assert_eq!(pod.wait("main").unwrap().status, 3);
+        fs::write(pod.container_log(), b"hello\n").unwrap();
+        let t = pod.timings().clone();
+        assert_eq!(
+            (t.guest_rootfs_us, t.guest_create_us, t.guest_start_us),
+            (Some(11), Some(22), Some(33))
+        );
+        assert_eq!(t.guest_agent_ready_us, Some(1234));
+        // The fake VMM ignores Shutdown: it is killed after the timeout... which
+        // would take 5 s; dropping the pod kills it at once.
+        drop(pod);
+        assert!(!dir.exists());
+        let kept = tmp.path().join("run/logs/p1.log");
+        assert_eq!(fs::read_to_string(kept).unwrap(), "hello\n");
+    }
+
+    #[test]
+    fn file_tail_returns_last_lines() {
+        let tmp = tempfile::tempdir().unwrap();
+        let p = tmp.path().join("log");
+        let text: String = (0..100).map(|i| format!("line {i}\n")).collect();
+        fs::write(&p, text).unwrap();
+        assert_eq!(file_tail(&p, 2), "line 98\nline 99");
+        assert_eq!(file_tail(&tmp.path().join("none"), 2), "");
+    }
+}

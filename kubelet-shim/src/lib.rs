@@ -3,4 +3,5 @@
 //! v1 server arrives in a later issue and wraps the same pod library.
 
 pub mod agent;
+pub mod cli;
 pub mod pod;

@@ -8,6 +8,8 @@ packages=(
   linux-source-6.12 bc flex bison libelf-dev libssl-dev xz-utils lz4 make gcc binutils
   # guest userland for tests and the nested node
   busybox-static cpio
+  # containers in the guest: libcontainer's seccomp (linked statically) and a reference runtime
+  libseccomp-dev runc
   # the nested KVM node and the benchmark peer
   qemu-system-x86
   # OCI images (atoll-image convert; its tests and benchmark peers)

@@ -7,10 +7,23 @@
 //! [`RuntimeError::code`] becomes the protocol error code.
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use atoll_agent_proto::v1;
+use oci_spec::runtime::LinuxSeccomp;
 use v1::error::Code;
+
+pub mod libcontainer;
+pub mod rootfs;
+pub mod seccomp;
+pub mod spec;
+pub mod stats;
+pub mod user;
+
+use self::libcontainer::Engine;
+use self::rootfs::{Mounts, RootfsError};
+use self::spec::{MountSource, SpecError, SpecPaths};
 
 /// How a new process gets its stdio.
 #[derive(Debug)]
@@ -99,17 +112,102 @@ pub struct Runtime {
     /// volumes), `pod/{hostname,hosts,resolv.conf}` (written by the agent's network
     /// configuration and bind-mounted into every container when present).
     root: PathBuf,
+    /// The cgroup v2 root (`/sys/fs/cgroup`).
+    cgroup_root: PathBuf,
+    mounts: Mounts,
+    engine: Engine,
+    /// In creation order.
+    containers: Vec<Record>,
+    /// Numbers console sockets and exec process files.
+    serial: u64,
 }
+
+/// What the runtime remembers of a container.
+#[derive(Debug)]
+struct Record {
+    id: String,
+    image: String,
+    disks: Vec<String>,
+    rootfs: PathBuf,
+    security: v1::Security,
+    seccomp: Option<LinuxSeccomp>,
+}
+
+impl From<SpecError> for RuntimeError {
+    fn from(e: SpecError) -> Self {
+        Self::InvalidArgument(e.to_string())
+    }
+}
+
+impl From<RootfsError> for RuntimeError {
+    fn from(e: RootfsError) -> Self {
+        match e {
+            RootfsError::FsType(_) | RootfsError::Layers | RootfsError::Missing => {
+                Self::InvalidArgument(e.to_string())
+            }
+            RootfsError::NoDisk(_) => Self::FailedPrecondition(e.to_string()),
+            RootfsError::Io { .. } => Self::Internal(self::libcontainer::chain("rootfs", &e)),
+        }
+    }
+}
+
+fn micros(since: Instant) -> u64 {
+    u64::try_from(since.elapsed().as_micros()).unwrap_or(u64::MAX)
+}
+
+/// How long `remove` waits for the killed init process to be gone.
+const REMOVE_WAIT: Duration = Duration::from_secs(2);
 
 impl Runtime {
     /// A runtime keeping its state under `root`.
     pub fn new(root: PathBuf) -> Self {
-        Self { root }
+        Self::with_parts(
+            root,
+            PathBuf::from("/sys/block"),
+            PathBuf::from("/sys/fs/cgroup"),
+            Box::new(rootfs::SysMounter),
+        )
+    }
+
+    /// A runtime with its system paths and mounter given (tests).
+    pub fn with_parts(
+        root: PathBuf,
+        sys_block: PathBuf,
+        cgroup_root: PathBuf,
+        mounter: Box<dyn rootfs::Mounter>,
+    ) -> Self {
+        Self {
+            mounts: Mounts::new(root.clone(), sys_block, mounter),
+            engine: Engine {
+                state: root.join("state"),
+                sockets: root.join("tty"),
+            },
+            cgroup_root,
+            root,
+            containers: Vec::new(),
+            serial: 0,
+        }
     }
 
     /// The state root.
     pub fn root(&self) -> &std::path::Path {
         &self.root
+    }
+
+    fn record(&self, id: &str) -> Result<&Record, RuntimeError> {
+        self.containers
+            .iter()
+            .find(|r| r.id == id)
+            .ok_or_else(|| RuntimeError::NotFound(format!("no container {id:?}")))
+    }
+
+    fn next_serial(&mut self) -> u64 {
+        self.serial += 1;
+        self.serial
+    }
+
+    fn cgroup_dir(&self, id: &str) -> PathBuf {
+        self.cgroup_root.join("atoll").join(id)
     }
 
     /// Prepares the rootfs, builds the spec and creates the container: its init
@@ -119,13 +217,133 @@ impl Runtime {
         req: &v1::CreateContainer,
         stdio: Stdio,
     ) -> Result<(Spawned, CreateTimings), RuntimeError> {
-        let _ = (req, stdio);
-        Err(RuntimeError::Internal("containers are not implemented yet".into()))
+        let id = req.id.as_str();
+        atoll_agent_proto::validate_id(id)
+            .map_err(|e| RuntimeError::InvalidArgument(format!("id {id:?}: {e}")))?;
+        if self.containers.iter().any(|r| r.id == id) {
+            return Err(RuntimeError::AlreadyExists(format!(
+                "container {id:?} already exists"
+            )));
+        }
+        // Everything that can be checked without the image, before mounting anything.
+        let default_security = v1::Security::default();
+        let security = req.security.as_ref().unwrap_or(&default_security);
+        let seccomp = spec::seccomp_for(security)?;
+        let planned = spec::plan_mounts(&req.mounts)?;
+        if !req.hostname.is_empty() {
+            spec::check_hostname(&req.hostname)?;
+        }
+        let wants_tty = matches!(stdio, Stdio::Terminal { .. });
+        let process_tty = req.process.as_ref().is_some_and(|p| p.terminal);
+        if wants_tty != process_tty {
+            return Err(RuntimeError::InvalidArgument(
+                "process.terminal does not match the stdio the agent prepared".into(),
+            ));
+        }
+        let rootfs_req = req
+            .rootfs
+            .as_ref()
+            .ok_or_else(|| RuntimeError::from(RootfsError::Missing))?;
+        let block = match &rootfs_req.source {
+            Some(v1::rootfs::Source::Block(b)) => b,
+            Some(v1::rootfs::Source::Layers(_)) => return Err(RootfsError::Layers.into()),
+            None => return Err(RootfsError::Missing.into()),
+        };
+        atoll_agent_proto::validate_id(&block.serial).map_err(|e| {
+            RuntimeError::InvalidArgument(format!("rootfs.block.serial {:?}: {e}", block.serial))
+        })?;
+
+        let t0 = Instant::now();
+        let rootfs =
+            self.mounts
+                .prepare_rootfs(id, &block.serial, &block.fs_type, rootfs_req.readonly)?;
+        let mut record = Record {
+            id: id.to_owned(),
+            image: block.serial.clone(),
+            disks: Vec::new(),
+            rootfs: rootfs.clone(),
+            security: security.clone(),
+            seccomp,
+        };
+        let result = self.create_in(req, &planned, &mut record, stdio, t0);
+        match result {
+            Ok(done) => {
+                self.containers.push(record);
+                Ok(done)
+            }
+            Err(e) => {
+                let _ = self.engine.destroy(id, REMOVE_WAIT);
+                self.release(&record);
+                Err(e)
+            }
+        }
+    }
+
+    fn create_in(
+        &mut self,
+        req: &v1::CreateContainer,
+        planned: &[spec::RequestMount],
+        record: &mut Record,
+        stdio: Stdio,
+        t0: Instant,
+    ) -> Result<(Spawned, CreateTimings), RuntimeError> {
+        let user_spec = req.process.as_ref().map_or("", |p| p.user.as_str());
+        let user = user::resolve_in_rootfs(&record.rootfs, user_spec).map_err(|e| match e {
+            user::ResolveUserError::User(u) => RuntimeError::InvalidArgument(u.to_string()),
+            other => RuntimeError::Internal(self::libcontainer::chain("process.user", &other)),
+        })?;
+        for m in planned {
+            match &m.source {
+                MountSource::Volume(name) => self.mounts.ensure_volume(name)?,
+                MountSource::Disk(serial) => {
+                    if !record.disks.contains(serial) {
+                        self.mounts.acquire_data_disk(serial)?;
+                        record.disks.push(serial.clone());
+                    }
+                }
+            }
+        }
+        let rootfs_us = micros(t0);
+
+        let t1 = Instant::now();
+        let pod_files = spec::POD_FILES
+            .iter()
+            .copied()
+            .filter(|f| self.root.join("pod").join(f).is_file())
+            .collect();
+        let paths = SpecPaths {
+            root: self.root.clone(),
+            rootfs: record.rootfs.clone(),
+            pod_files,
+        };
+        let oci = spec::build_spec(req, &user, &paths)?;
+        let bundle = self.mounts.container_dir(&record.id).join("bundle");
+        std::fs::create_dir_all(&bundle).map_err(|e| {
+            RuntimeError::Internal(self::libcontainer::chain("cannot create the bundle", &e))
+        })?;
+        oci.save(bundle.join("config.json")).map_err(|e| {
+            RuntimeError::Internal(self::libcontainer::chain("cannot write config.json", &e))
+        })?;
+        let tty_name = format!("{}.sock", self.next_serial());
+        let spawned = self.engine.create(&record.id, &bundle, stdio, &tty_name)?;
+        let timings = CreateTimings {
+            rootfs_us,
+            create_us: micros(t1),
+        };
+        Ok((spawned, timings))
+    }
+
+    fn release(&mut self, record: &Record) {
+        for serial in &record.disks {
+            self.mounts.release_data_disk(serial);
+        }
+        self.mounts.release_rootfs(&record.id, &record.image);
     }
 
     /// Lets the created container's init process run its command.
     pub fn start(&mut self, id: &str) -> Result<(), RuntimeError> {
-        Err(RuntimeError::NotFound(format!("no container {id:?}")))
+        self.record(id)?;
+        self.engine.start(id)
     }
 
     /// Runs another process in the running container `container_id`.
@@ -135,34 +353,251 @@ impl Runtime {
         process: &v1::Process,
         stdio: Stdio,
     ) -> Result<Spawned, RuntimeError> {
-        let _ = (process, stdio);
-        Err(RuntimeError::NotFound(format!("no container {container_id:?}")))
+        let record = self.record(container_id)?;
+        if matches!(stdio, Stdio::Terminal { .. }) != process.terminal {
+            return Err(RuntimeError::InvalidArgument(
+                "process.terminal does not match the stdio the agent prepared".into(),
+            ));
+        }
+        let user = user::resolve_in_rootfs(&record.rootfs, &process.user).map_err(|e| match e {
+            user::ResolveUserError::User(u) => RuntimeError::InvalidArgument(u.to_string()),
+            other => RuntimeError::Internal(self::libcontainer::chain("process.user", &other)),
+        })?;
+        let oci = spec::build_process(process, &user, &record.security)?;
+        let seccomp = record.seccomp.clone();
+        let n = self.next_serial();
+        let dir = self.mounts.container_dir(container_id).join("bundle");
+        let path = dir.join(format!("exec-{n}.json"));
+        let json = serde_json::to_vec(&oci)
+            .map_err(|e| RuntimeError::Internal(self::libcontainer::chain("process.json", &e)))?;
+        std::fs::write(&path, json).map_err(|e| {
+            RuntimeError::Internal(self::libcontainer::chain(
+                &format!("cannot write {}", path.display()),
+                &e,
+            ))
+        })?;
+        let result = self
+            .engine
+            .exec(container_id, &path, seccomp, stdio, &format!("{n}.sock"));
+        let _ = std::fs::remove_file(&path);
+        result
     }
 
     /// Sends `signal` to the container's init process, or to all of its processes.
     pub fn signal(&mut self, id: &str, signal: i32, all: bool) -> Result<(), RuntimeError> {
-        let _ = (signal, all);
-        Err(RuntimeError::NotFound(format!("no container {id:?}")))
+        self.record(id)?;
+        self.engine.kill(id, signal, all)
     }
 
     /// The container's cgroup v2 counters.
     pub fn stats(&self, id: &str) -> Result<v1::StatsReply, RuntimeError> {
-        Err(RuntimeError::NotFound(format!("no container {id:?}")))
+        self.record(id)?;
+        let dir = self.cgroup_dir(id);
+        stats::read(&dir).map_err(|e| {
+            RuntimeError::Internal(self::libcontainer::chain(
+                &format!("cannot read {}", dir.display()),
+                &e,
+            ))
+        })
     }
 
     /// OOM kills recorded in the container's cgroup (`memory.events` `oom_kill`).
     pub fn oom_kills(&self, id: &str) -> Result<u64, RuntimeError> {
-        Err(RuntimeError::NotFound(format!("no container {id:?}")))
+        self.record(id)?;
+        let dir = self.cgroup_dir(id);
+        stats::read_oom_kills(&dir).map_err(|e| {
+            RuntimeError::Internal(self::libcontainer::chain(
+                &format!("cannot read {}", dir.display()),
+                &e,
+            ))
+        })
     }
 
     /// Kills what is left (SIGKILL), then frees the container's mounts, cgroup and
     /// state. Idempotent for a container that is already gone.
     pub fn remove(&mut self, id: &str) -> Result<(), RuntimeError> {
-        Err(RuntimeError::NotFound(format!("no container {id:?}")))
+        let Some(index) = self.containers.iter().position(|r| r.id == id) else {
+            return Ok(());
+        };
+        let destroyed = self.engine.destroy(id, REMOVE_WAIT);
+        let record = self.containers.remove(index);
+        self.release(&record);
+        // libcontainer removes both on success; after a failure, leave no stale
+        // state that would make the id "already exist" again.
+        let _ = std::fs::remove_dir_all(self.engine.state.join(id));
+        let _ = std::fs::remove_dir(self.cgroup_dir(id));
+        destroyed
     }
 
     /// The ids of every container, in creation order.
     pub fn ids(&self) -> Vec<String> {
-        Vec::new()
+        self.containers.iter().map(|r| r.id.clone()).collect()
+    }
+
+    /// The container's rootfs as the agent sees it (for diagnostics).
+    pub fn rootfs(&self, id: &str) -> Option<&Path> {
+        self.containers
+            .iter()
+            .find(|r| r.id == id)
+            .map(|r| r.rootfs.as_path())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rootfs::fake::{FakeMounter, Op};
+    use super::*;
+
+    struct Fixture {
+        _dirs: Vec<tempfile::TempDir>,
+        rt: Runtime,
+        fake: FakeMounter,
+    }
+
+    fn fixture() -> Fixture {
+        let root = tempfile::tempdir().unwrap();
+        let sys = tempfile::tempdir().unwrap();
+        std::fs::create_dir(sys.path().join("vda")).unwrap();
+        std::fs::write(sys.path().join("vda/serial"), "img1").unwrap();
+        let cg = tempfile::tempdir().unwrap();
+        let fake = FakeMounter::default();
+        let rt = Runtime::with_parts(
+            root.path().into(),
+            sys.path().into(),
+            cg.path().into(),
+            Box::new(fake.clone()),
+        );
+        Fixture {
+            _dirs: vec![root, sys, cg],
+            rt,
+            fake,
+        }
+    }
+
+    fn pipes() -> Stdio {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        drop(r);
+        let w2 = w.try_clone().unwrap();
+        Stdio::Pipes {
+            stdin: None,
+            stdout: w,
+            stderr: w2,
+        }
+    }
+
+    fn req(id: &str) -> v1::CreateContainer {
+        v1::CreateContainer {
+            id: id.into(),
+            rootfs: Some(v1::Rootfs {
+                source: Some(v1::rootfs::Source::Block(v1::BlockImage {
+                    serial: "img1".into(),
+                    fs_type: "erofs".into(),
+                })),
+                readonly: false,
+            }),
+            process: Some(v1::Process {
+                args: vec!["/bin/true".into()],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn create_bad_id_is_invalid_argument_and_mounts_nothing() {
+        let mut f = fixture();
+        let err = f.rt.create(&req("../x"), pipes()).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(f.fake.ops.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn create_layers_is_not_supported_yet() {
+        let mut f = fixture();
+        let mut r = req("c1");
+        r.rootfs.as_mut().unwrap().source =
+            Some(v1::rootfs::Source::Layers(v1::OciLayers::default()));
+        let err = f.rt.create(&r, pipes()).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(
+            err.to_string(),
+            "unpacking layers in the guest is not supported yet"
+        );
+    }
+
+    #[test]
+    fn create_bad_mount_fails_before_mounting() {
+        let mut f = fixture();
+        let mut r = req("c1");
+        r.mounts.push(v1::Mount {
+            destination: "/x/../etc".into(),
+            r#type: "tmpfs".into(),
+            source: "v".into(),
+            options: vec![],
+        });
+        let err = f.rt.create(&r, pipes()).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(
+            err.to_string().starts_with("mounts[0].destination"),
+            "{err}"
+        );
+        assert!(f.fake.ops.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn create_unknown_disk_is_failed_precondition() {
+        let mut f = fixture();
+        let mut r = req("c1");
+        if let Some(v1::rootfs::Source::Block(b)) = &mut r.rootfs.as_mut().unwrap().source {
+            b.serial = "other".into();
+        }
+        let err = f.rt.create(&r, pipes()).unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(err.to_string().contains("\"other\""), "{err}");
+    }
+
+    #[test]
+    fn create_unknown_user_unmounts_what_it_mounted() {
+        let mut f = fixture();
+        let mut r = req("c1");
+        r.process.as_mut().unwrap().user = "nobody".into();
+        let err = f.rt.create(&r, pipes()).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.to_string().contains("no user \"nobody\""), "{err}");
+        let ops = f.fake.ops.lock().unwrap().clone();
+        let root = f.rt.root().to_owned();
+        assert!(ops.contains(&Op::Unmount(root.join("images/img1"))));
+        assert!(ops.contains(&Op::Unmount(root.join("containers/c1"))));
+        assert!(f.rt.ids().is_empty());
+    }
+
+    #[test]
+    fn create_terminal_mismatch_is_refused() {
+        let mut f = fixture();
+        let err =
+            f.rt.create(&req("c1"), Stdio::Terminal { rows: 24, cols: 80 })
+                .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+    }
+
+    #[test]
+    fn operations_on_unknown_container_are_not_found() {
+        let mut f = fixture();
+        assert_eq!(f.rt.start("c").unwrap_err().code(), Code::NotFound);
+        assert_eq!(
+            f.rt.signal("c", 15, false).unwrap_err().code(),
+            Code::NotFound
+        );
+        assert_eq!(f.rt.stats("c").unwrap_err().code(), Code::NotFound);
+        assert_eq!(f.rt.oom_kills("c").unwrap_err().code(), Code::NotFound);
+        let p = v1::Process {
+            args: vec!["sh".into()],
+            ..Default::default()
+        };
+        assert_eq!(
+            f.rt.exec("c", &p, pipes()).unwrap_err().code(),
+            Code::NotFound
+        );
+        assert!(f.rt.remove("c").is_ok());
     }
 }

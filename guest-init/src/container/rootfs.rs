@@ -1,0 +1,621 @@
+//! A container's root file system: the image disk (found by its virtio-blk serial,
+//! mounted read-only once and shared by every container of that image) under a
+//! writable overlay on the container's own tmpfs; plus the pod's tmpfs volumes and
+//! read-only data disks that containers bind.
+//!
+//! Every mount goes through [`Mounter`], so the plan is tested with a recording fake.
+
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+/// Flags of a mount, the subset this module uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MountKind {
+    /// A new file system (`erofs`, `ext4`, `tmpfs`, `overlay`), read-only or not.
+    New {
+        /// `MS_RDONLY`.
+        readonly: bool,
+    },
+    /// `MS_BIND`.
+    Bind,
+    /// `MS_BIND | MS_REMOUNT | MS_RDONLY` of an existing bind.
+    RemountBindReadonly,
+}
+
+/// The privileged operations of this module.
+pub trait Mounter: Send {
+    /// `mount(2)`.
+    fn mount(
+        &mut self,
+        source: &str,
+        target: &Path,
+        fstype: &str,
+        kind: MountKind,
+        data: &str,
+    ) -> io::Result<()>;
+    /// `umount2(2)` with `MNT_DETACH`.
+    fn unmount(&mut self, target: &Path) -> io::Result<()>;
+}
+
+/// The real [`Mounter`].
+#[derive(Debug, Default)]
+pub struct SysMounter;
+
+impl Mounter for SysMounter {
+    fn mount(
+        &mut self,
+        source: &str,
+        target: &Path,
+        fstype: &str,
+        kind: MountKind,
+        data: &str,
+    ) -> io::Result<()> {
+        use nix::mount::MsFlags;
+        let flags = match kind {
+            MountKind::New { readonly: true } => MsFlags::MS_RDONLY,
+            MountKind::New { readonly: false } => MsFlags::empty(),
+            MountKind::Bind => MsFlags::MS_BIND,
+            MountKind::RemountBindReadonly => {
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY
+            }
+        };
+        let fstype = (!fstype.is_empty()).then_some(fstype);
+        let data = (!data.is_empty()).then_some(data);
+        nix::mount::mount(Some(source), target, fstype, flags, data).map_err(io::Error::from)
+    }
+
+    fn unmount(&mut self, target: &Path) -> io::Result<()> {
+        nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH).map_err(io::Error::from)
+    }
+}
+
+/// Preparing or freeing a rootfs, volume or disk failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RootfsError {
+    /// The request names a file system we do not mount.
+    #[error("rootfs.block.fs_type {0:?} is not \"erofs\" or \"ext4\"")]
+    FsType(String),
+    /// No disk has that serial.
+    #[error(
+        "no disk with serial {0:?} is attached to the VM (check the --disk ...,id= of the pod)"
+    )]
+    NoDisk(String),
+    /// OCI layers are not unpacked in the guest.
+    #[error("unpacking layers in the guest is not supported yet")]
+    Layers,
+    /// The request has no rootfs source.
+    #[error("rootfs: neither block nor layers is set")]
+    Missing,
+    /// A mount or directory operation failed.
+    #[error("cannot {what} {path}: {source}")]
+    Io {
+        /// The operation.
+        what: &'static str,
+        /// Its target.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> RootfsError + 'a {
+    move |source| RootfsError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Finds `/dev/vdX` whose `<sys_block>/vdX/serial` is `serial` (NULs and whitespace
+/// trimmed).
+pub fn find_disk(sys_block: &Path, serial: &str) -> Result<PathBuf, RootfsError> {
+    let entries = std::fs::read_dir(sys_block).map_err(io_err("list", sys_block))?;
+    for entry in entries.flatten().take(4096) {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if !name.starts_with("vd") {
+            continue;
+        }
+        let mut buf = Vec::new();
+        let read = std::fs::File::open(entry.path().join("serial"))
+            .and_then(|f| f.take(256).read_to_end(&mut buf));
+        if read.is_err() {
+            continue;
+        }
+        let found = String::from_utf8_lossy(&buf);
+        if found.trim_matches(|c: char| c == '\0' || c.is_whitespace()) == serial {
+            return Ok(PathBuf::from("/dev").join(name));
+        }
+    }
+    Err(RootfsError::NoDisk(serial.to_owned()))
+}
+
+/// Mounts of the pod: image and data disks (reference-counted), volumes (kept for the
+/// life of the pod), and each container's tmpfs + overlay.
+pub struct Mounts {
+    root: PathBuf,
+    sys_block: PathBuf,
+    mounter: Box<dyn Mounter>,
+    images: HashMap<String, usize>,
+    disks: HashMap<String, usize>,
+    volumes: HashSet<String>,
+}
+
+impl std::fmt::Debug for Mounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mounts")
+            .field("root", &self.root)
+            .field("images", &self.images)
+            .field("disks", &self.disks)
+            .field("volumes", &self.volumes)
+            .finish()
+    }
+}
+
+fn mkdir(path: &Path) -> Result<(), RootfsError> {
+    std::fs::create_dir_all(path).map_err(io_err("create", path))
+}
+
+impl Mounts {
+    /// Mounts under `root`, finding disks in `sys_block` (`/sys/block`).
+    pub fn new(root: PathBuf, sys_block: PathBuf, mounter: Box<dyn Mounter>) -> Self {
+        Self {
+            root,
+            sys_block,
+            mounter,
+            images: HashMap::new(),
+            disks: HashMap::new(),
+            volumes: HashSet::new(),
+        }
+    }
+
+    /// The container's directory (its own tmpfs).
+    pub fn container_dir(&self, id: &str) -> PathBuf {
+        self.root.join("containers").join(id)
+    }
+
+    /// Where the image `serial` is mounted.
+    pub fn image_dir(&self, serial: &str) -> PathBuf {
+        self.root.join("images").join(serial)
+    }
+
+    fn acquire_disk(
+        &mut self,
+        dir: PathBuf,
+        serial: &str,
+        fs_type: &str,
+        image: bool,
+    ) -> Result<(), RootfsError> {
+        let counts = if image {
+            &mut self.images
+        } else {
+            &mut self.disks
+        };
+        if let Some(n) = counts.get_mut(serial) {
+            *n += 1;
+            return Ok(());
+        }
+        let device = find_disk(&self.sys_block, serial)?;
+        mkdir(&dir)?;
+        let data = if fs_type == "ext4" { "noload" } else { "" };
+        let device_str = device.to_string_lossy().into_owned();
+        let mounted = self.mounter.mount(
+            &device_str,
+            &dir,
+            fs_type,
+            MountKind::New { readonly: true },
+            data,
+        );
+        if let Err(e) = mounted {
+            // ext4 without a journal refuses nothing; some kernels refuse "noload".
+            if fs_type != "ext4" {
+                return Err(io_err("mount", &dir)(e));
+            }
+            self.mounter
+                .mount(
+                    &device_str,
+                    &dir,
+                    fs_type,
+                    MountKind::New { readonly: true },
+                    "",
+                )
+                .map_err(io_err("mount", &dir))?;
+        }
+        let counts = if image {
+            &mut self.images
+        } else {
+            &mut self.disks
+        };
+        counts.insert(serial.to_owned(), 1);
+        Ok(())
+    }
+
+    fn release_disk(&mut self, serial: &str, image: bool) {
+        let dir = if image {
+            self.image_dir(serial)
+        } else {
+            self.root.join("disks").join(serial)
+        };
+        let counts = if image {
+            &mut self.images
+        } else {
+            &mut self.disks
+        };
+        let Some(n) = counts.get_mut(serial) else {
+            return;
+        };
+        *n -= 1;
+        if *n == 0 {
+            counts.remove(serial);
+            let _ = self.mounter.unmount(&dir);
+            let _ = std::fs::remove_dir(&dir);
+        }
+    }
+
+    /// Prepares `<root>/containers/<id>/rootfs` from the image `serial`: a tmpfs for the
+    /// container, then an overlay (or a read-only bind when `readonly`). Returns the
+    /// rootfs path. On failure nothing stays mounted.
+    pub fn prepare_rootfs(
+        &mut self,
+        id: &str,
+        serial: &str,
+        fs_type: &str,
+        readonly: bool,
+    ) -> Result<PathBuf, RootfsError> {
+        if fs_type != "erofs" && fs_type != "ext4" {
+            return Err(RootfsError::FsType(fs_type.to_owned()));
+        }
+        let image = self.image_dir(serial);
+        self.acquire_disk(image.clone(), serial, fs_type, true)?;
+        let result = self.overlay(id, &image, readonly);
+        if result.is_err() {
+            self.release_disk(serial, true);
+        }
+        result
+    }
+
+    fn overlay(&mut self, id: &str, image: &Path, readonly: bool) -> Result<PathBuf, RootfsError> {
+        let dir = self.container_dir(id);
+        mkdir(&dir)?;
+        self.mounter
+            .mount(
+                "tmpfs",
+                &dir,
+                "tmpfs",
+                MountKind::New { readonly: false },
+                "mode=0700",
+            )
+            .map_err(io_err("mount a tmpfs on", &dir))?;
+        let rootfs = dir.join("rootfs");
+        let done = (|| {
+            mkdir(&rootfs)?;
+            if readonly {
+                let image_str = image.to_string_lossy().into_owned();
+                self.mounter
+                    .mount(&image_str, &rootfs, "", MountKind::Bind, "")
+                    .map_err(io_err("bind the image on", &rootfs))?;
+                self.mounter
+                    .mount("", &rootfs, "", MountKind::RemountBindReadonly, "")
+                    .map_err(io_err("make read-only", &rootfs))?;
+            } else {
+                let (upper, work) = (dir.join("upper"), dir.join("work"));
+                mkdir(&upper)?;
+                mkdir(&work)?;
+                let data = format!(
+                    "lowerdir={},upperdir={},workdir={}",
+                    image.display(),
+                    upper.display(),
+                    work.display()
+                );
+                self.mounter
+                    .mount(
+                        "overlay",
+                        &rootfs,
+                        "overlay",
+                        MountKind::New { readonly: false },
+                        &data,
+                    )
+                    .map_err(io_err("mount the overlay on", &rootfs))?;
+            }
+            Ok(rootfs.clone())
+        })();
+        if done.is_err() {
+            let _ = self.mounter.unmount(&rootfs);
+            let _ = self.mounter.unmount(&dir);
+            let _ = std::fs::remove_dir(&dir);
+        }
+        done
+    }
+
+    /// Undoes [`Mounts::prepare_rootfs`] (idempotent: a second call does nothing).
+    pub fn release_rootfs(&mut self, id: &str, serial: &str) {
+        let dir = self.container_dir(id);
+        let _ = self.mounter.unmount(&dir.join("rootfs"));
+        let _ = self.mounter.unmount(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        self.release_disk(serial, true);
+    }
+
+    /// Mounts the data disk `serial` read-only at `<root>/disks/<serial>` (once).
+    pub fn acquire_data_disk(&mut self, serial: &str) -> Result<(), RootfsError> {
+        let dir = self.root.join("disks").join(serial);
+        // A data disk made by atoll-image is erofs or ext4: try erofs first.
+        if self.disks.contains_key(serial) {
+            return self.acquire_disk(dir, serial, "erofs", false);
+        }
+        match self.acquire_disk(dir.clone(), serial, "erofs", false) {
+            Err(RootfsError::Io { .. }) => self.acquire_disk(dir, serial, "ext4", false),
+            other => other,
+        }
+    }
+
+    /// Drops one reference to the data disk `serial`.
+    pub fn release_data_disk(&mut self, serial: &str) {
+        self.release_disk(serial, false);
+    }
+
+    /// Makes the pod volume `name` exist (a tmpfs at `<root>/volumes/<name>`).
+    pub fn ensure_volume(&mut self, name: &str) -> Result<(), RootfsError> {
+        if self.volumes.contains(name) {
+            return Ok(());
+        }
+        let dir = self.root.join("volumes").join(name);
+        mkdir(&dir)?;
+        self.mounter
+            .mount(
+                "tmpfs",
+                &dir,
+                "tmpfs",
+                MountKind::New { readonly: false },
+                "mode=1777",
+            )
+            .map_err(io_err("mount a tmpfs on", &dir))?;
+        self.volumes.insert(name.to_owned());
+        Ok(())
+    }
+
+    /// How many containers use the image `serial`.
+    pub fn image_users(&self, serial: &str) -> usize {
+        self.images.get(serial).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod fake {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    /// One recorded call.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Op {
+        Mount {
+            source: String,
+            target: PathBuf,
+            fstype: String,
+            kind: MountKind,
+            data: String,
+        },
+        Unmount(PathBuf),
+    }
+
+    /// Records calls; fails mounts whose fstype is in `fail`.
+    #[derive(Debug, Default, Clone)]
+    pub struct FakeMounter {
+        pub ops: Arc<Mutex<Vec<Op>>>,
+        pub fail: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Mounter for FakeMounter {
+        fn mount(
+            &mut self,
+            source: &str,
+            target: &Path,
+            fstype: &str,
+            kind: MountKind,
+            data: &str,
+        ) -> io::Result<()> {
+            self.ops.lock().unwrap().push(Op::Mount {
+                source: source.into(),
+                target: target.into(),
+                fstype: fstype.into(),
+                kind,
+                data: data.into(),
+            });
+            if self.fail.lock().unwrap().iter().any(|f| f == fstype) {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            Ok(())
+        }
+
+        fn unmount(&mut self, target: &Path) -> io::Result<()> {
+            self.ops.lock().unwrap().push(Op::Unmount(target.into()));
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fake::{FakeMounter, Op};
+    use super::*;
+
+    fn sysfs(disks: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, serial) in disks {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+            std::fs::write(dir.path().join(name).join("serial"), serial).unwrap();
+        }
+        std::fs::create_dir(dir.path().join("loop0")).unwrap();
+        dir
+    }
+
+    fn setup(
+        disks: &[(&str, &str)],
+    ) -> (tempfile::TempDir, tempfile::TempDir, Mounts, FakeMounter) {
+        let sys = sysfs(disks);
+        let root = tempfile::tempdir().unwrap();
+        let fake = FakeMounter::default();
+        let m = Mounts::new(
+            root.path().into(),
+            sys.path().into(),
+            Box::new(fake.clone()),
+        );
+        (sys, root, m, fake)
+    }
+
+    #[test]
+    fn find_disk_matches_trimmed_serial() {
+        let sys = sysfs(&[("vda", "other\n"), ("vdb", "img1\0\0\0")]);
+        assert_eq!(
+            find_disk(sys.path(), "img1").unwrap(),
+            Path::new("/dev/vdb")
+        );
+        assert!(matches!(
+            find_disk(sys.path(), "img"),
+            Err(RootfsError::NoDisk(_))
+        ));
+    }
+
+    #[test]
+    fn prepare_rootfs_mounts_image_once_and_overlays() {
+        let (_sys, root, mut m, fake) = setup(&[("vda", "img1")]);
+        let r1 = m.prepare_rootfs("c1", "img1", "erofs", false).unwrap();
+        let r2 = m.prepare_rootfs("c2", "img1", "erofs", false).unwrap();
+        assert_eq!(r1, root.path().join("containers/c1/rootfs"));
+        assert_eq!(r2, root.path().join("containers/c2/rootfs"));
+        let ops = fake.ops.lock().unwrap().clone();
+        let image_mounts = ops
+            .iter()
+            .filter(|o| matches!(o, Op::Mount { fstype, .. } if fstype == "erofs"))
+            .count();
+        assert_eq!(image_mounts, 1);
+        assert_eq!(
+            ops[0],
+            Op::Mount {
+                source: "/dev/vda".into(),
+                target: root.path().join("images/img1"),
+                fstype: "erofs".into(),
+                kind: MountKind::New { readonly: true },
+                data: String::new(),
+            }
+        );
+        let overlay = ops.iter().find_map(|o| match o {
+            Op::Mount {
+                fstype,
+                data,
+                target,
+                ..
+            } if fstype == "overlay" => Some((data.clone(), target.clone())),
+            _ => None,
+        });
+        let (data, target) = overlay.unwrap();
+        assert_eq!(target, r1);
+        assert!(data.starts_with(&format!("lowerdir={}/images/img1,", root.path().display())));
+        assert!(data.contains("/containers/c1/upper,workdir="));
+        assert_eq!(m.image_users("img1"), 2);
+    }
+
+    #[test]
+    fn release_rootfs_unmounts_image_after_last_user() {
+        let (_sys, root, mut m, fake) = setup(&[("vda", "img1")]);
+        m.prepare_rootfs("c1", "img1", "erofs", false).unwrap();
+        m.prepare_rootfs("c2", "img1", "erofs", false).unwrap();
+        m.release_rootfs("c1", "img1");
+        let image = root.path().join("images/img1");
+        assert!(!fake
+            .ops
+            .lock()
+            .unwrap()
+            .contains(&Op::Unmount(image.clone())));
+        m.release_rootfs("c2", "img1");
+        assert!(fake.ops.lock().unwrap().contains(&Op::Unmount(image)));
+        assert_eq!(m.image_users("img1"), 0);
+        // Idempotent.
+        m.release_rootfs("c2", "img1");
+        assert_eq!(m.image_users("img1"), 0);
+    }
+
+    #[test]
+    fn prepare_rootfs_readonly_binds_and_remounts() {
+        let (_sys, _root, mut m, fake) = setup(&[("vda", "img1")]);
+        let rootfs = m.prepare_rootfs("c1", "img1", "ext4", true).unwrap();
+        let ops = fake.ops.lock().unwrap().clone();
+        assert!(matches!(&ops[0], Op::Mount { data, .. } if data == "noload"));
+        assert!(ops.iter().any(
+            |o| matches!(o, Op::Mount { kind: MountKind::Bind, target, .. } if *target == rootfs)
+        ));
+        assert!(matches!(
+            ops.last(),
+            Some(Op::Mount {
+                kind: MountKind::RemountBindReadonly,
+                ..
+            })
+        ));
+        assert!(!ops
+            .iter()
+            .any(|o| matches!(o, Op::Mount { fstype, .. } if fstype == "overlay")));
+    }
+
+    #[test]
+    fn prepare_rootfs_refuses_other_fs_types() {
+        let (_sys, _root, mut m, fake) = setup(&[("vda", "img1")]);
+        assert!(matches!(
+            m.prepare_rootfs("c1", "img1", "xfs", false),
+            Err(RootfsError::FsType(_))
+        ));
+        assert!(fake.ops.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn prepare_rootfs_overlay_failure_releases_the_image() {
+        let (_sys, root, mut m, fake) = setup(&[("vda", "img1")]);
+        fake.fail.lock().unwrap().push("overlay".into());
+        let err = m.prepare_rootfs("c1", "img1", "erofs", false).unwrap_err();
+        assert!(
+            err.to_string().starts_with("cannot mount the overlay on"),
+            "{err}"
+        );
+        assert_eq!(m.image_users("img1"), 0);
+        let ops = fake.ops.lock().unwrap().clone();
+        assert!(ops.contains(&Op::Unmount(root.path().join("images/img1"))));
+        assert!(ops.contains(&Op::Unmount(root.path().join("containers/c1"))));
+    }
+
+    #[test]
+    fn prepare_rootfs_missing_disk_mounts_nothing() {
+        let (_sys, _root, mut m, fake) = setup(&[("vda", "img1")]);
+        let err = m.prepare_rootfs("c1", "nope", "erofs", false).unwrap_err();
+        assert!(matches!(err, RootfsError::NoDisk(_)));
+        assert!(fake.ops.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn ensure_volume_mounts_tmpfs_once() {
+        let (_sys, root, mut m, fake) = setup(&[]);
+        m.ensure_volume("cache").unwrap();
+        m.ensure_volume("cache").unwrap();
+        let ops = fake.ops.lock().unwrap().clone();
+        assert_eq!(ops.len(), 1);
+        assert!(matches!(&ops[0], Op::Mount { target, fstype, .. }
+            if *target == root.path().join("volumes/cache") && fstype == "tmpfs"));
+    }
+
+    #[test]
+    fn data_disk_falls_back_to_ext4_and_is_counted() {
+        let (_sys, root, mut m, fake) = setup(&[("vdc", "data1")]);
+        fake.fail.lock().unwrap().push("erofs".into());
+        m.acquire_data_disk("data1").unwrap();
+        m.acquire_data_disk("data1").unwrap();
+        m.release_data_disk("data1");
+        let dir = root.path().join("disks/data1");
+        assert!(!fake.ops.lock().unwrap().contains(&Op::Unmount(dir.clone())));
+        m.release_data_disk("data1");
+        let ops = fake.ops.lock().unwrap().clone();
+        assert!(ops.contains(&Op::Unmount(dir)));
+        assert!(ops
+            .iter()
+            .any(|o| matches!(o, Op::Mount { fstype, .. } if fstype == "ext4")));
+    }
+}

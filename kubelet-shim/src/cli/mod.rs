@@ -345,6 +345,12 @@ mod tests {
     }
 
     #[test]
+    fn run_command_keeps_a_second_double_dash() {
+        let a = parse(&["img", "--", "sh", "-c", "x", "--", "/data"]);
+        assert_eq!(a.cmd, ["sh", "-c", "x", "--", "/data"]);
+    }
+
+    #[test]
     fn run_refuses_bad_sizes_and_volumes() {
         for bad in [
             vec!["--memory-limit", "lots", "busybox"],

@@ -23,6 +23,7 @@ use signal_hook::consts::{SIGINT, SIGTERM, SIGWINCH};
 
 use super::artifacts;
 use super::RunArgs;
+use crate::agent::AgentError;
 use crate::pod::image::{self, ProcessOverrides};
 use crate::pod::{self, state, Disk, Pod, PodConfig, PodHandle};
 
@@ -359,7 +360,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         cols,
         rlimits: Vec::new(),
     };
-    pod.create_container(v1::CreateContainer {
+    let created = pod.create_container(v1::CreateContainer {
         id: MAIN.into(),
         rootfs: Some(rootfs.clone()),
         process: Some(process),
@@ -367,7 +368,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         mounts: mounts.clone(),
         resources: Some(resources),
         security: Some(security.clone()),
-    })?;
+    });
+    if let Err(e) = created {
+        return fail_main(&mut pod, e);
+    }
 
     let log: SharedLog = Arc::new(Mutex::new(
         File::create(pod.container_log())
@@ -434,7 +438,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     drop(done_tx);
 
-    pod.start_container(MAIN)?;
+    if let Err(e) = pod.start_container(MAIN) {
+        return fail_main(&mut pod, e);
+    }
+    // A stop signal that came before the container existed found nothing to stop:
+    // stop it now. (One that comes after this check finds it started.)
+    if signals.stopped().is_some() {
+        let h = pod.handle();
+        thread::spawn(move || h.stop_container(MAIN, STOP_GRACE));
+    }
     let waited = pod.wait(MAIN);
     // Output written just before the end is still in flight: drain it.
     let deadline = Instant::now() + DRAIN_TIMEOUT;
@@ -466,6 +478,39 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         eprintln!("atoll: container was OOM-killed");
     }
     Ok(w.status)
+}
+
+/// `docker run`'s statuses for a command that cannot run: 127 when it does not
+/// exist, 126 when it cannot be executed.
+pub fn exec_failure_status(e: &AgentError) -> Option<i32> {
+    let AgentError::Refused { code, message, .. } = e else {
+        return None;
+    };
+    if *code == v1::error::Code::NotFound {
+        // No such container: not about the command.
+        return None;
+    }
+    let m = message.to_ascii_lowercase();
+    if m.contains("no such file") || m.contains("not found") {
+        Some(127)
+    } else if m.contains("permission denied") || m.contains("not executable") {
+        Some(126)
+    } else {
+        None
+    }
+}
+
+/// The main container could not be created or started: say why, end the VM, and
+/// exit 127/126 when the command cannot run (as `docker run`), else fail.
+fn fail_main(pod: &mut Pod, e: AgentError) -> anyhow::Result<i32> {
+    let _ = pod.shutdown();
+    match exec_failure_status(&e) {
+        Some(status) => {
+            eprintln!("atoll: {e}");
+            Ok(status)
+        }
+        None => Err(e.into()),
+    }
 }
 
 fn write_timings(path: &Path, t: &pod::Timings) -> anyhow::Result<()> {
@@ -509,6 +554,35 @@ mod tests {
         std::fs::write(&p, "not json").unwrap();
         assert!(seccomp(Some(p.to_str().unwrap())).is_err());
         assert!(seccomp(Some("/no/such/profile")).is_err());
+    }
+
+    #[test]
+    fn exec_failures_map_to_126_and_127() {
+        let refused = |code, message: &str| AgentError::Refused {
+            op: "StartContainer",
+            code,
+            message: message.into(),
+        };
+        let internal = v1::error::Code::Internal;
+        assert_eq!(
+            exec_failure_status(&refused(
+                internal,
+                "exec /no/such: No such file or directory"
+            )),
+            Some(127)
+        );
+        assert_eq!(
+            exec_failure_status(&refused(internal, "exec /etc/passwd: Permission denied")),
+            Some(126)
+        );
+        assert_eq!(
+            exec_failure_status(&refused(internal, "cgroup write failed")),
+            None
+        );
+        assert_eq!(
+            exec_failure_status(&refused(v1::error::Code::NotFound, "container not found")),
+            None
+        );
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! [`shutdown::finish`] are tested with a recording fake; `main.rs` only wires the
 //! real implementation, the console and the panic hook together.
 
+pub mod agent;
 mod arch;
 pub mod cmdline;
 pub mod console;

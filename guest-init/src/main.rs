@@ -1,5 +1,8 @@
 //! The `atoll-init` binary: wires the real syscalls, the console and the panic hook
 //! to the library, and never returns (PID 1 exiting panics the kernel).
+//!
+//! Run as `/init agent` by PID 1, the same binary is the guest agent instead
+//! ([`atoll_init::agent::run`]) and exits with the status Shutdown asked for.
 
 use std::ffi::OsString;
 use std::io;
@@ -12,6 +15,10 @@ use atoll_init::syscall::{LinuxSyscall, Syscall};
 use atoll_init::{boot, shutdown};
 
 fn main() {
+    if std::process::id() != 1 && std::env::args_os().nth(1).is_some_and(|a| a == "agent") {
+        // The agent: PID 1's supervised command (`/init agent`).
+        std::process::exit(i32::from(atoll_init::agent::run()));
+    }
     if std::process::id() != 1 {
         // Mounting over the host's /dev and rebooting it would be a disaster.
         eprintln!("atoll-init: refusing to run: this is PID 1 of an Atoll guest VM only");

@@ -1,0 +1,856 @@
+//! ConfigureNetwork: the VM's interfaces, routes, DNS and hostname. Every container of
+//! the pod shares the VM's network namespace, so this is the pod's network.
+//!
+//! The request is checked and turned into a [`NetPlan`] first (pure, unit-tested);
+//! only a plan that is valid as a whole is applied, through [`NetOps`] (old-style
+//! `SIOC*` ioctls on an `AF_INET` socket: enough for IPv4 addresses, MTU, link up and
+//! routes, without netlink). The pod's `resolv.conf`, `hosts` and `hostname` are
+//! written under the runtime's `pod/` directory, which the runtime bind-mounts into
+//! every container.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::mem;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use atoll_agent_proto::v1;
+
+/// Most interfaces, addresses per interface, routes, DNS servers and search domains
+/// one request may carry.
+pub const MAX_ITEMS: usize = 32;
+/// Longest interface name (IFNAMSIZ - 1).
+const MAX_IFNAME: usize = 15;
+/// Longest hostname (HOST_NAME_MAX).
+const MAX_HOSTNAME: usize = 64;
+/// Longest DNS search domain.
+const MAX_DOMAIN: usize = 253;
+
+/// The request cannot be applied as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetPlanError {
+    /// An address is not `a.b.c.d/len`.
+    #[error("invalid address {0:?}: expected IPv4 a.b.c.d/prefix such as 10.0.0.2/24")]
+    BadCidr(String),
+    /// IPv6 is not configured by this agent.
+    #[error("IPv6 address {0:?} is not supported: the agent configures IPv4 only")]
+    Ipv6(String),
+    /// A gateway or DNS server is not an IP address.
+    #[error("invalid {what} {value:?}: expected an IP address")]
+    BadAddress {
+        /// Which field.
+        what: &'static str,
+        /// Its value.
+        value: String,
+    },
+    /// An interface name is empty, too long or has odd characters.
+    #[error("invalid interface name {0:?}: 1 to 15 characters, no '/', whitespace or NUL")]
+    BadInterface(String),
+    /// A MAC address is not `aa:bb:cc:dd:ee:ff`.
+    #[error("invalid MAC address {0:?}: expected aa:bb:cc:dd:ee:ff")]
+    BadMac(String),
+    /// A hostname is not a DNS name.
+    #[error("invalid hostname {0:?}: 1 to 64 characters of a-z, A-Z, 0-9, '-' and '.'")]
+    BadHostname(String),
+    /// A search domain has whitespace or is too long.
+    #[error("invalid DNS search domain {0:?}")]
+    BadDomain(String),
+    /// Too many entries of a kind.
+    #[error("too many {0} (at most {MAX_ITEMS})")]
+    TooMany(&'static str),
+    /// MTU out of range.
+    #[error("MTU {0} is out of range (68 to 65535, or 0 to keep it)")]
+    BadMtu(u32),
+    /// A route with neither a gateway nor a device.
+    #[error("route to {0} needs a gateway or a device")]
+    RouteTarget(String),
+}
+
+/// An IPv4 network: address and prefix length.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// The address as written (a host address for interfaces).
+    pub addr: Ipv4Addr,
+    /// 0 to 32.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// The netmask of the prefix.
+    pub fn netmask(&self) -> Ipv4Addr {
+        let bits = if self.prefix == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(self.prefix))
+        };
+        Ipv4Addr::from(bits)
+    }
+
+    /// The address with host bits cleared.
+    pub fn network(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) & u32::from(self.netmask()))
+    }
+}
+
+/// Parses `a.b.c.d/len`; a bare `a.b.c.d` is a /32.
+pub fn parse_cidr(text: &str) -> Result<Cidr, NetPlanError> {
+    let (addr, prefix) = match text.split_once('/') {
+        Some((addr, prefix)) => (addr, Some(prefix)),
+        None => (text, None),
+    };
+    if addr.parse::<std::net::Ipv6Addr>().is_ok() {
+        return Err(NetPlanError::Ipv6(text.to_owned()));
+    }
+    let addr: Ipv4Addr = addr
+        .parse()
+        .map_err(|_| NetPlanError::BadCidr(text.to_owned()))?;
+    let prefix = match prefix {
+        None => 32,
+        // `u8::from_str` would also take "+8".
+        Some(p) if !p.is_empty() && p.len() <= 2 && p.bytes().all(|b| b.is_ascii_digit()) => {
+            match p.parse::<u8>() {
+                Ok(p) if p <= 32 => p,
+                _ => return Err(NetPlanError::BadCidr(text.to_owned())),
+            }
+        }
+        Some(_) => return Err(NetPlanError::BadCidr(text.to_owned())),
+    };
+    Ok(Cidr { addr, prefix })
+}
+
+fn parse_ipv4(what: &'static str, text: &str) -> Result<Ipv4Addr, NetPlanError> {
+    match text.parse::<IpAddr>() {
+        Ok(IpAddr::V4(a)) => Ok(a),
+        Ok(IpAddr::V6(_)) => Err(NetPlanError::Ipv6(text.to_owned())),
+        Err(_) => Err(NetPlanError::BadAddress {
+            what,
+            value: text.to_owned(),
+        }),
+    }
+}
+
+fn check_ifname(name: &str) -> Result<(), NetPlanError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_IFNAME
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control());
+    if ok {
+        Ok(())
+    } else {
+        Err(NetPlanError::BadInterface(name.to_owned()))
+    }
+}
+
+/// Normalises a MAC to lower case `aa:bb:cc:dd:ee:ff`.
+fn parse_mac(text: &str) -> Result<String, NetPlanError> {
+    let parts: Vec<&str> = text.split(':').collect();
+    let ok = parts.len() == 6
+        && parts
+            .iter()
+            .all(|p| p.len() == 2 && p.chars().all(|c| c.is_ascii_hexdigit()));
+    if ok {
+        Ok(text.to_ascii_lowercase())
+    } else {
+        Err(NetPlanError::BadMac(text.to_owned()))
+    }
+}
+
+/// Checks a hostname: 1 to 64 of `[A-Za-z0-9.-]`, not starting with '-' or '.'.
+pub fn check_hostname(name: &str) -> Result<(), NetPlanError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_HOSTNAME
+        && !name.starts_with(['-', '.'])
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(NetPlanError::BadHostname(name.to_owned()))
+    }
+}
+
+fn bounded<T>(items: &[T], what: &'static str) -> Result<(), NetPlanError> {
+    if items.len() > MAX_ITEMS {
+        Err(NetPlanError::TooMany(what))
+    } else {
+        Ok(())
+    }
+}
+
+/// One interface to configure.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IfacePlan {
+    /// The name from the request (used when no MAC is given).
+    pub name: String,
+    /// Lower-case MAC to find the interface by, when given.
+    pub mac: Option<String>,
+    /// Its addresses.
+    pub addresses: Vec<Cidr>,
+    /// 0: leave as is.
+    pub mtu: u32,
+}
+
+/// One route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutePlan {
+    /// Destination network (`0.0.0.0/0`: default route).
+    pub destination: Cidr,
+    /// Next hop, if any.
+    pub gateway: Option<Ipv4Addr>,
+    /// Output device, if given.
+    pub device: Option<String>,
+}
+
+/// A checked ConfigureNetwork request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetPlan {
+    /// Interfaces.
+    pub interfaces: Vec<IfacePlan>,
+    /// Routes, in order.
+    pub routes: Vec<RoutePlan>,
+    /// DNS servers (IPv4 or IPv6: they only go to resolv.conf).
+    pub dns_servers: Vec<IpAddr>,
+    /// Search domains.
+    pub dns_search: Vec<String>,
+    /// The pod's hostname, if given.
+    pub hostname: Option<String>,
+}
+
+/// Checks a request and turns it into a plan; nothing is applied on any error.
+pub fn plan(req: &v1::ConfigureNetwork) -> Result<NetPlan, NetPlanError> {
+    bounded(&req.interfaces, "interfaces")?;
+    bounded(&req.routes, "routes")?;
+    bounded(&req.dns_servers, "DNS servers")?;
+    bounded(&req.dns_search, "DNS search domains")?;
+    let mut interfaces = Vec::new();
+    for iface in &req.interfaces {
+        bounded(&iface.addresses, "addresses on one interface")?;
+        let mac = if iface.mac.is_empty() {
+            check_ifname(&iface.name)?;
+            None
+        } else {
+            if !iface.name.is_empty() {
+                check_ifname(&iface.name)?;
+            }
+            Some(parse_mac(&iface.mac)?)
+        };
+        if iface.mtu != 0 && !(68..=65535).contains(&iface.mtu) {
+            return Err(NetPlanError::BadMtu(iface.mtu));
+        }
+        let addresses = iface
+            .addresses
+            .iter()
+            .map(|a| parse_cidr(a))
+            .collect::<Result<_, _>>()?;
+        interfaces.push(IfacePlan {
+            name: iface.name.clone(),
+            mac,
+            addresses,
+            mtu: iface.mtu,
+        });
+    }
+    let mut routes = Vec::new();
+    for route in &req.routes {
+        let destination = parse_cidr(&route.destination)?;
+        let gateway = if route.gateway.is_empty() {
+            None
+        } else {
+            Some(parse_ipv4("gateway", &route.gateway)?)
+        };
+        let device = if route.device.is_empty() {
+            None
+        } else {
+            check_ifname(&route.device)?;
+            Some(route.device.clone())
+        };
+        if gateway.is_none() && device.is_none() {
+            return Err(NetPlanError::RouteTarget(route.destination.clone()));
+        }
+        routes.push(RoutePlan {
+            destination: Cidr {
+                addr: destination.network(),
+                prefix: destination.prefix,
+            },
+            gateway,
+            device,
+        });
+    }
+    let dns_servers = req
+        .dns_servers
+        .iter()
+        .map(|s| {
+            s.parse::<IpAddr>().map_err(|_| NetPlanError::BadAddress {
+                what: "DNS server",
+                value: s.clone(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    for domain in &req.dns_search {
+        if domain.is_empty()
+            || domain.len() > MAX_DOMAIN
+            || domain
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '#')
+        {
+            return Err(NetPlanError::BadDomain(domain.clone()));
+        }
+    }
+    let hostname = if req.hostname.is_empty() {
+        None
+    } else {
+        check_hostname(&req.hostname)?;
+        Some(req.hostname.clone())
+    };
+    Ok(NetPlan {
+        interfaces,
+        routes,
+        dns_servers,
+        dns_search: req.dns_search.clone(),
+        hostname,
+    })
+}
+
+/// The text of `resolv.conf`.
+pub fn render_resolv_conf(servers: &[IpAddr], search: &[String]) -> String {
+    let mut out = String::new();
+    if !search.is_empty() {
+        out.push_str("search ");
+        out.push_str(&search.join(" "));
+        out.push('\n');
+    }
+    for server in servers {
+        out.push_str(&format!("nameserver {server}\n"));
+    }
+    out
+}
+
+/// The text of `hosts`: localhost, and the hostname on the pod's first address (or
+/// 127.0.1.1 when the pod has none).
+pub fn render_hosts(hostname: Option<&str>, pod_ip: Option<Ipv4Addr>) -> String {
+    let mut out = String::from("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n");
+    if let Some(name) = hostname {
+        let ip = pod_ip.unwrap_or(Ipv4Addr::new(127, 0, 1, 1));
+        out.push_str(&format!("{ip}\t{name}\n"));
+    }
+    out
+}
+
+/// The privileged network operations, so the plan logic can be tested without root.
+pub trait NetOps: Send {
+    /// The name of the interface whose MAC is `mac` (lower case), if any.
+    fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>>;
+    /// SIOCSIFADDR + SIOCSIFNETMASK.
+    fn set_address(&mut self, ifname: &str, cidr: Cidr) -> io::Result<()>;
+    /// SIOCSIFMTU.
+    fn set_mtu(&mut self, ifname: &str, mtu: u32) -> io::Result<()>;
+    /// Sets IFF_UP (SIOCGIFFLAGS, SIOCSIFFLAGS).
+    fn set_up(&mut self, ifname: &str) -> io::Result<()>;
+    /// SIOCADDRT.
+    fn add_route(&mut self, route: &RoutePlan) -> io::Result<()>;
+    /// sethostname(2).
+    fn set_hostname(&mut self, name: &str) -> io::Result<()>;
+}
+
+/// Applying a valid plan failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigureNetworkError {
+    /// The request is invalid.
+    #[error(transparent)]
+    Plan(#[from] NetPlanError),
+    /// No interface has the given MAC.
+    #[error("no network interface has MAC address {0}")]
+    NoSuchMac(String),
+    /// A kernel operation failed.
+    #[error("cannot {action}: {cause}")]
+    Apply {
+        /// What was being done.
+        action: String,
+        /// What the kernel said.
+        cause: io::Error,
+    },
+    /// A pod file could not be written.
+    #[error("cannot write {path}: {cause}")]
+    WriteFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        cause: io::Error,
+    },
+}
+
+fn apply_err(action: String) -> impl FnOnce(io::Error) -> ConfigureNetworkError {
+    move |cause| ConfigureNetworkError::Apply { action, cause }
+}
+
+/// Applies a request: interfaces (address, MTU, up), routes, hostname and the pod
+/// files in `pod_dir`.
+pub fn configure(
+    ops: &mut dyn NetOps,
+    req: &v1::ConfigureNetwork,
+    pod_dir: &Path,
+) -> Result<(), ConfigureNetworkError> {
+    let plan = plan(req)?;
+    let mut pod_ip = None;
+    for iface in &plan.interfaces {
+        let name = match &iface.mac {
+            Some(mac) => ops
+                .interface_by_mac(mac)
+                .map_err(apply_err(format!("look for the interface with MAC {mac}")))?
+                .ok_or_else(|| ConfigureNetworkError::NoSuchMac(mac.clone()))?,
+            None => iface.name.clone(),
+        };
+        for cidr in &iface.addresses {
+            ops.set_address(&name, *cidr).map_err(apply_err(format!(
+                "set address {}/{} on {name}",
+                cidr.addr, cidr.prefix
+            )))?;
+            pod_ip.get_or_insert(cidr.addr);
+        }
+        if iface.mtu != 0 {
+            ops.set_mtu(&name, iface.mtu)
+                .map_err(apply_err(format!("set MTU {} on {name}", iface.mtu)))?;
+        }
+        ops.set_up(&name)
+            .map_err(apply_err(format!("bring {name} up")))?;
+    }
+    for route in &plan.routes {
+        ops.add_route(route).map_err(apply_err(format!(
+            "add route to {}/{}",
+            route.destination.addr, route.destination.prefix
+        )))?;
+    }
+    if let Some(name) = &plan.hostname {
+        ops.set_hostname(name)
+            .map_err(apply_err(format!("set hostname {name}")))?;
+    }
+    write_pod_file(
+        pod_dir,
+        "resolv.conf",
+        &render_resolv_conf(&plan.dns_servers, &plan.dns_search),
+    )?;
+    write_pod_file(
+        pod_dir,
+        "hosts",
+        &render_hosts(plan.hostname.as_deref(), pod_ip),
+    )?;
+    if let Some(name) = &plan.hostname {
+        write_pod_file(pod_dir, "hostname", &format!("{name}\n"))?;
+    }
+    Ok(())
+}
+
+fn write_pod_file(dir: &Path, name: &str, text: &str) -> Result<(), ConfigureNetworkError> {
+    let path = dir.join(name);
+    fs::create_dir_all(dir)
+        .and_then(|()| fs::write(&path, text))
+        .map_err(|cause| ConfigureNetworkError::WriteFile { path, cause })
+}
+
+/// The real [`NetOps`]: ioctls on an `AF_INET` datagram socket.
+#[derive(Debug, Default)]
+pub struct LinuxNetOps;
+
+fn inet_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket has no memory arguments.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a new fd owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifreq_for(ifname: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain old data (a name array and a union of PODs); all zeros is
+    // a valid value.
+    let mut req: libc::ifreq = unsafe { mem::zeroed() };
+    let bytes = ifname.as_bytes();
+    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
+        return Err(io::Error::from(io::ErrorKind::InvalidInput));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
+        *dst = *src as libc::c_char;
+    }
+    Ok(req)
+}
+
+fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(addr).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr are both 16-byte POD socket addresses; this is
+    // how the ioctl interface takes an AF_INET address.
+    unsafe { mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+fn ioctl(fd: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_void) -> io::Result<()> {
+    // SAFETY: every caller passes a pointer to the structure `request` expects (an
+    // ifreq or an rtentry) that lives across the call.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), request, arg) } == -1 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The kernel's `struct rtentry` (x86_64 / LP64 layout, `include/uapi/linux/route.h`).
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+/// Brings one interface up (used for `lo` at start-up too).
+pub fn link_up(ifname: &str) -> io::Result<()> {
+    let sock = inet_socket()?;
+    let mut req = ifreq_for(ifname)?;
+    ioctl(
+        &sock,
+        libc::SIOCGIFFLAGS,
+        (&mut req as *mut libc::ifreq).cast(),
+    )?;
+    // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
+    let flags = unsafe { req.ifr_ifru.ifru_flags };
+    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP as libc::c_short);
+    ioctl(
+        &sock,
+        libc::SIOCSIFFLAGS,
+        (&mut req as *mut libc::ifreq).cast(),
+    )
+}
+
+impl NetOps for LinuxNetOps {
+    fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>> {
+        for entry in fs::read_dir("/sys/class/net")? {
+            let entry = entry?;
+            let address = fs::read_to_string(entry.path().join("address")).unwrap_or_default();
+            if address.trim().eq_ignore_ascii_case(mac) {
+                return Ok(Some(entry.file_name().to_string_lossy().into_owned()));
+            }
+        }
+        Ok(None)
+    }
+
+    fn set_address(&mut self, ifname: &str, cidr: Cidr) -> io::Result<()> {
+        let sock = inet_socket()?;
+        let mut req = ifreq_for(ifname)?;
+        req.ifr_ifru.ifru_addr = sockaddr_in(cidr.addr);
+        ioctl(
+            &sock,
+            libc::SIOCSIFADDR,
+            (&mut req as *mut libc::ifreq).cast(),
+        )?;
+        let mut req = ifreq_for(ifname)?;
+        req.ifr_ifru.ifru_netmask = sockaddr_in(cidr.netmask());
+        ioctl(
+            &sock,
+            libc::SIOCSIFNETMASK,
+            (&mut req as *mut libc::ifreq).cast(),
+        )
+    }
+
+    fn set_mtu(&mut self, ifname: &str, mtu: u32) -> io::Result<()> {
+        let sock = inet_socket()?;
+        let mut req = ifreq_for(ifname)?;
+        req.ifr_ifru.ifru_mtu =
+            libc::c_int::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        ioctl(
+            &sock,
+            libc::SIOCSIFMTU,
+            (&mut req as *mut libc::ifreq).cast(),
+        )
+    }
+
+    fn set_up(&mut self, ifname: &str) -> io::Result<()> {
+        link_up(ifname)
+    }
+
+    fn add_route(&mut self, route: &RoutePlan) -> io::Result<()> {
+        let sock = inet_socket()?;
+        let device = route
+            .device
+            .as_deref()
+            .map(CString::new)
+            .transpose()
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let mut flags = libc::RTF_UP;
+        if route.gateway.is_some() {
+            flags |= libc::RTF_GATEWAY;
+        }
+        if route.destination.prefix == 32 {
+            flags |= libc::RTF_HOST;
+        }
+        let mut entry = RtEntry {
+            rt_pad1: 0,
+            rt_dst: sockaddr_in(route.destination.addr),
+            rt_gateway: sockaddr_in(route.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED)),
+            rt_genmask: sockaddr_in(route.destination.netmask()),
+            rt_flags: flags,
+            rt_pad2: 0,
+            rt_pad3: 0,
+            rt_pad4: std::ptr::null_mut(),
+            rt_metric: 0,
+            rt_dev: device
+                .as_ref()
+                .map_or(std::ptr::null_mut(), |d| d.as_ptr().cast_mut()),
+            rt_mtu: 0,
+            rt_window: 0,
+            rt_irtt: 0,
+        };
+        // `device` outlives the call, so `rt_dev` stays valid.
+        ioctl(&sock, libc::SIOCADDRT, (&mut entry as *mut RtEntry).cast())
+    }
+
+    fn set_hostname(&mut self, name: &str) -> io::Result<()> {
+        // SAFETY: the pointer and length describe `name`'s bytes, valid for the call.
+        if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_cidr_address_and_prefix() {
+        let c = parse_cidr("10.0.0.2/24").unwrap();
+        assert_eq!(c.addr, Ipv4Addr::new(10, 0, 0, 2));
+        assert_eq!(c.prefix, 24);
+        assert_eq!(c.netmask(), Ipv4Addr::new(255, 255, 255, 0));
+        assert_eq!(c.network(), Ipv4Addr::new(10, 0, 0, 0));
+        let default = parse_cidr("0.0.0.0/0").unwrap();
+        assert_eq!(default.netmask(), Ipv4Addr::UNSPECIFIED);
+        assert_eq!(parse_cidr("1.2.3.4").unwrap().prefix, 32);
+        assert_eq!(
+            parse_cidr("1.2.3.4/32").unwrap().netmask(),
+            Ipv4Addr::BROADCAST
+        );
+    }
+
+    #[test]
+    fn parse_cidr_rejects_garbage_and_ipv6_clearly() {
+        for bad in [
+            "",
+            "10.0.0.2/33",
+            "10.0.0/24",
+            "10.0.0.2/",
+            "10.0.0.2/-1",
+            "10.0.0.2/+8",
+            "x/8",
+            "10.0.0.2/2/4",
+        ] {
+            assert_eq!(
+                parse_cidr(bad),
+                Err(NetPlanError::BadCidr(bad.into())),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            parse_cidr("fd00::2/64"),
+            Err(NetPlanError::Ipv6("fd00::2/64".into()))
+        );
+        let err = parse_cidr("fd00::2").unwrap_err();
+        assert_eq!(err, NetPlanError::Ipv6("fd00::2".into()));
+        assert!(err.to_string().contains("IPv4 only"));
+    }
+
+    fn request() -> v1::ConfigureNetwork {
+        v1::ConfigureNetwork {
+            interfaces: vec![v1::Interface {
+                name: "eth0".into(),
+                mac: String::new(),
+                addresses: vec!["10.0.0.2/24".into()],
+                mtu: 1400,
+            }],
+            routes: vec![v1::Route {
+                destination: "0.0.0.0/0".into(),
+                gateway: "10.0.0.1".into(),
+                device: String::new(),
+            }],
+            dns_servers: vec!["10.96.0.10".into()],
+            dns_search: vec!["default.svc.cluster.local".into(), "cluster.local".into()],
+            hostname: "web-0".into(),
+        }
+    }
+
+    #[test]
+    fn plan_default_route_and_normalised_destination() {
+        let mut req = request();
+        req.routes.push(v1::Route {
+            destination: "10.1.2.3/16".into(),
+            gateway: String::new(),
+            device: "eth0".into(),
+        });
+        let plan = plan(&req).unwrap();
+        assert_eq!(plan.routes[0].destination, parse_cidr("0.0.0.0/0").unwrap());
+        assert_eq!(plan.routes[0].gateway, Some(Ipv4Addr::new(10, 0, 0, 1)));
+        assert_eq!(plan.routes[1].destination.addr, Ipv4Addr::new(10, 1, 0, 0));
+        assert_eq!(plan.routes[1].device.as_deref(), Some("eth0"));
+        assert_eq!(plan.hostname.as_deref(), Some("web-0"));
+    }
+
+    #[test]
+    fn plan_refuses_bad_fields_naming_them() {
+        let mut req = request();
+        req.hostname = "bad host".into();
+        assert_eq!(
+            plan(&req),
+            Err(NetPlanError::BadHostname("bad host".into()))
+        );
+        let mut req = request();
+        req.interfaces[0].name = "../eth0".into();
+        assert!(matches!(plan(&req), Err(NetPlanError::BadInterface(_))));
+        let mut req = request();
+        req.interfaces[0].mtu = 20;
+        assert_eq!(plan(&req), Err(NetPlanError::BadMtu(20)));
+        let mut req = request();
+        req.routes[0].gateway = String::new();
+        assert!(matches!(plan(&req), Err(NetPlanError::RouteTarget(_))));
+        let mut req = request();
+        req.dns_search = vec!["a\nnameserver 6.6.6.6".into()];
+        assert!(matches!(plan(&req), Err(NetPlanError::BadDomain(_))));
+        let mut req = request();
+        req.dns_servers = vec!["8.8.8".into()];
+        assert!(matches!(plan(&req), Err(NetPlanError::BadAddress { .. })));
+        let mut req = request();
+        req.interfaces[0].mac = "02:00:00:00:00".into();
+        assert!(matches!(plan(&req), Err(NetPlanError::BadMac(_))));
+        let mut req = request();
+        req.routes = vec![req.routes[0].clone(); MAX_ITEMS + 1];
+        assert_eq!(plan(&req), Err(NetPlanError::TooMany("routes")));
+    }
+
+    #[test]
+    fn resolv_conf_has_search_then_nameservers() {
+        let text = render_resolv_conf(
+            &["10.96.0.10".parse().unwrap(), "fd00::a".parse().unwrap()],
+            &["ns.svc".into(), "svc".into()],
+        );
+        assert_eq!(
+            text,
+            "search ns.svc svc\nnameserver 10.96.0.10\nnameserver fd00::a\n"
+        );
+        assert_eq!(render_resolv_conf(&[], &[]), "");
+    }
+
+    #[test]
+    fn hosts_maps_hostname_to_pod_ip_or_loopback() {
+        let text = render_hosts(Some("web-0"), Some(Ipv4Addr::new(10, 0, 0, 2)));
+        assert!(text.starts_with("127.0.0.1\tlocalhost\n"));
+        assert!(text.ends_with("10.0.0.2\tweb-0\n"));
+        assert!(render_hosts(Some("web-0"), None).ends_with("127.0.1.1\tweb-0\n"));
+        assert!(!render_hosts(None, None).contains("127.0.1.1"));
+    }
+
+    #[derive(Default)]
+    struct FakeNet {
+        calls: Vec<String>,
+        macs: Vec<(String, String)>,
+    }
+
+    impl NetOps for FakeNet {
+        fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>> {
+            Ok(self
+                .macs
+                .iter()
+                .find(|(m, _)| m == mac)
+                .map(|(_, n)| n.clone()))
+        }
+        fn set_address(&mut self, ifname: &str, cidr: Cidr) -> io::Result<()> {
+            self.calls
+                .push(format!("addr {ifname} {} {}", cidr.addr, cidr.netmask()));
+            Ok(())
+        }
+        fn set_mtu(&mut self, ifname: &str, mtu: u32) -> io::Result<()> {
+            self.calls.push(format!("mtu {ifname} {mtu}"));
+            Ok(())
+        }
+        fn set_up(&mut self, ifname: &str) -> io::Result<()> {
+            self.calls.push(format!("up {ifname}"));
+            Ok(())
+        }
+        fn add_route(&mut self, route: &RoutePlan) -> io::Result<()> {
+            self.calls.push(format!(
+                "route {}/{} via {:?}",
+                route.destination.addr, route.destination.prefix, route.gateway
+            ));
+            Ok(())
+        }
+        fn set_hostname(&mut self, name: &str) -> io::Result<()> {
+            self.calls.push(format!("hostname {name}"));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn configure_applies_in_order_and_writes_pod_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = dir.path().join("pod");
+        let mut ops = FakeNet::default();
+        configure(&mut ops, &request(), &pod).unwrap();
+        assert_eq!(
+            ops.calls,
+            [
+                "addr eth0 10.0.0.2 255.255.255.0",
+                "mtu eth0 1400",
+                "up eth0",
+                "route 0.0.0.0/0 via Some(10.0.0.1)",
+                "hostname web-0"
+            ]
+        );
+        assert_eq!(
+            fs::read_to_string(pod.join("resolv.conf")).unwrap(),
+            "search default.svc.cluster.local cluster.local\nnameserver 10.96.0.10\n"
+        );
+        assert!(fs::read_to_string(pod.join("hosts"))
+            .unwrap()
+            .ends_with("10.0.0.2\tweb-0\n"));
+        assert_eq!(fs::read_to_string(pod.join("hostname")).unwrap(), "web-0\n");
+    }
+
+    #[test]
+    fn configure_finds_interface_by_mac_or_fails_before_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut req = request();
+        req.interfaces[0].mac = "02:AA:00:00:00:01".into();
+        let mut ops = FakeNet {
+            macs: vec![("02:aa:00:00:00:01".into(), "enp0".into())],
+            ..FakeNet::default()
+        };
+        configure(&mut ops, &req, dir.path()).unwrap();
+        assert_eq!(ops.calls[0], "addr enp0 10.0.0.2 255.255.255.0");
+
+        let mut ops = FakeNet::default();
+        let err = configure(&mut ops, &req, &dir.path().join("x")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no network interface has MAC address 02:aa:00:00:00:01"
+        );
+        assert!(ops.calls.is_empty());
+        assert!(!dir.path().join("x").exists());
+    }
+}

@@ -1,0 +1,645 @@
+//! The agent's processes: container init processes and exec processes, their stdio
+//! ends, and their exit status once reaped.
+//!
+//! Reaping rule: libcontainer `waitpid`s its own intermediate children during create
+//! and exec, so the agent never calls `waitpid(-1)`; it reaps only the pids registered
+//! here, with `waitpid(pid, WNOHANG | __WALL)`. `__WALL` matters: libcontainer clones
+//! the container's init (and exec) process with `CLONE_PARENT` and *no* exit signal,
+//! and a plain `waitpid` does not see such "clone" children. For the same reason
+//! SIGCHLD never arrives for them, so the reaper does not wait for signals: it polls a
+//! pidfd per process (readable once the process has ended) and a wake pipe (a new
+//! registration), and re-checks every pid every [`RECHECK`] in any case (a kernel
+//! without `pidfd_open`). A process that ends before it is registered stays a zombie
+//! (nobody else reaps it: PID 1 reaps only orphans) and is reaped on the next pass.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread;
+use std::time::Duration;
+
+use atoll_agent_proto::v1::attach::Stream;
+
+/// Most processes (live or ended, not yet removed) the table holds.
+pub const MAX_PROCESSES: usize = 1024;
+/// How often every registered pid is re-checked even without a wake-up.
+pub const RECHECK: Duration = Duration::from_millis(200);
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// It called exit with this code.
+    Code(i32),
+    /// It was killed by this signal.
+    Signal(i32),
+}
+
+impl Exit {
+    /// Decodes a raw `waitpid` status.
+    pub fn from_wait_status(raw: libc::c_int) -> Self {
+        if libc::WIFSIGNALED(raw) {
+            Self::Signal(libc::WTERMSIG(raw))
+        } else {
+            Self::Code(libc::WEXITSTATUS(raw))
+        }
+    }
+
+    /// The status as a shell reports it: the code, or 128 + the signal.
+    pub fn status(self) -> i32 {
+        match self {
+            Self::Code(code) => code,
+            Self::Signal(signal) => 128 + signal,
+        }
+    }
+
+    /// The killing signal, 0 for an exit.
+    pub fn signal(self) -> i32 {
+        match self {
+            Self::Code(_) => 0,
+            Self::Signal(signal) => signal,
+        }
+    }
+}
+
+/// The agent's ends of a process's stdio; each is handed out to one stream once.
+#[derive(Debug, Default)]
+pub struct StdioEnds {
+    /// Write end of the process's stdin pipe.
+    pub stdin: Option<File>,
+    /// Read end of its stdout pipe.
+    pub stdout: Option<File>,
+    /// Read end of its stderr pipe.
+    pub stderr: Option<File>,
+    /// The pseudo-terminal master (both directions).
+    pub tty: Option<File>,
+}
+
+/// Why a stream could not be attached.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AttachError {
+    /// The stream kind is not one of STDIN, STDOUT, STDERR, TTY.
+    #[error("unknown stream {0}: expected STDIN, STDOUT, STDERR or TTY")]
+    UnknownStream(i32),
+    /// The process was not created with that stream.
+    #[error("process {what} has no {stream} stream (it has {available})")]
+    NoSuchStream {
+        /// `container/exec`.
+        what: String,
+        /// The stream asked for.
+        stream: &'static str,
+        /// The streams it was created with.
+        available: &'static str,
+    },
+    /// Someone attached it already.
+    #[error("the {stream} stream of process {what} is already attached")]
+    AlreadyAttached {
+        /// `container/exec`.
+        what: String,
+        /// The stream asked for.
+        stream: &'static str,
+    },
+}
+
+/// One registered process.
+#[derive(Debug)]
+pub struct Process {
+    /// The container it belongs to.
+    pub container_id: String,
+    /// Empty for the container's init process.
+    pub exec_id: String,
+    /// Its pid in the agent's PID namespace.
+    pub pid: libc::pid_t,
+    /// Whether it was created with a terminal, and with stdin.
+    terminal: bool,
+    has_stdin: bool,
+    /// A duplicate of the pty master, kept for TIOCSWINSZ.
+    pty: Option<File>,
+    state: Mutex<State>,
+    ended: Condvar,
+}
+
+#[derive(Debug)]
+struct State {
+    exit: Option<Exit>,
+    ends: StdioEnds,
+    attached: [bool; 4],
+}
+
+impl Process {
+    /// A process with its stdio ends; `pty` is a duplicate of the terminal master.
+    pub fn new(
+        container_id: &str,
+        exec_id: &str,
+        pid: libc::pid_t,
+        ends: StdioEnds,
+        pty: Option<File>,
+    ) -> Self {
+        Self {
+            container_id: container_id.to_owned(),
+            exec_id: exec_id.to_owned(),
+            pid,
+            terminal: ends.tty.is_some(),
+            has_stdin: ends.stdin.is_some(),
+            pty,
+            state: Mutex::new(State {
+                exit: None,
+                ends,
+                attached: [false; 4],
+            }),
+            ended: Condvar::new(),
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `container` or `container/exec`, for messages.
+    pub fn name(&self) -> String {
+        if self.exec_id.is_empty() {
+            self.container_id.clone()
+        } else {
+            format!("{}/{}", self.container_id, self.exec_id)
+        }
+    }
+
+    /// Blocks until the process has been reaped.
+    pub fn wait(&self) -> Exit {
+        let mut state = self.state();
+        loop {
+            if let Some(exit) = state.exit {
+                return exit;
+            }
+            state = self
+                .ended
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    /// The exit, if reaped already.
+    pub fn exit(&self) -> Option<Exit> {
+        self.state().exit
+    }
+
+    /// The pty master for resizing, if the process has a terminal.
+    pub fn pty(&self) -> Option<&File> {
+        self.pty.as_ref()
+    }
+
+    /// Sends `signal` unless the process was reaped (its pid may name another process
+    /// by now); returns whether it was sent. The state lock is held across `kill`, and
+    /// reaping takes the same lock, so the pid cannot be reused in between.
+    pub fn signal(&self, signal: libc::c_int) -> io::Result<bool> {
+        let state = self.state();
+        if state.exit.is_some() {
+            return Ok(false);
+        }
+        // SAFETY: kill has no memory arguments; the pid is our unreaped child.
+        if unsafe { libc::kill(self.pid, signal) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        drop(state);
+        Ok(true)
+    }
+
+    /// Hands out one stdio end; each stream can be taken once.
+    pub fn take_stream(&self, stream: Stream) -> Result<File, AttachError> {
+        let (slot, label) = match stream {
+            Stream::Stdin => (0, "STDIN"),
+            Stream::Stdout => (1, "STDOUT"),
+            Stream::Stderr => (2, "STDERR"),
+            Stream::Tty => (3, "TTY"),
+            Stream::Unspecified => return Err(AttachError::UnknownStream(stream as i32)),
+        };
+        let mut state = self.state();
+        let state = &mut *state;
+        let end = match stream {
+            Stream::Stdin => &mut state.ends.stdin,
+            Stream::Stdout => &mut state.ends.stdout,
+            Stream::Stderr => &mut state.ends.stderr,
+            _ => &mut state.ends.tty,
+        };
+        if let Some(file) = end.take() {
+            if let Some(flag) = state.attached.get_mut(slot) {
+                *flag = true;
+            }
+            return Ok(file);
+        }
+        if state.attached.get(slot).copied().unwrap_or(false) {
+            return Err(AttachError::AlreadyAttached {
+                what: self.name(),
+                stream: label,
+            });
+        }
+        Err(AttachError::NoSuchStream {
+            what: self.name(),
+            stream: label,
+            available: match (self.terminal, self.has_stdin) {
+                (true, _) => "TTY",
+                (false, true) => "STDIN, STDOUT, STDERR",
+                (false, false) => "STDOUT, STDERR",
+            },
+        })
+    }
+
+    /// Asks `wait_pid` about this process once and records its exit; `true` when it
+    /// has been reaped (now or before).
+    fn try_reap(&self, wait_pid: &mut impl FnMut(libc::pid_t) -> WaitOutcome) -> bool {
+        let mut state = self.state();
+        if state.exit.is_some() {
+            return true;
+        }
+        let exit = match wait_pid(self.pid) {
+            WaitOutcome::Running => return false,
+            WaitOutcome::Exited(raw) => Exit::from_wait_status(raw),
+            WaitOutcome::Lost => {
+                eprintln!(
+                    "atoll-init agent: process {} (pid {}) is not our child any more; reporting status 255",
+                    self.name(),
+                    self.pid
+                );
+                Exit::Code(255)
+            }
+        };
+        state.exit = Some(exit);
+        drop(state);
+        self.ended.notify_all();
+        true
+    }
+}
+
+/// What a non-blocking wait for one pid found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// Still running.
+    Running,
+    /// Ended with this raw wait status.
+    Exited(libc::c_int),
+    /// Not a child of ours (ECHILD): it can never be reaped here.
+    Lost,
+}
+
+/// `waitpid(pid, WNOHANG | __WALL)`.
+pub fn wait_pid_nohang(pid: libc::pid_t) -> WaitOutcome {
+    let mut raw: libc::c_int = 0;
+    loop {
+        // SAFETY: `raw` is a valid, writable int for the duration of the call.
+        let rc = unsafe { libc::waitpid(pid, &mut raw, libc::WNOHANG | libc::__WALL) };
+        if rc == pid {
+            return WaitOutcome::Exited(raw);
+        }
+        if rc == 0 {
+            return WaitOutcome::Running;
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EINTR) => continue,
+            _ => return WaitOutcome::Lost,
+        }
+    }
+}
+
+/// Why a process could not be registered.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RegisterError {
+    /// The table is full.
+    #[error("too many processes ({MAX_PROCESSES}); remove containers that have ended")]
+    Full,
+    /// That container/exec id pair is taken.
+    #[error("process {0} already exists")]
+    Exists(String),
+}
+
+/// Every registered process, by `(container_id, exec_id)`.
+#[derive(Debug)]
+pub struct ProcessTable {
+    inner: Mutex<Table>,
+    /// Written on registration so the reaper re-reads its poll set.
+    wake_write: OwnedFd,
+    wake_read: OwnedFd,
+}
+
+#[derive(Debug, Default)]
+struct Table {
+    by_id: HashMap<(String, String), Arc<Process>>,
+    /// Not reaped yet (also after removal from `by_id`: a zombie must still be
+    /// reaped), with a pidfd when the kernel has `pidfd_open`.
+    unreaped: Vec<(Arc<Process>, Option<Arc<OwnedFd>>)>,
+}
+
+impl ProcessTable {
+    /// An empty table.
+    pub fn new() -> io::Result<Self> {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC | libc::O_NONBLOCK) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: pipe2 succeeded, so the fd is open and owned by nobody else.
+        let wake_read = unsafe { OwnedFd::from_raw_fd(fds[0]) };
+        // SAFETY: as above, the write end.
+        let wake_write = unsafe { OwnedFd::from_raw_fd(fds[1]) };
+        Ok(Self {
+            inner: Mutex::new(Table::default()),
+            wake_write,
+            wake_read,
+        })
+    }
+
+    fn table(&self) -> MutexGuard<'_, Table> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fails when `(container_id, exec_id)` is taken or the table is full.
+    pub fn check_free(&self, container_id: &str, exec_id: &str) -> Result<(), RegisterError> {
+        let table = self.table();
+        let key = (container_id.to_owned(), exec_id.to_owned());
+        if table.by_id.contains_key(&key) {
+            return Err(RegisterError::Exists(format!("{container_id}/{exec_id}")));
+        }
+        if table.by_id.len() >= MAX_PROCESSES {
+            return Err(RegisterError::Full);
+        }
+        Ok(())
+    }
+
+    /// Adds a process and wakes the reaper. An entry of the same id is replaced (a
+    /// stale one: the runtime accepted the id, so the old container is gone).
+    pub fn register(&self, process: Process) -> Arc<Process> {
+        let process = Arc::new(process);
+        let pidfd = pidfd_open(process.pid).ok().map(Arc::new);
+        {
+            let mut table = self.table();
+            table.by_id.insert(
+                (process.container_id.clone(), process.exec_id.clone()),
+                Arc::clone(&process),
+            );
+            table.unreaped.push((Arc::clone(&process), pidfd));
+        }
+        self.wake();
+        process
+    }
+
+    /// The process `exec_id` (empty: init) of `container_id`.
+    pub fn get(&self, container_id: &str, exec_id: &str) -> Option<Arc<Process>> {
+        self.table()
+            .by_id
+            .get(&(container_id.to_owned(), exec_id.to_owned()))
+            .cloned()
+    }
+
+    /// Forgets every process of a container. Waiters keep their `Arc` and still get
+    /// the status; unreaped ones stay with the reaper.
+    pub fn remove_container(&self, container_id: &str) {
+        self.table()
+            .by_id
+            .retain(|(container, _), _| container != container_id);
+    }
+
+    /// Number of processes known by id.
+    pub fn len(&self) -> usize {
+        self.table().by_id.len()
+    }
+
+    /// Whether no process is known by id.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn wake(&self) {
+        let byte = 1u8;
+        // SAFETY: writes one byte from a valid buffer to our own pipe; a full pipe
+        // (EAGAIN) already means a wake-up is pending.
+        let _ = unsafe { libc::write(self.wake_write.as_raw_fd(), (&byte as *const u8).cast(), 1) };
+    }
+
+    /// One reaping pass over every unreaped process.
+    pub fn reap_pass(&self, mut wait_pid: impl FnMut(libc::pid_t) -> WaitOutcome) {
+        let pending: Vec<Arc<Process>> = self
+            .table()
+            .unreaped
+            .iter()
+            .map(|(process, _)| Arc::clone(process))
+            .collect();
+        let mut reaped = Vec::new();
+        for process in pending {
+            if process.try_reap(&mut wait_pid) {
+                reaped.push(process);
+            }
+        }
+        if !reaped.is_empty() {
+            self.table()
+                .unreaped
+                .retain(|(p, _)| !reaped.iter().any(|r| Arc::ptr_eq(p, r)));
+        }
+    }
+
+    /// Blocks until a registered process may have ended, a registration happened, or
+    /// [`RECHECK`] passed.
+    fn wait_for_change(&self) {
+        let pidfds: Vec<Arc<OwnedFd>> = self
+            .table()
+            .unreaped
+            .iter()
+            .filter_map(|(_, fd)| fd.clone())
+            .collect();
+        let mut polls: Vec<libc::pollfd> = std::iter::once(self.wake_read.as_fd())
+            .chain(pidfds.iter().map(|fd| fd.as_fd()))
+            .map(|fd| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let timeout = libc::c_int::try_from(RECHECK.as_millis()).unwrap_or(200);
+        let count = libc::nfds_t::try_from(polls.len()).unwrap_or(0);
+        // SAFETY: `polls` is a valid array of `count` pollfds; the fds stay open while
+        // `pidfds` and `self` hold them.
+        let _ = unsafe { libc::poll(polls.as_mut_ptr(), count, timeout) };
+        let mut buf = [0u8; 64];
+        // SAFETY: reads into a valid buffer from our non-blocking wake pipe.
+        while unsafe {
+            libc::read(
+                self.wake_read.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        } > 0
+        {}
+    }
+
+    /// Starts the reaper thread (it runs for the life of the agent).
+    pub fn spawn_reaper(self: &Arc<Self>) -> io::Result<thread::JoinHandle<()>> {
+        let table = Arc::clone(self);
+        thread::Builder::new()
+            .name("reaper".into())
+            .spawn(move || loop {
+                table.reap_pass(wait_pid_nohang);
+                table.wait_for_change();
+            })
+    }
+}
+
+/// `pidfd_open(pid, 0)`: an fd that polls readable once the process has ended.
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags, no memory.
+    let rc = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = libc::c_int::try_from(rc).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Which attach stream a protocol value names.
+pub fn stream_of(value: i32) -> Result<Stream, AttachError> {
+    Stream::try_from(value).map_err(|_| AttachError::UnknownStream(value))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::Command;
+    use std::time::Instant;
+
+    fn pipe_ends() -> (File, File) {
+        let mut fds = [0; 2];
+        // SAFETY: valid array for pipe2.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: just created and owned here.
+        let read = unsafe { File::from_raw_fd(fds[0]) };
+        // SAFETY: as above.
+        let write = unsafe { File::from_raw_fd(fds[1]) };
+        (read, write)
+    }
+
+    #[test]
+    fn exit_status_is_code_or_128_plus_signal() {
+        assert_eq!(Exit::from_wait_status(3 << 8), Exit::Code(3));
+        assert_eq!(Exit::from_wait_status(libc::SIGKILL), Exit::Signal(9));
+        assert_eq!(Exit::Code(3).status(), 3);
+        assert_eq!(Exit::Signal(9).status(), 137);
+        assert_eq!(Exit::Signal(15).signal(), 15);
+        assert_eq!(Exit::Code(0).signal(), 0);
+    }
+
+    #[test]
+    fn wait_returns_after_status_arrives_from_reap_pass() {
+        let table = Arc::new(ProcessTable::new().unwrap());
+        let process = table.register(Process::new("c", "", 4242, StdioEnds::default(), None));
+        let waiter = {
+            let process = Arc::clone(&process);
+            thread::spawn(move || process.wait())
+        };
+        thread::sleep(Duration::from_millis(50));
+        assert!(!waiter.is_finished());
+        table.reap_pass(|pid| {
+            assert_eq!(pid, 4242);
+            WaitOutcome::Running
+        });
+        assert_eq!(process.exit(), None);
+        table.reap_pass(|_| WaitOutcome::Exited(7 << 8));
+        assert_eq!(waiter.join().unwrap(), Exit::Code(7));
+        // Reaped once: later passes do not ask about the pid again.
+        table.reap_pass(|pid| panic!("pid {pid} asked again"));
+    }
+
+    #[test]
+    #[allow(clippy::zombie_processes)] // The table reaps it, not `Child`.
+    fn reaper_reaps_a_real_child_that_ended_before_registration() {
+        let child = Command::new("/bin/sh")
+            .args(["-c", "exit 3"])
+            .spawn()
+            .unwrap();
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        // Let it end: it stays a zombie because nobody waits for it.
+        thread::sleep(Duration::from_millis(100));
+        let table = Arc::new(ProcessTable::new().unwrap());
+        table.spawn_reaper().unwrap();
+        let process = table.register(Process::new("c", "e", pid, StdioEnds::default(), None));
+        let started = Instant::now();
+        assert_eq!(process.wait(), Exit::Code(3));
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[test]
+    #[allow(clippy::zombie_processes)] // The table reaps it, not `Child`.
+    fn reaper_sees_a_signal_death_promptly() {
+        let child = Command::new("/bin/sleep").arg("30").spawn().unwrap();
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        let table = Arc::new(ProcessTable::new().unwrap());
+        table.spawn_reaper().unwrap();
+        let process = table.register(Process::new("c", "", pid, StdioEnds::default(), None));
+        assert!(process.signal(libc::SIGTERM).unwrap());
+        let exit = process.wait();
+        assert_eq!(exit, Exit::Signal(libc::SIGTERM));
+        assert_eq!(exit.status(), 143);
+        // Reaped: a later signal is not sent to a pid that may be reused.
+        assert!(!process.signal(libc::SIGKILL).unwrap());
+    }
+
+    #[test]
+    fn not_our_child_is_reported_lost_not_waited_forever() {
+        assert_eq!(wait_pid_nohang(1), WaitOutcome::Lost);
+    }
+
+    #[test]
+    fn streams_are_handed_out_once() {
+        let (_r, w) = pipe_ends();
+        let (r2, _w2) = pipe_ends();
+        let process = Process::new(
+            "c",
+            "",
+            1,
+            StdioEnds {
+                stdin: Some(w),
+                stdout: Some(r2),
+                ..StdioEnds::default()
+            },
+            None,
+        );
+        assert!(process.take_stream(Stream::Stdout).is_ok());
+        assert_eq!(
+            process.take_stream(Stream::Stdout).unwrap_err(),
+            AttachError::AlreadyAttached {
+                what: "c".into(),
+                stream: "STDOUT"
+            }
+        );
+        let err = process.take_stream(Stream::Tty).unwrap_err();
+        assert!(matches!(
+            err,
+            AttachError::NoSuchStream { stream: "TTY", .. }
+        ));
+        assert_eq!(
+            err.to_string(),
+            "process c has no TTY stream (it has STDIN, STDOUT, STDERR)"
+        );
+        assert!(process.take_stream(Stream::Stdin).is_ok());
+        assert!(matches!(
+            process.take_stream(Stream::Unspecified),
+            Err(AttachError::UnknownStream(0))
+        ));
+    }
+
+    #[test]
+    fn table_refuses_taken_ids_and_forgets_removed_containers() {
+        let table = ProcessTable::new().unwrap();
+        table.register(Process::new("c", "", 1, StdioEnds::default(), None));
+        table.register(Process::new("c", "e1", 2, StdioEnds::default(), None));
+        table.register(Process::new("d", "", 3, StdioEnds::default(), None));
+        assert_eq!(
+            table.check_free("c", "e1"),
+            Err(RegisterError::Exists("c/e1".into()))
+        );
+        assert_eq!(table.check_free("c", "e2"), Ok(()));
+        table.remove_container("c");
+        assert!(table.get("c", "").is_none());
+        assert!(table.get("c", "e1").is_none());
+        assert_eq!(table.get("d", "").map(|p| p.pid), Some(3));
+        assert_eq!(table.len(), 1);
+    }
+}

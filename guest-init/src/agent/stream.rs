@@ -1,0 +1,249 @@
+//! Stream connections: one framed Attach, one framed AttachReply, then raw bytes of
+//! one stdio stream until its end.
+//!
+//! STDOUT/STDERR: the pipe's read end to the socket until EOF (every writer of the
+//! pipe closed), then the socket is shut down so the host sees EOF. STDIN: the socket
+//! to the pipe's write end until the host half-closes, then the pipe is closed so the
+//! process sees EOF. TTY: both directions with the pty master, one thread each; the
+//! master reading EIO (the terminal's last user is gone) is its end.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::net::Shutdown;
+use std::os::unix::net::UnixStream;
+use std::thread;
+
+use atoll_agent_proto::v1::{self, attach::Stream};
+use atoll_agent_proto::{read_frame, validate_id, write_frame, FrameError};
+
+use super::conn::{Agent, RequestError};
+use super::process::{stream_of, AttachError};
+use super::ContainerRuntime;
+
+fn find_end<R: ContainerRuntime>(
+    agent: &Agent<R>,
+    attach: &v1::Attach,
+) -> Result<(Stream, File), RequestError> {
+    validate_id(&attach.container_id)
+        .map_err(|e| RequestError::InvalidArgument(format!("container_id: {e}")))?;
+    if !attach.exec_id.is_empty() {
+        validate_id(&attach.exec_id)
+            .map_err(|e| RequestError::InvalidArgument(format!("exec_id: {e}")))?;
+    }
+    let stream =
+        stream_of(attach.stream).map_err(|e| RequestError::InvalidArgument(e.to_string()))?;
+    let process = agent
+        .processes
+        .get(&attach.container_id, &attach.exec_id)
+        .ok_or_else(|| {
+            RequestError::NotFound(format!(
+                "no process {:?} in container {:?}",
+                attach.exec_id, attach.container_id
+            ))
+        })?;
+    let file = process.take_stream(stream).map_err(|e| match e {
+        AttachError::UnknownStream(_) => RequestError::InvalidArgument(e.to_string()),
+        _ => RequestError::FailedPrecondition(e.to_string()),
+    })?;
+    Ok((stream, file))
+}
+
+/// Serves one stream connection to its end.
+pub fn serve_stream<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream) {
+    let attach: v1::Attach = match read_frame(&mut conn) {
+        Ok(attach) => attach,
+        Err(FrameError::Decode(err)) => {
+            let error = RequestError::InvalidArgument(format!("malformed Attach: {err}"));
+            let _ = write_frame(
+                &mut conn,
+                &v1::AttachReply {
+                    error: Some(error.to_proto()),
+                },
+            );
+            return;
+        }
+        Err(_) => return,
+    };
+    let (stream, end) = match find_end(agent, &attach) {
+        Ok(found) => found,
+        Err(err) => {
+            let _ = write_frame(
+                &mut conn,
+                &v1::AttachReply {
+                    error: Some(err.to_proto()),
+                },
+            );
+            return;
+        }
+    };
+    if write_frame(&mut conn, &v1::AttachReply { error: None }).is_err() {
+        return;
+    }
+    match stream {
+        Stream::Stdin => pump_in(conn, end),
+        Stream::Tty => pump_tty(conn, end),
+        _ => pump_out(end, conn),
+    }
+}
+
+/// Copies until EOF; a pty master's EIO counts as EOF. Returns on any other error of
+/// either side (the other side is then dropped by the caller).
+fn copy_until_end(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        to.write_all(buf.get(..n).unwrap_or_default())?;
+    }
+}
+
+/// Process output to the host, then EOF.
+fn pump_out(mut end: File, mut conn: UnixStream) {
+    let _ = copy_until_end(&mut end, &mut conn);
+    let _ = conn.shutdown(Shutdown::Both);
+}
+
+/// Host input to the process until the host half-closes; dropping `end` closes the
+/// pipe (the process reads EOF).
+fn pump_in(mut conn: UnixStream, mut end: File) {
+    let _ = copy_until_end(&mut conn, &mut end);
+    drop(end);
+    let _ = conn.shutdown(Shutdown::Both);
+}
+
+/// Both directions of a terminal. When the terminal's output ends the socket is shut
+/// down both ways, which also ends the input direction.
+fn pump_tty(conn: UnixStream, master: File) {
+    let (Ok(conn_in), Ok(master_in)) = (conn.try_clone(), master.try_clone()) else {
+        let _ = conn.shutdown(Shutdown::Both);
+        return;
+    };
+    let input = thread::Builder::new().name("tty-in".into()).spawn(move || {
+        let (mut conn, mut master) = (conn_in, master_in);
+        let _ = copy_until_end(&mut conn, &mut master);
+    });
+    pump_out(master, conn);
+    if let Ok(input) = input {
+        let _ = input.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::conn::tests::{agent_with, create_req, FakeRuntime};
+    use crate::agent::conn::Session;
+    use atoll_agent_proto::v1::error::Code;
+    use std::sync::Arc;
+
+    fn attach(
+        agent: &Arc<Agent<FakeRuntime>>,
+        container: &str,
+        stream: Stream,
+    ) -> (UnixStream, v1::AttachReply, thread::JoinHandle<()>) {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let server = {
+            let agent = Arc::clone(agent);
+            thread::spawn(move || serve_stream(&*agent, guest))
+        };
+        write_frame(
+            &mut host,
+            &v1::Attach {
+                container_id: container.into(),
+                exec_id: String::new(),
+                stream: stream as i32,
+            },
+        )
+        .unwrap();
+        let reply: v1::AttachReply = read_frame(&mut host).unwrap();
+        (host, reply, server)
+    }
+
+    #[test]
+    fn stdin_is_echoed_to_stdout_and_eof_travels_both_ways() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let mut session = Session { greeted: true };
+        let (resp, _) = agent.handle(&mut session, create_req("c", "cat; echo done >&2", true));
+        assert!(matches!(resp.result, Some(v1::response::Result::Create(_))));
+        let (mut out, reply, out_server) = attach(&agent, "c", Stream::Stdout);
+        assert_eq!(reply.error, None);
+        let (mut err, reply, err_server) = attach(&agent, "c", Stream::Stderr);
+        assert_eq!(reply.error, None);
+        let (mut input, reply, in_server) = attach(&agent, "c", Stream::Stdin);
+        assert_eq!(reply.error, None);
+        input.write_all(b"hello\n").unwrap();
+        input.shutdown(Shutdown::Write).unwrap();
+        let mut text = String::new();
+        out.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "hello\n");
+        let mut text = String::new();
+        err.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "done\n");
+        for server in [out_server, err_server, in_server] {
+            server.join().unwrap();
+        }
+    }
+
+    #[test]
+    fn output_written_before_attach_is_not_lost() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let mut session = Session { greeted: true };
+        agent.handle(&mut session, create_req("c", "echo early", false));
+        let process = agent.processes.get("c", "").unwrap();
+        process.wait();
+        let (mut out, reply, server) = attach(&agent, "c", Stream::Stdout);
+        assert_eq!(reply.error, None);
+        let mut text = String::new();
+        out.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "early\n");
+        server.join().unwrap();
+    }
+
+    #[test]
+    fn second_attach_and_missing_streams_are_refused() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let mut session = Session { greeted: true };
+        agent.handle(&mut session, create_req("c", "true", false));
+        let (_out, reply, _server) = attach(&agent, "c", Stream::Stdout);
+        assert_eq!(reply.error, None);
+        let (_again, reply, _) = attach(&agent, "c", Stream::Stdout);
+        assert_eq!(
+            reply.error.map(|e| e.code),
+            Some(Code::FailedPrecondition as i32)
+        );
+        let (_, reply, _) = attach(&agent, "c", Stream::Stdin);
+        let error = reply.error.unwrap();
+        assert_eq!(error.code, Code::FailedPrecondition as i32);
+        assert!(
+            error.message.contains("no STDIN stream"),
+            "{}",
+            error.message
+        );
+        let (_, reply, _) = attach(&agent, "nope", Stream::Stdout);
+        assert_eq!(reply.error.map(|e| e.code), Some(Code::NotFound as i32));
+        let (_, reply, _) = attach(&agent, "../c", Stream::Stdout);
+        assert_eq!(
+            reply.error.map(|e| e.code),
+            Some(Code::InvalidArgument as i32)
+        );
+    }
+
+    #[test]
+    fn malformed_attach_gets_an_error_reply() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let server = thread::spawn(move || serve_stream(&*agent, guest));
+        host.write_all(&[0, 0, 0, 2, 0xff, 0xff]).unwrap();
+        let reply: v1::AttachReply = read_frame(&mut host).unwrap();
+        assert_eq!(
+            reply.error.map(|e| e.code),
+            Some(Code::InvalidArgument as i32)
+        );
+        server.join().unwrap();
+    }
+}

@@ -62,7 +62,8 @@ pub struct RunArgs {
     #[arg(short = 'e', long = "env", value_name = "KEY=VALUE")]
     pub env: Vec<String>,
     /// Mount a host directory: a READ-ONLY SNAPSHOT taken at start (an erofs image of
-    /// it); changes on either side are not seen by the other.
+    /// it, made with mkfs.erofs); changes on either side are not seen by the other.
+    /// HOST may also be an erofs image file, attached as it is.
     #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST[:ro]")]
     pub volumes: Vec<VolumeSpec>,
     /// Keep stdin open and forward it to the container (EOF closes its stdin).

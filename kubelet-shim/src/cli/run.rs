@@ -312,10 +312,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     let mut mounts = Vec::new();
     for (n, v) in args.volumes.iter().enumerate() {
         let serial = format!("vol{n}");
-        let out = volumes_dir.path().join(format!("{serial}.erofs"));
-        image::make_volume(v, &out)?;
+        // An erofs image file is attached as it is; a directory is snapshotted.
+        let path = if v.host.is_file() {
+            v.host.clone()
+        } else {
+            let out = volumes_dir.path().join(format!("{serial}.erofs"));
+            image::make_volume(v, &out)?;
+            out
+        };
         cfg.disks.push(Disk {
-            path: out,
+            path,
             serial: serial.clone(),
             read_only: true,
         });

@@ -47,7 +47,7 @@ pub enum VolumeError {
     Syntax(String),
     #[error("-v {spec:?}: the guest path must be absolute")]
     GuestNotAbsolute { spec: String },
-    #[error("-v {spec:?}: {host} is not a directory (volumes are read-only snapshots of host directories)")]
+    #[error("-v {spec:?}: {host} is neither a directory nor an erofs image (volumes are read-only snapshots of host directories)")]
     NotADirectory { spec: String, host: PathBuf },
     #[error("cannot run mkfs.erofs for volume {host}; install erofs-utils")]
     ToolMissing {

@@ -356,6 +356,31 @@ mod tests {
     }
 
     #[test]
+    fn make_volume_snapshots_a_directory_and_refuses_a_missing_one() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("f"), "data\n").unwrap();
+        let out = d.path().join("v.erofs");
+        let spec = VolumeSpec {
+            host: src,
+            guest: "/mnt".into(),
+        };
+        make_volume(&spec, &out).unwrap();
+        let img = std::fs::read(&out).unwrap();
+        // The erofs superblock magic at offset 1024.
+        assert_eq!(img.get(1024..1028), Some(&0xE0F5_E1E2u32.to_le_bytes()[..]));
+        let missing = VolumeSpec {
+            host: d.path().join("none"),
+            guest: "/mnt".into(),
+        };
+        assert!(matches!(
+            make_volume(&missing, &out),
+            Err(VolumeError::NotADirectory { .. })
+        ));
+    }
+
+    #[test]
     fn builtin_names_are_recognised() {
         assert!(is_builtin("busybox"));
         assert!(is_builtin("atoll/busybox:latest"));

@@ -333,7 +333,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         });
     }
 
-    let mut pod = Pod::start(cfg)?;
+    cfg.cancel = Some(Arc::clone(&signals.stop));
+    let mut pod = match Pod::start(cfg) {
+        Ok(p) => p,
+        Err(pod::PodError::Cancelled(sig)) => return Ok(128 + sig),
+        Err(e) => return Err(e.into()),
+    };
     pod.timings_mut().image_prepared_ms = Some(image_prepared_ms);
     pod.timings_mut().image_converted = Some(prepared.converted);
     signals.set_pod(pod.handle());

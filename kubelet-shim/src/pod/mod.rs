@@ -19,6 +19,8 @@ use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use atoll_agent_proto::{v1, validate_id, FrameError, IdError};
@@ -36,6 +38,8 @@ pub const GUEST_CID: u32 = 3;
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the VMM may take to power off after Shutdown before it is killed.
 pub const VMM_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Logs of ended pods kept in `<run dir>/logs` (the oldest go first).
+pub const KEPT_LOGS: usize = 100;
 /// Lines of `console.log` quoted when the VMM ends early.
 const CONSOLE_TAIL_LINES: usize = 12;
 
@@ -76,6 +80,8 @@ pub struct PodConfig {
     pub agent_timeout: Duration,
     /// Time zero of the timings (when the user's command started).
     pub t0: Instant,
+    /// Set to a nonzero signal number to abandon the boot ([`PodError::Cancelled`]).
+    pub cancel: Option<Arc<AtomicI32>>,
 }
 
 impl PodConfig {
@@ -95,6 +101,7 @@ impl PodConfig {
             run_dir: state::run_dir(),
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             t0: Instant::now(),
+            cancel: None,
         }
     }
 
@@ -204,6 +211,9 @@ pub enum PodError {
         log: PathBuf,
         tail: String,
     },
+    /// The boot was abandoned (the user sent signal N).
+    #[error("the pod's start was interrupted by signal {0}")]
+    Cancelled(i32),
     #[error(transparent)]
     Agent(#[from] AgentError),
     #[error(transparent)]
@@ -267,12 +277,38 @@ impl Drop for PodDir {
                 s.status = PodStatus::Exited;
                 let _ = s.write(&logs.join(format!("{}.json", self.id)));
             }
+            prune_logs(&logs, KEPT_LOGS);
         }
         if let Err(e) = fs::remove_dir_all(&self.path) {
             if e.kind() != io::ErrorKind::NotFound {
                 tracing::warn!("cannot remove {}: {e}", self.path.display());
             }
         }
+    }
+}
+
+/// Removes all but the newest `keep` logs (and their state files) of `logs`.
+pub fn prune_logs(logs: &Path, keep: usize) {
+    let Ok(rd) = fs::read_dir(logs) else { return };
+    let mut found: Vec<(std::time::SystemTime, PathBuf)> = rd
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "log"))
+        .map(|p| {
+            let t = fs::metadata(&p)
+                .and_then(|m| m.modified())
+                .unwrap_or(std::time::UNIX_EPOCH);
+            (t, p)
+        })
+        .collect();
+    if found.len() <= keep {
+        return;
+    }
+    found.sort();
+    let excess = found.len() - keep;
+    for (_, p) in found.into_iter().take(excess) {
+        let _ = fs::remove_file(p.with_extension("json"));
+        let _ = fs::remove_file(p);
     }
 }
 
@@ -406,7 +442,7 @@ impl Pod {
         pod.timings.vmm_spawned_ms = Some(ms_since(pod.t0));
         pod.write_state();
 
-        let control = pod.connect_agent(&log_path, cfg.agent_timeout)?;
+        let control = pod.connect_agent(&log_path, cfg.agent_timeout, cfg.cancel.as_deref())?;
         pod.timings.agent_connected_ms = Some(ms_since(pod.t0));
         pod.timings.guest_agent_ready_us = Some(control.hello().agent_ready_us);
         pod.control = Some(control);
@@ -439,9 +475,17 @@ impl Pod {
 
     /// Connects in short attempts, watching the VMM between them so that a VMM that
     /// ends early is reported at once, with its reason.
-    fn connect_agent(&mut self, log: &Path, timeout: Duration) -> Result<AgentClient, PodError> {
+    fn connect_agent(
+        &mut self,
+        log: &Path,
+        timeout: Duration,
+        cancel: Option<&AtomicI32>,
+    ) -> Result<AgentClient, PodError> {
         let start = Instant::now();
         loop {
+            if let Some(sig) = cancel.map(|c| c.load(Ordering::SeqCst)).filter(|&s| s != 0) {
+                return Err(PodError::Cancelled(sig));
+            }
             if let Some(status) = self.vmm.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.vmm = None;
                 if let Some(line) = vmm_error_line(log) {
@@ -828,6 +872,49 @@ mod tests {
         assert!(!dir.exists());
         let kept = tmp.path().join("run/logs/p1.log");
         assert_eq!(fs::read_to_string(kept).unwrap(), "hello\n");
+    }
+
+    #[test]
+    fn start_cancelled_by_signal_kills_vmm_and_cleans_up() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vmm = script(tmp.path(), "vmm", "exec sleep 30");
+        let mut c = cfg(tmp.path(), vmm);
+        let cancel = Arc::new(AtomicI32::new(0));
+        c.cancel = Some(Arc::clone(&cancel));
+        let t = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            cancel.store(15, Ordering::SeqCst);
+        });
+        let t0 = Instant::now();
+        let err = Pod::start(c).unwrap_err();
+        t.join().unwrap();
+        assert!(matches!(err, PodError::Cancelled(15)), "{err:?}");
+        assert!(t0.elapsed() < Duration::from_secs(5));
+        assert!(!tmp.path().join("run/pods/p1").exists());
+    }
+
+    #[test]
+    fn prune_logs_keeps_the_newest() {
+        let tmp = tempfile::tempdir().unwrap();
+        for i in 0..5u64 {
+            let p = tmp.path().join(format!("p{i}.log"));
+            fs::write(&p, "x").unwrap();
+            fs::write(p.with_extension("json"), "{}").unwrap();
+            let t = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000 + i);
+            fs::File::options()
+                .write(true)
+                .open(&p)
+                .unwrap()
+                .set_modified(t)
+                .unwrap();
+        }
+        prune_logs(tmp.path(), 2);
+        let mut left: Vec<_> = fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["p3.json", "p3.log", "p4.json", "p4.log"]);
     }
 
     #[test]

@@ -331,8 +331,17 @@ impl<R: ContainerRuntime> Agent<R> {
         }
         if req.exec_id.is_empty() {
             check_id("container_id", &req.container_id)?;
-            self.runtime()
-                .signal(&req.container_id, req.signal, req.all)?;
+            let send = || {
+                self.runtime()
+                    .signal(&req.container_id, req.signal, req.all)
+            };
+            match self.processes.get(&req.container_id, "") {
+                // Once the init process is reaped its PID namespace is empty and its
+                // pid may be reused: nothing to signal. Holding its state lock keeps
+                // the reaper off it while the runtime signals.
+                Some(init) => init.while_running(send).transpose()?,
+                None => Some(send()?),
+            };
         } else {
             let process = self.lookup(&req.container_id, &req.exec_id)?;
             // An exec process that has ended needs no signal: done.
@@ -869,6 +878,25 @@ pub(crate) mod tests {
         let init = agent.processes.get("c", "").unwrap();
         init.signal(libc::SIGKILL).unwrap();
         assert_eq!(init.wait(), Exit::Signal(9));
+    }
+
+    #[test]
+    fn signal_after_init_was_reaped_is_a_no_op() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let mut session = Session { greeted: true };
+        agent.handle(&mut session, create_req("c", "exit 0", false));
+        agent.processes.get("c", "").unwrap().wait();
+        let (resp, _) = agent.handle(
+            &mut session,
+            op(Op::Signal(v1::SignalProcess {
+                container_id: "c".into(),
+                exec_id: String::new(),
+                signal: libc::SIGTERM,
+                all: false,
+            })),
+        );
+        assert_eq!(resp, v1::Response::ok());
+        assert!(agent.runtime().signals.is_empty());
     }
 
     #[test]

@@ -205,6 +205,18 @@ impl Process {
         Ok(true)
     }
 
+    /// Runs `f` unless the process was reaped, holding the state lock so that it
+    /// cannot be reaped (and its pid reused) meanwhile; `None` if it had ended.
+    pub fn while_running<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let state = self.state();
+        if state.exit.is_some() {
+            return None;
+        }
+        let result = f();
+        drop(state);
+        Some(result)
+    }
+
     /// Hands out one stdio end; each stream can be taken once.
     pub fn take_stream(&self, stream: Stream) -> Result<File, AttachError> {
         let (slot, label) = match stream {

@@ -283,7 +283,7 @@ fn isolation() -> &'static str {
              scenario seccomp_default $A run busybox -- dmesg; \
              scenario seccomp_unconfined sh -c \"$A run --seccomp unconfined busybox -- dmesg | grep -c Linux\"; \
              scenario oom $A run --memory-limit 32m busybox -- sh -c 'x=$(yes | head -c 100000000); echo survived'; \
-             scenario within_limit $A run --memory-limit 32m busybox -- sh -c 'x=$(yes | head -c 1000000); echo fine'; \
+             scenario within_limit $A run --memory-limit 32m busybox -- sh -c 'x=$(yes 2>/dev/null | head -c 1000000); echo fine'; \
              scenario pod_localhost $A run --sidecar 'echo pong-from-sidecar | nc -l -p 7000' busybox -- \
                 sh -c 'for i in 1 2 3 4 5 6 7 8 9 10; do nc 127.0.0.1 7000 && exit 0; sleep 1; done; exit 1'",
         )
@@ -335,13 +335,15 @@ fn lifecycle() -> &'static str {
             "A=./atoll; \
              ls /tmp | sort > tmp.before; \
              scenario sigterm sh -c \"$A run --name victim busybox -- sleep 1000 & pid=\\$!; \
-                for i in \\$(seq 1 60); do $A ps | grep -q victim && break; sleep 1; done; \
+                for i in \\$(seq 1 60); do $A ps | grep victim | grep -q running && break; sleep 1; done; \
                 $A ps; ps | grep -c '[a]toll-vmm'; \
                 kill -TERM \\$pid; wait \\$pid; echo atoll=\\$?; \
                 echo vmm=\\$(ps | grep -c '[a]toll-vmm'); \
                 echo pods=\\$(ls /run/atoll/pods | wc -l); \
                 echo socks=\\$(find /run/atoll -type s | wc -l); \
                 ls /tmp | sort > tmp.after; echo tmpdiff=\\$(diff tmp.before tmp.after | grep -c '^[+]')\"; \
+             scenario killed sh -c \"$A run --name target busybox -- sleep 1000 & pid=\\$!; \
+                until $A kill -s KILL target 2>/dev/null; do sleep 1; done; wait \\$pid; echo atoll=\\$?\"; \
              scenario logs sh -c \"$A run --name chatty busybox -- echo logged-line >/dev/null; $A logs chatty\"; \
              scenario ps_empty $A ps",
         )
@@ -363,6 +365,12 @@ fn sigterm_to_atoll_run_stops_the_vm_and_leaves_nothing_behind() {
     assert_eq!(value("tmpdiff"), "0", "no temp file left: {out}");
     let status: i32 = value("atoll").parse().unwrap();
     assert!(status == 143 || status == 137, "{out}");
+}
+
+#[test]
+fn a_container_killed_by_a_signal_reports_128_plus_n() {
+    let (out, _) = scenario(lifecycle(), "killed");
+    assert!(out.contains("atoll=137"), "SIGKILL: 128 + 9: {out}");
 }
 
 #[test]

@@ -36,6 +36,15 @@ pub enum Cmd {
         /// Pod id (or unique prefix) or name.
         pod: String,
     },
+    /// Send a signal to a pod's main container (as `docker kill`): `atoll run`
+    /// then exits with the container's status, 128 + N when the signal killed it.
+    Kill {
+        /// Signal name (KILL, TERM, SIGINT...) or number.
+        #[arg(short, long, default_value = "KILL")]
+        signal: String,
+        /// Pod id (or unique prefix) or name.
+        pod: String,
+    },
     /// Print a pod's container output (also after it ended).
     Logs {
         /// Pod id (or unique prefix) or name.
@@ -168,6 +177,7 @@ pub fn main() -> ExitCode {
         Cmd::Run(args) => run::run(*args),
         Cmd::Ps => ps().map(|()| 0),
         Cmd::Stop { pod } => stop(&pod).map(|()| 0),
+        Cmd::Kill { signal, pod } => kill(&signal, &pod).map(|()| 0),
         Cmd::Logs { pod } => logs(&pod).map(|()| 0),
     };
     match result {
@@ -233,6 +243,53 @@ fn stop(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A signal number from `KILL`, `SIGKILL`, `kill` or `9`.
+pub fn parse_signal(s: &str) -> anyhow::Result<i32> {
+    if let Ok(n) = s.parse::<i32>() {
+        if (1..=64).contains(&n) {
+            return Ok(n);
+        }
+        anyhow::bail!("signal {n} is out of range 1..=64");
+    }
+    let upper = s.to_ascii_uppercase();
+    let name = upper.strip_prefix("SIG").unwrap_or(&upper);
+    let n = match name {
+        "HUP" => libc::SIGHUP,
+        "INT" => libc::SIGINT,
+        "QUIT" => libc::SIGQUIT,
+        "KILL" => libc::SIGKILL,
+        "USR1" => libc::SIGUSR1,
+        "USR2" => libc::SIGUSR2,
+        "TERM" => libc::SIGTERM,
+        "CONT" => libc::SIGCONT,
+        "STOP" => libc::SIGSTOP,
+        "WINCH" => libc::SIGWINCH,
+        "ALRM" => libc::SIGALRM,
+        _ => anyhow::bail!("unknown signal {s:?}: use a name such as KILL or TERM, or a number"),
+    };
+    Ok(n)
+}
+
+fn kill(signal: &str, what: &str) -> anyhow::Result<()> {
+    let sig = parse_signal(signal)?;
+    let run_dir = state::run_dir();
+    let (dir, s) = state::find(&run_dir, what)
+        .with_context(|| format!("no running pod {what:?} (see `atoll ps`)"))?;
+    if s.status != PodStatus::Running {
+        anyhow::bail!(
+            "pod {} is {}, not running: its container can be signalled once it has started",
+            s.id,
+            s.status
+        );
+    }
+    let handle = crate::pod::PodHandle::for_dir(&dir);
+    handle
+        .client()
+        .and_then(|mut c| c.signal(run::MAIN, "", sig, false))
+        .with_context(|| format!("cannot signal the container of pod {}", s.id))?;
+    Ok(())
+}
+
 fn logs(what: &str) -> anyhow::Result<()> {
     let run_dir = state::run_dir();
     let path = match state::find(&run_dir, what) {
@@ -290,6 +347,17 @@ mod tests {
             Cmd::Run(a) => *a,
             c => panic!("{c:?}"),
         }
+    }
+
+    #[test]
+    fn signals_by_name_or_number() {
+        assert_eq!(parse_signal("KILL").unwrap(), 9);
+        assert_eq!(parse_signal("sigterm").unwrap(), 15);
+        assert_eq!(parse_signal("2").unwrap(), 2);
+        assert!(parse_signal("0").is_err());
+        assert!(parse_signal("65").is_err());
+        let e = parse_signal("BOGUS").unwrap_err().to_string();
+        assert!(e.contains("unknown signal \"BOGUS\""), "{e}");
     }
 
     #[test]

@@ -341,7 +341,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     };
     pod.timings_mut().image_prepared_ms = Some(image_prepared_ms);
     pod.timings_mut().image_converted = Some(prepared.converted);
-    signals.set_pod(pod.handle());
+    // The signal watcher gets the pod only once the main container has started: a
+    // signal sent to a created container would leave it unstartable. Until then the
+    // stop flag is checked at each step.
     if let Some(sig) = signals.stopped() {
         let _ = pod.shutdown();
         return Ok(128 + sig);
@@ -449,9 +451,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     drop(done_tx);
 
+    if let Some(sig) = signals.stopped() {
+        let _ = pod.shutdown();
+        return Ok(128 + sig);
+    }
     if let Err(e) = pod.start_container(MAIN) {
         return fail_main(&mut pod, e);
     }
+    pod.mark_running();
+    signals.set_pod(pod.handle());
     // A stop signal that came before the container existed found nothing to stop:
     // stop it now. (One that comes after this check finds it started.)
     if signals.stopped().is_some() {

@@ -320,6 +320,13 @@ pub struct PodHandle {
 }
 
 impl PodHandle {
+    /// The handle of the pod whose directory is `dir` (its `vsock.sock`).
+    pub fn for_dir(dir: &Path) -> Self {
+        Self {
+            vsock: dir.join("vsock.sock"),
+        }
+    }
+
     /// A new control connection (the guest is up: a short deadline).
     pub fn client(&self) -> Result<AgentClient, AgentError> {
         AgentClient::connect(&self.vsock, Duration::from_secs(10))
@@ -446,9 +453,14 @@ impl Pod {
         pod.timings.agent_connected_ms = Some(ms_since(pod.t0));
         pod.timings.guest_agent_ready_us = Some(control.hello().agent_ready_us);
         pod.control = Some(control);
-        pod.state.status = PodStatus::Running;
-        pod.write_state();
         Ok(pod)
+    }
+
+    /// Records that the pod's main container runs (`atoll ps` shows `running`, and
+    /// `atoll kill` accepts the pod only from then on).
+    pub fn mark_running(&mut self) {
+        self.state.status = PodStatus::Running;
+        self.write_state();
     }
 
     fn make_dir(cfg: &PodConfig) -> Result<PodDir, PodError> {
@@ -846,12 +858,14 @@ mod tests {
         let mut pod = Pod::start(c).unwrap();
         let dir = pod.dir().to_owned();
         assert!(dir.join("state.json").is_file());
-        assert_eq!(
+        let status = || {
             state::PodState::read(&dir.join("state.json"))
                 .unwrap()
-                .status,
-            PodStatus::Running
-        );
+                .status
+        };
+        assert_eq!(status(), PodStatus::Starting);
+        pod.mark_running();
+        assert_eq!(status(), PodStatus::Running);
         pod.create_container(v1::CreateContainer {
             id: "main".into(),
             ..Default::default()

@@ -29,6 +29,8 @@ pub fn layer(entries: &[E<'_>]) -> (Vec<u8>, String) {
     for e in entries {
         let mut h = tar::Header::new_ustar();
         h.set_mtime(1_700_000_000);
+        h.set_uid(0);
+        h.set_gid(0);
         match e {
             E::Dir(p, mode, uid) => {
                 h.set_entry_type(tar::EntryType::Directory);

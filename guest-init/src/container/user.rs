@@ -173,9 +173,7 @@ pub fn resolve(
     let mut additional_gids = Vec::new();
     if !entry.name.is_empty() {
         for g in groups {
-            if g.gid != gid
-                && g.members.contains(&entry.name)
-                && !additional_gids.contains(&g.gid)
+            if g.gid != gid && g.members.contains(&entry.name) && !additional_gids.contains(&g.gid)
             {
                 additional_gids.push(g.gid);
             }

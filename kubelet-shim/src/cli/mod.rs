@@ -2,6 +2,7 @@
 //! (`src/bin/atoll.rs`) only calls [`main`].
 
 pub mod artifacts;
+pub mod exec;
 pub mod run;
 
 use std::io::Write;
@@ -45,6 +46,9 @@ pub enum Cmd {
         /// Pod id (or unique prefix) or name.
         pod: String,
     },
+    /// Run a command in a pod's running main container (as `docker exec`); exits
+    /// with its status (126/127 when it cannot run).
+    Exec(exec::ExecArgs),
     /// Print a pod's container output (also after it ended).
     Logs {
         /// Pod id (or unique prefix) or name.
@@ -84,6 +88,14 @@ pub struct RunArgs {
     /// A name for `atoll ps`, `stop` and `logs`.
     #[arg(long)]
     pub name: Option<String>,
+    /// Connect the pod to this host: a tap `atl<id>` with 10.X.Y.1/30 here, the
+    /// guest's eth0 10.X.Y.2/30 with a default route via .1 and the host's DNS servers
+    /// (`atoll ps` shows the address). Needs root; the tap is deleted when the pod ends.
+    #[arg(long)]
+    pub net: bool,
+    /// The pod's hostname (default with --net: the pod's name).
+    #[arg(long, value_parser = parse_hostname)]
+    pub hostname: Option<String>,
     /// Working directory inside the container.
     #[arg(short = 'w', long = "workdir")]
     pub workdir: Option<String>,
@@ -155,6 +167,16 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is zero or too large"))
 }
 
+fn parse_hostname(s: &str) -> Result<String, String> {
+    if crate::pod::net::valid_hostname(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?}: a hostname is 1 to 64 of a-z, A-Z, 0-9, '-' and '.', not starting with '-' or '.'"
+        ))
+    }
+}
+
 fn parse_cpus(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 1024.0 => Ok(v),
@@ -179,6 +201,7 @@ pub fn main() -> ExitCode {
         Cmd::Stop { pod } => stop(&pod).map(|()| 0),
         Cmd::Kill { signal, pod } => kill(&signal, &pod).map(|()| 0),
         Cmd::Logs { pod } => logs(&pod).map(|()| 0),
+        Cmd::Exec(args) => exec::exec(args),
     };
     match result {
         Ok(code) => ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(255)),
@@ -194,8 +217,8 @@ fn ps() -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<14} {:<16} {:<28} {:<9} {:<12} CREATED",
-        "POD ID", "NAME", "IMAGE", "STATUS", "PID"
+        "{:<14} {:<16} {:<28} {:<9} {:<12} {:<15} CREATED",
+        "POD ID", "NAME", "IMAGE", "STATUS", "PID", "ADDRESS"
     )?;
     let now = state::now_secs();
     for (_, s) in state::list(&run_dir) {
@@ -209,8 +232,14 @@ fn ps() -> anyhow::Result<()> {
         let ago = now.saturating_sub(s.created);
         writeln!(
             out,
-            "{:<14} {:<16} {:<28} {:<9} {:<12} {}s ago",
-            s.id, s.name, s.image, status, pid, ago
+            "{:<14} {:<16} {:<28} {:<9} {:<12} {:<15} {}s ago",
+            s.id,
+            s.name,
+            s.image,
+            status,
+            pid,
+            s.address.as_deref().unwrap_or("-"),
+            ago
         )?;
     }
     Ok(())
@@ -461,6 +490,7 @@ mod tests {
             vmm_pid: None,
             created: 5,
             exit_status: Some(0),
+            address: None,
         }
         .write(&logs.join("abc123.json"))
         .unwrap();

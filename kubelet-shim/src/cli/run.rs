@@ -34,29 +34,29 @@ pub const STOP_GRACE: Duration = Duration::from_secs(5);
 /// The main container's id in the pod.
 pub const MAIN: &str = "main";
 /// How long the output streams may take to drain after the process ended.
-const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// A seccomp profile larger than this is refused.
 const MAX_SECCOMP_JSON: u64 = 1 << 20;
 const CPU_PERIOD_US: u64 = 100_000;
 
 /// Where a stream's bytes go on this side.
 #[derive(Clone, Copy)]
-enum Sink {
+pub(super) enum Sink {
     Stdout,
     Stderr,
     /// Only the pod's container log (sidecars).
     LogOnly,
 }
 
-type SharedLog = Arc<Mutex<Option<File>>>;
+pub(super) type SharedLog = Arc<Mutex<Option<File>>>;
 
 /// The terminal's settings, restored on drop.
-struct RawMode {
+pub(super) struct RawMode {
     saved: rustix::termios::Termios,
 }
 
 impl RawMode {
-    fn enter() -> Option<Self> {
+    pub(super) fn enter() -> Option<Self> {
         let stdin = io::stdin();
         let saved = rustix::termios::tcgetattr(stdin.as_fd()).ok()?;
         let mut raw = saved.clone();
@@ -77,12 +77,12 @@ impl Drop for RawMode {
     }
 }
 
-fn window_size() -> Option<(u32, u32)> {
+pub(super) fn window_size() -> Option<(u32, u32)> {
     let ws = rustix::termios::tcgetwinsize(io::stdout().as_fd()).ok()?;
     (ws.ws_row > 0 && ws.ws_col > 0).then_some((u32::from(ws.ws_row), u32::from(ws.ws_col)))
 }
 
-fn new_pod_id() -> String {
+pub(super) fn new_pod_id() -> String {
     let mut b = [0u8; 6];
     let ok = File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut b))
@@ -134,7 +134,7 @@ pub fn resources(memory_limit: Option<u64>, cpus: Option<f64>) -> v1::Resources 
 }
 
 /// Copies one output stream until the agent closes it.
-fn pump_out(
+pub(super) fn pump_out(
     mut src: UnixStream,
     sink: Sink,
     log: SharedLog,
@@ -181,7 +181,7 @@ fn pump_out(
 }
 
 /// Forwards our stdin to the container; EOF half-closes the stream.
-fn pump_in(mut dst: UnixStream) {
+pub(super) fn pump_in(mut dst: UnixStream) {
     let mut buf = vec![0u8; 64 << 10];
     let mut stdin = io::stdin().lock();
     loop {
@@ -333,6 +333,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         });
     }
 
+    cfg.net = args.net;
+    // The pod's hostname: --hostname, else with --net the pod's name (or id).
+    cfg.hostname = args.hostname.clone().or_else(|| {
+        args.net.then(|| {
+            Some(cfg.name.clone())
+                .filter(|n| pod::net::valid_hostname(n))
+                .unwrap_or_else(|| id.clone())
+        })
+    });
     cfg.cancel = Some(Arc::clone(&signals.stop));
     let mut pod = match Pod::start(cfg) {
         Ok(p) => p,
@@ -373,6 +382,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         cols,
         rlimits: Vec::new(),
     };
+    // What `atoll exec` starts from.
+    let defaults = state::ExecDefaults {
+        env: proc_cfg.env.clone(),
+        cwd: proc_cfg.cwd.clone(),
+        user: proc_cfg.user.clone(),
+    };
+    if let Err(e) = defaults.write(pod.dir()) {
+        tracing::warn!("atoll exec will not see the container's environment: {e}");
+    }
     let created = pod.create_container(v1::CreateContainer {
         id: MAIN.into(),
         rootfs: Some(rootfs.clone()),

@@ -11,6 +11,7 @@
 //! (`PR_SET_PDEATHSIG`), so even a killed `atoll` leaves no VM behind.
 
 pub mod image;
+pub mod net;
 pub mod state;
 
 use std::fs::{self, File};
@@ -75,6 +76,11 @@ pub struct PodConfig {
     pub vmm: PathBuf,
     pub disks: Vec<Disk>,
     pub tap: Option<Tap>,
+    /// Make a tap for the pod (`atl<id>`, [`net::HostTap`]) and configure the guest's
+    /// `eth0` on it (`atoll run --net`).
+    pub net: bool,
+    /// The pod's hostname; set (with the network) before any container is created.
+    pub hostname: Option<String>,
     /// `<run dir>`; the pod directory is `<run_dir>/pods/<id>`.
     pub run_dir: PathBuf,
     pub agent_timeout: Duration,
@@ -98,6 +104,8 @@ impl PodConfig {
             vmm,
             disks: Vec::new(),
             tap: None,
+            net: false,
+            hostname: None,
             run_dir: state::run_dir(),
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             t0: Instant::now(),
@@ -162,6 +170,18 @@ pub struct Timings {
     pub guest_create_us: Option<u64>,
     pub started_ms: Option<f64>,
     pub guest_start_us: Option<u64>,
+    /// From atoll-vmm's metrics, converted to milliseconds since the start of the
+    /// run: vCPUs running (the VMM's own set-up done), then the guest's boot stages:
+    /// PID 1 entered, PID 1 ready (mounts done), agent spawned.
+    pub vmm_vcpus_started_ms: Option<f64>,
+    pub guest_init_entered_ms: Option<f64>,
+    pub guest_init_ready_ms: Option<f64>,
+    pub guest_agent_spawned_ms: Option<f64>,
+    /// Every set-up phase atoll-vmm records (`kvm_open`, `vm_created`,
+    /// `kernel_loaded`, ...), in milliseconds since the start of the run.
+    pub vmm_phases_ms: std::collections::BTreeMap<String, f64>,
+    /// VM exits to userspace over the pod's life.
+    pub vm_exits: Option<u64>,
     pub first_output_ms: Option<f64>,
     pub exited_ms: Option<f64>,
     pub vm_stopped_ms: Option<f64>,
@@ -218,6 +238,10 @@ pub enum PodError {
     Agent(#[from] AgentError),
     #[error(transparent)]
     Attach(#[from] AttachError),
+    #[error(transparent)]
+    Tap(#[from] net::TapError),
+    #[error("configuring the pod's network in the guest")]
+    Network(#[source] AgentError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PodError + '_ {
@@ -387,6 +411,8 @@ pub struct Pod {
     state: PodState,
     timings: Timings,
     t0: Instant,
+    // Dropped after the VMM is gone (which holds the tap open): deletes the tap.
+    tap: Option<net::HostTap>,
     // Last: dropped after the VMM is gone.
     dir: PodDir,
 }
@@ -396,7 +422,7 @@ impl Pod {
     ///
     /// Call it from a thread that lives as long as the pod: the VMM is killed when
     /// the thread that spawned it ends (`PR_SET_PDEATHSIG`).
-    pub fn start(cfg: PodConfig) -> Result<Pod, PodError> {
+    pub fn start(mut cfg: PodConfig) -> Result<Pod, PodError> {
         let dir = Self::make_dir(&cfg)?;
         let log_path = dir.path.join("console.log");
         let vsock = dir.path.join("vsock.sock");
@@ -420,12 +446,23 @@ impl Pod {
                 vmm_pid: None,
                 created: state::now_secs(),
                 exit_status: None,
+                address: None,
             },
             timings: Timings::default(),
             t0: cfg.t0,
+            tap: None,
             dir,
         };
         pod.write_state();
+        if cfg.net {
+            let tap = net::HostTap::create(&cfg.id)?;
+            cfg.tap = Some(Tap {
+                name: tap.name().to_owned(),
+                mac: Some(tap.mac().to_owned()),
+            });
+            pod.state.address = Some(tap.subnet().guest().to_string());
+            pod.tap = Some(tap);
+        }
         let log = File::create(&log_path).map_err(io_err(&log_path))?;
         let log2 = log.try_clone().map_err(io_err(&log_path))?;
         let mut cmd = Command::new(&cfg.vmm);
@@ -453,6 +490,7 @@ impl Pod {
         pod.timings.agent_connected_ms = Some(ms_since(pod.t0));
         pod.timings.guest_agent_ready_us = Some(control.hello().agent_ready_us);
         pod.control = Some(control);
+        pod.configure_network(&cfg)?;
         Ok(pod)
     }
 
@@ -461,6 +499,27 @@ impl Pod {
     pub fn mark_running(&mut self) {
         self.state.status = PodStatus::Running;
         self.write_state();
+    }
+
+    /// Sends ConfigureNetwork when the pod has a tap or a hostname: the guest's
+    /// `eth0`, default route and DNS servers (the host's, loopback ones left out).
+    fn configure_network(&mut self, cfg: &PodConfig) -> Result<(), PodError> {
+        let hostname = cfg.hostname.clone().unwrap_or_default();
+        if self.tap.is_none() && hostname.is_empty() {
+            return Ok(());
+        }
+        let dns = std::fs::read_to_string(net::HOST_RESOLV_CONF)
+            .map(|t| net::nameservers(&t))
+            .unwrap_or_default();
+        let link = self.tap.as_ref().map(|t| (t.subnet(), t.mac().to_owned()));
+        let req = net::configure_request(
+            link.as_ref().map(|(s, m)| (*s, m.as_str())),
+            &dns,
+            &hostname,
+        );
+        self.control()
+            .and_then(|c| c.configure_network(req))
+            .map_err(PodError::Network)
     }
 
     fn make_dir(cfg: &PodConfig) -> Result<PodDir, PodError> {
@@ -652,10 +711,38 @@ impl Pod {
         self.control = None;
         let status = self.reap(VMM_EXIT_TIMEOUT);
         self.timings.vm_stopped_ms = Some(ms_since(self.t0));
+        self.read_vmm_metrics();
         self.state.status = PodStatus::Exited;
         self.write_state();
         sent?;
         Ok(status)
+    }
+
+    /// Adds the VMM's own timings (written when it exits) to [`Timings`].
+    fn read_vmm_metrics(&mut self) {
+        let path = self.dir.path.join("vmm-metrics.json");
+        let Some(m) = std::fs::read(&path)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        else {
+            return;
+        };
+        let Some(spawned) = self.timings.vmm_spawned_ms else {
+            return;
+        };
+        let at = |us: Option<u64>| us.map(|us| spawned + us as f64 / 1000.0);
+        let stage = |name: &str| m["stages_us"][name].as_u64();
+        self.timings.guest_init_entered_ms = at(stage("init"));
+        self.timings.guest_init_ready_ms = at(stage("ready"));
+        self.timings.guest_agent_spawned_ms = at(stage("command"));
+        for p in m["vmm_phases_us"].as_array().into_iter().flatten() {
+            if let (Some(name), Some(ms)) = (p[0].as_str(), at(p[1].as_u64())) {
+                self.timings.vmm_phases_ms.insert(name.to_owned(), ms);
+            }
+        }
+        self.timings.vmm_vcpus_started_ms =
+            self.timings.vmm_phases_ms.get("vcpus_started").copied();
+        self.timings.vm_exits = m["exits_total"].as_u64();
     }
 
     /// Waits up to `timeout` for the VMM, then kills it.

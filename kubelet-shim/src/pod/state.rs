@@ -66,6 +66,9 @@ pub struct PodState {
     pub created: u64,
     /// The main container's exit status, once known.
     pub exit_status: Option<i32>,
+    /// The guest's address on its tap (`atoll run --net`).
+    #[serde(default)]
+    pub address: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,35 +87,69 @@ pub enum StateError {
     },
 }
 
+/// Writes `value` to `path` atomically (a temp file beside it, then rename).
+fn write_json<T: Serialize>(value: &T, path: &Path) -> Result<(), StateError> {
+    let io_err = |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let data = serde_json::to_vec_pretty(value).map_err(|e| io_err(e.into()))?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, data).map_err(io_err)?;
+    fs::rename(&tmp, path).map_err(io_err)
+}
+
+/// Reads a JSON file of at most [`MAX_STATE`] bytes.
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, StateError> {
+    use std::io::Read;
+    let io_err = |source| StateError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut data = Vec::new();
+    fs::File::open(path)
+        .and_then(|f| f.take(MAX_STATE).read_to_end(&mut data))
+        .map_err(io_err)?;
+    serde_json::from_slice(&data).map_err(|source| StateError::Corrupt {
+        path: path.to_owned(),
+        source,
+    })
+}
+
 impl PodState {
     /// Writes `path` atomically (a temp file beside it, then rename).
     pub fn write(&self, path: &Path) -> Result<(), StateError> {
-        let io_err = |source| StateError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let data = serde_json::to_vec_pretty(self).map_err(|e| io_err(e.into()))?;
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        fs::write(&tmp, data).map_err(io_err)?;
-        fs::rename(&tmp, path).map_err(io_err)
+        write_json(self, path)
     }
 
     pub fn read(path: &Path) -> Result<Self, StateError> {
-        use std::io::Read;
-        let io_err = |source| StateError::Io {
-            path: path.to_owned(),
-            source,
-        };
-        let mut data = Vec::new();
-        fs::File::open(path)
-            .and_then(|f| f.take(MAX_STATE).read_to_end(&mut data))
-            .map_err(io_err)?;
-        serde_json::from_slice(&data).map_err(|source| StateError::Corrupt {
-            path: path.to_owned(),
-            source,
-        })
+        read_json(path)
+    }
+}
+
+/// The file of a pod's directory holding its [`ExecDefaults`].
+pub const EXEC_DEFAULTS_FILE: &str = "process.json";
+
+/// What `atoll exec` starts from (as `docker exec`): the main container's
+/// environment, working directory and user, as `atoll run` resolved them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecDefaults {
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub user: String,
+}
+
+impl ExecDefaults {
+    /// Writes `<pod dir>/process.json`.
+    pub fn write(&self, pod_dir: &Path) -> Result<(), StateError> {
+        write_json(self, &pod_dir.join(EXEC_DEFAULTS_FILE))
+    }
+
+    /// Reads `<pod dir>/process.json`.
+    pub fn read(pod_dir: &Path) -> Result<Self, StateError> {
+        read_json(&pod_dir.join(EXEC_DEFAULTS_FILE))
     }
 }
 
@@ -180,6 +217,7 @@ mod tests {
             vmm_pid: Some(1),
             created,
             exit_status: None,
+            address: None,
         }
     }
 
@@ -194,6 +232,27 @@ mod tests {
         assert_eq!(PodState::read(&p).unwrap(), s);
         let text = fs::read_to_string(&p).unwrap();
         assert!(text.contains("\"status\": \"exited\""), "{text}");
+    }
+
+    #[test]
+    fn exec_defaults_round_trip_and_old_state_files_still_read() {
+        let d = tempfile::tempdir().unwrap();
+        let e = ExecDefaults {
+            env: vec!["PATH=/bin".into(), "A=1".into()],
+            cwd: "/work".into(),
+            user: "nobody".into(),
+        };
+        e.write(d.path()).unwrap();
+        assert_eq!(ExecDefaults::read(d.path()).unwrap(), e);
+        // A state file written before `address` existed.
+        let p = d.path().join("state.json");
+        fs::write(
+            &p,
+            r#"{"id":"a","name":"a","image":"i","status":"running","owner_pid":1,
+               "vmm_pid":null,"created":1,"exit_status":null}"#,
+        )
+        .unwrap();
+        assert_eq!(PodState::read(&p).unwrap().address, None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! Content digests (`sha256:<64 hex>`) and a writer that hashes what passes through.
+//! Content digests (`sha256:<64 hex>`), a writer and a reader that hash what passes
+//! through.
 
 use std::fmt;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::str::FromStr;
 
 use sha2::{Digest as _, Sha256};
@@ -63,6 +64,7 @@ impl fmt::Debug for Digest {
     }
 }
 
+#[cfg(feature = "oci-spec")]
 impl TryFrom<&oci_spec::image::Digest> for Digest {
     type Error = ParseDigestError;
     fn try_from(d: &oci_spec::image::Digest) -> Result<Self, Self::Error> {
@@ -121,6 +123,75 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Content whose sha256 is not the one it was announced with.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("content is {actual}, not {expected}")]
+pub struct DigestMismatch {
+    pub expected: Digest,
+    pub actual: Digest,
+}
+
+impl DigestMismatch {
+    /// The mismatch carried by `e`, if `e` is one (see [`VerifyingReader`]).
+    pub fn from_io(e: &io::Error) -> Option<&DigestMismatch> {
+        e.get_ref().and_then(|inner| inner.downcast_ref())
+    }
+}
+
+/// Hashes the bytes read through it and, at the end of `inner`, compares their
+/// digest with the expected one: a mismatch is an [`io::ErrorKind::InvalidData`]
+/// error carrying a [`DigestMismatch`] instead of the end of the stream, so nothing
+/// that reads to the end can mistake tampered content for good content.
+pub struct VerifyingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    expected: Option<Digest>,
+    len: u64,
+}
+
+impl<R: Read> VerifyingReader<R> {
+    /// Checks against `expected`; `None` only hashes and counts.
+    pub fn new(inner: R, expected: Option<Digest>) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            expected,
+            len: 0,
+        }
+    }
+
+    /// Bytes read so far.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl<R: Read> Read for VerifyingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            if let Some(expected) = self.expected.take() {
+                let actual = Digest::from_hasher(std::mem::take(&mut self.hasher));
+                if actual != expected {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        DigestMismatch { expected, actual },
+                    ));
+                }
+            }
+            return Ok(0);
+        }
+        let read = buf.get(..n).unwrap_or_default();
+        self.hasher.update(read);
+        self.len += read.len() as u64;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +220,38 @@ mod tests {
         let (buf, d, n) = w.finish();
         assert_eq!(n, 11);
         assert_eq!(d, Digest::of(&buf));
+    }
+
+    fn read_all(r: &mut impl Read) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).map(|_| out)
+    }
+
+    #[test]
+    fn verifying_reader_passes_matching_content_through() {
+        let data = b"layer bytes".to_vec();
+        let mut r = VerifyingReader::new(&data[..], Some(Digest::of(&data)));
+        assert_eq!(read_all(&mut r).unwrap(), data);
+        assert_eq!(r.len(), data.len() as u64);
+        // The end stays the end once checked.
+        assert_eq!(r.read(&mut [0u8; 4]).unwrap(), 0);
+    }
+
+    #[test]
+    fn verifying_reader_mismatch_is_an_error_at_the_end() {
+        let expected = Digest::of(b"what the manifest says");
+        let mut r = VerifyingReader::new(&b"something else"[..], Some(expected.clone()));
+        let e = read_all(&mut r).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidData);
+        let m = DigestMismatch::from_io(&e).expect("carries the mismatch");
+        assert_eq!(m.expected, expected);
+        assert_eq!(m.actual, Digest::of(b"something else"));
+    }
+
+    #[test]
+    fn verifying_reader_without_digest_only_counts() {
+        let mut r = VerifyingReader::new(&b"abc"[..], None);
+        assert_eq!(read_all(&mut r).unwrap(), b"abc");
+        assert_eq!(r.len(), 3);
     }
 }

@@ -13,6 +13,12 @@
 //! and mtimes are applied after the last layer (writing into a directory changes its
 //! mtime, and a read-only directory must stay writable while it is filled).
 //! Without root, ownership is not changed and device nodes are skipped (counted).
+//!
+//! A layer comes from a file ([`unpack_layers`]) or any reader ([`unpack_sources`]),
+//! with its compression recognised by its first bytes or given by its media type,
+//! and optionally with the digest its raw bytes must have: the digest is checked
+//! while the layer streams, so a mismatch is noticed at its end, after its entries
+//! were written. The caller must then discard the whole target.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
@@ -25,6 +31,8 @@ use std::sync::mpsc;
 use std::thread;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
+
+use crate::digest::{Digest, DigestMismatch, VerifyingReader};
 
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE: &str = ".wh..wh..opq";
@@ -82,6 +90,15 @@ pub enum UnpackError {
     TooManyEntries { layer: usize, max: u64 },
     #[error("layer {layer}: more than {max} bytes of file content; refusing the image")]
     TooLarge { layer: usize, max: u64 },
+    #[error(
+        "layer {layer}: its content is {actual}, not {expected} as the image says; \
+         refusing the corrupt or tampered layer"
+    )]
+    Digest {
+        layer: usize,
+        expected: Digest,
+        actual: Digest,
+    },
     #[error("layer {layer}: entry {path:?} has unsupported tar type {kind:?}")]
     UnsupportedType {
         layer: usize,
@@ -108,25 +125,128 @@ pub enum Compression {
     Zstd,
 }
 
+impl Compression {
+    /// The compression a layer starting with `head` has (tar when not recognised).
+    pub fn sniff(head: &[u8]) -> Self {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+
+    /// The compression an OCI or Docker layer media type says; `None` for anything
+    /// that is not a layer tar (or uses another compression).
+    pub fn from_media_type(media_type: &str) -> Option<Self> {
+        match media_type {
+            "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar" => Some(Compression::None),
+            "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => {
+                Some(Compression::Gzip)
+            }
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd" => {
+                Some(Compression::Zstd)
+            }
+            _ => None,
+        }
+    }
+
+    /// The OCI media type of a layer with this compression.
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Compression::None => "application/vnd.oci.image.layer.v1.tar",
+            Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+        }
+    }
+}
+
 /// Wraps a raw layer stream into a decompressing reader, sniffing the format.
-pub fn decompress<R: Read + Send + 'static>(
+pub fn decompress<'a, R: Read + Send + 'a>(
     r: R,
-) -> io::Result<(Compression, Box<dyn Read + Send>)> {
+) -> io::Result<(Compression, Box<dyn Read + Send + 'a>)> {
     let mut br = BufReader::with_capacity(1 << 20, r);
-    let head = br.fill_buf()?;
-    let c = if head.starts_with(&[0x1f, 0x8b]) {
-        Compression::Gzip
-    } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Compression::Zstd
-    } else {
-        Compression::None
-    };
-    let out: Box<dyn Read + Send> = match c {
+    let c = Compression::sniff(br.fill_buf()?);
+    Ok((c, decompress_buffered(c, br)?))
+}
+
+/// Wraps a raw layer stream into a reader decompressing `c` (as its media type says).
+pub fn decompress_as<'a, R: Read + Send + 'a>(
+    c: Compression,
+    r: R,
+) -> io::Result<Box<dyn Read + Send + 'a>> {
+    decompress_buffered(c, BufReader::with_capacity(1 << 20, r))
+}
+
+fn decompress_buffered<'a, R: Read + Send + 'a>(
+    c: Compression,
+    br: BufReader<R>,
+) -> io::Result<Box<dyn Read + Send + 'a>> {
+    Ok(match c {
         Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(br)),
         Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(br)?),
         Compression::None => Box::new(br),
-    };
-    Ok((c, out))
+    })
+}
+
+/// One layer to apply: its raw bytes and how to read them.
+pub struct LayerSource {
+    /// The blob as stored (compressed or not), to its end.
+    pub reader: Box<dyn Read + Send>,
+    /// `None`: recognised by the first bytes.
+    pub compression: Option<Compression>,
+    /// The digest the raw bytes must have (checked to the end of `reader`).
+    pub digest: Option<Digest>,
+}
+
+impl std::fmt::Debug for LayerSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LayerSource")
+            .field("compression", &self.compression)
+            .field("digest", &self.digest)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Decompresses `source` into `tx` in [`CHUNK`]s, then reads what the decoder left
+/// so the digest covers the whole blob.
+fn pump(source: LayerSource, tx: &mpsc::SyncSender<io::Result<Vec<u8>>>) -> io::Result<()> {
+    let mut raw = VerifyingReader::new(source.reader, source.digest);
+    {
+        let mut r = match source.compression {
+            Some(c) => decompress_as(c, &mut raw)?,
+            None => decompress(&mut raw)?.1,
+        };
+        loop {
+            let mut buf = vec![0u8; CHUNK];
+            let mut filled = 0;
+            while let Some(rest) = buf.get_mut(filled..).filter(|b| !b.is_empty()) {
+                match r.read(rest) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
+            }
+            if filled == 0 {
+                break;
+            }
+            buf.truncate(filled);
+            if tx.send(Ok(buf)).is_err() {
+                // The reader is gone (the unpack failed): nothing to check for.
+                return Ok(());
+            }
+        }
+    }
+    io::copy(&mut raw, &mut io::sink())?;
+    Ok(())
 }
 
 /// Decompresses on its own thread, handing 1 MiB chunks through a bounded channel:
@@ -142,37 +262,11 @@ const CHUNK: usize = 1 << 20;
 const CHUNKS_IN_FLIGHT: usize = 8;
 
 impl PipeReader {
-    fn spawn(file: File) -> Self {
+    fn spawn(source: LayerSource) -> Self {
         let (tx, rx) = mpsc::sync_channel(CHUNKS_IN_FLIGHT);
         thread::spawn(move || {
-            let mut r = match decompress(file) {
-                Ok((_, r)) => r,
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                    return;
-                }
-            };
-            loop {
-                let mut buf = vec![0u8; CHUNK];
-                let mut filled = 0;
-                while filled < CHUNK {
-                    match r.read(&mut buf[filled..]) {
-                        Ok(0) => break,
-                        Ok(n) => filled += n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => {
-                            let _ = tx.send(Err(e));
-                            return;
-                        }
-                    }
-                }
-                if filled == 0 {
-                    return;
-                }
-                buf.truncate(filled);
-                if tx.send(Ok(buf)).is_err() {
-                    return;
-                }
+            if let Err(e) = pump(source, &tx) {
+                let _ = tx.send(Err(e));
             }
         });
         Self {
@@ -215,6 +309,27 @@ pub fn unpack_layers(
     target: &Path,
     limits: UnpackLimits,
 ) -> Result<UnpackStats, UnpackError> {
+    let sources = layers.iter().map(|path| {
+        File::open(path).map(|f| LayerSource {
+            reader: Box::new(f),
+            compression: None,
+            digest: None,
+        })
+    });
+    unpack_sources(sources, target, limits)
+}
+
+/// Applies the layers `sources` yields (bottom first) to `target`, which must exist.
+/// The next source is taken (and starts decompressing on its own thread) while the
+/// current one is written; an `Err` item fails that layer.
+pub fn unpack_sources<I>(
+    sources: I,
+    target: &Path,
+    limits: UnpackLimits,
+) -> Result<UnpackStats, UnpackError>
+where
+    I: IntoIterator<Item = io::Result<LayerSource>>,
+{
     let root = rustix::fs::open(
         target,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -225,21 +340,30 @@ pub fn unpack_layers(
         source: e.into(),
     })?;
     let mut u = Unpacker::new(root, limits);
+    let mut sources = sources.into_iter().map(|s| s.map(PipeReader::spawn));
     // The next layer decompresses while this one is written.
-    let mut next: Option<io::Result<PipeReader>> = None;
-    for (i, path) in layers.iter().enumerate() {
-        let reader = match next.take() {
-            Some(r) => r,
-            None => File::open(path).map(PipeReader::spawn),
-        };
-        if let Some(p) = layers.get(i + 1) {
-            next = Some(File::open(p).map(PipeReader::spawn));
-        }
+    let mut next = sources.next();
+    let mut i = 0;
+    while let Some(reader) = next.take() {
+        next = sources.next();
         let reader = reader.map_err(|source| UnpackError::Stream { layer: i, source })?;
         u.apply_layer(i, reader)?;
+        i += 1;
     }
     u.finish()?;
     Ok(u.stats)
+}
+
+/// A stream error, or the digest mismatch it carries.
+fn stream_err(layer: usize, source: io::Error) -> UnpackError {
+    match DigestMismatch::from_io(&source) {
+        Some(m) => UnpackError::Digest {
+            layer,
+            expected: m.expected.clone(),
+            actual: m.actual.clone(),
+        },
+        None => UnpackError::Stream { layer, source },
+    }
 }
 
 struct DirMeta {
@@ -357,11 +481,9 @@ impl Unpacker {
         self.layer_paths.clear();
         self.stats.layers += 1;
         let mut ar = tar::Archive::new(reader);
-        let entries = ar
-            .entries()
-            .map_err(|source| UnpackError::Stream { layer, source })?;
+        let entries = ar.entries().map_err(|source| stream_err(layer, source))?;
         for entry in entries {
-            let mut entry = entry.map_err(|source| UnpackError::Stream { layer, source })?;
+            let mut entry = entry.map_err(|source| stream_err(layer, source))?;
             self.stats.entries += 1;
             if self.stats.entries > self.limits.max_entries {
                 return Err(UnpackError::TooManyEntries {
@@ -374,8 +496,7 @@ impl Unpacker {
         // Read to the end so a compressed stream's trailer (CRC, size) is checked and a
         // truncated stream is noticed even when only the tar padding was lost.
         let mut inner = ar.into_inner();
-        io::copy(&mut inner, &mut io::sink())
-            .map_err(|source| UnpackError::Stream { layer, source })?;
+        io::copy(&mut inner, &mut io::sink()).map_err(|source| stream_err(layer, source))?;
         Ok(())
     }
 
@@ -822,12 +943,7 @@ impl Unpacker {
                 Ok(0) => break Ok(total),
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    break Err(UnpackError::Stream {
-                        layer: self.layer,
-                        source,
-                    })
-                }
+                Err(source) => break Err(stream_err(self.layer, source)),
             };
             total += n as u64;
             self.stats.bytes += n as u64;
@@ -1010,4 +1126,172 @@ fn remove_tree(dir: BorrowedFd<'_>, name: &[u8], depth: usize) -> Result<(), rus
         }
     }
     rustix::fs::unlinkat(dir, os(name), AtFlags::REMOVEDIR)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    /// A tar with one regular file per `(name, content)`.
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(0);
+            h.set_entry_type(tar::EntryType::Regular);
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn source(blob: Vec<u8>, c: Option<Compression>, digest: Option<Digest>) -> LayerSource {
+        LayerSource {
+            reader: Box::new(Cursor::new(blob)),
+            compression: c,
+            digest,
+        }
+    }
+
+    fn unpack(sources: Vec<LayerSource>) -> (tempfile::TempDir, Result<UnpackStats, UnpackError>) {
+        let t = tempfile::tempdir().unwrap();
+        let r = unpack_sources(
+            sources.into_iter().map(Ok),
+            t.path(),
+            UnpackLimits::default(),
+        );
+        (t, r)
+    }
+
+    #[test]
+    fn unpack_sources_verified_gzip_and_zstd_layers_are_applied_in_order() {
+        let l0 = gzip(&tar_of(&[("a", b"one\n"), ("b", b"b\n")]));
+        let l1 = zstd::stream::encode_all(&tar_of(&[("a", b"two\n")])[..], 1).unwrap();
+        let (d0, d1) = (Digest::of(&l0), Digest::of(&l1));
+        let (t, r) = unpack(vec![
+            source(l0, Some(Compression::Gzip), Some(d0)),
+            source(l1, Some(Compression::Zstd), Some(d1)),
+        ]);
+        let stats = r.unwrap();
+        assert_eq!((stats.layers, stats.entries), (2, 3));
+        assert_eq!(std::fs::read(t.path().join("a")).unwrap(), b"two\n");
+        assert_eq!(std::fs::read(t.path().join("b")).unwrap(), b"b\n");
+    }
+
+    #[test]
+    fn unpack_sources_digest_mismatch_is_refused_with_both_digests() {
+        let good = gzip(&tar_of(&[("a", b"one\n")]));
+        let claimed = Digest::of(b"another blob");
+        let (_t, r) = unpack(vec![source(
+            good.clone(),
+            Some(Compression::Gzip),
+            Some(claimed.clone()),
+        )]);
+        match r {
+            Err(UnpackError::Digest {
+                layer,
+                expected,
+                actual,
+            }) => {
+                assert_eq!(layer, 0);
+                assert_eq!(expected, claimed);
+                assert_eq!(actual, Digest::of(&good));
+            }
+            other => panic!("expected a digest error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn unpack_sources_digest_mismatch_in_a_later_layer_names_it() {
+        let l0 = tar_of(&[("a", b"a\n")]);
+        let l1 = tar_of(&[("b", b"b\n")]);
+        let d0 = Digest::of(&l0);
+        let (_t, r) = unpack(vec![
+            source(l0, Some(Compression::None), Some(d0.clone())),
+            source(l1, Some(Compression::None), Some(d0)),
+        ]);
+        assert!(
+            matches!(r, Err(UnpackError::Digest { layer: 1, .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn unpack_sources_wrong_compression_is_a_stream_error() {
+        let plain = tar_of(&[("a", b"a\n")]);
+        let d = Digest::of(&plain);
+        let (_t, r) = unpack(vec![source(plain, Some(Compression::Gzip), Some(d))]);
+        assert!(
+            matches!(r, Err(UnpackError::Stream { layer: 0, .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn unpack_sources_failing_source_fails_its_layer() {
+        let l0 = tar_of(&[("a", b"a\n")]);
+        let t = tempfile::tempdir().unwrap();
+        let sources = vec![
+            Ok(source(l0, None, None)),
+            Err(io::Error::other("disk gone")),
+        ];
+        let r = unpack_sources(sources, t.path(), UnpackLimits::default());
+        assert!(
+            matches!(r, Err(UnpackError::Stream { layer: 1, .. })),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn media_types_map_to_compression_and_unknown_ones_do_not() {
+        for (mt, c) in [
+            ("application/vnd.oci.image.layer.v1.tar", Compression::None),
+            (
+                "application/vnd.oci.image.layer.v1.tar+gzip",
+                Compression::Gzip,
+            ),
+            (
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+                Compression::Zstd,
+            ),
+            (
+                "application/vnd.docker.image.rootfs.diff.tar.gzip",
+                Compression::Gzip,
+            ),
+        ] {
+            assert_eq!(Compression::from_media_type(mt), Some(c), "{mt}");
+        }
+        for c in [Compression::None, Compression::Gzip, Compression::Zstd] {
+            assert_eq!(Compression::from_media_type(c.media_type()), Some(c));
+        }
+        for bad in [
+            "",
+            "application/vnd.oci.image.layer.v1.tar+bzip2",
+            "application/vnd.oci.image.config.v1+json",
+            "application/vnd.oci.image.layer.v1.tar+gzip ",
+        ] {
+            assert_eq!(Compression::from_media_type(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn sniff_recognises_gzip_and_zstd_magic() {
+        assert_eq!(Compression::sniff(&[0x1f, 0x8b, 8]), Compression::Gzip);
+        assert_eq!(
+            Compression::sniff(&[0x28, 0xb5, 0x2f, 0xfd, 0]),
+            Compression::Zstd
+        );
+        assert_eq!(Compression::sniff(b"usta"), Compression::None);
+        assert_eq!(Compression::sniff(&[]), Compression::None);
+    }
 }

@@ -104,11 +104,7 @@ pub struct LayerInfo {
 }
 
 pub fn layer_media_type(c: Compression) -> &'static str {
-    match c {
-        Compression::None => "application/vnd.oci.image.layer.v1.tar",
-        Compression::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
-        Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
-    }
+    c.media_type()
 }
 
 /// An OCI image manifest for a config and layers (bytes, canonical JSON).

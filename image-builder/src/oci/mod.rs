@@ -5,10 +5,12 @@
 pub mod bench;
 pub mod builtin;
 pub mod convert;
-pub mod digest;
 pub mod import;
 pub mod manifest;
 pub mod pull;
 pub mod reference;
 pub mod store;
-pub mod unpack;
+
+// The layer applier and digests live in `atoll-oci-unpack` (shared with the guest
+// agent); re-exported here so `atoll_image::oci::{digest, unpack}` keep working.
+pub use atoll_oci_unpack::{digest, unpack};

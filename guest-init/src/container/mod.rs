@@ -14,6 +14,7 @@ use atoll_agent_proto::v1;
 use oci_spec::runtime::LinuxSeccomp;
 use v1::error::Code;
 
+pub mod layers;
 pub mod libcontainer;
 pub mod rootfs;
 pub mod seccomp;
@@ -126,6 +127,8 @@ pub struct Runtime {
 #[derive(Debug)]
 struct Record {
     id: String,
+    /// The serial of the image disk mounted for it; empty for a root unpacked from
+    /// layers (no image disk is mounted then).
     image: String,
     disks: Vec<String>,
     rootfs: PathBuf,
@@ -142,9 +145,9 @@ impl From<SpecError> for RuntimeError {
 impl From<RootfsError> for RuntimeError {
     fn from(e: RootfsError) -> Self {
         match e {
-            RootfsError::FsType(_) | RootfsError::Layers | RootfsError::Missing => {
-                Self::InvalidArgument(e.to_string())
-            }
+            RootfsError::FsType(_) | RootfsError::Missing => Self::InvalidArgument(e.to_string()),
+            RootfsError::Layers(ref l) if l.is_bad_input() => Self::InvalidArgument(e.to_string()),
+            RootfsError::Layers(_) => Self::Internal(self::libcontainer::chain("rootfs", &e)),
             RootfsError::NoDisk(_) => Self::FailedPrecondition(e.to_string()),
             RootfsError::Io { .. } => Self::Internal(self::libcontainer::chain("rootfs", &e)),
         }
@@ -244,22 +247,30 @@ impl Runtime {
             .rootfs
             .as_ref()
             .ok_or_else(|| RuntimeError::from(RootfsError::Missing))?;
-        let block = match &rootfs_req.source {
-            Some(v1::rootfs::Source::Block(b)) => b,
-            Some(v1::rootfs::Source::Layers(_)) => return Err(RootfsError::Layers.into()),
+        let (field, serial) = match &rootfs_req.source {
+            Some(v1::rootfs::Source::Block(b)) => ("block", &b.serial),
+            Some(v1::rootfs::Source::Layers(l)) => ("layers", &l.serial),
             None => return Err(RootfsError::Missing.into()),
         };
-        atoll_agent_proto::validate_id(&block.serial).map_err(|e| {
-            RuntimeError::InvalidArgument(format!("rootfs.block.serial {:?}: {e}", block.serial))
+        atoll_agent_proto::validate_id(serial).map_err(|e| {
+            RuntimeError::InvalidArgument(format!("rootfs.{field}.serial {serial:?}: {e}"))
         })?;
 
         let t0 = Instant::now();
-        let rootfs =
-            self.mounts
-                .prepare_rootfs(id, &block.serial, &block.fs_type, rootfs_req.readonly)?;
+        let (rootfs, image) = match &rootfs_req.source {
+            Some(v1::rootfs::Source::Block(b)) => (
+                self.mounts
+                    .prepare_rootfs(id, &b.serial, &b.fs_type, rootfs_req.readonly)?,
+                b.serial.clone(),
+            ),
+            Some(v1::rootfs::Source::Layers(l)) => {
+                (self.mounts.prepare_layers_rootfs(id, l)?, String::new())
+            }
+            None => return Err(RootfsError::Missing.into()),
+        };
         let mut record = Record {
             id: id.to_owned(),
-            image: block.serial.clone(),
+            image,
             disks: Vec::new(),
             rootfs: rootfs.clone(),
             security: security.clone(),
@@ -511,18 +522,108 @@ mod tests {
         assert!(f.fake.ops.lock().unwrap().is_empty());
     }
 
-    #[test]
-    fn create_layers_is_not_supported_yet() {
-        let mut f = fixture();
+    /// A layers disk `vdb` (serial `layers0`) holding `blobs`; the request for it.
+    fn layers_fixture(f: &mut Fixture, blobs: &[Vec<u8>]) -> v1::CreateContainer {
+        let sys = f._dirs[1].path().to_owned();
+        std::fs::create_dir(sys.join("vdb")).unwrap();
+        std::fs::write(sys.join("vdb/serial"), "layers0").unwrap();
+        let dev = tempfile::tempdir().unwrap();
+        let layers = layers::testing::write_disk(&dev.path().join("vdb"), blobs);
+        f.rt.mounts.set_dev_dir(dev.path().to_owned());
+        f._dirs.push(dev);
         let mut r = req("c1");
-        r.rootfs.as_mut().unwrap().source =
-            Some(v1::rootfs::Source::Layers(v1::OciLayers::default()));
+        r.rootfs.as_mut().unwrap().source = Some(v1::rootfs::Source::Layers(v1::OciLayers {
+            serial: "layers0".into(),
+            layers,
+        }));
+        r
+    }
+
+    fn busybox_like_layer() -> Vec<u8> {
+        use layers::testing::{gzip, tar_of};
+        gzip(&tar_of(&[
+            ("etc", None),
+            ("etc/passwd", Some(b"root:x:0:0:root:/root:/bin/sh\n")),
+            ("etc/group", Some(b"root:x:0:\n")),
+        ]))
+    }
+
+    #[test]
+    fn create_layers_unpacks_into_the_container_tmpfs_and_cleans_up_on_failure() {
+        let mut f = fixture();
+        let mut r = layers_fixture(&mut f, &[busybox_like_layer()]);
+        // Fails after the rootfs is ready (no such user in the unpacked /etc/passwd).
+        r.process.as_mut().unwrap().user = "nobody".into();
         let err = f.rt.create(&r, pipes()).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.to_string().contains("no user \"nobody\""), "{err}");
+        let ops = f.fake.ops.lock().unwrap().clone();
+        let dir = f.rt.root().join("containers/c1");
         assert_eq!(
-            err.to_string(),
-            "unpacking layers in the guest is not supported yet"
+            ops.first(),
+            Some(&Op::Mount {
+                source: "tmpfs".into(),
+                target: dir.clone(),
+                fstype: "tmpfs".into(),
+                kind: rootfs::MountKind::New { readonly: false },
+                data: "mode=0700".into(),
+            })
         );
+        assert!(
+            !ops.iter()
+                .any(|o| matches!(o, Op::Mount { fstype, .. } if fstype == "overlay" || fstype == "erofs")),
+            "no image mount, no overlay: {ops:?}"
+        );
+        assert!(ops.contains(&Op::Unmount(dir.clone())));
+        assert!(!dir.exists(), "the unpacked tree is removed");
+        assert!(f.rt.ids().is_empty());
+    }
+
+    #[test]
+    fn create_layers_digest_mismatch_is_refused_and_leaves_nothing() {
+        let mut f = fixture();
+        let mut r = layers_fixture(&mut f, &[busybox_like_layer()]);
+        if let Some(v1::rootfs::Source::Layers(l)) = &mut r.rootfs.as_mut().unwrap().source {
+            l.layers[0].digest = format!("sha256:{}", "0".repeat(64));
+        }
+        let err = f.rt.create(&r, pipes()).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.to_string().contains("layer 0"), "{err}");
+        assert!(err.to_string().contains("tampered"), "{err}");
+        let dir = f.rt.root().join("containers/c1");
+        assert!(f
+            .fake
+            .ops
+            .lock()
+            .unwrap()
+            .contains(&Op::Unmount(dir.clone())));
+        assert!(!dir.exists());
+    }
+
+    #[test]
+    fn create_layers_out_of_range_mounts_nothing() {
+        let mut f = fixture();
+        let mut r = layers_fixture(&mut f, &[busybox_like_layer()]);
+        if let Some(v1::rootfs::Source::Layers(l)) = &mut r.rootfs.as_mut().unwrap().source {
+            l.layers[0].length = 1 << 40;
+        }
+        let err = f.rt.create(&r, pipes()).unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.to_string().contains("goes past the end"), "{err}");
+        assert!(f.fake.ops.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn create_layers_on_a_missing_disk_is_failed_precondition() {
+        let mut f = fixture();
+        let mut r = req("c1");
+        r.rootfs.as_mut().unwrap().source = Some(v1::rootfs::Source::Layers(v1::OciLayers {
+            serial: "layers9".into(),
+            layers: vec![],
+        }));
+        let err = f.rt.create(&r, pipes()).unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition);
+        assert!(f.fake.ops.lock().unwrap().is_empty());
     }
 
     #[test]

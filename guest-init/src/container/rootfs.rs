@@ -1,6 +1,7 @@
 //! A container's root file system: the image disk (found by its virtio-blk serial,
 //! mounted read-only once and shared by every container of that image) under a
-//! writable overlay on the container's own tmpfs; plus the pod's tmpfs volumes and
+//! writable overlay on the container's own tmpfs, or the image's OCI layers unpacked
+//! into that tmpfs (see [`super::layers`]); plus the pod's tmpfs volumes and
 //! read-only data disks that containers bind.
 //!
 //! Every mount goes through [`Mounter`], so the plan is tested with a recording fake.
@@ -8,6 +9,10 @@
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
+
+use atoll_agent_proto::v1;
+
+use super::layers::{LayersDisk, LayersError, GUEST_LIMITS};
 
 /// Flags of a mount, the subset this module uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,9 +86,9 @@ pub enum RootfsError {
         "no disk with serial {0:?} is attached to the VM (check the --disk ...,id= of the pod)"
     )]
     NoDisk(String),
-    /// OCI layers are not unpacked in the guest.
-    #[error("unpacking layers in the guest is not supported yet")]
-    Layers,
+    /// The image's layers could not be unpacked.
+    #[error(transparent)]
+    Layers(#[from] LayersError),
     /// The request has no rootfs source.
     #[error("rootfs: neither block nor layers is set")]
     Missing,
@@ -137,6 +142,8 @@ pub fn find_disk(sys_block: &Path, serial: &str) -> Result<PathBuf, RootfsError>
 pub struct Mounts {
     root: PathBuf,
     sys_block: PathBuf,
+    /// Where the block devices `find_disk` names are (`/dev`).
+    dev: PathBuf,
     mounter: Box<dyn Mounter>,
     images: HashMap<String, usize>,
     disks: HashMap<String, usize>,
@@ -164,11 +171,18 @@ impl Mounts {
         Self {
             root,
             sys_block,
+            dev: PathBuf::from("/dev"),
             mounter,
             images: HashMap::new(),
             disks: HashMap::new(),
             volumes: HashSet::new(),
         }
+    }
+
+    /// Looks block devices up in `dev` instead of `/dev` (tests).
+    #[cfg(test)]
+    pub(crate) fn set_dev_dir(&mut self, dev: PathBuf) {
+        self.dev = dev;
     }
 
     /// The container's directory (its own tmpfs).
@@ -325,6 +339,45 @@ impl Mounts {
             let _ = self.mounter.unmount(&rootfs);
             let _ = self.mounter.unmount(&dir);
             let _ = std::fs::remove_dir(&dir);
+        }
+        done
+    }
+
+    /// Prepares `<root>/containers/<id>/rootfs` by unpacking `layers` into the
+    /// container's tmpfs: the writable root itself, no overlay (`readonly` is left to
+    /// the spec's `root.readonly`). The request is checked against the disk before
+    /// anything is mounted; on failure nothing stays mounted. Returns the rootfs
+    /// path.
+    pub fn prepare_layers_rootfs(
+        &mut self,
+        id: &str,
+        layers: &v1::OciLayers,
+    ) -> Result<PathBuf, RootfsError> {
+        let device = find_disk(&self.sys_block, &layers.serial)?;
+        let device = match device.file_name() {
+            Some(name) => self.dev.join(name),
+            None => device,
+        };
+        let disk = LayersDisk::open(&device)?;
+        let ranges = disk.plan(&layers.layers)?;
+        let dir = self.container_dir(id);
+        mkdir(&dir)?;
+        self.mounter
+            .mount(
+                "tmpfs",
+                &dir,
+                "tmpfs",
+                MountKind::New { readonly: false },
+                "mode=0700",
+            )
+            .map_err(io_err("mount a tmpfs on", &dir))?;
+        let rootfs = dir.join("rootfs");
+        let done = mkdir(&rootfs)
+            .and_then(|()| Ok(disk.unpack(&ranges, &rootfs, GUEST_LIMITS)?))
+            .map(|_| rootfs);
+        if done.is_err() {
+            let _ = self.mounter.unmount(&dir);
+            let _ = std::fs::remove_dir_all(&dir);
         }
         done
     }

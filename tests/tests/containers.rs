@@ -6,8 +6,10 @@
 //! (a `OnceLock`): the script prints `@@@ NAME` before and `@@@ NAME status=N` after
 //! each scenario, and every `#[test]` asserts on its own scenario's output. The
 //! images come from a store prepared here: the built-in busybox image, an image whose
-//! config sets entrypoint/cmd/env/workdir/user, and a three-layer image with
-//! whiteouts and an opaque directory whose expected tree comes from `umoci unpack`.
+//! config sets entrypoint/cmd/env/workdir/user, a three-layer image with whiteouts
+//! and an opaque directory whose expected tree comes from `umoci unpack` (run both
+//! from its erofs conversion and with its layers unpacked by the guest agent), and an
+//! image never converted (the node has no mkfs.erofs: its layers go to the guest).
 
 mod common;
 
@@ -96,11 +98,32 @@ fn fixture() -> &'static Fixture {
             serde_json::json!({"Cmd": ["sh"]}),
         );
         oci::import(&bin, &store, &wh, "test/whiteouts:latest");
+        // Imported but never converted: without mkfs.erofs, atoll falls back to
+        // unpacking its layers in the guest.
+        let raw = dir.path().join("raw-layout");
+        oci::write_layout(
+            &raw,
+            &[
+                oci::busybox_layer(),
+                oci::layer(&[E::File("hello", 0o644, b"from layers\n")]),
+            ],
+            serde_json::json!({"Cmd": ["sh"]}),
+        );
+        oci::atoll_image(
+            &bin,
+            &store,
+            &[
+                "import",
+                &raw.to_string_lossy(),
+                "--name",
+                "test/unconverted:latest",
+            ],
+        );
         let whiteout_tree = oci::umoci_listing(&wh, dir.path(), "/data");
         assert!(whiteout_tree.contains("f /data/opq/z"), "{whiteout_tree}");
         assert!(!whiteout_tree.contains("/data/gone"), "{whiteout_tree}");
         // The layouts, umoci's bundle and the scratch erofs stay on the host.
-        for d in ["cfg-layout", "wh-layout", "umoci-bundle"] {
+        for d in ["cfg-layout", "wh-layout", "raw-layout", "umoci-bundle"] {
             std::fs::remove_dir_all(dir.path().join(d)).ok();
         }
         std::fs::remove_file(&tmp).ok();
@@ -153,6 +176,47 @@ fn scenario<'a>(output: &'a str, name: &str) -> (&'a str, i32) {
     (&output[start..end], status)
 }
 
+/// On the host itself, where the host's KVM cannot run the guest (KVM-PVM, or no
+/// /dev/kvm): `atoll run` fails fast with the VMM's one-line explanation and leaves no
+/// pod behind. Where it can, the same command runs the container.
+#[test]
+fn atoll_run_on_this_host_runs_or_says_at_once_why_it_cannot() {
+    let f = fixture();
+    let run_dir = tempfile::tempdir().unwrap();
+    let start = std::time::Instant::now();
+    let out = std::process::Command::new(artefact(static_dir().join("atoll")))
+        .args(["run", "busybox", "--", "echo", "on-the-host"])
+        .env("ATOLL_STORE", &f.store)
+        .env("ATOLL_RUN_DIR", run_dir.path())
+        .env("ATOLL_KERNEL", artefact(build_dir().join("vmlinux")))
+        .env(
+            "ATOLL_INITRAMFS",
+            artefact(build_dir().join("initramfs.cpio")),
+        )
+        .env("ATOLL_VMM", artefact(static_dir().join("atoll-vmm")))
+        .output()
+        .unwrap();
+    let elapsed = start.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{err}");
+    let pods = run_dir.path().join("pods");
+    let left = std::fs::read_dir(&pods).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "no pod directory is left behind");
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists();
+    if pvm || !std::path::Path::new("/dev/kvm").exists() {
+        assert_eq!(out.status.code(), Some(125), "{err}");
+        assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains(if pvm { "KVM-PVM" } else { "/dev/kvm" }),
+            "{err}"
+        );
+    } else {
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "on-the-host\n");
+    }
+}
+
 // ---- Group 1: running, statuses, image config, streams, layers ----
 
 fn basics() -> &'static str {
@@ -175,6 +239,8 @@ fn basics() -> &'static str {
              scenario stdin sh -c \"seq 1 100000 | $A run -i busybox -- md5sum; seq 1 100000 | md5sum\"; \
              scenario stdin_read sh -c \"echo typed | $A run -i busybox -- sh -c 'read x; echo got:\\$x'\"; \
              scenario whiteouts $A run test/whiteouts -- sh -c '{list}' -- /data; \
+             scenario whiteouts_in_guest $A run --unpack-in-guest test/whiteouts -- sh -c '{list}' -- /data; \
+             scenario no_mkfs_falls_back sh -c \"PATH=/nonexistent $A run test/unconverted -- cat /hello\"; \
              scenario pidns $A run busybox -- sh -c 'echo pid=$$; ps -o pid,comm | wc -l'",
             list = oci::LIST_SCRIPT.replace('\'', "'\\''"),
         ))
@@ -262,6 +328,21 @@ fn three_layers_with_whiteouts_give_exactly_umocis_tree() {
     let (out, status) = scenario(basics(), "whiteouts");
     assert_eq!(status, 0, "{out}");
     assert_eq!(out, fixture().whiteout_tree);
+}
+
+#[test]
+fn layers_unpacked_in_the_guest_give_exactly_umocis_tree() {
+    let (out, status) = scenario(basics(), "whiteouts_in_guest");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(out, fixture().whiteout_tree);
+}
+
+#[test]
+fn without_mkfs_erofs_an_unconverted_image_is_unpacked_in_the_guest() {
+    let (out, status) = scenario(basics(), "no_mkfs_falls_back");
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains("mkfs.erofs is not installed"), "{out}");
+    assert!(out.ends_with("from layers\n"), "{out}");
 }
 
 #[test]

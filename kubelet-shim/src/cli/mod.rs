@@ -135,6 +135,11 @@ pub struct RunArgs {
     /// Seconds to wait for the VM's agent.
     #[arg(long, default_value_t = 60)]
     pub boot_timeout: u64,
+    /// Attach the image's layer blobs as they are and let the guest unpack them
+    /// into the container's memory (no erofs conversion, no mkfs.erofs needed; the
+    /// default when mkfs.erofs is missing and the image was never converted).
+    #[arg(long)]
+    pub unpack_in_guest: bool,
     /// The image.
     pub image: String,
     /// The command (replaces the image's Cmd).

@@ -279,7 +279,18 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
     let security = seccomp(args.seccomp.as_deref())?;
 
-    let prepared = image::prepare(&image::store_root(), &args.image)?;
+    let from = if args.unpack_in_guest {
+        image::RootfsFrom::Layers
+    } else {
+        image::RootfsFrom::Auto
+    };
+    let prepared = image::prepare(&image::store_root(), &args.image, from)?;
+    if prepared.fell_back {
+        eprintln!(
+            "atoll: mkfs.erofs is not installed: the guest unpacks the image's layers \
+             (as --unpack-in-guest; install erofs-utils for cached erofs images)"
+        );
+    }
     let image_prepared_ms = pod::ms_since(t0);
     let overrides = ProcessOverrides {
         cmd: args.cmd.clone(),
@@ -299,11 +310,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     cfg.run_dir = run_dir.clone();
     cfg.agent_timeout = Duration::from_secs(args.boot_timeout.max(1));
     cfg.t0 = t0;
-    cfg.disks.push(Disk {
-        path: prepared.erofs.clone(),
-        serial: "img0".into(),
-        read_only: true,
-    });
+    let rootfs_source = match &prepared.rootfs {
+        image::ImageRootfs::Erofs(path) => {
+            cfg.disks.push(Disk {
+                path: path.clone(),
+                serial: "img0".into(),
+                read_only: true,
+            });
+            v1::rootfs::Source::Block(v1::BlockImage {
+                serial: "img0".into(),
+                fs_type: "erofs".into(),
+            })
+        }
+        // Written into the pod directory by `Pod::start` (removed with it).
+        image::ImageRootfs::Layers(disk) => {
+            cfg.layers_disk = Some(disk.clone());
+            v1::rootfs::Source::Layers(disk.request())
+        }
+    };
     // Volume snapshots live until this function returns (after the VM is gone).
     let volumes_dir = tempfile::Builder::new()
         .prefix(&format!("volumes-{id}-"))
@@ -359,10 +383,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     }
 
     let rootfs = v1::Rootfs {
-        source: Some(v1::rootfs::Source::Block(v1::BlockImage {
-            serial: "img0".into(),
-            fs_type: "erofs".into(),
-        })),
+        source: Some(rootfs_source),
         readonly: false,
     };
     let (rows, cols) = if args.tty {

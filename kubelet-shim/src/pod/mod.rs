@@ -81,6 +81,9 @@ pub struct PodConfig {
     pub net: bool,
     /// The pod's hostname; set (with the network) before any container is created.
     pub hostname: Option<String>,
+    /// The image's layers, written to `<pod dir>/layers.img` and attached read-only
+    /// as [`image::LAYERS_SERIAL`] (`atoll run --unpack-in-guest`).
+    pub layers_disk: Option<image::LayersDisk>,
     /// `<run dir>`; the pod directory is `<run_dir>/pods/<id>`.
     pub run_dir: PathBuf,
     pub agent_timeout: Duration,
@@ -106,6 +109,7 @@ impl PodConfig {
             tap: None,
             net: false,
             hostname: None,
+            layers_disk: None,
             run_dir: state::run_dir(),
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             t0: Instant::now(),
@@ -161,6 +165,8 @@ impl PodConfig {
 pub struct Timings {
     pub image_prepared_ms: Option<f64>,
     pub image_converted: Option<bool>,
+    /// Writing the layers disk, when the guest unpacks the layers.
+    pub layers_disk_ms: Option<f64>,
     pub vmm_spawned_ms: Option<f64>,
     pub agent_connected_ms: Option<f64>,
     /// Guest CLOCK_BOOTTIME when the agent listened.
@@ -240,6 +246,8 @@ pub enum PodError {
     Attach(#[from] AttachError),
     #[error(transparent)]
     Tap(#[from] net::TapError),
+    #[error(transparent)]
+    LayersDisk(#[from] image::LayersDiskError),
     #[error("configuring the pod's network in the guest")]
     Network(#[source] AgentError),
 }
@@ -454,6 +462,17 @@ impl Pod {
             dir,
         };
         pod.write_state();
+        if let Some(layers) = &cfg.layers_disk {
+            let t = Instant::now();
+            let path = pod.dir.path.join("layers.img");
+            layers.write(&path)?;
+            cfg.disks.push(Disk {
+                path,
+                serial: image::LAYERS_SERIAL.to_owned(),
+                read_only: true,
+            });
+            pod.timings.layers_disk_ms = Some(t.elapsed().as_secs_f64() * 1000.0);
+        }
         if cfg.net {
             let tap = net::HostTap::create(&cfg.id)?;
             cfg.tap = Some(Tap {
@@ -875,6 +894,43 @@ mod tests {
         // Killed and reaped by the teardown: the pid is gone.
         assert!(!state::pid_alive(pid), "VMM {pid} still running");
         assert!(!tmp.path().join("run/pods/p1").exists());
+    }
+
+    #[test]
+    fn start_with_layers_attaches_the_written_disk_and_teardown_removes_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let blob_path = tmp.path().join("blob");
+        fs::write(&blob_path, b"layer-bytes").unwrap();
+        let blob = image::LayerBlob {
+            file: Arc::new(File::open(&blob_path).unwrap()),
+            digest: format!("sha256:{}", "a".repeat(64)),
+            size: 11,
+            compression: atoll_image::oci::unpack::Compression::Gzip,
+        };
+        // The fake VMM records its arguments and the disk it was given, then fails.
+        let record = tmp.path().join("record");
+        let vmm = script(
+            tmp.path(),
+            "vmm",
+            &format!(
+                "echo \"$*\" > {r}\nhead -c 11 \"$(dirname \"$0\")/run/pods/p1/layers.img\" >> {r}\nexit 1",
+                r = record.display()
+            ),
+        );
+        let mut c = cfg(tmp.path(), vmm);
+        c.layers_disk = Some(image::LayersDisk::plan(vec![blob]));
+        assert!(matches!(Pod::start(c), Err(PodError::VmmExited { .. })));
+        let rec = fs::read_to_string(&record).unwrap();
+        let disk = tmp.path().join("run/pods/p1/layers.img");
+        assert!(
+            rec.contains(&format!("--disk {},ro,id=layers0", disk.display())),
+            "{rec}"
+        );
+        assert!(
+            rec.ends_with("layer-bytes"),
+            "the disk held the blob: {rec}"
+        );
+        assert!(!disk.exists(), "removed with the pod directory");
     }
 
     #[test]

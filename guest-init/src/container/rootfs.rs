@@ -373,6 +373,12 @@ impl Mounts {
             .map_err(io_err("mount a tmpfs on", &dir))?;
         let rootfs = dir.join("rootfs");
         let done = mkdir(&rootfs)
+            .and_then(|()| {
+                // As an image root is unless a layer says otherwise (whatever our umask).
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&rootfs, std::fs::Permissions::from_mode(0o755))
+                    .map_err(io_err("chmod", &rootfs))
+            })
             .and_then(|()| Ok(disk.unpack(&ranges, &rootfs, GUEST_LIMITS)?))
             .map(|_| rootfs);
         if done.is_err() {
@@ -642,6 +648,36 @@ mod tests {
         let err = m.prepare_rootfs("c1", "nope", "erofs", false).unwrap_err();
         assert!(matches!(err, RootfsError::NoDisk(_)));
         assert!(fake.ops.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn prepare_layers_rootfs_unpacks_into_the_container_dir_and_release_removes_it() {
+        use super::super::layers::testing::{gzip, tar_of, write_disk};
+        use std::os::unix::fs::PermissionsExt;
+        let (_sys, root, mut m, fake) = setup(&[("vdb", "layers0")]);
+        let dev = tempfile::tempdir().unwrap();
+        let layers = write_disk(
+            &dev.path().join("vdb"),
+            &[gzip(&tar_of(&[("bin", None), ("bin/sh", Some(b"#!\n"))]))],
+        );
+        m.set_dev_dir(dev.path().to_owned());
+        let req = v1::OciLayers {
+            serial: "layers0".into(),
+            layers,
+        };
+        let rootfs = m.prepare_layers_rootfs("c1", &req).unwrap();
+        assert_eq!(rootfs, root.path().join("containers/c1/rootfs"));
+        assert_eq!(std::fs::read(rootfs.join("bin/sh")).unwrap(), b"#!\n");
+        let mode = std::fs::metadata(&rootfs).unwrap().permissions().mode();
+        assert_eq!(mode & 0o7777, 0o755);
+        assert_eq!(
+            fake.ops.lock().unwrap().len(),
+            1,
+            "only the tmpfs is mounted"
+        );
+        assert_eq!(m.image_users("layers0"), 0, "no image disk is mounted");
+        m.release_rootfs("c1", "");
+        assert!(!root.path().join("containers/c1").exists());
     }
 
     #[test]

@@ -111,6 +111,32 @@ pub struct RunArgs {
     /// CPU limit of the container in CPUs, e.g. 0.5.
     #[arg(long, value_parser = parse_cpus)]
     pub cpus: Option<f64>,
+    /// Process limit of the container (cgroup pids.max).
+    #[arg(long, value_name = "N")]
+    pub pids_limit: Option<u64>,
+    /// A resource limit, as `docker run --ulimit`: NAME=SOFT[:HARD] (nofile, nproc,
+    /// core, stack, memlock, ...; `unlimited` allowed). Repeatable.
+    #[arg(long = "ulimit", value_parser = parse_ulimit, value_name = "NAME=SOFT[:HARD]")]
+    pub ulimits: Vec<atoll_agent_proto::v1::Rlimit>,
+    /// Add a capability to the default set (NET_ADMIN or CAP_NET_ADMIN). Repeatable.
+    #[arg(long = "cap-add", value_parser = parse_capability, value_name = "CAP")]
+    pub cap_add: Vec<String>,
+    /// Drop a capability from the default set. Repeatable.
+    #[arg(long = "cap-drop", value_parser = parse_capability, value_name = "CAP")]
+    pub cap_drop: Vec<String>,
+    /// All capabilities and no seccomp profile (still inside the pod's VM).
+    #[arg(long)]
+    pub privileged: bool,
+    /// Processes of the container cannot gain privileges (setuid, file caps).
+    #[arg(long)]
+    pub no_new_privileges: bool,
+    /// Mount the image read-only (no writable layer).
+    #[arg(long)]
+    pub read_only: bool,
+    /// An empty tmpfs volume at DEST (emptyDir-style), shared with the pod's
+    /// sidecars, which mount it at the same place. Repeatable.
+    #[arg(long = "tmpfs", value_name = "DEST")]
+    pub tmpfs: Vec<String>,
     /// A seccomp profile (OCI/Docker JSON) or `unconfined`; default: the runtime's.
     #[arg(long, value_name = "FILE|unconfined")]
     pub seccomp: Option<String>,
@@ -149,6 +175,69 @@ pub struct RunArgs {
         value_name = "CMD"
     )]
     pub cmd: Vec<String>,
+}
+
+/// `nofile=1024:2048`, `nproc=64`, `core=unlimited` (as `docker run --ulimit`).
+pub fn parse_ulimit(s: &str) -> Result<atoll_agent_proto::v1::Rlimit, String> {
+    const NAMES: [&str; 16] = [
+        "as",
+        "core",
+        "cpu",
+        "data",
+        "fsize",
+        "locks",
+        "memlock",
+        "msgqueue",
+        "nice",
+        "nofile",
+        "nproc",
+        "rss",
+        "rtprio",
+        "rttime",
+        "sigpending",
+        "stack",
+    ];
+    let (name, values) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected NAME=SOFT[:HARD], e.g. nofile=1024:2048"))?;
+    let name = name.trim().to_ascii_lowercase();
+    if !NAMES.contains(&name.as_str()) {
+        return Err(format!(
+            "unknown ulimit {name:?}: one of {}",
+            NAMES.join(", ")
+        ));
+    }
+    let value = |v: &str| -> Result<u64, String> {
+        match v.trim() {
+            "unlimited" | "-1" => Ok(u64::MAX),
+            v => v
+                .parse()
+                .map_err(|_| format!("{s:?}: {v:?} is not a number or `unlimited`")),
+        }
+    };
+    let (soft, hard) = match values.split_once(':') {
+        Some((soft, hard)) => (value(soft)?, value(hard)?),
+        None => (value(values)?, value(values)?),
+    };
+    if soft > hard {
+        return Err(format!("{s:?}: the soft limit is above the hard limit"));
+    }
+    Ok(atoll_agent_proto::v1::Rlimit {
+        r#type: format!("RLIMIT_{}", name.to_ascii_uppercase()),
+        soft,
+        hard,
+    })
+}
+
+/// `NET_ADMIN`, `cap_net_admin`, `CAP_NET_ADMIN` -> `CAP_NET_ADMIN` (the guest checks
+/// that the capability exists).
+pub fn parse_capability(s: &str) -> Result<String, String> {
+    let upper = s.trim().to_ascii_uppercase();
+    let name = upper.strip_prefix("CAP_").unwrap_or(&upper);
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_uppercase() || c == '_') {
+        return Err(format!("{s:?} is not a capability name (e.g. NET_ADMIN)"));
+    }
+    Ok(format!("CAP_{name}"))
 }
 
 /// `512`, `64k`, `64m`, `1g` (also `kb`/`KiB`-style suffixes, case-insensitive).
@@ -381,6 +470,35 @@ mod tests {
             Cmd::Run(a) => *a,
             c => panic!("{c:?}"),
         }
+    }
+
+    #[test]
+    fn ulimits_as_docker_writes_them() {
+        let r = parse_ulimit("nofile=1024:2048").unwrap();
+        assert_eq!(
+            (r.r#type.as_str(), r.soft, r.hard),
+            ("RLIMIT_NOFILE", 1024, 2048)
+        );
+        let r = parse_ulimit("NPROC=64").unwrap();
+        assert_eq!(
+            (r.r#type.as_str(), r.soft, r.hard),
+            ("RLIMIT_NPROC", 64, 64)
+        );
+        assert_eq!(parse_ulimit("core=unlimited").unwrap().hard, u64::MAX);
+        assert!(parse_ulimit("nofile=10:5").unwrap_err().contains("above"));
+        assert!(parse_ulimit("bogus=1")
+            .unwrap_err()
+            .contains("unknown ulimit"));
+        assert!(parse_ulimit("nofile").is_err());
+        assert!(parse_ulimit("nofile=x").is_err());
+    }
+
+    #[test]
+    fn capabilities_are_normalised() {
+        assert_eq!(parse_capability("net_admin").unwrap(), "CAP_NET_ADMIN");
+        assert_eq!(parse_capability("CAP_SYS_TIME").unwrap(), "CAP_SYS_TIME");
+        assert!(parse_capability("CAP_").is_err());
+        assert!(parse_capability("net-admin").is_err());
     }
 
     #[test]

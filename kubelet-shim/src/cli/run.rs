@@ -277,7 +277,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    let security = seccomp(args.seccomp.as_deref())?;
+    let mut security = seccomp(args.seccomp.as_deref())?;
+    security.add_capabilities = args.cap_add.clone();
+    security.drop_capabilities = args.cap_drop.clone();
+    security.privileged = args.privileged;
+    security.no_new_privileges = args.no_new_privileges;
 
     let from = if args.unpack_in_guest {
         image::RootfsFrom::Layers
@@ -357,6 +361,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         });
     }
 
+    // emptyDir-style volumes: one pod tmpfs per --tmpfs, named by its position, and
+    // mounted at the same place in every container of the pod.
+    for (n, dest) in args.tmpfs.iter().enumerate() {
+        mounts.push(v1::Mount {
+            destination: dest.clone(),
+            r#type: "tmpfs".into(),
+            source: format!("tmpfs{n}"),
+            options: Vec::new(),
+        });
+    }
+
     cfg.net = args.net;
     // The pod's hostname: --hostname, else with --net the pod's name (or id).
     cfg.hostname = args.hostname.clone().or_else(|| {
@@ -384,14 +399,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
 
     let rootfs = v1::Rootfs {
         source: Some(rootfs_source),
-        readonly: false,
+        readonly: args.read_only,
     };
     let (rows, cols) = if args.tty {
         window_size().unwrap_or((24, 80))
     } else {
         (0, 0)
     };
-    let resources = resources(args.memory_limit, args.cpus);
+    let mut resources = resources(args.memory_limit, args.cpus);
+    resources.pids_limit = args.pids_limit.unwrap_or(0);
     let process = v1::Process {
         args: proc_cfg.args.clone(),
         env: proc_cfg.env.clone(),
@@ -401,7 +417,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         stdin: args.interactive,
         rows,
         cols,
-        rlimits: Vec::new(),
+        rlimits: args.ulimits.clone(),
     };
     // What `atoll exec` starts from.
     let defaults = state::ExecDefaults {

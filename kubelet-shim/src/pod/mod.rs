@@ -43,6 +43,11 @@ pub const VMM_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const KEPT_LOGS: usize = 100;
 /// Lines of `console.log` quoted when the VMM ends early.
 const CONSOLE_TAIL_LINES: usize = 12;
+/// Most bytes of guest console (and VMM messages) kept in `console.log`. The guest
+/// is hostile: it may print forever, and the pod directory usually lives in /run
+/// (host RAM). Beyond this the output is still drained, so the VMM never blocks on
+/// it, but dropped.
+pub const CONSOLE_LOG_MAX: u64 = 8 << 20;
 
 /// One `--disk` of the VMM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -191,6 +196,33 @@ pub struct Timings {
     pub first_output_ms: Option<f64>,
     pub exited_ms: Option<f64>,
     pub vm_stopped_ms: Option<f64>,
+}
+
+/// Copies `from` into `to` until EOF, keeping at most `max` bytes; the rest is read
+/// and dropped, with one note in the file saying so.
+fn copy_bounded(mut from: impl std::io::Read, mut to: impl std::io::Write, max: u64) {
+    let mut kept = 0u64;
+    let mut dropped = false;
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let room = usize::try_from(max.saturating_sub(kept)).unwrap_or(usize::MAX);
+        let take = n.min(room);
+        if take > 0 && to.write_all(&buf[..take]).is_err() {
+            // The log is gone (disk full, pod removed): keep draining.
+            dropped = true;
+        }
+        kept += take as u64;
+        if take < n && !dropped {
+            dropped = true;
+            let _ = writeln!(to, "\n[atoll: console output beyond {max} bytes dropped]");
+        }
+    }
 }
 
 /// Milliseconds from `t0` to now.
@@ -421,6 +453,8 @@ pub struct Pod {
     t0: Instant,
     // Dropped after the VMM is gone (which holds the tap open): deletes the tap.
     tap: Option<net::HostTap>,
+    /// Copies the VMM's output into `console.log` (bounded); ends with the VMM.
+    console: Option<std::thread::JoinHandle<()>>,
     // Last: dropped after the VMM is gone.
     dir: PodDir,
 }
@@ -459,6 +493,7 @@ impl Pod {
             timings: Timings::default(),
             t0: cfg.t0,
             tap: None,
+            console: None,
             dir,
         };
         pod.write_state();
@@ -483,12 +518,13 @@ impl Pod {
             pod.tap = Some(tap);
         }
         let log = File::create(&log_path).map_err(io_err(&log_path))?;
-        let log2 = log.try_clone().map_err(io_err(&log_path))?;
+        let (reader, writer) = std::io::pipe().map_err(io_err(&log_path))?;
+        let writer2 = writer.try_clone().map_err(io_err(&log_path))?;
         let mut cmd = Command::new(&cfg.vmm);
         cmd.args(cfg.vmm_args(&pod.dir.path))
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
+            .stdout(writer)
+            .stderr(writer2)
             .process_group(0);
         // SAFETY: the closure runs in the child between fork and exec and only calls
         // `set_pdeathsig`, which makes one async-signal-safe prctl(2) call and touches
@@ -500,6 +536,11 @@ impl Pod {
             vmm: cfg.vmm.clone(),
             source,
         })?;
+        // Our copies of the write end go with `cmd`: the pipe ends when the VMM does.
+        drop(cmd);
+        pod.console = Some(std::thread::spawn(move || {
+            copy_bounded(reader, log, CONSOLE_LOG_MAX)
+        }));
         pod.state.vmm_pid = Some(child.id());
         pod.vmm = Some(child);
         pod.timings.vmm_spawned_ms = Some(ms_since(pod.t0));
@@ -578,6 +619,10 @@ impl Pod {
             }
             if let Some(status) = self.vmm.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 self.vmm = None;
+                // Everything the VMM printed is in the log once the pipe has drained.
+                if let Some(t) = self.console.take() {
+                    let _ = t.join();
+                }
                 if let Some(line) = vmm_error_line(log) {
                     return Err(PodError::VmmFailed(line));
                 }
@@ -796,6 +841,20 @@ impl Drop for Pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn console_copy_keeps_at_most_max_bytes_and_drains_the_rest() {
+        let input = vec![b'x'; 100_000];
+        let mut out = Vec::new();
+        copy_bounded(input.as_slice(), &mut out, 1000);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.starts_with(&"x".repeat(1000)), "{}", text.len());
+        assert!(text.ends_with("[atoll: console output beyond 1000 bytes dropped]\n"));
+        assert_eq!(text.matches("dropped").count(), 1);
+        let mut out = Vec::new();
+        copy_bounded(&b"short\n"[..], &mut out, 1000);
+        assert_eq!(out, b"short\n");
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn script(dir: &Path, name: &str, body: &str) -> PathBuf {

@@ -50,6 +50,10 @@ pub(super) enum Sink {
 
 pub(super) type SharedLog = Arc<Mutex<Option<File>>>;
 
+/// Most bytes of container output kept in the pod's `container.log` (and so for
+/// `atoll logs`).
+pub const CONTAINER_LOG_MAX: u64 = 64 << 20;
+
 /// The terminal's settings, restored on drop.
 pub(super) struct RawMode {
     saved: rustix::termios::Termios,
@@ -171,7 +175,16 @@ pub(super) fn pump_out(
         }
         if let Ok(mut l) = log.lock() {
             if let Some(f) = l.as_mut() {
-                if f.write_all(chunk).is_err() {
+                // The log lives in /run (host RAM) and the container is untrusted:
+                // past CONTAINER_LOG_MAX it stops, with a note; the live stream does not.
+                let len = f.metadata().map(|m| m.len()).unwrap_or(u64::MAX);
+                if len.saturating_add(chunk.len() as u64) > CONTAINER_LOG_MAX {
+                    let _ = writeln!(
+                        f,
+                        "\n[atoll: log full at {CONTAINER_LOG_MAX} bytes; the rest was not kept]"
+                    );
+                    *l = None;
+                } else if f.write_all(chunk).is_err() {
                     *l = None;
                 }
             }

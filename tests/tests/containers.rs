@@ -146,6 +146,8 @@ fn in_pod_node(script: &str) -> String {
     )
     .file(artefact(static_dir().join("atoll")), "atoll")
     .unwrap()
+    .file(artefact(static_dir().join("atoll-pty")), "atoll-pty")
+    .unwrap()
     .file(f.store.clone(), "store")
     .unwrap()
     .timeout(Duration::from_secs(900));
@@ -365,6 +367,13 @@ fn isolation() -> &'static str {
              scenario seccomp_unconfined sh -c \"$A run --seccomp unconfined busybox -- dmesg | grep -c Linux\"; \
              scenario oom $A run --memory-limit 32m busybox -- sh -c 'x=$(yes | head -c 100000000); echo survived'; \
              scenario within_limit $A run --memory-limit 32m busybox -- sh -c 'x=$(yes 2>/dev/null | head -c 1000000); echo fine'; \
+             scenario tmpfs_shared $A run --tmpfs /shared --sidecar 'echo from-sidecar > /shared/x' busybox -- \
+                sh -c 'for i in 1 2 3 4 5 6 7 8 9 10; do [ -s /shared/x ] && break; sleep 1; done; cat /shared/x; grep -c \" /shared tmpfs \" /proc/mounts'; \
+             scenario ulimit $A run --ulimit nofile=100:200 busybox -- sh -c 'ulimit -n; ulimit -Hn'; \
+             scenario cap_drop $A run --cap-drop CHOWN busybox -- chown 65534 /tmp; \
+             scenario cap_default $A run busybox -- sh -c 'chown 65534 /tmp && echo chowned'; \
+             scenario read_only $A run --read-only busybox -- touch /x; \
+             scenario pids_limit $A run --pids-limit 7 busybox -- cat /sys/fs/cgroup/pids.max; \
              scenario pod_localhost $A run --sidecar 'echo pong-from-sidecar | nc -l -p 7000' busybox -- \
                 sh -c 'for i in 1 2 3 4 5 6 7 8 9 10; do nc 127.0.0.1 7000 && exit 0; sleep 1; done; exit 1'",
         )
@@ -398,6 +407,25 @@ fn exceeding_the_memory_limit_is_reported_as_an_oom_kill() {
     assert!(!out.contains("survived"), "{out}");
     let (out, status) = scenario(isolation(), "within_limit");
     assert_eq!((out, status), ("fine\n", 0));
+}
+
+#[test]
+fn a_tmpfs_volume_is_shared_by_the_containers_of_a_pod() {
+    let (out, status) = scenario(isolation(), "tmpfs_shared");
+    assert_eq!((out, status), ("from-sidecar\n1\n", 0));
+}
+
+#[test]
+fn rlimits_capabilities_read_only_root_and_pids_limit_apply() {
+    assert_eq!(scenario(isolation(), "ulimit"), ("100\n200\n", 0));
+    let (out, status) = scenario(isolation(), "cap_drop");
+    assert_ne!(status, 0, "{out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+    assert_eq!(scenario(isolation(), "cap_default"), ("chowned\n", 0));
+    let (out, status) = scenario(isolation(), "read_only");
+    assert_ne!(status, 0, "{out}");
+    assert!(out.contains("Read-only file system"), "{out}");
+    assert_eq!(scenario(isolation(), "pids_limit"), ("7\n", 0));
 }
 
 #[test]
@@ -465,4 +493,188 @@ fn no_pod_is_listed_once_all_have_ended() {
     let (out, status) = scenario(lifecycle(), "ps_empty");
     assert_eq!(status, 0);
     assert!(!out.contains("victim") && !out.contains("chatty"), "{out}");
+}
+
+// ---- Group 4: exec, terminals, pod networking ----
+
+/// The node's side of group 4, sourced by the node's shell (so `scenario` is there).
+/// `atoll-pty` plays a user at a terminal: the node has none.
+const NETWORK_AND_EXEC: &str = r#"
+A=./atoll
+P=./atoll-pty
+# atoll-pty needs pseudo-terminals, which the node does not mount.
+[ -e /dev/pts/ptmx ] || { mkdir -p /dev/pts; mount -t devpts devpts /dev/pts; }
+# The host's DNS servers go to the pod; a loopback one (a local stub) does not.
+printf 'nameserver 127.0.0.53\nnameserver 192.0.2.53\n' >/etc/resolv.conf
+running() {
+  for i in $(seq 1 120); do
+    $A ps | awk -v n="$1" '$2 == n && $4 == "running" {f=1} END {exit !f}' && return 0
+    sleep 1
+  done
+  echo "pod $1 never ran"; return 1
+}
+
+$A run --name svc busybox -- sh -c 'echo shared-data >/tmp/shared; echo main-pid=$$; exec sleep 1000' >svc.out 2>&1 &
+svc=$!
+running svc
+scenario exec_fs $A exec svc sh -c 'cat /tmp/shared; echo exec-pid=$$; echo init=$(cat /proc/1/cmdline | tr "\0" " ")'
+scenario exec_status $A exec svc sh -c 'exit 7'
+scenario exec_env $A exec -e FOO=bar -w /tmp svc sh -c 'echo foo=$FOO pwd=$(pwd) path=$PATH'
+scenario exec_stdin sh -c "echo typed | $A exec -i svc sh -c 'read x; echo got:\$x'"
+scenario exec_tty $P --rows 20 --cols 70 --expect ready --send 'hello\r' -- \
+  $A exec -i -t svc sh -c 'tty; stty size; echo ready; read x; echo got:$x; exit 4'
+$A stop svc >/dev/null
+wait $svc
+scenario exec_main cat svc.out
+
+scenario tty_run $P --rows 33 --cols 101 --expect ready --resize 40x120 --send 'typed\r' -- \
+  $A run -i -t busybox -- sh -c 'tty; stty size; echo ready; read x; i=0; \
+    while [ "$(stty size)" != "40 120" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; \
+    stty size; echo got:$x; exit 3'
+scenario tty_ctrl_c $P --expect ready --send '\x03' -- \
+  $A run -i -t busybox -- sh -c 'trap "echo got-sigint; exit 42" INT; echo ready; while :; do sleep 1; done'
+
+scenario hostname_only $A run --hostname solo busybox -- hostname
+
+$A run --net --name web busybox -- sh -c 'echo hostname=$(hostname); cat /etc/resolv.conf; \
+  mkdir -p /tmp/www; echo hello-from-pod >/tmp/www/index.html; exec httpd -f -p 8080 -h /tmp/www' >web.out 2>&1 &
+web=$!
+running web
+scenario net_reach sh -c "addr=\$($A ps | awk '\$2 == \"web\" {print \$6}'); echo addr=\$addr; echo taps=\$(ls /sys/class/net | grep -c ^atl); \
+  ping -c 1 -W 10 \$addr >/dev/null && echo ping=ok; \
+  for i in \$(seq 1 20); do wget -q -O - http://\$addr:8080/ && break; sleep 1; done"
+$A stop web >/dev/null
+wait $web
+scenario net_inside cat web.out
+scenario net_gone sh -c 'echo taps=$(ls /sys/class/net | grep -c ^atl); echo pods=$(ls /run/atoll/pods | wc -l)'
+scenario net_failed sh -c "$A run --net busybox -- /no/such/program; echo status=\$?; echo taps=\$(ls /sys/class/net | grep -c ^atl)"
+
+# Last: after an exec that failed, the agent cannot stop the pod any more (the failed
+# exec's process is left unreaped in the container; see the guest agent), so this pod
+# is ended by killing `atoll run` (its VMM dies with it).
+$A run --name bad busybox -- sleep 1000 >/dev/null 2>&1 &
+bad=$!
+running bad
+scenario exec_missing $A exec bad /no/such/program
+kill -9 $bad
+wait $bad 2>/dev/null
+"#;
+
+fn network_and_exec() -> &'static str {
+    static OUT: OnceLock<String> = OnceLock::new();
+    OUT.get_or_init(|| {
+        in_pod_node(&format!(
+            "cat >group4.sh <<'EOS'\n{NETWORK_AND_EXEC}\nEOS\n. ./group4.sh"
+        ))
+    })
+}
+
+/// The value after `key=` on the first line that has it.
+fn value_of<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {out}"))
+}
+
+#[test]
+fn exec_runs_in_the_same_container_as_another_process() {
+    let (out, status) = scenario(network_and_exec(), "exec_fs");
+    assert_eq!(status, 0, "{out}");
+    assert!(
+        out.starts_with("shared-data\n"),
+        "sees the main container's files: {out}"
+    );
+    let pid: u32 = value_of(out, "exec-pid").parse().unwrap();
+    assert_ne!(pid, 1, "not the main process: {out}");
+    assert_eq!(
+        value_of(out, "init").trim(),
+        "sleep 1000",
+        "in the main container's PID namespace"
+    );
+    let (main, _) = scenario(network_and_exec(), "exec_main");
+    assert!(main.contains("main-pid=1\n"), "{main}");
+}
+
+#[test]
+fn exec_exit_status_comes_back() {
+    assert_eq!(scenario(network_and_exec(), "exec_status").1, 7);
+    let (out, status) = scenario(network_and_exec(), "exec_missing");
+    assert_eq!(status, 127, "{out}");
+    assert!(out.contains("/no/such/program"), "{out}");
+}
+
+#[test]
+fn exec_starts_from_the_containers_env_with_options_on_top() {
+    let (out, status) = scenario(network_and_exec(), "exec_env");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(value_of(out, "foo").split(' ').next(), Some("bar"), "{out}");
+    assert!(out.contains("pwd=/tmp "), "{out}");
+    let path = out.split("path=").nth(1).unwrap_or("").trim();
+    assert!(path.contains("/bin"), "the container's PATH: {out}");
+    let (out, _) = scenario(network_and_exec(), "exec_stdin");
+    assert_eq!(out, "got:typed\n");
+}
+
+#[test]
+fn exec_t_gives_a_terminal_of_the_callers_size() {
+    let (out, status) = scenario(network_and_exec(), "exec_tty");
+    assert_eq!(status, 4, "{out}");
+    assert!(out.contains("/dev/pts/0"), "{out}");
+    assert!(out.contains("20 70"), "{out}");
+    assert!(out.contains("got:hello"), "typed input reached it: {out}");
+}
+
+#[test]
+fn run_t_gives_a_terminal_that_follows_resizes_and_passes_keys() {
+    let (out, status) = scenario(network_and_exec(), "tty_run");
+    assert_eq!(status, 3, "{out}");
+    assert!(out.contains("/dev/pts/0"), "{out}");
+    assert!(out.contains("33 101"), "initial size: {out}");
+    assert!(
+        out.contains("40 120"),
+        "SIGWINCH resized the container's tty: {out}"
+    );
+    assert!(out.contains("got:typed"), "{out}");
+    // Raw mode: Ctrl-C is a byte for the container's terminal (its process gets
+    // SIGINT), not a signal to atoll (which would stop the container with SIGTERM).
+    let (out, status) = scenario(network_and_exec(), "tty_ctrl_c");
+    assert!(out.contains("got-sigint"), "{out}");
+    assert_eq!(status, 42, "{out}");
+}
+
+#[test]
+fn hostname_sets_the_pods_hostname() {
+    let (out, status) = scenario(network_and_exec(), "hostname_only");
+    assert_eq!((out, status), ("solo\n", 0));
+}
+
+#[test]
+fn net_pod_answers_ping_and_serves_http_to_the_host() {
+    let (out, _) = scenario(network_and_exec(), "net_reach");
+    let addr = value_of(out, "addr");
+    assert!(
+        addr.starts_with("10.") && addr.ends_with(".2"),
+        "atoll ps shows the guest address: {out}"
+    );
+    assert_eq!(value_of(out, "taps"), "1", "one tap while it runs: {out}");
+    assert_eq!(value_of(out, "ping"), "ok", "{out}");
+    assert!(out.contains("hello-from-pod\n"), "{out}");
+}
+
+#[test]
+fn net_pod_sees_its_hostname_and_the_hosts_dns() {
+    let (out, _) = scenario(network_and_exec(), "net_inside");
+    assert_eq!(value_of(out, "hostname"), "web", "{out}");
+    assert!(out.contains("nameserver 192.0.2.53"), "{out}");
+    assert!(!out.contains("127.0.0.53"), "no loopback resolver: {out}");
+}
+
+#[test]
+fn net_tap_is_deleted_when_the_pod_ends_or_fails() {
+    let (out, _) = scenario(network_and_exec(), "net_gone");
+    assert_eq!(value_of(out, "taps"), "0", "{out}");
+    assert_eq!(value_of(out, "pods"), "0", "{out}");
+    let (out, _) = scenario(network_and_exec(), "net_failed");
+    assert_eq!(value_of(out, "status"), "127", "{out}");
+    assert_eq!(value_of(out, "taps"), "0", "{out}");
 }

@@ -237,10 +237,18 @@ impl<R: ContainerRuntime> Agent<R> {
         // The pipes are made under the runtime lock, so no other create or exec forks
         // while the process's ends of them are open in the agent.
         let (stdio, ends) = make_stdio(process)?;
-        let (spawned, timings) = runtime.create(req, stdio)?;
-        drop(runtime);
+        let (spawned, timings) = match runtime.create(req, stdio) {
+            Ok(created) => created,
+            Err(e) => {
+                self.processes.reap_strays();
+                return Err(e.into());
+            }
+        };
         let pid = spawned.pid;
+        // Registered before the runtime lock goes, so `reap_strays` (run under the
+        // lock) never takes a process that is about to be registered.
         self.register(&req.id, "", spawned, ends)?;
+        drop(runtime);
         Ok(Reply::Create(v1::CreateReply {
             pid: u32::try_from(pid).unwrap_or(0),
             rootfs_us: timings.rootfs_us,
@@ -289,9 +297,18 @@ impl<R: ContainerRuntime> Agent<R> {
         self.processes.check_free(&req.container_id, &req.exec_id)?;
         let mut runtime = self.runtime();
         let (stdio, ends) = make_stdio(process)?;
-        let spawned = runtime.exec(&req.container_id, process, stdio)?;
-        drop(runtime);
+        let spawned = match runtime.exec(&req.container_id, process, stdio) {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                // libcontainer's process for a command that cannot run is our child
+                // and a zombie now: left alone it would keep the container from
+                // ever stopping.
+                self.processes.reap_strays();
+                return Err(e.into());
+            }
+        };
         self.register(&req.container_id, &req.exec_id, spawned, ends)?;
+        drop(runtime);
         Ok(Reply::Ok(v1::Empty {}))
     }
 

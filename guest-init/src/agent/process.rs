@@ -313,6 +313,16 @@ pub fn wait_pid_nohang(pid: libc::pid_t) -> WaitOutcome {
     }
 }
 
+/// The state letter and parent pid from `/proc/<pid>/stat` (`pid (comm) S ppid ...`;
+/// `comm` may itself hold spaces and parentheses, so parse after the last `)`).
+pub fn parse_stat(stat: &str) -> Option<(char, libc::pid_t)> {
+    let rest = stat.get(stat.rfind(')')? + 1..)?;
+    let mut fields = rest.split_ascii_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let ppid = fields.next()?.parse().ok()?;
+    Some((state, ppid))
+}
+
 /// Why a process could not be registered.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum RegisterError {
@@ -418,6 +428,61 @@ impl ProcessTable {
     /// Whether no process is known by id.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Reaps zombie children of the agent that no one registered: what a failed
+    /// create or exec leaves behind (libcontainer's process died before `execve`,
+    /// after libcontainer stopped watching it). Such a zombie would keep the
+    /// container's cgroup populated and its PID namespace alive, so stopping the
+    /// container would hang. Call it only while the runtime lock is held and after
+    /// every successful spawn was registered: then no zombie child is libcontainer's
+    /// to wait for, nor a registered process's (those are skipped anyway).
+    pub fn reap_strays(&self) -> usize {
+        self.reap_strays_where(|_| true)
+    }
+
+    /// [`Self::reap_strays`] among the pids `consider` accepts (tests share one
+    /// process, so each looks only at its own children).
+    fn reap_strays_where(&self, consider: impl Fn(libc::pid_t) -> bool) -> usize {
+        let me = std::process::id();
+        let registered: Vec<libc::pid_t> = self
+            .table()
+            .unreaped
+            .iter()
+            .map(|(process, _)| process.pid)
+            .collect();
+        let Ok(dir) = std::fs::read_dir("/proc") else {
+            return 0;
+        };
+        let mut reaped = 0;
+        for entry in dir.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<libc::pid_t>().ok())
+            else {
+                continue;
+            };
+            if !consider(pid) {
+                continue;
+            }
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            match parse_stat(&stat) {
+                Some((state, ppid))
+                    if state == 'Z'
+                        && u32::try_from(ppid).is_ok_and(|p| p == me)
+                        && !registered.contains(&pid) =>
+                {
+                    if matches!(wait_pid_nohang(pid), WaitOutcome::Exited(_)) {
+                        reaped += 1;
+                    }
+                }
+                _ => {}
+            }
+        }
+        reaped
     }
 
     fn wake(&self) {
@@ -557,6 +622,46 @@ mod tests {
         assert_eq!(waiter.join().unwrap(), Exit::Code(7));
         // Reaped once: later passes do not ask about the pid again.
         table.reap_pass(|pid| panic!("pid {pid} asked again"));
+    }
+
+    #[test]
+    fn stat_lines_give_state_and_parent() {
+        assert_eq!(parse_stat("42 (sh) Z 7 42 42 0"), Some(('Z', 7)));
+        assert_eq!(parse_stat("42 (a b) c) d) S 9 1"), Some(('S', 9)));
+        assert_eq!(parse_stat("42 (sh)"), None);
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat("1 (x) R notanumber"), None);
+    }
+
+    #[test]
+    #[allow(clippy::zombie_processes)] // The table reaps them, not `Child`.
+    fn strays_are_reaped_but_registered_children_are_left_to_the_reaper() {
+        let table = ProcessTable::new().unwrap();
+        let stray = Command::new("/bin/true").spawn().unwrap();
+        let kept = Command::new("/bin/true").spawn().unwrap();
+        let kept_pid = kept.id() as libc::pid_t;
+        table.register(Process::new("c", "", kept_pid, StdioEnds::default(), None));
+        let zombie = |pid: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| parse_stat(&s))
+                .is_some_and(|(state, _)| state == 'Z')
+        };
+        for _ in 0..500 {
+            if zombie(stray.id()) && zombie(kept.id()) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let stray_pid = stray.id() as libc::pid_t;
+        let ours = |pid| pid == stray_pid || pid == kept_pid;
+        assert_eq!(table.reap_strays_where(ours), 1);
+        assert!(!zombie(stray.id()), "the stray was reaped");
+        assert!(
+            zombie(kept.id()),
+            "the registered one is left to the reaper"
+        );
+        assert!(matches!(wait_pid_nohang(kept_pid), WaitOutcome::Exited(_)));
     }
 
     #[test]

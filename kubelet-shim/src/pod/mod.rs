@@ -337,6 +337,11 @@ impl Drop for PodDir {
         let log = self.path.join("container.log");
         if log.is_file() && fs::create_dir_all(&logs).is_ok() {
             let _ = fs::rename(&log, logs.join(format!("{}.log", self.id)));
+            // The guest's console (kernel and agent messages, bounded), for post-mortems.
+            let _ = fs::rename(
+                self.path.join("console.log"),
+                logs.join(format!("{}.console", self.id)),
+            );
             if let Ok(mut s) = PodState::read(&self.path.join("state.json")) {
                 s.status = PodStatus::Exited;
                 let _ = s.write(&logs.join(format!("{}.json", self.id)));
@@ -372,6 +377,7 @@ pub fn prune_logs(logs: &Path, keep: usize) {
     let excess = found.len() - keep;
     for (_, p) in found.into_iter().take(excess) {
         let _ = fs::remove_file(p.with_extension("json"));
+        let _ = fs::remove_file(p.with_extension("console"));
         let _ = fs::remove_file(p);
     }
 }

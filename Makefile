@@ -59,6 +59,7 @@ test: artifacts
 
 # Benchmarks print a table and save JSON under perf/results/ (quoted in the README).
 bench: artifacts
+	$(STATIC)/atoll-bench run --runs 5 --json perf/results/run.json
 	$(STATIC)/atoll-bench boot --runs 10 --json perf/results/boot.json
 	$(STATIC)/atoll-bench io --json perf/results/io.json
 	$(STATIC)/atoll-bench vsock --json perf/results/vsock.json

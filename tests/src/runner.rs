@@ -56,7 +56,7 @@ pub struct NodeTimings {
     pub command_ms: Option<u64>,
     /// QEMU start to QEMU exit (successful attempt).
     pub node_ms: u64,
-    /// Boots needed (2 after one infrastructure fault).
+    /// Boots needed (more than 1 after infrastructure faults; see `node::MAX_ATTEMPTS`).
     pub attempts: u32,
 }
 

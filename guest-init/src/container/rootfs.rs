@@ -290,7 +290,14 @@ impl Mounts {
         result
     }
 
-    fn overlay(&mut self, id: &str, image: &Path, readonly: bool) -> Result<PathBuf, RootfsError> {
+    /// Mounts the container's own tmpfs at `<root>/containers/<id>`, makes `rootfs`
+    /// in it and lets `fill` put the root there. On any failure everything is
+    /// unmounted and removed again. Returns the rootfs path.
+    fn in_container_tmpfs(
+        &mut self,
+        id: &str,
+        fill: impl FnOnce(&mut Self, &Path, &Path) -> Result<(), RootfsError>,
+    ) -> Result<PathBuf, RootfsError> {
         let dir = self.container_dir(id);
         mkdir(&dir)?;
         self.mounter
@@ -303,16 +310,28 @@ impl Mounts {
             )
             .map_err(io_err("mount a tmpfs on", &dir))?;
         let rootfs = dir.join("rootfs");
-        let done = (|| {
-            mkdir(&rootfs)?;
+        let done = mkdir(&rootfs).and_then(|()| fill(self, &dir, &rootfs));
+        match done {
+            Ok(()) => Ok(rootfs),
+            Err(e) => {
+                let _ = self.mounter.unmount(&rootfs);
+                let _ = self.mounter.unmount(&dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    fn overlay(&mut self, id: &str, image: &Path, readonly: bool) -> Result<PathBuf, RootfsError> {
+        self.in_container_tmpfs(id, |this, dir, rootfs| {
             if readonly {
                 let image_str = image.to_string_lossy().into_owned();
-                self.mounter
-                    .mount(&image_str, &rootfs, "", MountKind::Bind, "")
-                    .map_err(io_err("bind the image on", &rootfs))?;
-                self.mounter
-                    .mount("", &rootfs, "", MountKind::RemountBindReadonly, "")
-                    .map_err(io_err("make read-only", &rootfs))?;
+                this.mounter
+                    .mount(&image_str, rootfs, "", MountKind::Bind, "")
+                    .map_err(io_err("bind the image on", rootfs))?;
+                this.mounter
+                    .mount("", rootfs, "", MountKind::RemountBindReadonly, "")
+                    .map_err(io_err("make read-only", rootfs))?;
             } else {
                 let (upper, work) = (dir.join("upper"), dir.join("work"));
                 mkdir(&upper)?;
@@ -323,24 +342,18 @@ impl Mounts {
                     upper.display(),
                     work.display()
                 );
-                self.mounter
+                this.mounter
                     .mount(
                         "overlay",
-                        &rootfs,
+                        rootfs,
                         "overlay",
                         MountKind::New { readonly: false },
                         &data,
                     )
-                    .map_err(io_err("mount the overlay on", &rootfs))?;
+                    .map_err(io_err("mount the overlay on", rootfs))?;
             }
-            Ok(rootfs.clone())
-        })();
-        if done.is_err() {
-            let _ = self.mounter.unmount(&rootfs);
-            let _ = self.mounter.unmount(&dir);
-            let _ = std::fs::remove_dir(&dir);
-        }
-        done
+            Ok(())
+        })
     }
 
     /// Prepares `<root>/containers/<id>/rootfs` by unpacking `layers` into the
@@ -360,32 +373,14 @@ impl Mounts {
         };
         let disk = LayersDisk::open(&device)?;
         let ranges = disk.plan(&layers.layers)?;
-        let dir = self.container_dir(id);
-        mkdir(&dir)?;
-        self.mounter
-            .mount(
-                "tmpfs",
-                &dir,
-                "tmpfs",
-                MountKind::New { readonly: false },
-                "mode=0700",
-            )
-            .map_err(io_err("mount a tmpfs on", &dir))?;
-        let rootfs = dir.join("rootfs");
-        let done = mkdir(&rootfs)
-            .and_then(|()| {
-                // As an image root is unless a layer says otherwise (whatever our umask).
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&rootfs, std::fs::Permissions::from_mode(0o755))
-                    .map_err(io_err("chmod", &rootfs))
-            })
-            .and_then(|()| Ok(disk.unpack(&ranges, &rootfs, GUEST_LIMITS)?))
-            .map(|_| rootfs);
-        if done.is_err() {
-            let _ = self.mounter.unmount(&dir);
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        done
+        self.in_container_tmpfs(id, |_, _, rootfs| {
+            // As an image root is unless a layer says otherwise (whatever our umask).
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(rootfs, std::fs::Permissions::from_mode(0o755))
+                .map_err(io_err("chmod", rootfs))?;
+            disk.unpack(&ranges, rootfs, GUEST_LIMITS)?;
+            Ok(())
+        })
     }
 
     /// Undoes [`Mounts::prepare_rootfs`] (idempotent: a second call does nothing).

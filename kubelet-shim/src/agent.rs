@@ -318,35 +318,39 @@ impl AgentClient {
         }
     }
 
+    /// Sends `req` and takes the reply `pick` accepts (it hands any other back).
+    fn call_for<T>(
+        &mut self,
+        op: &'static str,
+        req: Op,
+        pick: impl FnOnce(Reply) -> Result<T, Reply>,
+    ) -> Result<T, AgentError> {
+        pick(self.call(op, req)?).map_err(|r| AgentError::UnexpectedReply {
+            op,
+            got: reply_name(&r),
+        })
+    }
+
     fn call_ok(&mut self, op: &'static str, req: Op) -> Result<(), AgentError> {
-        match self.call(op, req)? {
+        self.call_for(op, req, |r| match r {
             Reply::Ok(_) => Ok(()),
-            r => Err(AgentError::UnexpectedReply {
-                op,
-                got: reply_name(&r),
-            }),
-        }
+            r => Err(r),
+        })
     }
 
     pub fn create(&mut self, req: v1::CreateContainer) -> Result<v1::CreateReply, AgentError> {
-        match self.call("CreateContainer", Op::Create(req))? {
+        self.call_for("CreateContainer", Op::Create(req), |r| match r {
             Reply::Create(r) => Ok(r),
-            r => Err(AgentError::UnexpectedReply {
-                op: "CreateContainer",
-                got: reply_name(&r),
-            }),
-        }
+            r => Err(r),
+        })
     }
 
     pub fn start(&mut self, id: &str) -> Result<v1::StartReply, AgentError> {
         let req = Op::Start(v1::StartContainer { id: id.to_owned() });
-        match self.call("StartContainer", req)? {
+        self.call_for("StartContainer", req, |r| match r {
             Reply::Start(r) => Ok(r),
-            r => Err(AgentError::UnexpectedReply {
-                op: "StartContainer",
-                got: reply_name(&r),
-            }),
-        }
+            r => Err(r),
+        })
     }
 
     pub fn exec(&mut self, req: v1::ExecProcess) -> Result<(), AgentError> {
@@ -359,13 +363,10 @@ impl AgentClient {
             container_id: container_id.to_owned(),
             exec_id: exec_id.to_owned(),
         });
-        match self.call("WaitProcess", req)? {
+        self.call_for("WaitProcess", req, |r| match r {
             Reply::Wait(r) => Ok(r),
-            r => Err(AgentError::UnexpectedReply {
-                op: "WaitProcess",
-                got: reply_name(&r),
-            }),
-        }
+            r => Err(r),
+        })
     }
 
     pub fn signal(
@@ -408,13 +409,10 @@ impl AgentClient {
         let req = Op::Stats(v1::GetStats {
             container_id: container_id.to_owned(),
         });
-        match self.call("GetStats", req)? {
+        self.call_for("GetStats", req, |r| match r {
             Reply::Stats(r) => Ok(r),
-            r => Err(AgentError::UnexpectedReply {
-                op: "GetStats",
-                got: reply_name(&r),
-            }),
-        }
+            r => Err(r),
+        })
     }
 
     pub fn configure_network(&mut self, req: v1::ConfigureNetwork) -> Result<(), AgentError> {

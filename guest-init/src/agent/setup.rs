@@ -191,21 +191,6 @@ fn enable_controllers(ops: &mut impl SetupOps) -> Result<(), SetupError> {
 #[derive(Debug, Default)]
 pub struct LinuxSetup;
 
-fn c_path(path: &Path) -> io::Result<std::ffi::CString> {
-    use std::os::unix::ffi::OsStrExt;
-    std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
-fn c_opt(text: &str) -> io::Result<Option<std::ffi::CString>> {
-    if text.is_empty() {
-        return Ok(None);
-    }
-    std::ffi::CString::new(text)
-        .map(Some)
-        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
-}
-
 fn check(rc: libc::c_int) -> io::Result<()> {
     if rc == -1 {
         Err(io::Error::last_os_error())
@@ -247,22 +232,7 @@ impl SetupOps for LinuxSetup {
         flags: MountFlags,
         data: &str,
     ) -> io::Result<()> {
-        let source = c_opt(source)?;
-        let target = c_path(target)?;
-        let fstype = c_opt(fstype)?;
-        let data = c_opt(data)?;
-        let ptr =
-            |s: &Option<std::ffi::CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
-        // SAFETY: every pointer is NULL or a NUL-terminated string alive for the call.
-        check(unsafe {
-            libc::mount(
-                ptr(&source),
-                target.as_ptr(),
-                ptr(&fstype),
-                flags,
-                ptr(&data).cast(),
-            )
-        })
+        crate::syscall::mount(source, target, fstype, flags, data)
     }
 
     fn create_dir(&mut self, path: &Path) -> io::Result<()> {

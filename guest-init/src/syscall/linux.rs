@@ -49,6 +49,40 @@ fn c_string(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
+/// mount(2); an empty `source`, `fstype` or `data` is passed as NULL (what a bind,
+/// a remount or a file system without options wants). Shared by PID 1 and the
+/// agent's start-up.
+pub fn mount(
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    flags: MountFlags,
+    data: &str,
+) -> io::Result<()> {
+    let opt = |text: &str| {
+        if text.is_empty() {
+            Ok(None)
+        } else {
+            c_string(text.as_bytes()).map(Some)
+        }
+    };
+    let (source, fstype, data) = (opt(source)?, opt(fstype)?, opt(data)?);
+    let target = c_string(target.as_os_str().as_bytes())?;
+    let ptr = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
+    // SAFETY: every pointer is NULL or a NUL-terminated string that outlives the call;
+    // the kernel copies them.
+    check(unsafe {
+        libc::mount(
+            ptr(&source),
+            target.as_ptr(),
+            ptr(&fstype),
+            flags,
+            ptr(&data).cast(),
+        )
+    })?;
+    Ok(())
+}
+
 /// Turns a `-1` return into the errno it set.
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc == -1 {
@@ -108,22 +142,7 @@ impl Syscall for LinuxSyscall {
         flags: MountFlags,
         data: &str,
     ) -> io::Result<()> {
-        let source = c_string(source.as_bytes())?;
-        let target = c_string(target.as_os_str().as_bytes())?;
-        let fstype = c_string(fstype.as_bytes())?;
-        let data = c_string(data.as_bytes())?;
-        // SAFETY: all pointers are NUL-terminated strings that outlive the call; the
-        // kernel copies them.
-        check(unsafe {
-            libc::mount(
-                source.as_ptr(),
-                target.as_ptr(),
-                fstype.as_ptr(),
-                flags,
-                data.as_ptr().cast(),
-            )
-        })?;
-        Ok(())
+        mount(source, target, fstype, flags, data)
     }
 
     fn unmount(&mut self, target: &Path) -> io::Result<()> {

@@ -1,11 +1,14 @@
-//! Assembles a VM from a [`VmConfig`]: KVM, memory, devices, kernel, vCPUs; then runs
-//! it until the guest reports an exit status, resets, fails, or time runs out.
+//! The one place that assembles a VM: from a [`VmConfig`] (KVM, memory, devices,
+//! kernel, vCPUs, booted fresh) or from a snapshot (the same pieces, their state
+//! read back). The result is a [`Vmm`](crate::vmm::Vmm), which runs and drives it.
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::mpsc::{channel, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
 
 use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::epoll::Epoll;
@@ -20,19 +23,23 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::SerialDevice;
 use crate::devices::legacy::EventSink;
 use crate::devices::virtio::block::Block;
-use crate::devices::virtio::event_loop::EventLoop;
+use crate::devices::virtio::event_loop::{EventLoop, EventLoopError};
 use crate::devices::virtio::mmio::{
-    CreateTransportError, MmioTransport, MMIO_WINDOW, QUEUE_NOTIFY,
+    CreateTransportError, MmioTransport, RestoreTransportError, MMIO_WINDOW, QUEUE_NOTIFY,
 };
 use crate::devices::virtio::net::Net;
+use crate::devices::virtio::persist::VirtioDeviceState;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{DeviceMetricsSnapshot, Interrupt, VirtioDevice};
 use crate::metrics::{MetricsSnapshot, VmMetrics};
+use crate::persist::{self, MicrovmState, SnapshotFileError};
+use crate::vmm::{Vmm, VmmParts};
 use crate::vstate::kvm::{self, KvmError};
+use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{ConfigureVcpuError, Vcpu, VcpuShared};
-use crate::vstate::vm::{CreateVmError, Vm};
-use crate::vstate::VmEvent;
+use crate::vstate::vm::{CreateVmError, Vm, VmStateError};
+use crate::vstate::VmMessage;
 
 /// Smallest guest we start: below this a Linux guest cannot even unpack itself.
 pub const MIN_MEM_MIB: u64 = 16;
@@ -61,7 +68,7 @@ pub struct VmConfig {
 }
 
 /// One virtio device to attach.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DeviceConfig {
     /// virtio-rng fed from the host's getrandom.
     Rng,
@@ -91,7 +98,7 @@ pub enum DeviceConfig {
 }
 
 /// How the VM ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub enum Outcome {
     /// The guest reported this exit status.
     Exited(u8),
@@ -101,17 +108,19 @@ pub enum Outcome {
     Crashed(String),
     /// `--timeout` expired.
     TimedOut(Duration),
+    /// Stopped through the control API.
+    Stopped,
 }
 
 /// The outcome with the VM's counters.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize)]
 pub struct RunReport {
     /// How it ended.
     pub outcome: Outcome,
     /// Counters at the end.
     pub metrics: MetricsSnapshot,
-    /// The kernel format booted.
-    pub format: KernelFormat,
+    /// The kernel format booted (none for a restored VM).
+    pub format: Option<KernelFormat>,
     /// Per-device counters at the end.
     pub devices: Vec<DeviceMetricsSnapshot>,
 }
@@ -174,33 +183,78 @@ pub enum StartVmError {
     /// A virtio transport could not be built.
     #[error(transparent)]
     Transport(#[from] CreateTransportError),
+    /// The device event loop could not start.
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    /// The snapshot's state file.
+    #[error(transparent)]
+    StateFile(#[from] SnapshotFileError),
+    /// The snapshot's memory file.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// VM-wide state did not restore.
+    #[error("cannot restore the VM from the snapshot")]
+    VmState(#[source] VmStateError),
+    /// A device's saved state did not restore.
+    #[error("cannot restore virtio device {index} from the snapshot")]
+    DeviceState {
+        /// Device index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: RestoreTransportError,
+    },
+    /// The snapshot does not fit this host or these options.
+    #[error("cannot restore the snapshot: {0}")]
+    Incompatible(String),
 }
 
 /// The virtio devices of a VM, wired to KVM.
-struct VirtioSetup {
-    devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
-    epoll: Arc<Epoll>,
+pub(crate) struct VirtioSetup {
+    /// The devices, in bus order.
+    pub devices: Vec<Arc<Mutex<dyn VirtioDevice>>>,
+    /// Their transports.
+    pub transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// What each was built from (a net device's MAC filled in).
+    pub configs: Vec<DeviceConfig>,
+    /// The device event loop's epoll.
+    pub epoll: Arc<Epoll>,
     dsdt: Vec<DsdtDevice>,
     cmdline: Vec<String>,
 }
 
-fn build_device(cfg: &DeviceConfig) -> Result<Arc<Mutex<dyn VirtioDevice>>, StartVmError> {
+/// Builds the device `cfg` describes; returns it with its configuration as built
+/// (a net device's random MAC filled in, so a snapshot keeps it).
+fn build_device(
+    cfg: &DeviceConfig,
+) -> Result<(Arc<Mutex<dyn VirtioDevice>>, DeviceConfig), StartVmError> {
     let err = |what| move |source| StartVmError::Device { what, source };
     Ok(match cfg {
-        DeviceConfig::Rng => Arc::new(Mutex::new(Rng::new())),
+        DeviceConfig::Rng => (Arc::new(Mutex::new(Rng::new())), cfg.clone()),
         DeviceConfig::Block {
             path,
             read_only,
             id,
-        } => Arc::new(Mutex::new(
-            Block::new(path, *read_only, id.clone()).map_err(err("a virtio-blk disk"))?,
-        )),
-        DeviceConfig::Net { tap, mac } => Arc::new(Mutex::new(
-            Net::new(tap, *mac).map_err(err("a virtio-net device"))?,
-        )),
-        DeviceConfig::Vsock { cid, uds } => Arc::new(Mutex::new(
-            Vsock::new(*cid, uds).map_err(err("a virtio-vsock device"))?,
-        )),
+        } => (
+            Arc::new(Mutex::new(
+                Block::new(path, *read_only, id.clone()).map_err(err("a virtio-blk disk"))?,
+            )),
+            cfg.clone(),
+        ),
+        DeviceConfig::Net { tap, mac } => {
+            let net = Net::new(tap, *mac).map_err(err("a virtio-net device"))?;
+            let built = DeviceConfig::Net {
+                tap: tap.clone(),
+                mac: Some(net.mac()),
+            };
+            (Arc::new(Mutex::new(net)), built)
+        }
+        DeviceConfig::Vsock { cid, uds } => (
+            Arc::new(Mutex::new(
+                Vsock::new(*cid, uds).map_err(err("a virtio-vsock device"))?,
+            )),
+            cfg.clone(),
+        ),
     })
 }
 
@@ -222,13 +276,15 @@ fn attach_virtio(
     let epoll = Arc::new(Epoll::new().map_err(|e| dev_err("the device event loop", e))?);
     let mut setup = VirtioSetup {
         devices: Vec::new(),
+        transports: Vec::new(),
+        configs: Vec::new(),
         epoll: epoll.clone(),
         dsdt: Vec::new(),
         cmdline: Vec::new(),
     };
     for (i, (cfg, gsi)) in configs.iter().zip(VIRTIO_GSIS).enumerate() {
         let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
-        let device = build_device(cfg)?;
+        let (device, built) = build_device(cfg)?;
         let irqfd =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err("a virtio interrupt", e))?;
         vm.fd
@@ -238,7 +294,7 @@ fn attach_virtio(
             device.clone(),
             i as u32,
             epoll.clone(),
-            vm.memory.clone(),
+            vm.ram.memory.clone(),
             Arc::new(Interrupt::new(irqfd)),
         )?;
         for (q, evt) in transport.queue_events().iter().enumerate() {
@@ -246,7 +302,8 @@ fn attach_virtio(
                 .register_ioevent(evt, &IoEventAddress::Mmio(base + QUEUE_NOTIFY), q as u32)
                 .map_err(|e| dev_err("a virtio queue notifier", io_err(e)))?;
         }
-        mmio_bus.insert(Arc::new(Mutex::new(transport)), base, MMIO_WINDOW)?;
+        let transport = Arc::new(Mutex::new(transport));
+        mmio_bus.insert(transport.clone(), base, MMIO_WINDOW)?;
         // Below 4 GiB by construction of the layout.
         let base32 = u32::try_from(base).unwrap_or(u32::MAX);
         setup.dsdt.push(DsdtDevice::VirtioMmio {
@@ -259,36 +316,167 @@ fn attach_virtio(
             .cmdline
             .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
         setup.devices.push(device);
+        setup.transports.push(transport);
+        setup.configs.push(built);
     }
     Ok(setup)
 }
 
-fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
-    std::io::Error::from_raw_os_error(e.errno())
+/// What every VM has before its vCPUs exist: KVM, the VM and its RAM, the buses with
+/// the legacy and virtio devices, the channel to the VMM's main thread.
+struct Assembly {
+    kvm: kvm_ioctls::Kvm,
+    vm: Vm,
+    io_bus: Bus,
+    mmio_bus: Bus,
+    serial: Arc<Mutex<SerialDevice>>,
+    virtio: VirtioSetup,
+    sink: Arc<EventSink>,
+    tx: Sender<VmMessage>,
+    rx: Receiver<VmMessage>,
+    metrics: Arc<VmMetrics>,
 }
 
-/// Builds the VM described by `config`, runs it to its end and reports how it
-/// ended. The guest console goes to `console`; `start` is the VMM's launch instant
-/// (boot stage times count from it).
-pub fn run(
+/// Checks the vCPU count against KVM and this VMM.
+fn check_vcpus(kvm: &kvm_ioctls::Kvm, given: u8) -> Result<(), StartVmError> {
+    let max = u8::try_from(kvm.get_max_vcpus())
+        .unwrap_or(MAX_VCPUS)
+        .min(MAX_VCPUS);
+    if given == 0 || given > max {
+        return Err(StartVmError::Vcpus { given, max });
+    }
+    Ok(())
+}
+
+/// The serial console's interrupt line, wired to KVM.
+fn serial_irq(vm: &Vm) -> Result<EventFd, StartVmError> {
+    let err = |what, source| StartVmError::Device { what, source };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err("the serial console", e))?;
+    vm.fd
+        .register_irqfd(&irq, SERIAL_IRQ)
+        .map_err(|e| err("the serial console interrupt", io_err(e)))?;
+    Ok(irq)
+}
+
+/// Puts the legacy devices and the virtio devices on their buses.
+fn assemble(
+    kvm: kvm_ioctls::Kvm,
+    vm: Vm,
+    serial: SerialDevice,
+    devices: &[DeviceConfig],
+    metrics: Arc<VmMetrics>,
+) -> Result<Assembly, StartVmError> {
+    let (tx, rx) = channel();
+    let sink = Arc::new(EventSink::new(tx.clone()));
+    let serial = Arc::new(Mutex::new(serial));
+    let mut io_bus = Bus::new();
+    io_bus.insert(serial.clone(), u64::from(SERIAL_PORT), 8)?;
+    io_bus.insert(Arc::new(Mutex::new(I8042::new(sink.clone()))), 0x60, 5)?;
+    io_bus.insert(
+        Arc::new(Mutex::new(ExitPort::new(sink.clone()))),
+        u64::from(EXIT_PORT),
+        1,
+    )?;
+    io_bus.insert(
+        Arc::new(Mutex::new(StagePort::new(metrics.clone()))),
+        u64::from(STAGE_PORT),
+        1,
+    )?;
+    let mut mmio_bus = Bus::new();
+    let virtio = attach_virtio(&vm, devices, &mut mmio_bus)?;
+    Ok(Assembly {
+        kvm,
+        vm,
+        io_bus,
+        mmio_bus,
+        serial,
+        virtio,
+        sink,
+        tx,
+        rx,
+        metrics,
+    })
+}
+
+impl Assembly {
+    fn vcpu_shared(&self) -> VcpuShared {
+        let msr_list = self
+            .kvm
+            .get_msr_index_list()
+            .map(|l| l.as_slice().to_vec())
+            .unwrap_or_default();
+        VcpuShared {
+            io_bus: Arc::new(self.io_bus.clone()),
+            mmio_bus: Arc::new(self.mmio_bus.clone()),
+            events: self.sink.clone(),
+            metrics: self.metrics.clone(),
+            msr_list: Arc::new(msr_list),
+        }
+    }
+
+    /// Starts the threads: vCPUs (paused or running) and the device loop.
+    fn start(
+        self,
+        vcpus: Vec<Vcpu>,
+        paused: bool,
+        console_input: bool,
+        cmdline: String,
+        format: Option<KernelFormat>,
+    ) -> Result<Vmm, StartVmError> {
+        let (event_loop, handle) = EventLoop::new(
+            self.virtio.epoll.clone(),
+            self.virtio.devices.clone(),
+            self.sink.clone(),
+        )
+        .map_err(StartVmError::Thread)?;
+        let mut handles = Vec::with_capacity(vcpus.len());
+        for vcpu in vcpus {
+            handles.push(vcpu.spawn(paused).map_err(StartVmError::Thread)?);
+        }
+        let event_loop = event_loop.spawn(handle)?;
+        if paused {
+            event_loop.pause()?;
+        }
+        self.metrics.record_phase("vcpus_started");
+        if console_input {
+            let serial = self.serial.clone();
+            std::thread::Builder::new()
+                .name("console-in".into())
+                .spawn(move || pump_stdin(serial))
+                .map_err(StartVmError::Thread)?;
+        }
+        Ok(Vmm::new(VmmParts {
+            vcpus: handles,
+            event_loop,
+            vm: self.vm,
+            serial: self.serial,
+            devices: self.virtio.devices,
+            transports: self.virtio.transports,
+            configs: self.virtio.configs,
+            sink: self.sink,
+            tx: self.tx,
+            rx: self.rx,
+            metrics: self.metrics,
+            paused,
+            cmdline,
+            format,
+        }))
+    }
+}
+
+/// Builds the VM described by `config` and starts it. The guest console goes to
+/// `console`; `start` is the VMM's launch instant (boot stage times count from it).
+pub fn boot(
     config: &VmConfig,
     start: Instant,
     console: Box<dyn Write + Send>,
-) -> Result<RunReport, StartVmError> {
+) -> Result<Vmm, StartVmError> {
     let metrics = Arc::new(VmMetrics::new(start));
     // Process start, argument parsing and logging set-up end here.
     metrics.record_phase("process_ready");
     let kvm = kvm::open()?;
     metrics.record_phase("kvm_open");
-    let max_vcpus = u8::try_from(kvm.get_max_vcpus())
-        .unwrap_or(MAX_VCPUS)
-        .min(MAX_VCPUS);
-    if config.vcpus == 0 || config.vcpus > max_vcpus {
-        return Err(StartVmError::Vcpus {
-            given: config.vcpus,
-            max: max_vcpus,
-        });
-    }
+    check_vcpus(&kvm, config.vcpus)?;
     if config.mem_mib < MIN_MEM_MIB {
         return Err(StartVmError::TooLittleMemory {
             given: config.mem_mib,
@@ -300,39 +488,12 @@ pub fn run(
         .filter(|s| *s <= (1u64 << 46))
         .ok_or(StartVmError::TooMuchMemory(config.mem_mib))?;
 
-    let vm = Vm::new(&kvm, mem_size)?;
+    let ram = memory::create(mem_size).map_err(CreateVmError::from)?;
+    let vm = Vm::new(&kvm, ram)?;
     metrics.record_phase("vm_created");
-    let (tx, rx) = channel();
-    let events = Arc::new(EventSink::new(tx));
+    let serial = SerialDevice::new(serial_irq(&vm)?, console);
+    let a = assemble(kvm, vm, serial, &config.devices, metrics)?;
 
-    // Legacy devices on the port bus.
-    let serial_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| StartVmError::Device {
-        what: "the serial console",
-        source,
-    })?;
-    vm.fd
-        .register_irqfd(&serial_irq, SERIAL_IRQ)
-        .map_err(|e| StartVmError::Device {
-            what: "the serial console interrupt",
-            source: io_err(e),
-        })?;
-    let serial = Arc::new(Mutex::new(SerialDevice::new(serial_irq, console)));
-    let mut io_bus = Bus::new();
-    io_bus.insert(serial.clone(), u64::from(SERIAL_PORT), 8)?;
-    io_bus.insert(Arc::new(Mutex::new(I8042::new(events.clone()))), 0x60, 5)?;
-    io_bus.insert(
-        Arc::new(Mutex::new(ExitPort::new(events.clone()))),
-        u64::from(EXIT_PORT),
-        1,
-    )?;
-    io_bus.insert(
-        Arc::new(Mutex::new(StagePort::new(metrics.clone()))),
-        u64::from(STAGE_PORT),
-        1,
-    )?;
-
-    let mut mmio_bus = Bus::new();
-    let virtio = attach_virtio(&vm, &config.devices, &mut mmio_bus)?;
     // The guest finds virtio devices in the DSDT; a guest booted with acpi=off
     // gets them on its command line instead (never both: it would probe twice).
     let acpi_off = config.cmdline.split_whitespace().any(|w| w == "acpi=off");
@@ -346,108 +507,150 @@ pub fn run(
         };
         cmdline = [kernel_args]
             .into_iter()
-            .chain(virtio.cmdline.iter().cloned())
+            .chain(a.virtio.cmdline.iter().cloned())
             .collect::<Vec<_>>()
             .join(" ")
             + &init_args;
     } else {
-        dsdt_devices.extend(virtio.dsdt.iter().copied());
+        dsdt_devices.extend(a.virtio.dsdt.iter().copied());
     }
     let spec = BootSpec {
         kernel: config.kernel.clone(),
         initrd: config.initrd.clone(),
-        cmdline,
+        cmdline: cmdline.clone(),
         num_cpus: config.vcpus,
         mem_size,
         dsdt_devices,
     };
-    let boot = boot::load(&vm.memory, &spec)?;
-    metrics.record_phase("kernel_loaded");
+    let boot = boot::load(&a.vm.ram.memory, &spec)?;
+    a.metrics.record_phase("kernel_loaded");
     tracing::debug!(?boot, "kernel loaded");
 
-    let shared = VcpuShared {
-        io_bus: Arc::new(io_bus),
-        mmio_bus: Arc::new(mmio_bus),
-        events: events.clone(),
-        metrics: metrics.clone(),
-    };
+    let shared = a.vcpu_shared();
     let mut vcpus = Vec::with_capacity(usize::from(config.vcpus));
     for id in 0..config.vcpus {
-        vcpus.push(Vcpu::new(
-            &kvm,
-            &vm.fd,
-            &vm.memory,
-            id,
-            config.vcpus,
-            boot.entry,
-            shared.clone(),
-        )?);
+        let vcpu = Vcpu::create(&a.vm.fd, id, shared.clone())?;
+        vcpu.configure_boot(&a.kvm, &a.vm.ram.memory, config.vcpus, boot.entry)?;
+        vcpus.push(vcpu);
     }
-    metrics.record_phase("vcpus_configured");
-    for (id, vcpu) in vcpus.into_iter().enumerate() {
-        std::thread::Builder::new()
-            .name(format!("vcpu{id}"))
-            .spawn(move || vcpu.run())
-            .map_err(StartVmError::Thread)?;
-    }
-    if !virtio.devices.is_empty() {
-        let event_loop = EventLoop::new(virtio.epoll.clone(), virtio.devices.clone());
-        std::thread::Builder::new()
-            .name("devices".into())
-            .spawn(move || event_loop.run())
-            .map_err(StartVmError::Thread)?;
-    }
-    metrics.record_phase("vcpus_started");
-    if config.console_input {
-        let serial = serial.clone();
-        std::thread::Builder::new()
-            .name("console-in".into())
-            .spawn(move || pump_stdin(serial))
-            .map_err(StartVmError::Thread)?;
-    }
+    a.metrics.record_phase("vcpus_configured");
+    a.start(
+        vcpus,
+        false,
+        config.console_input,
+        cmdline,
+        Some(boot.format),
+    )
+}
 
-    let event = match config.timeout {
-        Some(t) => match rx.recv_timeout(t.saturating_sub(start.elapsed())) {
-            Ok(ev) => Some(ev),
-            Err(RecvTimeoutError::Timeout) => None,
-            Err(RecvTimeoutError::Disconnected) => {
-                Some(VmEvent::VcpuError("all vCPUs are gone".into()))
-            }
-        },
-        None => Some(
-            rx.recv()
-                .unwrap_or(VmEvent::VcpuError("all vCPUs are gone".into())),
-        ),
-    };
-    let outcome = match event {
-        Some(VmEvent::Exit(status)) => Outcome::Exited(status),
-        Some(VmEvent::PowerOff) => Outcome::PoweredOff,
-        Some(VmEvent::Reset(why)) => Outcome::Crashed(format!(
-            "{why} before reporting an exit status (with panic=-1 a guest kernel panic ends this way; see the console output above)"
-        )),
-        Some(VmEvent::VcpuError(msg)) => Outcome::Crashed(msg),
-        None => Outcome::TimedOut(config.timeout.unwrap_or_default()),
-    };
-    serial.lock().unwrap_or_else(|p| p.into_inner()).flush();
-    // vCPU threads may still be inside KVM_RUN on this memory: unmapping it (by
-    // dropping `vm`) under them would turn guest accesses into faults. The caller
-    // exits the process right after, which ends threads and mappings together.
-    // (Pausing and kicking vCPUs comes with snapshots.)
-    std::mem::forget(vm);
-    let devices = virtio
-        .devices
+/// What to restore, and what a clone changes.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreConfig {
+    /// The state file.
+    pub state: PathBuf,
+    /// The memory file written with it.
+    pub mem: PathBuf,
+    /// Stay paused after the restore (resume through the API).
+    pub paused: bool,
+    /// Feed the VMM's stdin to the guest console.
+    pub console_input: bool,
+    /// A new host socket path for the vsock device (each clone needs its own).
+    pub vsock_uds: Option<PathBuf>,
+    /// New backing files for block devices, by their id.
+    pub disks: Vec<(String, PathBuf)>,
+}
+
+/// Applies a clone's changes to the saved device configurations.
+fn override_devices(
+    saved: &[VirtioDeviceState],
+    cfg: &RestoreConfig,
+) -> Result<Vec<DeviceConfig>, StartVmError> {
+    let mut used_disks = vec![false; cfg.disks.len()];
+    let out = saved
         .iter()
-        .map(|d| {
-            let d = d.lock().unwrap_or_else(|p| p.into_inner());
-            d.metrics().snapshot(d.kind())
+        .map(|d| match &d.config {
+            DeviceConfig::Vsock { cid, uds } => DeviceConfig::Vsock {
+                cid: *cid,
+                uds: cfg.vsock_uds.clone().unwrap_or_else(|| uds.clone()),
+            },
+            DeviceConfig::Block {
+                path,
+                read_only,
+                id,
+            } => {
+                let swapped = cfg
+                    .disks
+                    .iter()
+                    .position(|(want, _)| Some(want) == id.as_ref());
+                if let Some(i) = swapped {
+                    used_disks[i] = true;
+                }
+                DeviceConfig::Block {
+                    path: swapped.map_or_else(|| path.clone(), |i| cfg.disks[i].1.clone()),
+                    read_only: *read_only,
+                    id: id.clone(),
+                }
+            }
+            other => other.clone(),
         })
         .collect();
-    Ok(RunReport {
-        outcome,
-        metrics: metrics.snapshot(),
-        format: boot.format,
-        devices,
-    })
+    if let Some(i) = used_disks.iter().position(|u| !u) {
+        return Err(StartVmError::Incompatible(format!(
+            "the snapshot has no disk with id {:?}",
+            cfg.disks[i].0
+        )));
+    }
+    Ok(out)
+}
+
+/// Rebuilds the VM saved in a snapshot and starts it (or leaves it paused).
+pub fn restore(
+    cfg: &RestoreConfig,
+    start: Instant,
+    console: Box<dyn Write + Send>,
+) -> Result<Vmm, StartVmError> {
+    let metrics = Arc::new(VmMetrics::new(start));
+    metrics.record_phase("process_ready");
+    let state: MicrovmState = persist::read_state(&cfg.state)?;
+    metrics.record_phase("state_read");
+    let kvm = kvm::open()?;
+    metrics.record_phase("kvm_open");
+    let vcpu_count = u8::try_from(state.vcpus.len())
+        .map_err(|_| StartVmError::Incompatible("more vCPUs than this VMM runs".into()))?;
+    check_vcpus(&kvm, vcpu_count)?;
+    let ram = memory::restore(&cfg.mem, state.mem_size, &state.id)?;
+    let vm = Vm::new(&kvm, ram)?;
+    vm.restore_state(&state.vm).map_err(StartVmError::VmState)?;
+    metrics.record_phase("vm_created");
+    let serial =
+        SerialDevice::from_state(&state.serial, serial_irq(&vm)?, console).map_err(|source| {
+            StartVmError::Device {
+                what: "the serial console",
+                source,
+            }
+        })?;
+    let configs = override_devices(&state.devices, cfg)?;
+    let a = assemble(kvm, vm, serial, &configs, metrics)?;
+    for (index, (t, d)) in a.virtio.transports.iter().zip(&state.devices).enumerate() {
+        t.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .restore_state(&d.transport)
+            .map_err(|source| StartVmError::DeviceState { index, source })?;
+    }
+    a.metrics.record_phase("devices_restored");
+    let shared = a.vcpu_shared();
+    let mut vcpus = Vec::with_capacity(state.vcpus.len());
+    for (id, s) in (0..vcpu_count).zip(&state.vcpus) {
+        let vcpu = Vcpu::create(&a.vm.fd, id, shared.clone())?;
+        vcpu.restore_state(s)?;
+        vcpus.push(vcpu);
+    }
+    a.metrics.record_phase("vcpus_configured");
+    a.start(vcpus, cfg.paused, cfg.console_input, state.cmdline, None)
+}
+
+fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e.errno())
 }
 
 /// Copies host stdin into the UART's receive FIFO as room frees up.

@@ -1,4 +1,4 @@
-//! `atoll-vmm`: boot one microVM and exit with the guest's exit status.
+//! `atoll-vmm`: boot (or restore) one microVM and exit with the guest's exit status.
 
 use std::io::{IsTerminal, LineWriter};
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use atoll_vmm::builder::{self, DeviceConfig, Outcome, VmConfig};
+use atoll_vmm::builder::{self, DeviceConfig, Outcome, RestoreConfig, VmConfig};
 use clap::Parser;
 
 /// The command line every guest gets unless `--cmdline` replaces it.
@@ -28,12 +28,34 @@ Exit status: the guest's own status (0-255) as reported through the exit port;
 124 when --timeout expired.
 
 Arguments after `--` are passed to the guest's init as its argv (appended to the
-kernel command line after `--`)."
+kernel command line after `--`).
+
+With --api-sock, the VM is driven over HTTP+JSON on that Unix socket while it runs
+(docs/vmm-api.md): pause, resume, snapshot, stop, metrics. --restore starts from a
+snapshot instead of a kernel."
 )]
 struct Args {
     /// Kernel image: an ELF vmlinux (booted through its PVH entry) or a bzImage.
+    #[arg(long, required_unless_present = "restore")]
+    kernel: Option<PathBuf>,
+    /// Restore the VM from this snapshot state file instead of booting a kernel.
+    #[arg(long, requires = "mem_file", conflicts_with_all = ["kernel", "initrd", "vcpus", "mem", "rng", "disk", "net", "vsock"])]
+    restore: Option<PathBuf>,
+    /// The snapshot memory file written together with the state file.
+    #[arg(long, requires = "restore")]
+    mem_file: Option<PathBuf>,
+    /// With --restore: stay paused until resumed through the API.
+    #[arg(long, requires = "restore")]
+    paused: bool,
+    /// With --restore: this clone's vsock socket path (each clone needs its own).
+    #[arg(long, requires = "restore")]
+    vsock_uds: Option<PathBuf>,
+    /// With --restore: back the disk with this id by another file: ID=PATH (repeatable).
+    #[arg(long, requires = "restore", value_name = "ID=PATH", value_parser = parse_disk_swap)]
+    disk_path: Vec<(String, PathBuf)>,
+    /// Serve the control API on this Unix socket.
     #[arg(long)]
-    kernel: PathBuf,
+    api_sock: Option<PathBuf>,
     /// Initial ramdisk (cpio, optionally compressed).
     #[arg(long)]
     initrd: Option<PathBuf>,
@@ -111,29 +133,67 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
-    let config = VmConfig {
-        cmdline: cmdline_with_init_args(&args.cmdline, &args.init_args)?,
-        kernel: args.kernel,
-        initrd: args.initrd,
-        vcpus: args.vcpus,
-        mem_mib: args.mem,
-        timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
-        console_input: std::io::stdin().is_terminal() || !stdin_is_devnull(),
-        devices: args
-            .rng
-            .then_some(DeviceConfig::Rng)
-            .into_iter()
-            .chain(args.disk)
-            .chain(args.net)
-            .chain(args.vsock)
-            .collect(),
-    };
+    let timeout = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
+    let console_input = std::io::stdin().is_terminal() || !stdin_is_devnull();
     let console = Box::new(LineWriter::new(std::io::stdout()));
-    let report = builder::run(&config, start, console)?;
+    // Bind before building, so a bad socket path fails before any guest runs.
+    let api = match &args.api_sock {
+        Some(p) => Some(
+            atoll_vmm::api::bind(p)
+                .with_context(|| format!("cannot listen on the API socket {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let mut vmm = match (&args.restore, &args.mem_file) {
+        (Some(state), Some(mem)) => builder::restore(
+            &RestoreConfig {
+                state: state.clone(),
+                mem: mem.clone(),
+                paused: args.paused,
+                console_input,
+                vsock_uds: args.vsock_uds.clone(),
+                disks: args.disk_path.clone(),
+            },
+            start,
+            console,
+        )?,
+        _ => {
+            let config = VmConfig {
+                cmdline: cmdline_with_init_args(&args.cmdline, &args.init_args)?,
+                kernel: args.kernel.clone().context("--kernel is required")?,
+                initrd: args.initrd.clone(),
+                vcpus: args.vcpus,
+                mem_mib: args.mem,
+                timeout,
+                console_input,
+                devices: args
+                    .rng
+                    .then_some(DeviceConfig::Rng)
+                    .into_iter()
+                    .chain(args.disk)
+                    .chain(args.net)
+                    .chain(args.vsock)
+                    .collect(),
+            };
+            builder::boot(&config, start, console)?
+        }
+    };
+    if let Some(listener) = api {
+        atoll_vmm::api::spawn(listener, vmm.requests()).context("cannot start the API thread")?;
+    }
+    let outcome = vmm.run(start, timeout);
+    let report = vmm.report(Some(outcome));
+    drop(vmm);
+    if let Some(p) = &args.api_sock {
+        let _ = std::fs::remove_file(p);
+    }
     if let Some(path) = &args.metrics {
         let mut json = serde_json::to_value(&report.metrics)?;
         json["outcome"] = serde_json::Value::String(format!("{:?}", report.outcome));
-        json["kernel_format"] = serde_json::Value::String(format!("{:?}", report.format));
+        json["kernel_format"] = match report.format {
+            Some(f) => serde_json::Value::String(format!("{f:?}")),
+            None => serde_json::Value::String("restored".into()),
+        };
         json["devices"] = serde_json::to_value(&report.devices)?;
         std::fs::write(path, serde_json::to_vec_pretty(&json)?)
             .with_context(|| format!("cannot write metrics to {}", path.display()))?;
@@ -148,6 +208,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             eprintln!("atoll-vmm: error: {why}");
             EXIT_GUEST_CRASHED
         }
+        Outcome::Stopped => 0,
         Outcome::TimedOut(t) => {
             eprintln!(
                 "atoll-vmm: error: the guest did not finish within {}s (--timeout); stopped it",
@@ -247,6 +308,15 @@ fn parse_vsock(s: &str) -> Result<DeviceConfig, String> {
         cid: cid.ok_or("cid=N is required")?,
         uds: uds.ok_or("uds=PATH is required")?,
     })
+}
+
+fn parse_disk_swap(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((id, path)) if !id.is_empty() && !path.is_empty() => {
+            Ok((id.to_string(), PathBuf::from(path)))
+        }
+        _ => Err("expected ID=PATH".into()),
+    }
 }
 
 /// True when stdin is /dev/null or closed: nothing to feed the console.

@@ -3,6 +3,7 @@
 //! captured for snapshots later lives here.
 
 pub mod kvm;
+pub mod memory;
 pub mod vcpu;
 pub mod vm;
 
@@ -15,6 +16,20 @@ pub enum VmEvent {
     Reset(&'static str),
     /// The guest asked to power off without reporting a status.
     PowerOff,
-    /// A vCPU stopped on an error; the message says why and what to do.
+    /// A vCPU (or the device loop) stopped on an error; the message says why and
+    /// what to do.
     VcpuError(String),
+}
+
+/// What reaches the VMM's main thread: events from the VM's threads, and requests
+/// from the control API with the channel for their answer.
+#[derive(Debug)]
+pub enum VmMessage {
+    /// The VM ends.
+    Vm(VmEvent),
+    /// A control API request.
+    Api(
+        crate::api::Request,
+        std::sync::mpsc::Sender<crate::api::Response>,
+    ),
 }

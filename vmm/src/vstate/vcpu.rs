@@ -1,10 +1,24 @@
-//! vCPUs: boot-time configuration (CPUID, MSRs, registers, FPU, LAPIC) and the run
-//! loop that serves exits from the port and MMIO buses, one thread per vCPU.
+//! vCPUs: boot-time configuration (CPUID, MSRs, registers, FPU, LAPIC), the run
+//! loop that serves exits from the port and MMIO buses (one thread per vCPU, driven
+//! through a [`VcpuHandle`]: pause, resume, save, exit), and the vCPU's snapshot
+//! state.
+//!
+//! A vCPU inside `KVM_RUN` is kicked out by a signal whose handler sets the
+//! `immediate_exit` flag of that vCPU's `kvm_run`; the flag also catches a kick that
+//! lands while the thread is in userspace, so no command waits for the next exit.
 
-use std::sync::Arc;
+use std::cell::Cell;
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::Duration;
 
-use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+use kvm_bindings::{
+    kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_memory::GuestMemoryMmap;
 
 use super::VmEvent;
@@ -53,7 +67,69 @@ pub enum ConfigureVcpuError {
     /// Writing boot tables.
     #[error(transparent)]
     BootState(#[from] regs::BootStateError),
+    /// A saved state that does not fit this vCPU.
+    #[error("the saved state of vCPU {id} is unusable: {why}")]
+    BadState {
+        /// vCPU index.
+        id: u8,
+        /// Why.
+        why: String,
+    },
 }
+
+/// Why a running vCPU did not do what it was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuCommandError {
+    /// The thread is gone (the VM ended).
+    #[error("vCPU {0} has stopped")]
+    Gone(u8),
+    /// No answer in time.
+    #[error("vCPU {0} did not answer within {1:?}")]
+    Timeout(u8, Duration),
+    /// It answered with an error.
+    #[error("vCPU {id}: {why}")]
+    Failed {
+        /// vCPU index.
+        id: u8,
+        /// Why.
+        why: String,
+    },
+}
+
+/// Everything KVM knows about one vCPU, as a snapshot keeps it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VcpuState {
+    /// vCPU index (APIC id).
+    pub id: u8,
+    /// The CPUID the guest sees.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// Every readable MSR of KVM's index list, TSC deadline last.
+    pub msrs: Vec<kvm_msr_entry>,
+    /// Multiprocessing state (runnable, halted, waiting for SIPI).
+    pub mp_state: kvm_mp_state,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// FPU/SSE/AVX state.
+    pub xsave: kvm_xsave,
+    /// Extended control registers.
+    pub xcrs: kvm_xcrs,
+    /// Debug registers.
+    pub debug_regs: kvm_debugregs,
+    /// Local APIC registers.
+    pub lapic: kvm_lapic_state,
+    /// Pending exceptions, interrupts, NMIs, SMIs.
+    pub vcpu_events: kvm_vcpu_events,
+    /// Guest TSC frequency, when KVM reports one.
+    pub tsc_khz: Option<u32>,
+}
+
+const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// Most MSRs per KVM_GET/SET_MSRS call.
+const MSR_CHUNK: usize = 64;
+/// How long a command may take to be answered.
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One vCPU with what its run loop needs.
 pub struct Vcpu {
@@ -63,6 +139,8 @@ pub struct Vcpu {
     mmio_bus: Arc<Bus>,
     events: Arc<EventSink>,
     metrics: Arc<VmMetrics>,
+    /// The MSRs a snapshot saves (KVM's index list).
+    msr_list: Arc<Vec<u32>>,
 }
 
 impl std::fmt::Debug for Vcpu {
@@ -84,25 +162,94 @@ pub struct VcpuShared {
     pub events: Arc<EventSink>,
     /// Counters.
     pub metrics: Arc<VmMetrics>,
+    /// The MSRs a snapshot saves.
+    pub msr_list: Arc<Vec<u32>>,
+}
+
+/// What one `KVM_RUN` led to.
+enum Step {
+    /// Served an exit; run again.
+    Continue,
+    /// Kicked out (a command may be waiting).
+    Interrupted,
+    /// The VM ends with this event.
+    Stop(VmEvent),
+}
+
+/// What the VMM asks of a vCPU thread.
+#[derive(Debug)]
+enum Command {
+    Pause,
+    Resume,
+    Save,
+    Exit,
+}
+
+/// What a vCPU thread answers.
+#[derive(Debug)]
+enum Reply {
+    Done,
+    Saved(Box<VcpuState>),
+    Failed(String),
+}
+
+thread_local! {
+    /// This thread's `kvm_run.immediate_exit`, for the kick signal's handler.
+    static IMMEDIATE_EXIT: Cell<*mut u8> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let flag = IMMEDIATE_EXIT.with(Cell::get);
+    if !flag.is_null() {
+        // SAFETY: a non-null pointer was set by this thread's vCPU loop to the
+        // `immediate_exit` byte of its own `kvm_run` mapping, which stays mapped until
+        // the loop clears the pointer again; a volatile byte store is signal-safe.
+        unsafe { flag.write_volatile(1) };
+    }
+}
+
+/// The signal that kicks a vCPU out of `KVM_RUN`.
+fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+fn install_kick_handler() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), on_kick) {
+            tracing::error!("cannot install the vCPU kick handler: {e}");
+        }
+    });
 }
 
 impl Vcpu {
-    /// Creates vCPU `id` of `num_cpus` and gives it its boot state. Only the boot
-    /// processor (id 0) gets entry registers; the others wait for INIT/SIPI.
-    pub fn new(
-        kvm: &Kvm,
-        vm: &VmFd,
-        mem: &GuestMemoryMmap,
-        id: u8,
-        num_cpus: u8,
-        entry: regs::EntryMode,
-        shared: VcpuShared,
-    ) -> Result<Self, ConfigureVcpuError> {
-        let kvm_err = |what| move |source| ConfigureVcpuError::Kvm { id, what, source };
+    /// Creates vCPU `id` without any state.
+    pub fn create(vm: &VmFd, id: u8, shared: VcpuShared) -> Result<Self, ConfigureVcpuError> {
         let fd = vm
             .create_vcpu(u64::from(id))
             .map_err(|source| ConfigureVcpuError::Create { id, source })?;
+        Ok(Self {
+            id,
+            fd,
+            io_bus: shared.io_bus,
+            mmio_bus: shared.mmio_bus,
+            events: shared.events,
+            metrics: shared.metrics,
+            msr_list: shared.msr_list,
+        })
+    }
 
+    /// Gives vCPU `id` of `num_cpus` its boot state. Only the boot processor (id 0)
+    /// gets entry registers; the others wait for INIT/SIPI.
+    pub fn configure_boot(
+        &self,
+        kvm: &Kvm,
+        mem: &GuestMemoryMmap,
+        num_cpus: u8,
+        entry: regs::EntryMode,
+    ) -> Result<(), ConfigureVcpuError> {
+        let (id, fd) = (self.id, &self.fd);
+        let kvm_err = |what| move |source| ConfigureVcpuError::Kvm { id, what, source };
         let mut cpuid = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
@@ -135,38 +282,233 @@ impl Vcpu {
             fd.set_regs(&regs::boot_regs(entry))
                 .map_err(kvm_err("KVM_SET_REGS"))?;
         }
-        Ok(Self {
+        Ok(())
+    }
+
+    /// Reads every piece of KVM state of this (paused) vCPU.
+    pub fn save_state(&self) -> Result<VcpuState, ConfigureVcpuError> {
+        let (id, fd) = (self.id, &self.fd);
+        let kvm_err = |what| move |source| ConfigureVcpuError::Kvm { id, what, source };
+        let mp_state = fd.get_mp_state().map_err(kvm_err("KVM_GET_MP_STATE"))?;
+        let regs = fd.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        let sregs = fd.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+        let xsave = fd.get_xsave().map_err(kvm_err("KVM_GET_XSAVE"))?;
+        let xcrs = fd.get_xcrs().map_err(kvm_err("KVM_GET_XCRS"))?;
+        let debug_regs = fd.get_debug_regs().map_err(kvm_err("KVM_GET_DEBUGREGS"))?;
+        let lapic = fd.get_lapic().map_err(kvm_err("KVM_GET_LAPIC"))?;
+        let msrs = self.save_msrs()?;
+        let vcpu_events = fd
+            .get_vcpu_events()
+            .map_err(kvm_err("KVM_GET_VCPU_EVENTS"))?;
+        let cpuid = fd
+            .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_CPUID2"))?
+            .as_slice()
+            .to_vec();
+        let tsc_khz = fd.get_tsc_khz().ok();
+        Ok(VcpuState {
             id,
-            fd,
-            io_bus: shared.io_bus,
-            mmio_bus: shared.mmio_bus,
-            events: shared.events,
-            metrics: shared.metrics,
+            cpuid,
+            msrs,
+            mp_state,
+            regs,
+            sregs,
+            xsave,
+            xcrs,
+            debug_regs,
+            lapic,
+            vcpu_events,
+            tsc_khz,
         })
     }
 
-    /// Runs the guest until it stops, then reports why through the event sink.
-    /// Returns without a report when another part of the VM already ended it (the
-    /// exit port, the i8042 reset line, another vCPU).
-    pub fn run(mut self) {
-        let event = loop {
-            match self.run_once() {
-                Ok(None) if self.events.stopping() => return,
-                Ok(None) => continue,
-                Ok(Some(ev)) | Err(ev) => break ev,
-            }
-        };
-        self.events.send(event);
+    /// Reads the MSRs of the index list in chunks; an MSR KVM will not read (it stops
+    /// at the first one) is left out.
+    fn save_msrs(&self) -> Result<Vec<kvm_msr_entry>, ConfigureVcpuError> {
+        let id = self.id;
+        let list = &self.msr_list;
+        let mut out = Vec::with_capacity(list.len());
+        let mut i = 0;
+        while i < list.len() {
+            let chunk = &list[i..(i + MSR_CHUNK).min(list.len())];
+            let entries: Vec<kvm_msr_entry> = chunk
+                .iter()
+                .map(|&index| kvm_msr_entry {
+                    index,
+                    ..Default::default()
+                })
+                .collect();
+            let mut msrs = Msrs::from_entries(&entries).map_err(|_| ConfigureVcpuError::Msrs {
+                id,
+                set: 0,
+                wanted: entries.len(),
+            })?;
+            let n = self
+                .fd
+                .get_msrs(&mut msrs)
+                .map_err(|source| ConfigureVcpuError::Kvm {
+                    id,
+                    what: "KVM_GET_MSRS",
+                    source,
+                })?
+                .min(chunk.len());
+            out.extend_from_slice(&msrs.as_slice()[..n]);
+            // KVM stops at the first MSR it cannot read: skip that one.
+            i += n + usize::from(n < chunk.len());
+        }
+        // The TSC deadline is relative to the TSC: restore it after the TSC.
+        out.sort_by_key(|m| m.index == MSR_IA32_TSC_DEADLINE);
+        Ok(out)
     }
 
-    /// One `KVM_RUN`: `Ok(None)` to go on, `Ok(Some)`/`Err` to stop with that event.
-    fn run_once(&mut self) -> Result<Option<VmEvent>, VmEvent> {
+    /// Writes back state saved by [`Vcpu::save_state`], before the vCPU first runs.
+    pub fn restore_state(&self, s: &VcpuState) -> Result<(), ConfigureVcpuError> {
+        let (id, fd) = (self.id, &self.fd);
+        if s.id != id {
+            return Err(ConfigureVcpuError::BadState {
+                id,
+                why: format!("it belongs to vCPU {}", s.id),
+            });
+        }
+        let kvm_err = |what| move |source| ConfigureVcpuError::Kvm { id, what, source };
+        let bad = |why: &str| ConfigureVcpuError::BadState {
+            id,
+            why: why.to_string(),
+        };
+        if let Some(khz) = s.tsc_khz {
+            if fd.get_tsc_khz().ok() != Some(khz) {
+                fd.set_tsc_khz(khz).map_err(kvm_err("KVM_SET_TSC_KHZ"))?;
+            }
+        }
+        let cpuid = CpuId::from_entries(&s.cpuid).map_err(|_| bad("too many CPUID entries"))?;
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        fd.set_mp_state(s.mp_state)
+            .map_err(kvm_err("KVM_SET_MP_STATE"))?;
+        fd.set_regs(&s.regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        let mut sregs = s.sregs;
+        if regs::is_amd(&s.cpuid) {
+            regs::svm_restorable_tr(&mut sregs);
+        }
+        fd.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        // SAFETY: `kvm_xsave` is the legacy 4 KiB area KVM_GET_XSAVE filled, which is
+        // what KVM_SET_XSAVE reads; the VMM never enables XSAVE2-sized features.
+        unsafe { fd.set_xsave(&s.xsave) }.map_err(kvm_err("KVM_SET_XSAVE"))?;
+        fd.set_xcrs(&s.xcrs).map_err(kvm_err("KVM_SET_XCRS"))?;
+        fd.set_debug_regs(&s.debug_regs)
+            .map_err(kvm_err("KVM_SET_DEBUGREGS"))?;
+        fd.set_lapic(&s.lapic).map_err(kvm_err("KVM_SET_LAPIC"))?;
+        for chunk in s.msrs.chunks(MSR_CHUNK) {
+            let msrs = Msrs::from_entries(chunk).map_err(|_| bad("too many MSRs"))?;
+            let set = fd.set_msrs(&msrs).map_err(kvm_err("KVM_SET_MSRS"))?;
+            if set != chunk.len() {
+                return Err(bad(&format!(
+                    "KVM refused MSR {:#x} (this host's KVM differs from the one that took                      the snapshot)",
+                    chunk[set].index
+                )));
+            }
+        }
+        fd.set_vcpu_events(&s.vcpu_events)
+            .map_err(kvm_err("KVM_SET_VCPU_EVENTS"))?;
+        Ok(())
+    }
+
+    /// Starts the vCPU's thread, paused or running.
+    pub fn spawn(self, paused: bool) -> std::io::Result<VcpuHandle> {
+        install_kick_handler();
+        let id = self.id;
+        let (cmd_tx, cmd_rx) = mpsc::channel();
+        let (reply_tx, reply_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name(format!("vcpu{id}"))
+            .spawn(move || self.thread_main(cmd_rx, reply_tx, paused))?;
+        Ok(VcpuHandle {
+            id,
+            thread: Some(thread),
+            commands: cmd_tx,
+            replies: reply_rx,
+        })
+    }
+
+    fn thread_main(mut self, commands: Receiver<Command>, replies: Sender<Reply>, paused: bool) {
+        let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
+        IMMEDIATE_EXIT.with(|c| c.set(flag));
+        self.run_loop(&commands, &replies, paused);
+        IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
+    }
+
+    fn run_loop(
+        &mut self,
+        commands: &Receiver<Command>,
+        replies: &Sender<Reply>,
+        mut paused: bool,
+    ) {
+        loop {
+            if paused {
+                // Parked outside KVM_RUN: only commands move us.
+                match commands.recv() {
+                    Ok(cmd) => {
+                        if !self.serve(cmd, replies, &mut paused) {
+                            return;
+                        }
+                    }
+                    Err(_) => return,
+                }
+                continue;
+            }
+            match self.run_once() {
+                Step::Continue if self.events.stopping() => return,
+                Step::Continue => {}
+                Step::Stop(ev) => {
+                    self.events.send(ev);
+                    return;
+                }
+                Step::Interrupted => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    while let Ok(cmd) = commands.try_recv() {
+                        if !self.serve(cmd, replies, &mut paused) {
+                            return;
+                        }
+                    }
+                    if self.events.stopping() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Serves one command; false when the thread must end.
+    fn serve(&mut self, cmd: Command, replies: &Sender<Reply>, paused: &mut bool) -> bool {
+        let reply = match cmd {
+            Command::Exit => return false,
+            Command::Pause => {
+                *paused = true;
+                // Tell a guest with kvmclock that it was stopped on purpose (no
+                // soft-lockup warnings); EINVAL when it uses no kvmclock.
+                let _ = self.fd.kvmclock_ctrl();
+                Reply::Done
+            }
+            Command::Resume => {
+                *paused = false;
+                Reply::Done
+            }
+            Command::Save if !*paused => Reply::Failed("pause the VM before saving it".into()),
+            Command::Save => match self.save_state() {
+                Ok(s) => Reply::Saved(Box::new(s)),
+                Err(e) => Reply::Failed(e.to_string()),
+            },
+        };
+        replies.send(reply).is_ok()
+    }
+
+    /// One `KVM_RUN` and what it led to.
+    fn run_once(&mut self) -> Step {
         let id = self.id;
         match self.fd.run() {
             Ok(VcpuExit::IoOut(port, data)) => {
                 self.metrics.count_port(port, true);
                 self.io_bus.write(u64::from(port), data);
-                Ok(None)
+                Step::Continue
             }
             Ok(VcpuExit::IoIn(port, data)) => {
                 self.metrics.count_port(port, false);
@@ -174,40 +516,40 @@ impl Vcpu {
                     // Nothing decodes this port: the bus floats high.
                     data.fill(0xff);
                 }
-                Ok(None)
+                Step::Continue
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 self.metrics.count_mmio(addr, false);
                 if !self.mmio_bus.read(addr, data) {
                     data.fill(0xff);
                 }
-                Ok(None)
+                Step::Continue
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 self.metrics.count_mmio(addr, true);
                 self.mmio_bus.write(addr, data);
-                Ok(None)
+                Step::Continue
             }
             Ok(VcpuExit::Hlt) => {
                 self.metrics.count_exit(ExitKind::Hlt);
-                Ok(Some(VmEvent::PowerOff))
+                Step::Stop(VmEvent::PowerOff)
             }
             Ok(VcpuExit::Shutdown) => {
                 self.metrics.count_exit(ExitKind::Shutdown);
-                Ok(Some(VmEvent::Reset("the guest triple-faulted")))
+                Step::Stop(VmEvent::Reset("the guest triple-faulted"))
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {
                 self.metrics.count_exit(ExitKind::SystemEvent);
-                Ok(Some(match kind {
+                Step::Stop(match kind {
                     KVM_SYSTEM_EVENT_SHUTDOWN => VmEvent::PowerOff,
                     KVM_SYSTEM_EVENT_RESET => VmEvent::Reset("the guest requested a reset"),
                     KVM_SYSTEM_EVENT_CRASH => VmEvent::Reset("the guest reported a crash"),
                     _ => VmEvent::VcpuError(format!("vCPU {id}: unknown KVM system event {kind}")),
-                }))
+                })
             }
             Ok(VcpuExit::Intr) => {
                 self.metrics.count_exit(ExitKind::Intr);
-                Ok(None)
+                Step::Interrupted
             }
             Ok(VcpuExit::InternalError) => {
                 self.metrics.count_exit(ExitKind::Other);
@@ -215,7 +557,7 @@ impl Vcpu {
                 // SAFETY: KVM filled the `internal` member of the exit union for a
                 // KVM_EXIT_INTERNAL_ERROR exit, which is the one we are handling.
                 let suberror = unsafe { run.__bindgen_anon_1.internal.suberror };
-                Err(VmEvent::VcpuError(format!(
+                Step::Stop(VmEvent::VcpuError(format!(
                     "vCPU {id}: KVM internal error (suberror {suberror}): KVM could not \
                      emulate a guest instruction; on a KVM-PVM or software-only KVM host a \
                      standard guest kernel cannot run, use a host with hardware \
@@ -224,24 +566,113 @@ impl Vcpu {
             }
             Ok(VcpuExit::FailEntry(reason, cpu)) => {
                 self.metrics.count_exit(ExitKind::Other);
-                Err(VmEvent::VcpuError(format!(
+                Step::Stop(VmEvent::VcpuError(format!(
                     "vCPU {id}: KVM could not enter the guest (hardware reason {reason:#x} on host \
                      CPU {cpu})"
                 )))
             }
             Ok(other) => {
                 self.metrics.count_exit(ExitKind::Other);
-                Err(VmEvent::VcpuError(format!(
+                Step::Stop(VmEvent::VcpuError(format!(
                     "vCPU {id}: unexpected exit {other:?}"
                 )))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 self.metrics.count_exit(ExitKind::Intr);
-                Ok(None)
+                Step::Interrupted
             }
-            Err(e) => Err(VmEvent::VcpuError(format!(
+            Err(e) => Step::Stop(VmEvent::VcpuError(format!(
                 "vCPU {id}: KVM_RUN failed: {e}"
             ))),
         }
+    }
+}
+
+/// The VMM's side of a vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    id: u8,
+    thread: Option<JoinHandle<()>>,
+    commands: Sender<Command>,
+    replies: Receiver<Reply>,
+}
+
+impl VcpuHandle {
+    /// The vCPU index.
+    pub fn id(&self) -> u8 {
+        self.id
+    }
+
+    fn kick(&self) {
+        use std::os::unix::thread::JoinHandleExt;
+        if let Some(t) = &self.thread {
+            // SAFETY: the pthread id belongs to a thread we have not joined yet, so
+            // it is valid; the kick signal's handler only sets a flag.
+            let r = unsafe { libc::pthread_kill(t.as_pthread_t(), kick_signal()) };
+            if r != 0 && r != libc::ESRCH {
+                tracing::warn!("cannot kick vCPU {}: errno {r}", self.id);
+            }
+        }
+    }
+
+    fn send(&self, cmd: Command) -> Result<(), VcpuCommandError> {
+        self.commands
+            .send(cmd)
+            .map_err(|_| VcpuCommandError::Gone(self.id))?;
+        self.kick();
+        Ok(())
+    }
+
+    fn reply(&self) -> Result<Reply, VcpuCommandError> {
+        match self.replies.recv_timeout(COMMAND_TIMEOUT) {
+            Ok(Reply::Failed(why)) => Err(VcpuCommandError::Failed { id: self.id, why }),
+            Ok(r) => Ok(r),
+            Err(RecvTimeoutError::Timeout) => {
+                Err(VcpuCommandError::Timeout(self.id, COMMAND_TIMEOUT))
+            }
+            Err(RecvTimeoutError::Disconnected) => Err(VcpuCommandError::Gone(self.id)),
+        }
+    }
+
+    /// Asks the vCPU to pause (send to every vCPU first, then [`Self::wait`]).
+    pub fn request_pause(&self) -> Result<(), VcpuCommandError> {
+        self.send(Command::Pause)
+    }
+
+    /// Asks the vCPU to resume (send to every vCPU first, then [`Self::wait`]).
+    pub fn request_resume(&self) -> Result<(), VcpuCommandError> {
+        self.send(Command::Resume)
+    }
+
+    /// Waits for the answer to a pause or resume.
+    pub fn wait(&self) -> Result<(), VcpuCommandError> {
+        self.reply().map(|_| ())
+    }
+
+    /// Reads the state of the paused vCPU.
+    pub fn save(&self) -> Result<VcpuState, VcpuCommandError> {
+        self.send(Command::Save)?;
+        match self.reply()? {
+            Reply::Saved(s) => Ok(*s),
+            _ => Err(VcpuCommandError::Failed {
+                id: self.id,
+                why: "answered a save with something else".into(),
+            }),
+        }
+    }
+
+    /// Ends the thread and waits for it.
+    pub fn exit(&mut self) {
+        let _ = self.commands.send(Command::Exit);
+        self.kick();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for VcpuHandle {
+    fn drop(&mut self) {
+        self.exit();
     }
 }

@@ -32,7 +32,7 @@ const XLF_KERNEL_64: u16 = 1;
 const PAGE_SIZE: u64 = 4096;
 
 /// The kernel image formats we boot.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub enum KernelFormat {
     /// An uncompressed ELF `vmlinux`.
     Elf,

@@ -222,6 +222,34 @@ pub fn configure_lapic(state: &mut kvm_lapic_state) {
     set_lapic_reg(state, APIC_LVT1, set_mode(lvt1, APIC_MODE_NMI));
 }
 
+/// The TSS types of a 64-bit TSS descriptor.
+const TSS_AVAILABLE: u8 = 9;
+const TSS_BUSY: u8 = 11;
+
+/// True when the CPUID leaf 0 vendor of `cpuid` is AMD ("AuthenticAMD").
+pub fn is_amd(cpuid: &[kvm_bindings::kvm_cpuid_entry2]) -> bool {
+    cpuid.iter().any(|e| {
+        e.function == 0
+            && e.index == 0
+            && e.ebx == 0x6874_7541
+            && e.edx == 0x6974_6e65
+            && e.ecx == 0x444d_4163
+    })
+}
+
+/// Prepares saved segment state for KVM_SET_SREGS on AMD SVM. KVM reports TR as busy
+/// whatever the VMCB holds (svm_get_segment sets the busy bit), so a restore writes
+/// a busy TSS into the VMCB. AMD hardware ignores the TR type once loaded, but an
+/// emulated SVM (QEMU, our nested node) checks the I/O permission bitmap only
+/// against an available TSS and raises #GP, so after a restore every `out` from
+/// user space (PID 1's exit port, with ioperm) faults. An available type is what
+/// the CPU itself caches after LTR; Intel VMX, which requires busy, never comes here.
+pub fn svm_restorable_tr(sregs: &mut kvm_sregs) {
+    if sregs.tr.type_ == TSS_BUSY {
+        sregs.tr.type_ = TSS_AVAILABLE;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,5 +308,32 @@ mod tests {
         configure_lapic(&mut st);
         assert_eq!(lapic_reg(&st, APIC_LVT0), 0x10000 | (APIC_MODE_EXTINT << 8));
         assert_eq!(lapic_reg(&st, APIC_LVT1), APIC_MODE_NMI << 8);
+    }
+
+    #[test]
+    fn svm_restore_marks_a_busy_tss_available_and_amd_is_told_by_vendor() {
+        let mut s = kvm_sregs::default();
+        s.tr.type_ = 11;
+        svm_restorable_tr(&mut s);
+        assert_eq!(s.tr.type_, 9);
+        s.tr.type_ = 3;
+        svm_restorable_tr(&mut s);
+        assert_eq!(s.tr.type_, 3, "only a busy 64-bit TSS changes");
+        let amd = kvm_bindings::kvm_cpuid_entry2 {
+            function: 0,
+            ebx: u32::from_le_bytes(*b"Auth"),
+            edx: u32::from_le_bytes(*b"enti"),
+            ecx: u32::from_le_bytes(*b"cAMD"),
+            ..Default::default()
+        };
+        let intel = kvm_bindings::kvm_cpuid_entry2 {
+            function: 0,
+            ebx: u32::from_le_bytes(*b"Genu"),
+            edx: u32::from_le_bytes(*b"ineI"),
+            ecx: u32::from_le_bytes(*b"ntel"),
+            ..Default::default()
+        };
+        assert!(is_amd(&[amd]));
+        assert!(!is_amd(&[intel]));
     }
 }

@@ -81,7 +81,10 @@ mod tests {
         assert!(rx.try_recv().is_err());
         assert!(!sink.stopping());
         p.write(0, &[7]);
-        assert!(matches!(rx.try_recv(), Ok(VmEvent::Exit(7))));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(crate::vstate::VmMessage::Vm(VmEvent::Exit(7)))
+        ));
         assert!(
             sink.stopping(),
             "vCPUs stop running the guest once it reported"

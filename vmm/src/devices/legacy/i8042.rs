@@ -69,7 +69,10 @@ mod tests {
             "0xfe on the data port is not a reset"
         );
         dev.write(4, &[0xfe]);
-        assert!(matches!(rx.try_recv(), Ok(VmEvent::Reset(_))));
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(crate::vstate::VmMessage::Vm(VmEvent::Reset(_)))
+        ));
         let mut status = [0xffu8];
         dev.read(4, &mut status);
         assert_eq!(

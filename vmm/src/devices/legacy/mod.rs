@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Mutex;
 
-use crate::vstate::VmEvent;
+use crate::vstate::{VmEvent, VmMessage};
 
 /// Sends a [`VmEvent`] to the VMM's main thread; what the reset line of the i8042
 /// and the exit port pull. Every event ends the VM, so sending one also raises the
@@ -17,13 +17,13 @@ use crate::vstate::VmEvent;
 /// on after it reported its status.
 #[derive(Debug)]
 pub struct EventSink {
-    tx: Mutex<Sender<VmEvent>>,
+    tx: Mutex<Sender<VmMessage>>,
     stopping: AtomicBool,
 }
 
 impl EventSink {
     /// Wraps a sender.
-    pub fn new(tx: Sender<VmEvent>) -> Self {
+    pub fn new(tx: Sender<VmMessage>) -> Self {
         Self {
             tx: Mutex::new(tx),
             stopping: AtomicBool::new(false),
@@ -35,7 +35,12 @@ impl EventSink {
     pub fn send(&self, ev: VmEvent) {
         self.stopping.store(true, Ordering::SeqCst);
         let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = tx.send(ev);
+        let _ = tx.send(VmMessage::Vm(ev));
+    }
+
+    /// Raises the `stopping` flag without an event (the VMM is tearing down).
+    pub fn mark_stopping(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
     }
 
     /// True once any event was sent: the VM is ending.

@@ -3,7 +3,8 @@
 
 use std::io::{self, Write};
 
-use vm_superio::serial::NoEvents;
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -19,6 +20,16 @@ impl Trigger for IrqLine {
     fn trigger(&self) -> io::Result<()> {
         self.0.write(1)
     }
+}
+
+/// The UART's guest-visible state: DLL, DLH, IER, IIR, LCR, LSR, MCR, MSR, SCR,
+/// and the input the guest has not read yet.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    /// The registers, in the order above.
+    pub registers: [u8; 9],
+    /// Pending input.
+    pub input: Vec<u8>,
 }
 
 /// The UART as a bus device.
@@ -39,6 +50,52 @@ impl SerialDevice {
         Self {
             inner: Serial::new(IrqLine(irq), out),
             write_errors: 0,
+        }
+    }
+
+    /// A UART that continues from a snapshot's register state.
+    pub fn from_state(
+        state: &SerialSnapshot,
+        irq: EventFd,
+        out: Box<dyn Write + Send>,
+    ) -> io::Result<Self> {
+        let [dll, dlh, ier, iir, lcr, lsr, mcr, msr, scr] = state.registers;
+        let s = SerialState {
+            baud_divisor_low: dll,
+            baud_divisor_high: dlh,
+            interrupt_enable: ier,
+            interrupt_identification: iir,
+            line_control: lcr,
+            line_status: lsr,
+            modem_control: mcr,
+            modem_status: msr,
+            scratch: scr,
+            in_buffer: state.input.clone(),
+        };
+        let inner = Serial::from_state(&s, IrqLine(irq), NoEvents, out)
+            .map_err(|e| io::Error::other(format!("bad serial state: {e:?}")))?;
+        Ok(Self {
+            inner,
+            write_errors: 0,
+        })
+    }
+
+    /// The registers and pending input, for a snapshot.
+    pub fn save_state(&self) -> SerialSnapshot {
+        let s = self.inner.state();
+        SerialSnapshot {
+            registers: [
+                s.baud_divisor_low,
+                s.baud_divisor_high,
+                s.interrupt_enable,
+                s.interrupt_identification,
+                s.line_control,
+                s.line_status,
+                s.modem_control,
+                s.modem_status,
+                s.scratch,
+            ],
+            input: s.in_buffer,
         }
     }
 
@@ -135,6 +192,23 @@ mod tests {
         let mut rbr = [0u8];
         dev.read(0, &mut rbr);
         assert_eq!(rbr[0], b'a');
+    }
+
+    #[test]
+    fn serial_state_round_trips_registers_and_pending_input() {
+        let (mut dev, _, _) = device();
+        dev.write(IER, &[0x1]);
+        dev.write(7, &[0x5a]);
+        dev.enqueue_input(b"q");
+        let saved = dev.save_state();
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut back = SerialDevice::from_state(&saved, irq, Box::new(Shared::default())).unwrap();
+        let (mut ier, mut scr, mut rbr) = ([0u8], [0u8], [0u8]);
+        back.read(IER, &mut ier);
+        back.read(7, &mut scr);
+        back.read(0, &mut rbr);
+        assert_eq!((ier[0], scr[0], rbr[0]), (0x1, 0x5a, b'q'));
+        assert_eq!(back.save_state().input, b"");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The virtio-mmio transport (virtio 1.x, MMIO version 2): the register file a
 //! driver programs, on the MMIO bus, in front of any [`VirtioDevice`].
 
+use std::os::unix::io::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -9,6 +10,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::persist::{QueueSnapshot, TransportState};
 use super::{ActivateContext, Interrupt, VirtioDevice, Watcher, VIRTIO_F_VERSION_1};
 use crate::devices::bus::BusDevice;
 
@@ -48,6 +50,8 @@ pub struct MmioTransport {
     interrupt: Arc<Interrupt>,
     queues: Vec<Queue>,
     queue_events: Vec<EventFd>,
+    /// The fds `activate` asked us to watch, unwatched again on reset.
+    watched: Vec<RawFd>,
     device_features_sel: u32,
     driver_features_sel: u32,
     driver_features: u64,
@@ -75,6 +79,32 @@ pub enum CreateTransportError {
     /// An eventfd could not be created.
     #[error("cannot create a queue eventfd")]
     EventFd(#[source] std::io::Error),
+}
+
+/// Why a transport could not take a snapshot's state.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreTransportError {
+    /// The saved queues do not match the device.
+    #[error("the snapshot has {saved} queues for a {kind} device with {expected}")]
+    QueueCount {
+        /// Device kind.
+        kind: &'static str,
+        /// In the snapshot.
+        saved: usize,
+        /// The device's.
+        expected: usize,
+    },
+    /// A saved queue is not valid for this device and memory.
+    #[error("queue {index} of the {kind} device in the snapshot is invalid")]
+    BadQueue {
+        /// Device kind.
+        kind: &'static str,
+        /// Queue index.
+        index: usize,
+    },
+    /// The device refused to start again.
+    #[error("the {0} device could not be activated from the snapshot")]
+    Activate(&'static str),
 }
 
 impl MmioTransport {
@@ -107,6 +137,7 @@ impl MmioTransport {
             interrupt,
             queues,
             queue_events,
+            watched: Vec::new(),
             device_features_sel: 0,
             driver_features_sel: 0,
             driver_features: 0,
@@ -309,6 +340,8 @@ impl MmioTransport {
                             self.index,
                             w.fd
                         );
+                    } else {
+                        self.watched.push(w.fd);
                     }
                 }
                 self.status = value;
@@ -320,22 +353,88 @@ impl MmioTransport {
         }
     }
 
+    /// The registers and queue positions, for a snapshot (device paused). Once the
+    /// driver is running the device owns the queues, so their positions come from it.
+    pub fn save_state(&self) -> TransportState {
+        let dev = self.device.lock().unwrap_or_else(|p| p.into_inner());
+        let active = dev.queue_states();
+        let queues = if self.status & status::DRIVER_OK != 0 && active.len() == self.queues.len() {
+            active
+        } else {
+            self.queues.iter().map(|q| q.state()).collect()
+        };
+        TransportState {
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt.status(),
+            queues: queues.into_iter().map(QueueSnapshot::from).collect(),
+        }
+    }
+
+    /// Takes a snapshot's registers; a device the driver was running is activated
+    /// again with the saved queue positions, without the guest doing anything.
+    pub fn restore_state(&mut self, s: &TransportState) -> Result<(), RestoreTransportError> {
+        let kind = self.device.lock().unwrap_or_else(|p| p.into_inner()).kind();
+        if s.queues.len() != self.queues.len() {
+            return Err(RestoreTransportError::QueueCount {
+                kind,
+                saved: s.queues.len(),
+                expected: self.queues.len(),
+            });
+        }
+        for (index, (q, saved)) in self.queues.iter_mut().zip(&s.queues).enumerate() {
+            let state = virtio_queue::QueueState::from(*saved);
+            *q = match Queue::try_from(state) {
+                Ok(q) if q.max_size() == saved.max_size => q,
+                _ => return Err(RestoreTransportError::BadQueue { kind, index }),
+            };
+            if q.ready() && !q.is_valid(&self.mem) {
+                return Err(RestoreTransportError::BadQueue { kind, index });
+            }
+        }
+        self.driver_features = s.driver_features;
+        self.device_features_sel = s.device_features_sel;
+        self.driver_features_sel = s.driver_features_sel;
+        self.queue_sel = s.queue_sel;
+        self.interrupt.ack(u32::MAX);
+        self.interrupt.restore(s.interrupt_status);
+        if s.status & status::DRIVER_OK != 0 && s.status & status::DEVICE_NEEDS_RESET == 0 {
+            self.activate(s.status);
+            if self.status != s.status {
+                return Err(RestoreTransportError::Activate(kind));
+            }
+            self.device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restored();
+        } else {
+            self.status = s.status;
+        }
+        Ok(())
+    }
+
     fn needs_reset(&mut self) {
         self.status |= status::DEVICE_NEEDS_RESET;
         self.interrupt.signal_config_change();
     }
 
     fn reset(&mut self) {
-        let fds = self
-            .device
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .reset();
-        for fd in fds {
+        // Unwatch while the device still holds the fds open: an epoll entry belongs
+        // to the open file, so deleting by a number the device has already closed
+        // fails and leaves the entry behind (our own dup of a queue notifier keeps
+        // the file alive, and the guest could then make the loop spin on it).
+        for fd in self.watched.drain(..) {
             let _ = self
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
         }
+        self.device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .reset();
         for q in &mut self.queues {
             q.reset();
         }
@@ -386,7 +485,7 @@ impl BusDevice for MmioTransport {
 mod tests {
     use super::*;
     use crate::devices::virtio::{ActivateError, DeviceMetrics, Watch};
-    use std::os::unix::io::RawFd;
+    use std::os::unix::io::AsRawFd;
     use vm_memory::GuestAddress;
     use vmm_sys_util::epoll::EventSet;
 
@@ -397,6 +496,9 @@ mod tests {
         resets: usize,
         metrics: DeviceMetrics,
         fail_activation: bool,
+        /// The queue notifiers it was given (and asks to have watched), as the real
+        /// devices keep them.
+        notifiers: Vec<EventFd>,
     }
 
     impl VirtioDevice for Probe {
@@ -423,12 +525,25 @@ mod tests {
                 });
             }
             self.activated = Some((ctx.queues.len(), ctx.acked_features));
-            Ok(vec![])
+            self.notifiers = ctx.queue_events;
+            Ok(self
+                .notifiers
+                .iter()
+                .enumerate()
+                .map(|(i, e)| Watch {
+                    fd: e.as_raw_fd(),
+                    source: i as u32,
+                    events: EventSet::IN,
+                })
+                .collect())
         }
         fn process_event(&mut self, _source: u32, _events: EventSet) {}
-        fn reset(&mut self) -> Vec<RawFd> {
+        fn reset(&mut self) {
             self.resets += 1;
-            vec![]
+            self.notifiers.clear();
+        }
+        fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+            Vec::new()
         }
         fn metrics(&self) -> &DeviceMetrics {
             &self.metrics
@@ -436,12 +551,16 @@ mod tests {
     }
 
     fn transport(probe: Arc<Mutex<Probe>>) -> (MmioTransport, EventFd) {
+        transport_on(probe, Arc::new(Epoll::new().unwrap()))
+    }
+
+    fn transport_on(probe: Arc<Mutex<Probe>>, epoll: Arc<Epoll>) -> (MmioTransport, EventFd) {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
         let t = MmioTransport::new(
             probe,
             0,
-            Arc::new(Epoll::new().unwrap()),
+            epoll,
             mem,
             Arc::new(Interrupt::new(irq.try_clone().unwrap())),
         )
@@ -532,6 +651,34 @@ mod tests {
         assert_eq!(probe.lock().unwrap().resets, 1);
         w(&mut t, 0x030, 0);
         assert_eq!(r(&mut t, 0x044), 0, "queues are reset too");
+    }
+
+    #[test]
+    fn mmio_reset_unwatches_queue_notifiers_so_a_later_notify_wakes_nobody() {
+        let epoll = Arc::new(Epoll::new().unwrap());
+        let probe = Arc::new(Mutex::new(Probe::default()));
+        let (mut t, _) = transport_on(probe.clone(), epoll.clone());
+        negotiate(&mut t, VIRTIO_F_VERSION_1);
+        setup_queue(&mut t, 0, 16);
+        setup_queue(&mut t, 1, 8);
+        w(
+            &mut t,
+            0x070,
+            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK,
+        );
+        assert_eq!(probe.lock().unwrap().notifiers.len(), 2);
+        let mut events = [EpollEvent::default(); 4];
+        // Running: KVM's ioeventfd (the transport's notifier) wakes the loop.
+        t.queue_events()[0].write(1).unwrap();
+        assert_eq!(epoll.wait(0, &mut events).unwrap(), 1);
+        let _ = t.queue_events()[0].read();
+        // Status 0, then QueueNotify as a hostile guest would: nothing may be
+        // watched any more, or the event loop would spin on an fd nobody drains.
+        w(&mut t, 0x070, 0);
+        assert_eq!(probe.lock().unwrap().resets, 1);
+        t.queue_events()[0].write(1).unwrap();
+        t.queue_events()[1].write(1).unwrap();
+        assert_eq!(epoll.wait(0, &mut events).unwrap(), 0);
     }
 
     #[test]

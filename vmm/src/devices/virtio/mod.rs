@@ -15,6 +15,7 @@ pub mod block;
 pub mod event_loop;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 pub mod rng;
 pub mod vsock;
 
@@ -23,7 +24,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use serde::Serialize;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
@@ -88,6 +89,12 @@ impl Interrupt {
     /// The InterruptStatus register.
     pub fn status(&self) -> u32 {
         self.status.load(Ordering::SeqCst)
+    }
+
+    /// Sets status bits from a snapshot, re-raising the line if any is set (the
+    /// irqchip's state says whether the guest already saw it).
+    pub fn restore(&self, bits: u32) {
+        self.status.fetch_or(bits, Ordering::SeqCst);
     }
 
     /// InterruptACK: clears the acknowledged bits.
@@ -215,15 +222,15 @@ impl SingleQueue {
         Ok((single, watch))
     }
 
+    /// The queue's state.
+    pub fn queue_states(&self) -> Vec<QueueState> {
+        vec![self.queue.state()]
+    }
+
     /// Drains the notification counter. Call it before looking at the ring, so a
     /// notification that arrives meanwhile is not lost.
     pub fn ack_notification(&self) {
         let _ = self.queue_event.read();
-    }
-
-    /// The fd to stop watching when the device is reset.
-    pub fn watched_fds(&self) -> Vec<RawFd> {
-        vec![self.queue_event.as_raw_fd()]
     }
 }
 
@@ -305,11 +312,18 @@ pub trait VirtioDevice: Send {
     fn activate(&mut self, ctx: ActivateContext) -> Result<Vec<Watch>, ActivateError>;
     /// One watched fd is ready.
     fn process_event(&mut self, source: u32, events: EventSet);
-    /// The driver reset the device: drop the queues and stop serving. Returns the
-    /// fds that must no longer be watched.
-    fn reset(&mut self) -> Vec<RawFd>;
+    /// The driver reset the device: drop the queues and stop serving. The transport
+    /// has already unwatched every fd that `activate` returned; fds the device
+    /// watched itself (through its [`Watcher`]) it unwatches before closing them.
+    fn reset(&mut self);
     /// Counters.
     fn metrics(&self) -> &DeviceMetrics;
+    /// The queues as the device has advanced them (empty while not activated): the
+    /// device, not the transport, owns them once the driver is running.
+    fn queue_states(&self) -> Vec<QueueState>;
+    /// Called once after the device was activated from a snapshot, before the guest
+    /// runs again (a vsock device tells the guest its connections are gone).
+    fn restored(&mut self) {}
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Seek, SeekFrom};
-use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::io::AsRawFd;
 use std::path::Path;
 
 use virtio_queue::QueueT;
@@ -492,15 +492,19 @@ impl VirtioDevice for Block {
         self.process_queue();
     }
 
-    fn reset(&mut self) -> Vec<RawFd> {
-        self.active
-            .take()
-            .map(|a| a.watched_fds())
-            .unwrap_or_default()
+    fn reset(&mut self) {
+        self.active = None;
     }
 
     fn metrics(&self) -> &DeviceMetrics {
         &self.metrics
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(Active::queue_states)
+            .unwrap_or_default()
     }
 }
 
@@ -980,11 +984,11 @@ mod tests {
         let disk = TempDisk::new(&pattern());
         let mut blk = Block::new(&disk.0, false, None).unwrap();
         blk.process_event(0, EventSet::IN);
-        assert!(blk.reset().is_empty());
+        blk.reset();
         let m = mem();
         let q = MockSplitQueue::new(&m, 16);
         activate_with(&mut blk, &m, &q, 0);
-        assert_eq!(blk.reset().len(), 1);
+        blk.reset();
         blk.process_event(0, EventSet::IN);
         assert_eq!(blk.metrics().snapshot("block").requests, 0);
     }

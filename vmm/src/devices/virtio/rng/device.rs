@@ -1,6 +1,6 @@
 //! The entropy device.
 
-use std::os::unix::io::RawFd;
+use std::sync::atomic::Ordering;
 
 use virtio_queue::QueueT;
 use vm_memory::Bytes;
@@ -14,6 +14,11 @@ use crate::devices::virtio::{
 const QUEUE_SIZE: u16 = 256;
 /// Most bytes handed out per request: bounds the work one guest request causes.
 pub const MAX_REQUEST_BYTES: u32 = 64 * 1024;
+/// Most bytes handed out per wake-up: the device thread is shared with the other
+/// devices, so a guest asking for entropy without pause must not starve them.
+pub const MAX_WAKEUP_BYTES: u32 = 256 * 1024;
+/// Most requests served per wake-up (zero-length ones cost a little too).
+pub const MAX_WAKEUP_REQUESTS: u32 = 64;
 
 use crate::devices::virtio::SingleQueue as Active;
 
@@ -64,16 +69,30 @@ impl Rng {
         }
     }
 
-    /// Serves every available request; returns whether any was completed.
+    /// Serves available requests up to the per-wake-up budget; returns whether any
+    /// was completed. When the budget runs out with requests left, the queue's
+    /// notifier is re-armed so the event loop comes back after the other devices.
     fn process_queue(&mut self) -> bool {
         let Some(a) = self.active.as_mut() else {
             return false;
         };
         let mut used_any = false;
         let mut buf = Vec::new();
+        let (mut bytes_left, mut requests_left) = (MAX_WAKEUP_BYTES, MAX_WAKEUP_REQUESTS);
         // pop_descriptor_chain stops at the avail index the guest published; each
         // chain's walk is bounded by the queue size (virtio-queue's ttl).
-        while let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) {
+        loop {
+            if bytes_left == 0 || requests_left == 0 {
+                let published = a.queue.avail_idx(&a.mem, Ordering::Acquire);
+                if published.is_ok_and(|idx| idx.0 != a.queue.next_avail()) {
+                    let _ = a.queue_event.write(1);
+                }
+                break;
+            }
+            let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else {
+                break;
+            };
+            requests_left -= 1;
             let head = chain.head_index();
             let mut written: u32 = 0;
             let mut malformed = false;
@@ -82,7 +101,7 @@ impl Rng {
                     malformed = true;
                     break;
                 }
-                let room = MAX_REQUEST_BYTES - written;
+                let room = (MAX_REQUEST_BYTES - written).min(bytes_left);
                 let len = desc.len().min(room);
                 if len == 0 {
                     break;
@@ -97,6 +116,7 @@ impl Rng {
                     break;
                 }
                 written += len;
+                bytes_left -= len;
             }
             if malformed {
                 DeviceMetrics::inc(&self.metrics.malformed);
@@ -153,15 +173,19 @@ impl VirtioDevice for Rng {
         self.process_queue();
     }
 
-    fn reset(&mut self) -> Vec<RawFd> {
-        self.active
-            .take()
-            .map(|a| a.watched_fds())
-            .unwrap_or_default()
+    fn reset(&mut self) {
+        self.active = None;
     }
 
     fn metrics(&self) -> &DeviceMetrics {
         &self.metrics
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(Active::queue_states)
+            .unwrap_or_default()
     }
 }
 
@@ -269,14 +293,61 @@ mod tests {
     }
 
     #[test]
+    fn rng_flood_is_served_in_budgeted_slices_and_rearms_its_notifier() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x200_0000)]).unwrap();
+        let q = MockSplitQueue::new(&m, 256);
+        // 200 requests of 64 KiB: 12.5 MiB asked for in one notification.
+        let descs: Vec<_> = (0..200u64)
+            .map(|i| {
+                desc(
+                    0x10_0000 + i * 0x1_0000,
+                    MAX_REQUEST_BYTES,
+                    VIRTQ_DESC_F_WRITE,
+                    0,
+                )
+            })
+            .collect();
+        q.add_desc_chains(&descs, 0).unwrap();
+        let notifier = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut rng = Rng::new();
+        let ctx = ActivateContext {
+            mem: m.clone(),
+            queues: vec![q.create_queue::<Queue>().unwrap()],
+            queue_events: vec![notifier.try_clone().unwrap()],
+            interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
+            acked_features: 0,
+        };
+        rng.activate(ctx).unwrap();
+        rng.process_event(0, EventSet::IN);
+        let served = rng.metrics().snapshot("rng");
+        assert_eq!(served.bytes, u64::from(MAX_WAKEUP_BYTES), "one slice only");
+        assert_eq!(notifier.read().unwrap(), 1, "re-armed for the rest");
+        let mut wakeups = 1;
+        while rng.metrics().snapshot("rng").requests < 200 {
+            rng.process_event(0, EventSet::IN);
+            wakeups += 1;
+            assert!(wakeups < 100, "no progress");
+        }
+        assert_eq!(q.used().idx().load(), 200);
+        assert_eq!(rng.metrics().snapshot("rng").bytes, 200 * 64 * 1024);
+        assert_eq!(wakeups, 200 * 64 / 256, "every wake-up served a full slice");
+        let _ = notifier.read();
+        rng.process_event(0, EventSet::IN);
+        assert!(
+            notifier.read().is_err(),
+            "not re-armed once the queue is empty"
+        );
+    }
+
+    #[test]
     fn rng_events_before_activation_or_after_reset_do_nothing() {
         let mut rng = Rng::new();
         rng.process_event(0, EventSet::IN);
-        assert!(rng.reset().is_empty());
+        rng.reset();
         let m = mem();
         let q = MockSplitQueue::new(&m, 16);
         activate(&mut rng, &m, &q);
-        assert_eq!(rng.reset().len(), 1);
+        rng.reset();
         rng.process_event(0, EventSet::IN);
         assert_eq!(rng.metrics().snapshot("rng").requests, 0);
     }

@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
-use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -48,6 +48,8 @@ const SOURCE_TX: u32 = TXQ as u32;
 const SOURCE_EVENT: u32 = EVQ as u32;
 const SOURCE_LISTENER: u32 = 3;
 const FIRST_TOKEN: u32 = 16;
+/// virtio_vsock_event id: the transport was reset.
+const VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 /// Most connections at once (each may hold up to `CONN_BUF` of guest data).
 pub const MAX_CONNECTIONS: usize = 256;
 /// Most host clients that have connected but not yet sent their `CONNECT` line.
@@ -60,6 +62,16 @@ const MAX_QUEUED_RSTS: usize = 256;
 /// First port handed to host-initiated connections (as Firecracker does, far above
 /// the ports guests listen on).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+/// What the rx path can put in the buffer at hand.
+enum Output {
+    /// A packet, its payload (this many bytes) in the device's buffer.
+    Packet(Header, usize),
+    /// Nothing is waiting.
+    Nothing,
+    /// Data is waiting, but the buffer has no room beyond the header.
+    NeedsPayloadRoom,
+}
 
 /// A host client that has connected and not yet said which guest port it wants.
 struct PendingClient {
@@ -91,6 +103,8 @@ struct Active {
     next_local_port: u32,
     /// One packet's payload on its way in or out.
     buf: Vec<u8>,
+    /// A TRANSPORT_RESET event waits for an event-queue buffer.
+    reset_pending: bool,
 }
 
 /// The device.
@@ -585,13 +599,24 @@ impl Active {
                 continue;
             }
             let packet = if let Some(key) = self.rsts.pop_front() {
-                Some((self.rst_header(key), 0))
+                Output::Packet(self.rst_header(key), 0)
             } else {
                 self.next_output(room - HDR_SIZE, metrics)
             };
-            let Some((h, n)) = packet else {
-                self.queues[RXQ].go_to_previous_position();
-                continue;
+            let (h, n) = match packet {
+                Output::Packet(h, n) => (h, n),
+                Output::Nothing => {
+                    self.queues[RXQ].go_to_previous_position();
+                    continue;
+                }
+                // Data is waiting but this buffer holds a header only: hand it back
+                // empty (the driver drops used buffers shorter than a header) rather
+                // than read 0 bytes from the host socket, which looks like EOF.
+                Output::NeedsPayloadRoom => {
+                    DeviceMetrics::inc(&metrics.malformed);
+                    used |= self.queues[RXQ].add_used(&self.mem, head, 0).is_ok();
+                    continue;
+                }
             };
             let ok =
                 writer.write_all(&h.to_bytes()).is_ok() && writer.write_all(&self.buf[..n]).is_ok();
@@ -603,6 +628,32 @@ impl Active {
             used |= self.queues[RXQ].add_used(&self.mem, head, written).is_ok();
         }
         used
+    }
+
+    /// Tells the driver, through the event queue, that every connection is gone
+    /// (after a restore: the host sockets behind them do not exist here). Listening
+    /// sockets in the guest survive it; the driver also re-reads the guest CID.
+    fn send_transport_reset(&mut self, metrics: &DeviceMetrics) {
+        if !self.reset_pending {
+            return;
+        }
+        let mem = self.mem.clone();
+        let Some(chain) = self.queues[EVQ].pop_descriptor_chain(&mem) else {
+            return; // sent when the driver offers an event buffer
+        };
+        let head = chain.head_index();
+        let ok = chain.writer(&mem).is_ok_and(|mut w| {
+            w.write_all(&VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes())
+                .is_ok()
+        });
+        if !ok {
+            DeviceMetrics::inc(&metrics.malformed);
+        }
+        let len = if ok { 4 } else { 0 };
+        if self.queues[EVQ].add_used(&mem, head, len).is_ok() {
+            self.reset_pending = !ok;
+            self.signal(EVQ, metrics);
+        }
     }
 
     fn rst_header(&self, key: ConnKey) -> Header {
@@ -617,8 +668,9 @@ impl Active {
         }
     }
 
-    /// The next packet of the next ready connection, its payload (if any) in `buf`.
-    fn next_output(&mut self, room: usize, metrics: &DeviceMetrics) -> Option<(Header, usize)> {
+    /// The next packet of the next ready connection, its payload (if any) in `buf`;
+    /// `room` is the payload room of the rx buffer at hand.
+    fn next_output(&mut self, room: usize, metrics: &DeviceMetrics) -> Output {
         while let Some(key) = self.ready.pop_front() {
             let Some(c) = self.conns.get_mut(&key) else {
                 continue;
@@ -634,8 +686,13 @@ impl Active {
             } else {
                 None
             };
+            let mut needs_room = false;
             let packet = match packet {
                 Some(p) => Some(p),
+                None if c.wants_host_read() && room == 0 => {
+                    needs_room = true;
+                    None
+                }
                 None if c.wants_host_read() => {
                     let max = room.min(MAX_PAYLOAD as usize).min(c.peer_credit() as usize);
                     match c.stream.read(&mut self.buf[..max]) {
@@ -677,13 +734,21 @@ impl Active {
                 }
                 None => None,
             };
+            if packet.is_none() && needs_room {
+                // Keep its turn for the next buffer.
+                if let Some(c) = self.conns.get_mut(&key) {
+                    c.queued = true;
+                    self.ready.push_front(key);
+                }
+                return Output::NeedsPayloadRoom;
+            }
             self.close_if_done(key, metrics);
             self.mark_ready(key);
-            if packet.is_some() {
-                return packet;
+            if let Some((h, n)) = packet {
+                return Output::Packet(h, n);
             }
         }
-        None
+        Output::Nothing
     }
 
     fn signal(&mut self, q: usize, metrics: &DeviceMetrics) {
@@ -772,6 +837,7 @@ impl VirtioDevice for Vsock {
             next_token: FIRST_TOKEN,
             next_local_port: FIRST_LOCAL_PORT,
             buf: vec![0u8; MAX_PAYLOAD as usize],
+            reset_pending: false,
         });
         Ok(watches)
     }
@@ -801,6 +867,7 @@ impl VirtioDevice for Vsock {
             // The device sends no events (no transport reset without migration).
             SOURCE_EVENT => {
                 let _ = a.queue_events[EVQ].read();
+                a.send_transport_reset(metrics);
             }
             SOURCE_LISTENER => {}
             token => match a.owners.get(&token) {
@@ -821,12 +888,12 @@ impl VirtioDevice for Vsock {
         }
     }
 
-    fn reset(&mut self) -> Vec<RawFd> {
+    fn reset(&mut self) {
         let Some(a) = self.active.take() else {
-            return Vec::new();
+            return;
         };
         // Host sockets are unwatched here and closed when `a` drops; the transport
-        // unwatches the queue notifiers and the listener (which stays open: host
+        // has unwatched the queue notifiers and the listener (which stays open: host
         // clients queue in its backlog until the driver comes back).
         for c in a.conns.values() {
             let _ = a.watcher.remove(c.stream.as_raw_fd());
@@ -834,13 +901,25 @@ impl VirtioDevice for Vsock {
         for p in a.pending_clients.values() {
             let _ = a.watcher.remove(p.stream.as_raw_fd());
         }
-        let mut fds: Vec<RawFd> = a.queue_events.iter().map(AsRawFd::as_raw_fd).collect();
-        fds.push(self.listener.as_raw_fd());
-        fds
     }
 
     fn metrics(&self) -> &DeviceMetrics {
         &self.metrics
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .as_ref()
+            .map(|a| a.queues.iter().map(|q| q.state()).collect())
+            .unwrap_or_default()
+    }
+
+    fn restored(&mut self) {
+        let metrics = &self.metrics;
+        if let Some(a) = self.active.as_mut() {
+            a.reset_pending = true;
+            a.send_transport_reset(metrics);
+        }
     }
 }
 
@@ -999,6 +1078,18 @@ mod tests {
                 publish(self.mem, &self.rx, i);
                 self.rx_given = self.rx_given.wrapping_add(1);
             }
+            self.dev.process_event(SOURCE_RX, EventSet::IN);
+        }
+
+        /// Offers one rx buffer of `len` bytes and notifies.
+        fn give_rx_len(&mut self, len: u32) {
+            let i = self.rx_given % Q;
+            self.rx
+                .desc_table()
+                .store(i, desc(RX_BUF + u64::from(i) * RX_STRIDE, len, F_WRITE, 0))
+                .unwrap();
+            publish(self.mem, &self.rx, i);
+            self.rx_given = self.rx_given.wrapping_add(1);
             self.dev.process_event(SOURCE_RX, EventSet::IN);
         }
 
@@ -1169,6 +1260,34 @@ mod tests {
         g.send(g.header(op::RST, 5000, host_port), &[]);
         assert_eq!(client.read(&mut buf).unwrap(), 0, "EOF after RST");
         assert_eq!(g.malformed(), 0);
+    }
+
+    #[test]
+    fn vsock_header_only_rx_buffer_is_returned_empty_not_taken_as_eof() {
+        let mut g = Guest::new();
+        g.give_rx(1);
+        let (mut client, host_port) = g.host_connect(5001);
+        client.write_all(b"data").unwrap();
+        // Room for a header and not one byte more: nothing can be read into it.
+        g.give_rx_len(HDR_SIZE as u32);
+        g.run();
+        assert_eq!(g.malformed(), 1, "the header-only buffer is counted");
+        let used = used_idx(g.mem, &g.rx);
+        assert_eq!(used_elem(g.mem, &g.rx, used.wrapping_sub(1)).1, 0);
+        g.rx_seen = used;
+        // The next real buffer carries the data; the stream was not shut down.
+        g.give_rx(1);
+        g.run();
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1, "{pkts:?}");
+        assert_eq!((pkts[0].0.op, pkts[0].0.src_port), (op::RW, host_port));
+        assert_eq!(pkts[0].1, b"data");
+        let mut rw = g.header(op::RW, 5001, host_port);
+        rw.len = 2;
+        g.send(rw, b"ok");
+        let mut buf = [0u8; 2];
+        client.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf, b"ok", "both directions still open");
     }
 
     #[test]
@@ -1516,11 +1635,11 @@ mod tests {
         let mut g = Guest::new();
         g.give_rx(8);
         let (mut client, _) = g.host_connect(87);
-        let fds = g.dev.reset();
-        assert_eq!(fds.len(), 4, "three queue notifiers and the listener");
+        g.dev.reset();
         let mut b = [0u8; 1];
         assert_eq!(client.read(&mut b).unwrap(), 0);
         g.dev.process_event(SOURCE_TX, EventSet::IN);
-        assert_eq!(g.dev.reset(), Vec::<RawFd>::new());
+        g.dev.reset();
+        assert_eq!(g.run(), 0, "no host socket is watched any more");
     }
 }

@@ -56,6 +56,8 @@ mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null
+# Huge pages for shmem where asked (MADV_HUGEPAGE): atoll-vmm's guest RAM is a memfd.
+echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled 2>/dev/null
 nonce=none
 for w in $(cat /proc/cmdline); do
   case "$w" in atoll.nonce=*) nonce="${w#atoll.nonce=}" ;; esac

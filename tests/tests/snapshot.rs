@@ -1,0 +1,223 @@
+//! End-to-end: the VM lifecycle of atoll-vmm on a real KVM — pause, resume, full
+//! snapshot over the control API, stop, restore from the files — and every way a
+//! snapshot can be bad.
+//!
+//! One node run serves every scenario (a `OnceLock`); each `#[test]` asserts on its
+//! own scenario's output, framed by `@@@ NAME` and `@@@ NAME status=N`.
+
+mod common;
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{artefact, build_dir, kvm_runner, run, static_dir, with};
+
+/// A guest that proves memory and registers survive: it fills a tmpfs file with
+/// random bytes and prints its md5, counts (one counter per vCPU when `N` is 2,
+/// both CPUs busy), then prints the md5 again and exits 9. One line without double
+/// quotes: it travels on the kernel command line.
+const GUEST: &str = "head -c 8388608 /dev/urandom > /tmp/blob; echo sum0 $(md5sum < /tmp/blob); \
+    count() { i=0; while [ $i -lt 40 ]; do i=$((i+1)); echo tick$1 $i; sleep 0.2; done; }; \
+    if [ $N = 2 ]; then count a & count b & wait; else count a; fi; \
+    echo sum1 $(md5sum < /tmp/blob); exit 9";
+
+/// The node script: helpers, then the scenarios.
+const SCRIPT: &str = r#"
+scenario() { name=$1; shift; echo "@@@ $name"; "$@"; echo "@@@ $name status=$?"; }
+api() { ./atoll-vmm-api "$@"; }
+# Boots the counting guest with N vCPUs and an API socket; waits for its 5th tick.
+boot() {
+  rm -f a.sock out1.txt
+  ./atoll-vmm --kernel vmlinux --initrd initramfs.cpio --mem 128 --vcpus "$1" \
+    --api-sock a.sock --timeout 120 -- /bin/sh -c "N=$1; $(cat guest.sh)" > out1.txt 2>&1 &
+  vmm=$!
+  for _ in $(seq 1 600); do grep -q "ticka 5" out1.txt 2>/dev/null && return 0; sleep 0.1; done
+  echo "the guest never counted to 5"; cat out1.txt; return 1
+}
+# Pause, snapshot into $1.state/$1.mem, stop.
+snap() {
+  api a.sock PATCH /vm '{"state":"Paused"}' &&
+  api a.sock PUT /snapshot/create "{\"snapshot_path\":\"$1.state\",\"mem_file_path\":\"$1.mem\"}" &&
+  api a.sock PUT /actions '{"action_type":"Stop"}'
+  wait $vmm; echo "first=$?"
+}
+continue_after_restore() {
+  boot "$1" || return 1
+  snap "s$1" || return 1
+  echo "last-before=$(grep -c '^ticka' out1.txt)"
+  grep '^sum0' out1.txt
+  ./atoll-vmm --restore "s$1.state" --mem-file "s$1.mem" --timeout 120 > out2.txt 2>&1
+  echo "second=$?"
+  echo "first-after=$(grep -m1 '^ticka' out2.txt)"
+  grep '^sum1\|^tickb 40\|^ticka 40' out2.txt
+  ls a.sock 2>/dev/null && echo "api socket left behind"
+  true
+}
+pause_resume_and_refusals() {
+  boot 1 || return 1
+  api a.sock PUT /snapshot/create '{"snapshot_path":"x.state","mem_file_path":"x.mem"}'; echo "running-snapshot=$?"
+  api a.sock PATCH /vm '{"state":"Paused"}' >/dev/null
+  a=$(grep -c '^ticka' out1.txt); sleep 2; b=$(grep -c '^ticka' out1.txt)
+  echo "paused-ticks=$((b - a))"
+  api a.sock PUT /snapshot/create '{"snapshot_path":"/nonexistent/dir/x.state","mem_file_path":"/nonexistent/dir/x.mem"}'; echo "bad-path=$?"
+  api a.sock PATCH /vm '{"state":"Resumed"}'
+  sleep 2; c=$(grep -c '^ticka' out1.txt); echo "resumed-ticks=$((c - b))"
+  api a.sock GET /metrics > metrics.json; echo "metrics=$?"
+  grep -o '"exits_total":[0-9]*' metrics.json
+  api a.sock PUT /actions '{"action_type":"Stop"}' >/dev/null
+  wait $vmm; echo "stopped=$?"
+  ls x.state x.mem *.tmp-* 2>/dev/null | sed 's/^/left: /'
+  true
+}
+# Every bad snapshot gives one line on stderr and exit 1, and leaves nothing.
+bad_snapshots() {
+  try() { t=$1; shift; ./atoll-vmm "$@" --timeout 30 >/dev/null 2>err.txt; echo "$t=$? lines=$(wc -l < err.txt)"; cat err.txt; }
+  cp s1.state t.state; head -c 100 s1.state > trunc.state
+  cp s1.state flip.state; printf '\377' | dd of=flip.state bs=1 seek=200 conv=notrunc 2>/dev/null
+  cp s1.state ver.state; printf '\007' | dd of=ver.state bs=1 seek=8 conv=notrunc 2>/dev/null
+  head -c 1000 s1.mem > short.mem
+  try truncated --restore trunc.state --mem-file s1.mem
+  try bitflip --restore flip.state --mem-file s1.mem
+  try version --restore ver.state --mem-file s1.mem
+  try shortmem --restore t.state --mem-file short.mem
+  try othermem --restore s1.state --mem-file s2.mem
+  try nomem --restore s1.state --mem-file missing.mem
+  try garbage --restore s1.mem --mem-file s1.mem
+  ls *.tmp-* 2>/dev/null | sed 's/^/left: /'
+  true
+}
+printf '%s' "$GUEST" > guest.sh
+scenario one_vcpu continue_after_restore 1
+scenario two_vcpus continue_after_restore 2
+scenario pause_resume pause_resume_and_refusals
+scenario bad bad_snapshots
+"#;
+
+fn node_output() -> &'static str {
+    static OUT: OnceLock<String> = OnceLock::new();
+    OUT.get_or_init(|| {
+        let runner = with(
+            kvm_runner(),
+            &build_dir().join("initramfs.cpio"),
+            "initramfs.cpio",
+        )
+        .file(artefact(static_dir().join("atoll-vmm-api")), "atoll-vmm-api")
+        .unwrap()
+        .timeout(Duration::from_secs(900));
+        let script = format!("GUEST='{}'\n{SCRIPT}", GUEST.replace('\'', "'\\''"));
+        run(runner, &script).output
+    })
+}
+
+/// The output of scenario `name` and its status.
+fn scenario(name: &str) -> (&'static str, i32) {
+    let output = node_output();
+    let start_marker = format!("@@@ {name}\n");
+    let end_marker = format!("@@@ {name} status=");
+    let start = output
+        .find(&start_marker)
+        .unwrap_or_else(|| panic!("scenario {name} did not run:\n{output}"))
+        + start_marker.len();
+    let end = output[start..]
+        .find(&end_marker)
+        .unwrap_or_else(|| panic!("scenario {name} did not end:\n{output}"))
+        + start;
+    let status = output[end + end_marker.len()..]
+        .lines()
+        .next()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("scenario {name}: no status"));
+    (&output[start..end], status)
+}
+
+/// The value after `key=` on its own line (`key=value`), exactly.
+fn value<'a>(out: &'a str, key: &str) -> &'a str {
+    let prefix = format!("{key}=");
+    out.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no line {key}=... in:\n{out}"))
+}
+
+fn checksum(out: &str, which: &str) -> String {
+    out.lines()
+        .find_map(|l| l.strip_prefix(which))
+        .unwrap_or_else(|| panic!("no {which} line in:\n{out}"))
+        .trim()
+        .to_string()
+}
+
+fn assert_continues(name: &str, vcpus: usize) {
+    let (out, status) = scenario(name);
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(value(out, "first"), "0", "stopping through the API exits 0");
+    assert_eq!(
+        value(out, "second"),
+        "9",
+        "the restored guest ran its script to the end and reported 9"
+    );
+    let last: u32 = value(out, "last-before").parse().unwrap();
+    assert!(last >= 5, "{out}");
+    assert_eq!(
+        value(out, "first-after"),
+        format!("ticka {}", last + 1),
+        "the counter continues where the snapshot left it"
+    );
+    let (before, after) = (checksum(out, "sum0 "), checksum(out, "sum1 "));
+    assert_eq!(before.len(), 34, "an md5 line: {before:?}");
+    assert_eq!(before, after, "8 MiB of guest memory came back intact");
+    assert!(out.contains("ticka 40"));
+    if vcpus == 2 {
+        assert!(out.contains("tickb 40"), "the second vCPU's counter finished");
+    }
+    assert!(!out.contains("api socket left behind"));
+}
+
+#[test]
+fn snapshot_restore_continues_a_computation_with_one_vcpu() {
+    assert_continues("one_vcpu", 1);
+}
+
+#[test]
+fn snapshot_restore_continues_a_computation_with_two_vcpus() {
+    assert_continues("two_vcpus", 2);
+}
+
+#[test]
+fn pause_stops_the_guest_resume_continues_and_bad_requests_change_nothing() {
+    let (out, status) = scenario("pause_resume");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(
+        value(out, "running-snapshot"),
+        "1",
+        "a running VM is not snapshotted"
+    );
+    assert!(out.contains("pause the VM before taking a snapshot"), "{out}");
+    assert_eq!(value(out, "paused-ticks"), "0", "no tick while paused");
+    assert_eq!(value(out, "bad-path"), "1");
+    assert!(out.contains("cannot write the memory file"), "{out}");
+    let resumed: u32 = value(out, "resumed-ticks").parse().unwrap();
+    assert!(resumed >= 2, "the guest counts again after resume: {resumed}");
+    assert_eq!(value(out, "metrics"), "0");
+    assert!(out.contains("\"exits_total\":"), "{out}");
+    assert_eq!(value(out, "stopped"), "0");
+    assert!(!out.contains("left: "), "no snapshot file or temporary left: {out}");
+}
+
+#[test]
+fn bad_snapshots_are_refused_with_one_line_and_leave_nothing() {
+    let (out, status) = scenario("bad");
+    assert_eq!(status, 0, "{out}");
+    for (name, says) in [
+        ("truncated", "not a usable Atoll snapshot state file"),
+        ("bitflip", "checksum does not match"),
+        ("version", "format version"),
+        ("shortmem", "does not belong to this snapshot"),
+        ("othermem", "written for another snapshot"),
+        ("nomem", "cannot open the snapshot memory file"),
+        ("garbage", "does not start with the ATOLLSNP magic"),
+    ] {
+        assert_eq!(value(out, name), "1 lines=1", "{name}: exit 1, one line\n{out}");
+        assert!(out.contains(says), "{name}: expected {says:?} in\n{out}");
+    }
+    assert!(!out.contains("left: "), "{out}");
+}

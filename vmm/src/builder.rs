@@ -556,8 +556,22 @@ pub struct RestoreConfig {
     pub console_input: bool,
     /// A new host socket path for the vsock device (each clone needs its own).
     pub vsock_uds: Option<PathBuf>,
-    /// New backing files for block devices, by their id.
-    pub disks: Vec<(String, PathBuf)>,
+    /// New backing files for block devices.
+    pub disks: Vec<DiskSwap>,
+    /// A new tap for the net device (each clone needs its own).
+    pub tap: Option<String>,
+}
+
+/// A block device of a snapshot given another backing file (and serial) at restore:
+/// how a pod template's spare slot receives the pod's image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskSwap {
+    /// The id the disk had in the snapshot.
+    pub slot: String,
+    /// The new backing file.
+    pub path: PathBuf,
+    /// The id the guest sees from now on (default: unchanged).
+    pub id: Option<String>,
 }
 
 /// Applies a clone's changes to the saved device configurations.
@@ -566,7 +580,7 @@ fn override_devices(
     cfg: &RestoreConfig,
 ) -> Result<Vec<DeviceConfig>, StartVmError> {
     let mut used_disks = vec![false; cfg.disks.len()];
-    let out = saved
+    let out: Vec<DeviceConfig> = saved
         .iter()
         .map(|d| match &d.config {
             DeviceConfig::Vsock { cid, uds } => DeviceConfig::Vsock {
@@ -577,28 +591,38 @@ fn override_devices(
                 path,
                 read_only,
                 id,
-            } => {
-                let swapped = cfg
-                    .disks
-                    .iter()
-                    .position(|(want, _)| Some(want) == id.as_ref());
-                if let Some(i) = swapped {
+            } => match cfg.disks.iter().position(|s| Some(&s.slot) == id.as_ref()) {
+                Some(i) => {
                     used_disks[i] = true;
+                    DeviceConfig::Block {
+                        path: cfg.disks[i].path.clone(),
+                        read_only: *read_only,
+                        id: cfg.disks[i].id.clone().or_else(|| id.clone()),
+                    }
                 }
-                DeviceConfig::Block {
-                    path: swapped.map_or_else(|| path.clone(), |i| cfg.disks[i].1.clone()),
+                None => DeviceConfig::Block {
+                    path: path.clone(),
                     read_only: *read_only,
                     id: id.clone(),
-                }
-            }
-            other => other.clone(),
+                },
+            },
+            DeviceConfig::Net { tap, mac } => DeviceConfig::Net {
+                tap: cfg.tap.clone().unwrap_or_else(|| tap.clone()),
+                mac: *mac,
+            },
+            DeviceConfig::Rng => DeviceConfig::Rng,
         })
         .collect();
     if let Some(i) = used_disks.iter().position(|u| !u) {
         return Err(StartVmError::Incompatible(format!(
             "the snapshot has no disk with id {:?}",
-            cfg.disks[i].0
+            cfg.disks[i].slot
         )));
+    }
+    if cfg.tap.is_some() && !out.iter().any(|d| matches!(d, DeviceConfig::Net { .. })) {
+        return Err(StartVmError::Incompatible(
+            "--net-tap was given but the snapshot has no net device".into(),
+        ));
     }
     Ok(out)
 }

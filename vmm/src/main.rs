@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use atoll_vmm::builder::{self, DeviceConfig, Outcome, RestoreConfig, VmConfig};
+use atoll_vmm::builder::{self, DeviceConfig, DiskSwap, Outcome, RestoreConfig, VmConfig};
 use clap::Parser;
 
 /// The command line every guest gets unless `--cmdline` replaces it.
@@ -50,9 +50,13 @@ struct Args {
     /// With --restore: this clone's vsock socket path (each clone needs its own).
     #[arg(long, requires = "restore")]
     vsock_uds: Option<PathBuf>,
-    /// With --restore: back the disk with this id by another file: ID=PATH (repeatable).
-    #[arg(long, requires = "restore", value_name = "ID=PATH", value_parser = parse_disk_swap)]
-    disk_path: Vec<(String, PathBuf)>,
+    /// With --restore: back the disk with id SLOT by another file, optionally under a
+    /// new id: SLOT=PATH[,id=ID] (repeatable).
+    #[arg(long, requires = "restore", value_name = "SLOT=PATH[,id=ID]", value_parser = parse_disk_swap)]
+    disk_path: Vec<DiskSwap>,
+    /// With --restore: this clone's tap for the net device.
+    #[arg(long, requires = "restore", value_name = "NAME")]
+    net_tap: Option<String>,
     /// Serve the control API on this Unix socket.
     #[arg(long)]
     api_sock: Option<PathBuf>,
@@ -153,6 +157,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
                 console_input,
                 vsock_uds: args.vsock_uds.clone(),
                 disks: args.disk_path.clone(),
+                tap: args.net_tap.clone(),
             },
             start,
             console,
@@ -310,13 +315,31 @@ fn parse_vsock(s: &str) -> Result<DeviceConfig, String> {
     })
 }
 
-fn parse_disk_swap(s: &str) -> Result<(String, PathBuf), String> {
-    match s.split_once('=') {
-        Some((id, path)) if !id.is_empty() && !path.is_empty() => {
-            Ok((id.to_string(), PathBuf::from(path)))
+fn parse_disk_swap(s: &str) -> Result<DiskSwap, String> {
+    let (slot, rest) = s
+        .split_once('=')
+        .filter(|(slot, rest)| !slot.is_empty() && !rest.is_empty())
+        .ok_or("expected SLOT=PATH[,id=ID]")?;
+    let mut parts = options(rest).into_iter();
+    let Some((path, None)) = parts.next() else {
+        return Err("expected SLOT=PATH[,id=ID]".into());
+    };
+    let mut id = None;
+    for (k, v) in parts {
+        match (k, v) {
+            ("id", Some(v)) if !v.is_empty() && v.len() <= 20 => id = Some(v.to_string()),
+            _ => {
+                return Err(format!(
+                    "bad disk-path option {k:?}: expected id=ID (1 to 20 bytes)"
+                ))
+            }
         }
-        _ => Err("expected ID=PATH".into()),
     }
+    Ok(DiskSwap {
+        slot: slot.to_string(),
+        path: PathBuf::from(path),
+        id,
+    })
 }
 
 /// True when stdin is /dev/null or closed: nothing to feed the console.
@@ -366,6 +389,18 @@ mod tests {
         );
         assert!(parse_vsock("cid=2,uds=/tmp/v").is_err());
         assert!(parse_vsock("cid=3").is_err());
+        assert_eq!(
+            parse_disk_swap("slot0=/img.erofs,id=img0").unwrap(),
+            DiskSwap {
+                slot: "slot0".into(),
+                path: "/img.erofs".into(),
+                id: Some("img0".into())
+            }
+        );
+        assert_eq!(parse_disk_swap("slot1=/x").unwrap().id, None);
+        assert!(parse_disk_swap("=/x").is_err());
+        assert!(parse_disk_swap("slot0=/x,ro").is_err());
+        assert!(parse_disk_swap("slot0=/x,id=123456789012345678901").is_err());
     }
 
     #[test]

@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use atoll_agent_proto::v1::{self, error::Code, request::Op, response::Result as Reply};
 use atoll_agent_proto::{read_frame, validate_id, write_frame, FrameError, PROTOCOL_VERSION};
 
-use super::net::{self, NetOps};
+use super::net::{self, PodOps};
 use super::process::{Process, ProcessTable, RegisterError, StdioEnds};
+use super::restore;
 use super::ContainerRuntime;
 use crate::container::{self, RuntimeError};
 
@@ -120,7 +121,7 @@ pub struct Agent<R: ContainerRuntime> {
     runtime: Mutex<R>,
     /// Processes and their stdio ends (also used by stream connections).
     pub processes: Arc<ProcessTable>,
-    net: Mutex<Box<dyn NetOps>>,
+    net: Mutex<Box<dyn PodOps>>,
     pod_dir: PathBuf,
     ready_us: u64,
     shutdown: Mutex<mpsc::Sender<u8>>,
@@ -139,7 +140,7 @@ impl<R: ContainerRuntime> Agent<R> {
     pub fn new(
         runtime: R,
         processes: Arc<ProcessTable>,
-        net: Box<dyn NetOps>,
+        net: Box<dyn PodOps>,
         pod_dir: PathBuf,
         ready_us: u64,
         shutdown: mpsc::Sender<u8>,
@@ -198,6 +199,8 @@ impl<R: ContainerRuntime> Agent<R> {
             Op::Stats(req) => self.stats(&req),
             Op::Network(req) => self.network(&req),
             Op::Remove(req) => self.remove(&req),
+            Op::Quiesce(_) => self.quiesce(),
+            Op::Restored(req) => self.restored(&req),
             Op::Shutdown(req) => self.shutdown(&req).map(|status| {
                 shutdown = Some(status);
                 Reply::Ok(v1::Empty {})
@@ -395,6 +398,29 @@ impl<R: ContainerRuntime> Agent<R> {
             }
             net::ConfigureNetworkError::NoSuchMac(_) => RequestError::NotFound(err.to_string()),
             other => RequestError::Internal(other.to_string()),
+        })?;
+        Ok(Reply::Ok(v1::Empty {}))
+    }
+
+    fn quiesce(&self) -> Result<Reply, RequestError> {
+        let mut ops = self.net.lock().unwrap_or_else(PoisonError::into_inner);
+        restore::quiesce(ops.as_mut()).map_err(internal("drop caches"))?;
+        Ok(Reply::Ok(v1::Empty {}))
+    }
+
+    fn restored(&self, req: &v1::Restored) -> Result<Reply, RequestError> {
+        let mut ops = self.net.lock().unwrap_or_else(PoisonError::into_inner);
+        restore::restored(ops.as_mut(), req, &self.pod_dir, restore::DISK_WAIT).map_err(|err| {
+            match err {
+                restore::RestoreError::Invalid(_)
+                | restore::RestoreError::Network(net::ConfigureNetworkError::Plan(_)) => {
+                    RequestError::InvalidArgument(err.to_string())
+                }
+                restore::RestoreError::DiskMissing { .. } => {
+                    RequestError::NotFound(err.to_string())
+                }
+                other => RequestError::Internal(other.to_string()),
+            }
         })?;
         Ok(Reply::Ok(v1::Empty {}))
     }
@@ -663,7 +689,7 @@ pub(crate) mod tests {
     }
 
     struct NoNet;
-    impl NetOps for NoNet {
+    impl PodOps for NoNet {
         fn interface_by_mac(&mut self, _: &str) -> io::Result<Option<String>> {
             Ok(None)
         }
@@ -681,6 +707,18 @@ pub(crate) mod tests {
         }
         fn set_hostname(&mut self, _: &str) -> io::Result<()> {
             Err(io::Error::from_raw_os_error(libc::EPERM))
+        }
+        fn add_entropy(&mut self, _: &[u8]) -> io::Result<()> {
+            Ok(())
+        }
+        fn set_realtime(&mut self, _: std::time::Duration) -> io::Result<()> {
+            Ok(())
+        }
+        fn drop_caches(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn disk_sectors(&mut self, _: &str) -> io::Result<Option<u64>> {
+            Ok(None)
         }
     }
 

@@ -12,6 +12,7 @@
 pub mod conn;
 pub mod net;
 pub mod process;
+pub mod restore;
 pub mod server;
 pub mod setup;
 pub mod stream;
@@ -138,7 +139,7 @@ fn serve() -> Result<u8, AgentError> {
     let agent = Arc::new(conn::Agent::new(
         container::Runtime::new(PathBuf::from(setup::STATE_ROOT)),
         processes,
-        Box::new(net::LinuxNetOps),
+        Box::new(net::LinuxPodOps),
         PathBuf::from(setup::POD_DIR),
         ready_us,
         exit_tx,

@@ -2,7 +2,7 @@
 //! the pod shares the VM's network namespace, so this is the pod's network.
 //!
 //! The request is checked and turned into a [`NetPlan`] first (pure, unit-tested);
-//! only a plan that is valid as a whole is applied, through [`NetOps`] (old-style
+//! only a plan that is valid as a whole is applied, through [`PodOps`] (old-style
 //! `SIOC*` ioctls on an `AF_INET` socket: enough for IPv4 addresses, MTU, link up and
 //! routes, without netlink). The pod's `resolv.conf`, `hosts` and `hostname` are
 //! written under the runtime's `pod/` directory, which the runtime bind-mounts into
@@ -341,8 +341,9 @@ pub fn render_hosts(hostname: Option<&str>, pod_ip: Option<Ipv4Addr>) -> String 
     out
 }
 
-/// The privileged network operations, so the plan logic can be tested without root.
-pub trait NetOps: Send {
+/// The privileged pod-wide operations (network, hostname, and what a restored clone
+/// renews: entropy, clock, caches, disks), so the logic can be tested without root.
+pub trait PodOps: Send {
     /// The name of the interface whose MAC is `mac` (lower case), if any.
     fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>>;
     /// SIOCSIFADDR + SIOCSIFNETMASK.
@@ -355,6 +356,16 @@ pub trait NetOps: Send {
     fn add_route(&mut self, route: &RoutePlan) -> io::Result<()>;
     /// sethostname(2).
     fn set_hostname(&mut self, name: &str) -> io::Result<()>;
+    /// Credits `bytes` to the kernel's entropy pool (RNDADDENTROPY) and reseeds the
+    /// CRNG from it (RNDRESEEDCRNG).
+    fn add_entropy(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// clock_settime(CLOCK_REALTIME).
+    fn set_realtime(&mut self, since_epoch: std::time::Duration) -> io::Result<()>;
+    /// sync(2), then drops clean page, dentry and inode caches.
+    fn drop_caches(&mut self) -> io::Result<()>;
+    /// The size in 512-byte sectors of the virtio-blk disk whose serial is `serial`,
+    /// if one is attached.
+    fn disk_sectors(&mut self, serial: &str) -> io::Result<Option<u64>>;
 }
 
 /// Applying a valid plan failed.
@@ -391,7 +402,7 @@ fn apply_err(action: String) -> impl FnOnce(io::Error) -> ConfigureNetworkError 
 /// Applies a request: interfaces (address, MTU, up), routes, hostname and the pod
 /// files in `pod_dir`.
 pub fn configure(
-    ops: &mut dyn NetOps,
+    ops: &mut dyn PodOps,
     req: &v1::ConfigureNetwork,
     pod_dir: &Path,
 ) -> Result<(), ConfigureNetworkError> {
@@ -452,9 +463,9 @@ fn write_pod_file(dir: &Path, name: &str, text: &str) -> Result<(), ConfigureNet
         .map_err(|cause| ConfigureNetworkError::WriteFile { path, cause })
 }
 
-/// The real [`NetOps`]: ioctls on an `AF_INET` datagram socket.
+/// The real [`PodOps`]: ioctls on an `AF_INET` datagram socket.
 #[derive(Debug, Default)]
-pub struct LinuxNetOps;
+pub struct LinuxPodOps;
 
 fn inet_socket() -> io::Result<OwnedFd> {
     // SAFETY: socket has no memory arguments.
@@ -540,7 +551,7 @@ pub fn link_up(ifname: &str) -> io::Result<()> {
     )
 }
 
-impl NetOps for LinuxNetOps {
+impl PodOps for LinuxPodOps {
     fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>> {
         for entry in fs::read_dir("/sys/class/net")? {
             let entry = entry?;
@@ -629,10 +640,70 @@ impl NetOps for LinuxNetOps {
         }
         Ok(())
     }
+
+    fn add_entropy(&mut self, bytes: &[u8]) -> io::Result<()> {
+        // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+        let mut info = Vec::with_capacity(8 + bytes.len());
+        let bits = i32::try_from(bytes.len() * 8)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        info.extend_from_slice(&bits.to_ne_bytes());
+        info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+        info.extend_from_slice(bytes);
+        let random = fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+        // _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
+        const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+        const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+        // SAFETY: `info` is a rand_pool_info header followed by `buf_size` bytes, as
+        // RNDADDENTROPY reads; the fd is open for the call.
+        if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: RNDRESEEDCRNG takes no argument.
+        if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG, 0) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn set_realtime(&mut self, since_epoch: std::time::Duration) -> io::Result<()> {
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(since_epoch.as_secs())
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+            tv_nsec: libc::c_long::from(since_epoch.subsec_nanos() as i32),
+        };
+        // SAFETY: `ts` is a valid timespec for the call.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn drop_caches(&mut self) -> io::Result<()> {
+        // SAFETY: sync has no arguments and cannot fail.
+        unsafe { libc::sync() };
+        fs::write("/proc/sys/vm/drop_caches", b"3")
+    }
+
+    fn disk_sectors(&mut self, serial: &str) -> io::Result<Option<u64>> {
+        for entry in fs::read_dir("/sys/block")? {
+            let dir = entry?.path();
+            // Reading `serial` asks the device (VIRTIO_BLK_T_GET_ID): never stale.
+            let found = fs::read_to_string(dir.join("serial")).unwrap_or_default();
+            if found.trim_end_matches(['\0', '\n']) == serial {
+                let size = fs::read_to_string(dir.join("size"))?;
+                return size
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| io::Error::other(format!("bad size {size:?}")));
+            }
+        }
+        Ok(None)
+    }
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -767,12 +838,14 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct FakeNet {
-        calls: Vec<String>,
-        macs: Vec<(String, String)>,
+    pub(crate) struct FakeNet {
+        pub(crate) calls: Vec<String>,
+        pub(crate) macs: Vec<(String, String)>,
+        /// (serial, sectors) of attached disks.
+        pub(crate) disks: Vec<(String, u64)>,
     }
 
-    impl NetOps for FakeNet {
+    impl PodOps for FakeNet {
         fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>> {
             Ok(self
                 .macs
@@ -792,6 +865,25 @@ mod tests {
         fn set_up(&mut self, ifname: &str) -> io::Result<()> {
             self.calls.push(format!("up {ifname}"));
             Ok(())
+        }
+        fn add_entropy(&mut self, bytes: &[u8]) -> io::Result<()> {
+            self.calls.push(format!("entropy {}", bytes.len()));
+            Ok(())
+        }
+        fn set_realtime(&mut self, t: std::time::Duration) -> io::Result<()> {
+            self.calls.push(format!("clock {}", t.as_secs()));
+            Ok(())
+        }
+        fn drop_caches(&mut self) -> io::Result<()> {
+            self.calls.push("drop caches".into());
+            Ok(())
+        }
+        fn disk_sectors(&mut self, serial: &str) -> io::Result<Option<u64>> {
+            Ok(self
+                .disks
+                .iter()
+                .find(|(s, _)| s == serial)
+                .map(|(_, n)| *n))
         }
         fn add_route(&mut self, route: &RoutePlan) -> io::Result<()> {
             self.calls.push(format!(

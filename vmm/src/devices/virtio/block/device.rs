@@ -506,6 +506,15 @@ impl VirtioDevice for Block {
             .map(Active::queue_states)
             .unwrap_or_default()
     }
+
+    /// The backing file may have been swapped at the restore (a pod template's
+    /// spare slot): have the driver re-read the capacity.
+    fn restored(&mut self) {
+        if let Some(a) = &self.active {
+            a.interrupt.signal_config_change();
+            DeviceMetrics::inc(&self.metrics.interrupts);
+        }
+    }
 }
 
 #[cfg(test)]

@@ -419,6 +419,16 @@ impl AgentClient {
         self.call_ok("ConfigureNetwork", Op::Network(req))
     }
 
+    /// Before a snapshot of the VM: the agent syncs and drops clean caches.
+    pub fn quiesce(&mut self) -> Result<(), AgentError> {
+        self.call_ok("Quiesce", Op::Quiesce(v1::Quiesce {}))
+    }
+
+    /// First request to a restored clone: its entropy, clock, network and disks.
+    pub fn restored(&mut self, req: v1::Restored) -> Result<(), AgentError> {
+        self.call_ok("Restored", Op::Restored(req))
+    }
+
     pub fn remove(&mut self, id: &str) -> Result<(), AgentError> {
         self.call_ok(
             "RemoveContainer",

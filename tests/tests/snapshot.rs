@@ -101,7 +101,10 @@ fn node_output() -> &'static str {
             &build_dir().join("initramfs.cpio"),
             "initramfs.cpio",
         )
-        .file(artefact(static_dir().join("atoll-vmm-api")), "atoll-vmm-api")
+        .file(
+            artefact(static_dir().join("atoll-vmm-api")),
+            "atoll-vmm-api",
+        )
         .unwrap()
         .timeout(Duration::from_secs(900));
         let script = format!("GUEST='{}'\n{SCRIPT}", GUEST.replace('\'', "'\\''"));
@@ -167,7 +170,10 @@ fn assert_continues(name: &str, vcpus: usize) {
     assert_eq!(before, after, "8 MiB of guest memory came back intact");
     assert!(out.contains("ticka 40"));
     if vcpus == 2 {
-        assert!(out.contains("tickb 40"), "the second vCPU's counter finished");
+        assert!(
+            out.contains("tickb 40"),
+            "the second vCPU's counter finished"
+        );
     }
     assert!(!out.contains("api socket left behind"));
 }
@@ -191,16 +197,25 @@ fn pause_stops_the_guest_resume_continues_and_bad_requests_change_nothing() {
         "1",
         "a running VM is not snapshotted"
     );
-    assert!(out.contains("pause the VM before taking a snapshot"), "{out}");
+    assert!(
+        out.contains("pause the VM before taking a snapshot"),
+        "{out}"
+    );
     assert_eq!(value(out, "paused-ticks"), "0", "no tick while paused");
     assert_eq!(value(out, "bad-path"), "1");
     assert!(out.contains("cannot write the memory file"), "{out}");
     let resumed: u32 = value(out, "resumed-ticks").parse().unwrap();
-    assert!(resumed >= 2, "the guest counts again after resume: {resumed}");
+    assert!(
+        resumed >= 2,
+        "the guest counts again after resume: {resumed}"
+    );
     assert_eq!(value(out, "metrics"), "0");
     assert!(out.contains("\"exits_total\":"), "{out}");
     assert_eq!(value(out, "stopped"), "0");
-    assert!(!out.contains("left: "), "no snapshot file or temporary left: {out}");
+    assert!(
+        !out.contains("left: "),
+        "no snapshot file or temporary left: {out}"
+    );
 }
 
 #[test]
@@ -216,7 +231,11 @@ fn bad_snapshots_are_refused_with_one_line_and_leave_nothing() {
         ("nomem", "cannot open the snapshot memory file"),
         ("garbage", "does not start with the ATOLLSNP magic"),
     ] {
-        assert_eq!(value(out, name), "1 lines=1", "{name}: exit 1, one line\n{out}");
+        assert_eq!(
+            value(out, name),
+            "1 lines=1",
+            "{name}: exit 1, one line\n{out}"
+        );
         assert!(out.contains(says), "{name}: expected {says:?} in\n{out}");
     }
     assert!(!out.contains("left: "), "{out}");

@@ -669,6 +669,10 @@ pub fn restore(
         vcpu.restore_state(s)?;
         vcpus.push(vcpu);
     }
+    // Interrupts the devices raise now reach restored LAPICs.
+    for t in &a.virtio.transports {
+        t.lock().unwrap_or_else(|p| p.into_inner()).restored();
+    }
     a.metrics.record_phase("vcpus_configured");
     a.start(vcpus, cfg.paused, cfg.console_input, state.cmdline, None)
 }

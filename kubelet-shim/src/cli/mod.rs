@@ -65,6 +65,10 @@ after `--`) replaces the image's Cmd.
 Exit status: the container's (128+N when killed by signal N); 143 or 130 when atoll
 itself got SIGTERM or SIGINT; 125 when the pod could not be run.")]
 pub struct RunArgs {
+    /// Boot the guest kernel instead of restoring a clone of the pod template (the
+    /// template for this shape is built on first use and kept in $ATOLL_CACHE).
+    #[arg(long)]
+    pub cold: bool,
     /// vCPUs of the pod VM.
     #[arg(long, default_value_t = 1)]
     pub vcpus: u8,

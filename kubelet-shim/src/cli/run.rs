@@ -25,6 +25,7 @@ use super::artifacts;
 use super::RunArgs;
 use crate::agent::AgentError;
 use crate::pod::image::{self, ProcessOverrides};
+use crate::pod::template::{self, Template, TemplateSpec};
 use crate::pod::{self, state, Disk, Pod, PodConfig, PodHandle};
 
 /// Exit status when the pod could not be run at all (as `docker run`).
@@ -395,7 +396,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         })
     });
     cfg.cancel = Some(Arc::clone(&signals.stop));
-    let mut pod = match Pod::start(cfg) {
+    let started = if !args.cold && Template::fits_pod(&cfg) {
+        let spec = TemplateSpec {
+            kernel: cfg.kernel.clone(),
+            initramfs: cfg.initramfs.clone(),
+            vmm: cfg.vmm.clone(),
+            vcpus: cfg.vcpus,
+            mem_mib: cfg.mem_mib,
+            net: cfg.net,
+        };
+        template::start_pod(cfg, &spec)
+    } else {
+        Pod::start(cfg)
+    };
+    let mut pod = match started {
         Ok(p) => p,
         Err(pod::PodError::Cancelled(sig)) => return Ok(128 + sig),
         Err(e) => return Err(e.into()),

@@ -13,6 +13,7 @@
 pub mod image;
 pub mod net;
 pub mod state;
+pub mod template;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
@@ -34,6 +35,8 @@ use state::{PodState, PodStatus};
 pub const GUEST_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off quiet";
 /// Guest CID of every pod (each VM has its own vsock device).
 pub const GUEST_CID: u32 = 3;
+/// atoll-vmm's control socket in the pod directory, when [`PodConfig::api`].
+pub const API_SOCK: &str = "api.sock";
 /// How long the guest may take to boot and start its agent (TCG-backed nested KVM
 /// is slow).
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -96,6 +99,20 @@ pub struct PodConfig {
     pub t0: Instant,
     /// Set to a nonzero signal number to abandon the boot ([`PodError::Cancelled`]).
     pub cancel: Option<Arc<AtomicI32>>,
+    /// Boot the kernel, or restore a clone of a pod template.
+    pub boot: Boot,
+    /// Serve atoll-vmm's control API at `<pod dir>/api.sock` (template builds).
+    pub api: bool,
+}
+
+/// How a pod's VM comes up.
+#[derive(Debug, Clone, Default)]
+pub enum Boot {
+    /// Boot the kernel and initramfs.
+    #[default]
+    Cold,
+    /// Restore a clone of this template (its spare disk slots take the pod's disks).
+    Template(template::Template),
 }
 
 impl PodConfig {
@@ -119,11 +136,16 @@ impl PodConfig {
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             t0: Instant::now(),
             cancel: None,
+            boot: Boot::Cold,
+            api: false,
         }
     }
 
     /// The VMM's arguments (without the program).
     pub fn vmm_args(&self, dir: &Path) -> Vec<String> {
+        if let Boot::Template(t) = &self.boot {
+            return t.restore_args(dir, &self.disks, self.tap.as_ref().map(|t| t.name.as_str()));
+        }
         let mut a: Vec<String> = vec![
             "--kernel".into(),
             self.kernel.display().to_string(),
@@ -159,6 +181,10 @@ impl PodConfig {
             a.push("--net".into());
             a.push(s);
         }
+        if self.api {
+            a.push("--api-sock".into());
+            a.push(dir.join(API_SOCK).display().to_string());
+        }
         a.extend(["--".into(), "/init".into(), "agent".into()]);
         a
     }
@@ -172,8 +198,12 @@ pub struct Timings {
     pub image_converted: Option<bool>,
     /// Writing the layers disk, when the guest unpacks the layers.
     pub layers_disk_ms: Option<f64>,
+    /// "cold" (kernel boot) or "template" (a restored clone).
+    pub boot: Option<&'static str>,
     pub vmm_spawned_ms: Option<f64>,
     pub agent_connected_ms: Option<f64>,
+    /// A clone took its identity (Restored answered).
+    pub restored_ms: Option<f64>,
     /// Guest CLOCK_BOOTTIME when the agent listened.
     pub guest_agent_ready_us: Option<u64>,
     pub created_ms: Option<f64>,
@@ -223,6 +253,25 @@ fn copy_bounded(mut from: impl std::io::Read, mut to: impl std::io::Write, max: 
             let _ = writeln!(to, "\n[atoll: console output beyond {max} bytes dropped]");
         }
     }
+}
+
+/// Fills `buf` from the kernel's CSPRNG.
+pub fn getrandom(buf: &mut [u8]) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let rest = &mut buf[done..];
+        // SAFETY: `rest` is a valid writable buffer of `rest.len()` bytes.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        done += n as usize;
+    }
+    Ok(())
 }
 
 /// Milliseconds from `t0` to now.
@@ -282,6 +331,10 @@ pub enum PodError {
     LayersDisk(#[from] image::LayersDiskError),
     #[error("configuring the pod's network in the guest")]
     Network(#[source] AgentError),
+    #[error("giving the restored pod its identity (entropy, clock, network, disks)")]
+    Restored(#[source] AgentError),
+    #[error(transparent)]
+    Template(#[from] template::TemplateError),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> PodError + '_ {
@@ -556,8 +609,39 @@ impl Pod {
         pod.timings.agent_connected_ms = Some(ms_since(pod.t0));
         pod.timings.guest_agent_ready_us = Some(control.hello().agent_ready_us);
         pod.control = Some(control);
-        pod.configure_network(&cfg)?;
+        match &cfg.boot {
+            Boot::Cold => {
+                pod.timings.boot = Some("cold");
+                pod.configure_network(&cfg)?;
+            }
+            Boot::Template(_) => {
+                pod.timings.boot = Some("template");
+                pod.send_restored(&cfg)?;
+                pod.timings.restored_ms = Some(ms_since(pod.t0));
+            }
+        }
         Ok(pod)
+    }
+
+    /// Gives a restored clone its own identity: fresh entropy, the clock, its
+    /// network (by interface name: every clone has the template's MAC), and the
+    /// disks its slots now hold.
+    fn send_restored(&mut self, cfg: &PodConfig) -> Result<(), PodError> {
+        let mut entropy = vec![0u8; 64];
+        getrandom(&mut entropy).map_err(io_err(Path::new("getrandom")))?;
+        let realtime_ns = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+            .unwrap_or(0);
+        let req = v1::Restored {
+            entropy,
+            realtime_ns,
+            network: self.network_request(cfg, false),
+            disks: cfg.disks.iter().map(|d| d.serial.clone()).collect(),
+        };
+        self.control()
+            .and_then(|c| c.restored(req))
+            .map_err(PodError::Restored)
     }
 
     /// Records that the pod's main container runs (`atoll ps` shows `running`, and
@@ -567,22 +651,37 @@ impl Pod {
         self.write_state();
     }
 
-    /// Sends ConfigureNetwork when the pod has a tap or a hostname: the guest's
-    /// `eth0`, default route and DNS servers (the host's, loopback ones left out).
-    fn configure_network(&mut self, cfg: &PodConfig) -> Result<(), PodError> {
+    /// The pod's network when it has a tap or a hostname: the guest's `eth0`
+    /// (matched by MAC when `by_mac`), default route and DNS servers (the host's,
+    /// loopback ones left out).
+    fn network_request(&self, cfg: &PodConfig, by_mac: bool) -> Option<v1::ConfigureNetwork> {
         let hostname = cfg.hostname.clone().unwrap_or_default();
         if self.tap.is_none() && hostname.is_empty() {
-            return Ok(());
+            return None;
         }
         let dns = std::fs::read_to_string(net::HOST_RESOLV_CONF)
             .map(|t| net::nameservers(&t))
             .unwrap_or_default();
-        let link = self.tap.as_ref().map(|t| (t.subnet(), t.mac().to_owned()));
-        let req = net::configure_request(
+        let link = self.tap.as_ref().map(|t| {
+            let mac = if by_mac {
+                t.mac().to_owned()
+            } else {
+                String::new()
+            };
+            (t.subnet(), mac)
+        });
+        Some(net::configure_request(
             link.as_ref().map(|(s, m)| (*s, m.as_str())),
             &dns,
             &hostname,
-        );
+        ))
+    }
+
+    /// Sends ConfigureNetwork (cold boots) when there is a network to configure.
+    fn configure_network(&mut self, cfg: &PodConfig) -> Result<(), PodError> {
+        let Some(req) = self.network_request(cfg, true) else {
+            return Ok(());
+        };
         self.control()
             .and_then(|c| c.configure_network(req))
             .map_err(PodError::Network)

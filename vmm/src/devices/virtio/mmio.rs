@@ -374,6 +374,18 @@ impl MmioTransport {
         }
     }
 
+    /// Tells a device restored and running that its VM is about to run again (see
+    /// [`VirtioDevice::restored`]). Call it once the vCPUs' state is back: an
+    /// interrupt raised before the LAPICs are restored would be lost with them.
+    pub fn restored(&self) {
+        if self.status & status::DRIVER_OK != 0 {
+            self.device
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .restored();
+        }
+    }
+
     /// Takes a snapshot's registers; a device the driver was running is activated
     /// again with the saved queue positions, without the guest doing anything.
     pub fn restore_state(&mut self, s: &TransportState) -> Result<(), RestoreTransportError> {
@@ -406,10 +418,6 @@ impl MmioTransport {
             if self.status != s.status {
                 return Err(RestoreTransportError::Activate(kind));
             }
-            self.device
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .restored();
         } else {
             self.status = s.status;
         }

@@ -77,6 +77,9 @@ enum Output {
 struct PendingClient {
     stream: UnixStream,
     line: Vec<u8>,
+    /// The guest port its line asked for, held back while a transport reset is
+    /// unacknowledged.
+    port: Option<u32>,
 }
 
 enum Owner {
@@ -105,6 +108,9 @@ struct Active {
     buf: Vec<u8>,
     /// A TRANSPORT_RESET event waits for an event-queue buffer.
     reset_pending: bool,
+    /// A TRANSPORT_RESET was sent and the driver has not yet refilled the event
+    /// queue (which it does once it has handled it): host connections wait.
+    reset_unacked: bool,
 }
 
 /// The device.
@@ -237,6 +243,7 @@ impl Vsock {
                 PendingClient {
                     stream,
                     line: Vec::new(),
+                    port: None,
                 },
             );
             // Edge-triggered: the line may already be there.
@@ -325,6 +332,9 @@ impl Active {
         let Some(p) = self.pending_clients.get_mut(&token) else {
             return;
         };
+        if p.port.is_some() {
+            return; // waiting for the guest to take the transport reset
+        }
         let port = loop {
             let mut b = [0u8; 1];
             match p.stream.read(&mut b) {
@@ -347,6 +357,20 @@ impl Active {
             DeviceMetrics::inc(&metrics.errors);
             return self.drop_pending_client(token);
         };
+        if self.reset_unacked {
+            // The guest has not yet reset its connections: a REQUEST now could be
+            // accepted and then reset with the old ones.
+            if let Some(p) = self.pending_clients.get_mut(&token) {
+                p.port = Some(peer_port);
+            }
+            return;
+        }
+        self.open_host_connection(token, peer_port, metrics);
+    }
+
+    /// Turns a pending client that asked for `peer_port` into a connection and
+    /// queues its REQUEST.
+    fn open_host_connection(&mut self, token: u32, peer_port: u32, metrics: &DeviceMetrics) {
         let Some(p) = self.pending_clients.remove(&token) else {
             return;
         };
@@ -652,7 +676,25 @@ impl Active {
         let len = if ok { 4 } else { 0 };
         if self.queues[EVQ].add_used(&mem, head, len).is_ok() {
             self.reset_pending = !ok;
+            self.reset_unacked = ok;
             self.signal(EVQ, metrics);
+        }
+    }
+
+    /// The driver refilled the event queue after a transport reset: open the host
+    /// connections that waited for it.
+    fn reset_acknowledged(&mut self, metrics: &DeviceMetrics) {
+        if !self.reset_unacked {
+            return;
+        }
+        self.reset_unacked = false;
+        let waiting: Vec<(u32, u32)> = self
+            .pending_clients
+            .iter()
+            .filter_map(|(t, p)| p.port.map(|port| (*t, port)))
+            .collect();
+        for (token, port) in waiting {
+            self.open_host_connection(token, port, metrics);
         }
     }
 
@@ -838,6 +880,7 @@ impl VirtioDevice for Vsock {
             next_local_port: FIRST_LOCAL_PORT,
             buf: vec![0u8; MAX_PAYLOAD as usize],
             reset_pending: false,
+            reset_unacked: false,
         });
         Ok(watches)
     }
@@ -864,9 +907,11 @@ impl VirtioDevice for Vsock {
             SOURCE_RX => {
                 let _ = a.queue_events[RXQ].read();
             }
-            // The device sends no events (no transport reset without migration).
+            // The driver adds event buffers: after a restore, the sign that it has
+            // handled the transport reset.
             SOURCE_EVENT => {
                 let _ = a.queue_events[EVQ].read();
+                a.reset_acknowledged(metrics);
                 a.send_transport_reset(metrics);
             }
             SOURCE_LISTENER => {}
@@ -992,6 +1037,8 @@ mod tests {
         mem: &'static GuestMemoryMmap,
         rx: MockSplitQueue<'static, GuestMemoryMmap>,
         tx: MockSplitQueue<'static, GuestMemoryMmap>,
+        ev: MockSplitQueue<'static, GuestMemoryMmap>,
+        ev_given: u16,
         rx_given: u16,
         rx_seen: u16,
         tx_sent: u16,
@@ -1053,6 +1100,8 @@ mod tests {
                 mem,
                 rx,
                 tx,
+                ev,
+                ev_given: 0,
                 rx_given: 0,
                 rx_seen: 0,
                 tx_sent: 0,
@@ -1079,6 +1128,18 @@ mod tests {
                 self.rx_given = self.rx_given.wrapping_add(1);
             }
             self.dev.process_event(SOURCE_RX, EventSet::IN);
+        }
+
+        /// Offers one 8-byte event buffer and notifies the event queue.
+        fn give_ev(&mut self) {
+            let i = self.ev_given % Q;
+            self.ev
+                .desc_table()
+                .store(i, desc(0x1_8000 + u64::from(i) * 8, 8, F_WRITE, 0))
+                .unwrap();
+            publish(self.mem, &self.ev, i);
+            self.ev_given = self.ev_given.wrapping_add(1);
+            self.dev.process_event(SOURCE_EVENT, EventSet::IN);
         }
 
         /// Offers one rx buffer of `len` bytes and notifies.
@@ -1288,6 +1349,31 @@ mod tests {
         let mut buf = [0u8; 2];
         client.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"ok", "both directions still open");
+    }
+
+    #[test]
+    fn vsock_restore_sends_transport_reset_and_holds_host_connects_until_the_driver_took_it() {
+        let mut g = Guest::new();
+        g.give_rx(4);
+        g.give_ev(); // the driver's event buffer, there before the snapshot
+        g.dev.restored();
+        let used = used_idx(g.mem, &g.ev);
+        assert_eq!(used, 1, "the reset event was delivered");
+        let id: u32 = g.mem.read_obj(GuestAddress(0x1_8000)).unwrap();
+        assert_eq!(id, VSOCK_EVENT_TRANSPORT_RESET);
+        assert!(g.irq.read().is_ok(), "and signalled");
+        let mut client = UnixStream::connect(&g.uds).unwrap();
+        client.write_all(b"CONNECT 5000\n").unwrap();
+        g.run();
+        assert!(
+            g.recv().is_empty(),
+            "no REQUEST before the driver handled the reset"
+        );
+        // Handling it, the driver refills the event queue and kicks it.
+        g.give_ev();
+        let pkts = g.recv();
+        assert_eq!(pkts.len(), 1, "{pkts:?}");
+        assert_eq!((pkts[0].0.op, pkts[0].0.dst_port), (op::REQUEST, 5000));
     }
 
     #[test]

@@ -7,6 +7,7 @@ mod boot;
 mod common;
 mod io;
 mod proc;
+mod restore;
 mod run;
 mod stats;
 mod vsock;
@@ -81,6 +82,15 @@ enum Cmd {
     /// Pod start: `atoll run IMAGE -- echo` against `runc run` of the same image's
     /// bundle, alternating, launch -> first output line, with atoll's phases.
     Run(run::Args),
+    /// Pod VM to "agent answers": cold boot vs restore of the pod template, alternating
+    /// in one node run, with guest RAM touched and VM exits at that moment.
+    Restore(restore::Args),
+    #[command(hide = true)]
+    RestoreInner(restore::InnerArgs),
+    /// N idle clones of one pod template: creation rate and memory per clone.
+    Density(restore::Args),
+    #[command(hide = true)]
+    DensityInner(restore::InnerArgs),
     /// The measuring half of `run`, run where the KVM is.
     #[command(hide = true)]
     RunInner(run::InnerArgs),
@@ -123,6 +133,10 @@ fn main() -> std::process::ExitCode {
         Cmd::Vsock(args) => vsock::outer(&args),
         Cmd::Run(args) => run::outer(&args),
         Cmd::RunInner(args) => run::inner(&args),
+        Cmd::Restore(args) => restore::outer(restore::Kind::Restore, &args),
+        Cmd::RestoreInner(args) => restore::restore_inner(&args),
+        Cmd::Density(args) => restore::outer(restore::Kind::Density, &args),
+        Cmd::DensityInner(args) => restore::density_inner(&args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -314,8 +314,14 @@ fn build(
     Ok(meta)
 }
 
-/// One request to atoll-vmm's control API; the answer's body on a 2xx status.
-fn api_call(sock: &Path, method: &str, path: &str, body: &str) -> Result<String, TemplateError> {
+/// One request to atoll-vmm's control API (docs/vmm-api.md); the answer's body on a
+/// 2xx status.
+pub fn api_call(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> Result<String, TemplateError> {
     let request = format!("{method} {path}");
     let exchange = || -> io::Result<(String, String)> {
         let mut s = UnixStream::connect(sock)?;

@@ -1,0 +1,207 @@
+//! End-to-end: the warm pool. `atoll run` starts pods as restored clones of a pod
+//! template; clones are independent (randomness, boot id, vsock socket, the image
+//! attached after the restore); a damaged template is rebuilt with one line; other
+//! inputs make another template; `--cold` still boots the kernel.
+//!
+//! One node run serves every scenario, as in containers.rs.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{artefact, build_dir, kvm_runner, oci, run, static_dir, with};
+
+const SCRIPT: &str = r#"
+export ATOLL_STORE=$ATOLL_ARTIFACTS/store ATOLL_KERNEL=$ATOLL_ARTIFACTS/vmlinux \
+  ATOLL_INITRAMFS=$ATOLL_ARTIFACTS/initramfs.cpio ATOLL_VMM=$ATOLL_ARTIFACTS/atoll-vmm \
+  ATOLL_RUN_DIR=/run/atoll ATOLL_CACHE=/tmp/cache
+scenario() { name=$1; shift; echo "@@@ $name"; "$@"; echo "@@@ $name status=$?"; }
+T=/tmp/cache/templates
+first() {
+  ./atoll run --timings first.json busybox -- echo first-pod; echo "status=$?"
+  echo "templates=$(ls -d $T/*/ | wc -l)"
+  grep -o '"boot": *"[a-z]*"' first.json
+}
+# Ten clones at once: each prints its boot id and 16 random bytes.
+clones() {
+  for n in 0 1 2 3 4 5 6 7 8 9; do
+    ./atoll run --timings c$n.json busybox -- sh -c \
+      'echo "clone boot_id=$(cat /proc/sys/kernel/random/boot_id) random=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n")"' \
+      > c$n.out 2>&1 &
+  done
+  wait
+  for n in 0 1 2 3 4 5 6 7 8 9; do cat c$n.out; grep -o '"boot": *"[a-z]*"' c$n.json; done
+  echo "templates=$(ls -d $T/*/ | wc -l)"
+  echo "vmms-left=$(pidof atoll-vmm | wc -w)"
+}
+damaged() {
+  state=$(ls $T/*/state | head -1)
+  printf '\377\377\377\377' | dd of="$state" bs=1 seek=100 conv=notrunc 2>/dev/null
+  ./atoll run busybox -- echo after-damage 2>err.txt; echo "status=$?"; cat err.txt
+  ./atoll run busybox -- echo rebuilt-works; echo "again=$?"
+}
+other_inputs() {
+  ./atoll run --mem 192 busybox -- sh -c 'grep MemTotal /proc/meminfo'; echo "status=$?"
+  echo "templates=$(ls -d $T/*/ | wc -l)"
+}
+cold() {
+  ./atoll run --cold --timings cold.json busybox -- echo cold-pod; echo "status=$?"
+  grep -o '"boot": *"[a-z]*"' cold.json
+}
+scenario first first
+scenario clones clones
+scenario damaged damaged
+scenario other_inputs other_inputs
+scenario cold cold
+"#;
+
+fn node_output() -> &'static str {
+    static OUT: OnceLock<String> = OnceLock::new();
+    OUT.get_or_init(|| {
+        let bin = static_dir();
+        let dir = tempfile::tempdir().unwrap();
+        let store = dir.path().join("store");
+        oci::atoll_image(&bin, &store, &["builtin"]);
+        let erofs = dir.path().join("busybox.erofs");
+        oci::atoll_image(
+            &bin,
+            &store,
+            &[
+                "convert",
+                "atoll/busybox:latest",
+                "-o",
+                &erofs.to_string_lossy(),
+            ],
+        );
+        std::fs::remove_file(&erofs).ok();
+        let runner = with(
+            kvm_runner(),
+            &build_dir().join("initramfs.cpio"),
+            "initramfs.cpio",
+        )
+        .file(artefact(bin.join("atoll")), "atoll")
+        .unwrap()
+        .file(PathBuf::from(&store), "store")
+        .unwrap()
+        .timeout(Duration::from_secs(900));
+        let out = run(runner, SCRIPT).output;
+        drop(dir);
+        out
+    })
+}
+
+/// The output of scenario `name` and its status.
+fn scenario(name: &str) -> (&'static str, i32) {
+    let output = node_output();
+    let start_marker = format!("@@@ {name}\n");
+    let end_marker = format!("@@@ {name} status=");
+    let start = output
+        .find(&start_marker)
+        .unwrap_or_else(|| panic!("scenario {name} did not run:\n{output}"))
+        + start_marker.len();
+    let end = output[start..]
+        .find(&end_marker)
+        .unwrap_or_else(|| panic!("scenario {name} did not end:\n{output}"))
+        + start;
+    let status = output[end + end_marker.len()..]
+        .lines()
+        .next()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("scenario {name}: no status"));
+    (&output[start..end], status)
+}
+
+/// The value after `key=` on its own line, exactly.
+fn value<'a>(out: &'a str, key: &str) -> &'a str {
+    let prefix = format!("{key}=");
+    out.lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no line {key}=... in:\n{out}"))
+}
+
+fn boots(out: &str) -> Vec<&str> {
+    out.lines()
+        .filter_map(|l| l.strip_prefix("\"boot\":"))
+        .map(|v| v.trim().trim_matches('"'))
+        .collect()
+}
+
+#[test]
+fn first_pod_builds_the_template_and_starts_from_it() {
+    let (out, status) = scenario("first");
+    assert_eq!(status, 0, "{out}");
+    assert!(out.lines().any(|l| l == "first-pod"), "{out}");
+    assert_eq!(value(out, "status"), "0");
+    assert_eq!(value(out, "templates"), "1");
+    assert_eq!(boots(out), ["template"]);
+}
+
+#[test]
+fn ten_clones_of_one_template_are_independent() {
+    let (out, status) = scenario("clones");
+    assert_eq!(status, 0, "{out}");
+    let lines: Vec<&str> = out.lines().filter(|l| l.starts_with("clone ")).collect();
+    assert_eq!(lines.len(), 10, "every clone ran its container:\n{out}");
+    let field = |l: &str, k: &str| -> String {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {l}"))
+            .to_string()
+    };
+    let boot_ids: BTreeSet<String> = lines.iter().map(|l| field(l, "boot_id=")).collect();
+    let randoms: BTreeSet<String> = lines.iter().map(|l| field(l, "random=")).collect();
+    assert_eq!(boot_ids.len(), 10, "ten different boot ids: {boot_ids:?}");
+    assert_eq!(
+        randoms.len(),
+        10,
+        "ten different random streams: {randoms:?}"
+    );
+    assert!(randoms.iter().all(|r| r.len() == 32), "{randoms:?}");
+    assert_eq!(boots(out), ["template"; 10], "all restored, none booted");
+    assert_eq!(value(out, "templates"), "1", "one template served them all");
+    assert_eq!(value(out, "vmms-left"), "0");
+}
+
+#[test]
+fn damaged_template_is_rebuilt_with_one_line() {
+    let (out, status) = scenario("damaged");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(value(out, "status"), "0", "the pod still ran:\n{out}");
+    assert!(out.lines().any(|l| l == "after-damage"), "{out}");
+    let notes: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("cannot be restored") && l.contains("rebuilding it"))
+        .collect();
+    assert_eq!(notes.len(), 1, "one line says so:\n{out}");
+    assert!(notes[0].contains("checksum does not match"), "{}", notes[0]);
+    assert_eq!(value(out, "again"), "0");
+    assert!(out.lines().any(|l| l == "rebuilt-works"), "{out}");
+}
+
+#[test]
+fn other_vm_shape_gets_its_own_template() {
+    let (out, status) = scenario("other_inputs");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(value(out, "status"), "0");
+    assert_eq!(value(out, "templates"), "2");
+    let kb: u64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        (150_000..192 * 1024).contains(&kb),
+        "a 192 MiB guest: {kb} kB"
+    );
+}
+
+#[test]
+fn cold_flag_boots_the_kernel() {
+    let (out, status) = scenario("cold");
+    assert_eq!(status, 0, "{out}");
+    assert!(out.lines().any(|l| l == "cold-pod"), "{out}");
+    assert_eq!(boots(out), ["cold"]);
+}

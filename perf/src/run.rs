@@ -1,5 +1,11 @@
-//! The pod-start benchmark: `atoll run IMAGE -- echo MARKER` against `runc run` of the
-//! same image's bundle, alternating, in one run where a real KVM is.
+//! The pod-start benchmark: `atoll run IMAGE -- echo MARKER` (a restored clone of the
+//! pod template, as by default) and `atoll run --cold` (a kernel boot) against `runc
+//! run` of the same image's bundle, in turn, in one run where a real KVM is.
+//!
+//! runc is a dynamically linked Go program: in the nested node, loading it costs far
+//! more than on hardware (TCG emulates the loader's page faults). That cost is
+//! measured (`runc --version`, launch to exit) and the ratio reported with and
+//! without it.
 //!
 //! Both start from a cold process each time; the clock runs from the launch of the
 //! command to the container's first output line. For atoll, `atoll run --timings`
@@ -35,7 +41,7 @@ const RUNC: &str = "/usr/sbin/runc";
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Measured starts per runtime (after one warm-up each).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 10)]
     runs: u32,
     /// Where to save the JSON.
     #[arg(long, default_value = "perf/results/run.json")]
@@ -170,7 +176,12 @@ fn print_table(r: &Value) {
         r["runs"], r["where"]
     );
     println!("{:<22} {:>10} {:>10} {:>10}", "", "median", "min", "max");
-    for (name, key) in [("atoll run", "atoll"), ("runc run (same image)", "runc")] {
+    for (name, key) in [
+        ("atoll run (clone)", "atoll"),
+        ("atoll run --cold", "atoll_cold"),
+        ("runc run (same image)", "runc"),
+        ("runc --version (load)", "runc_load"),
+    ] {
         let v = &r[key];
         println!(
             "{name:<22} {:>10} {:>10} {:>10}",
@@ -180,6 +191,14 @@ fn print_table(r: &Value) {
         );
     }
     println!("ratio_median (atoll/runc): {}", r["ratio_median"]);
+    println!(
+        "ratio_median without runc's loading (atoll/(runc - load)): {}",
+        r["ratio_median_without_runc_load"]
+    );
+    println!(
+        "ratio_median (atoll --cold/runc): {}",
+        r["ratio_median_cold"]
+    );
     if let Some(phases) = r["atoll"]["phases_median"].as_object() {
         println!("atoll phases (median of --timings fields):");
         for (k, v) in phases {
@@ -197,77 +216,132 @@ pub fn inner(a: &InnerArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(120);
     let timings =
         std::env::temp_dir().join(format!("atoll-run-timings-{}.json", std::process::id()));
-    let (mut atoll_ms, mut runc_ms) = (Vec::new(), Vec::new());
+    let (mut atoll_ms, mut cold_ms, mut runc_ms, mut load_ms) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut atoll_total, mut runc_total) = (Vec::new(), Vec::new());
     let mut phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut cold_phases: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    // Round 0 warms up (and builds the pod template); each round rotates the order.
     for round in 0..=a.runs {
         let warm_up = round == 0;
-        let atoll_first = round % 2 == 0;
-        for is_atoll in [atoll_first, !atoll_first] {
-            if is_atoll {
-                let mut c = Command::new(&a.atoll);
-                c.args(["run", "--mem", &a.mem.to_string(), "--timings"])
-                    .arg(&timings)
-                    .args([IMAGE, "--", "echo", MARKER]);
-                let t = run_timed(&mut c, MARKER.as_bytes(), timeout)?;
-                let ms = match t.marker_ms {
-                    Some(ms) if t.status == 0 => ms,
-                    _ => bail!("atoll run failed (status {}):\n{}", t.status, t.output),
-                };
-                if !warm_up {
-                    atoll_ms.push(ms);
-                    atoll_total.push(t.total_ms);
+        let mut order = [
+            Runtime::Clone,
+            Runtime::Cold,
+            Runtime::Runc,
+            Runtime::RuncLoad,
+        ];
+        order.rotate_left(round as usize % 4);
+        for rt in order {
+            match rt {
+                Runtime::Clone | Runtime::Cold => {
+                    let mut c = Command::new(&a.atoll);
+                    c.args(["run", "--mem", &a.mem.to_string(), "--timings"])
+                        .arg(&timings);
+                    if rt == Runtime::Cold {
+                        c.arg("--cold");
+                    }
+                    c.args([IMAGE, "--", "echo", MARKER]);
+                    let t = run_timed(&mut c, MARKER.as_bytes(), timeout)?;
+                    let ms = match t.marker_ms {
+                        Some(ms) if t.status == 0 => ms,
+                        _ => bail!("atoll run failed (status {}):\n{}", t.status, t.output),
+                    };
+                    if warm_up {
+                        continue;
+                    }
                     let v: Value = std::fs::read(&timings)
                         .ok()
                         .and_then(|b| serde_json::from_slice(&b).ok())
                         .unwrap_or(Value::Null);
-                    collect_numbers("", &v, &mut phases);
+                    if rt == Runtime::Clone {
+                        atoll_ms.push(ms);
+                        atoll_total.push(t.total_ms);
+                        collect_numbers("", &v, &mut phases);
+                    } else {
+                        cold_ms.push(ms);
+                        collect_numbers("", &v, &mut cold_phases);
+                    }
                 }
-            } else {
-                let id = format!("bench-{round}");
-                let mut c = Command::new(&a.runc);
-                // The node's root is its initramfs (rootfs), where pivot_root(2) is
-                // refused; runc's documented way around that is --no-pivot (MS_MOVE +
-                // chroot), the same amount of work.
-                c.args(["run", "--no-pivot", "-b"]).arg(&a.bundle).arg(&id);
-                let t = run_timed(&mut c, MARKER.as_bytes(), timeout)?;
-                let _ = Command::new(&a.runc).args(["delete", "-f", &id]).output();
-                let ms = match t.marker_ms {
-                    Some(ms) if t.status == 0 => ms,
-                    _ => bail!("runc run failed (status {}):\n{}", t.status, t.output),
-                };
-                if !warm_up {
-                    runc_ms.push(ms);
-                    runc_total.push(t.total_ms);
+                Runtime::Runc => {
+                    let id = format!("bench-{round}");
+                    let mut c = Command::new(&a.runc);
+                    // The node's root is its initramfs (rootfs), where pivot_root(2) is
+                    // refused; runc's documented way around that is --no-pivot (MS_MOVE +
+                    // chroot), the same amount of work.
+                    c.args(["run", "--no-pivot", "-b"]).arg(&a.bundle).arg(&id);
+                    let t = run_timed(&mut c, MARKER.as_bytes(), timeout)?;
+                    let _ = Command::new(&a.runc).args(["delete", "-f", &id]).output();
+                    let ms = match t.marker_ms {
+                        Some(ms) if t.status == 0 => ms,
+                        _ => bail!("runc run failed (status {}):\n{}", t.status, t.output),
+                    };
+                    if !warm_up {
+                        runc_ms.push(ms);
+                        runc_total.push(t.total_ms);
+                    }
+                }
+                Runtime::RuncLoad => {
+                    let mut c = Command::new(&a.runc);
+                    c.arg("--version");
+                    let t = run_timed(&mut c, b"runc version", timeout)?;
+                    if t.status != 0 {
+                        bail!("runc --version failed:\n{}", t.output);
+                    }
+                    if !warm_up {
+                        load_ms.push(t.total_ms);
+                    }
                 }
             }
         }
     }
     let _ = std::fs::remove_file(&timings);
     let s_atoll = summarize(&atoll_ms).context("no atoll samples")?;
+    let s_cold = summarize(&cold_ms).context("no atoll --cold samples")?;
     let s_runc = summarize(&runc_ms).context("no runc samples")?;
+    let s_load = summarize(&load_ms).context("no runc --version samples")?;
     let median = |v: &[f64]| summarize(v).map(|s| r1(s.median));
-    let phases_median: BTreeMap<String, Value> = phases
-        .iter()
-        .filter_map(|(k, v)| median(v).map(|m| (k.clone(), json!(m))))
-        .collect();
+    let medians = |p: &BTreeMap<String, Vec<f64>>| -> BTreeMap<String, Value> {
+        p.iter()
+            .filter_map(|(k, v)| median(v).map(|m| (k.clone(), json!(m))))
+            .collect()
+    };
+    let ratio = |a: f64, b: f64| (a / b * 1000.0).round() / 1000.0;
     let result = json!({
         "runs": a.runs,
         "atoll": {
             "median_ms": r1(s_atoll.median), "min_ms": r1(s_atoll.min), "max_ms": r1(s_atoll.max),
             "samples_ms": atoll_ms.iter().map(|x| r1(*x)).collect::<Vec<_>>(),
             "exit_median_ms": median(&atoll_total),
-            "phases_median": phases_median,
+            "phases_median": medians(&phases),
+        },
+        "atoll_cold": {
+            "median_ms": r1(s_cold.median), "min_ms": r1(s_cold.min), "max_ms": r1(s_cold.max),
+            "samples_ms": cold_ms.iter().map(|x| r1(*x)).collect::<Vec<_>>(),
+            "phases_median": medians(&cold_phases),
+        },
+        "runc_load": {
+            "median_ms": r1(s_load.median), "min_ms": r1(s_load.min), "max_ms": r1(s_load.max),
         },
         "runc": {
             "median_ms": r1(s_runc.median), "min_ms": r1(s_runc.min), "max_ms": r1(s_runc.max),
             "samples_ms": runc_ms.iter().map(|x| r1(*x)).collect::<Vec<_>>(),
             "exit_median_ms": median(&runc_total),
         },
-        "ratio_median": (s_atoll.median / s_runc.median * 1000.0).round() / 1000.0,
+        "ratio_median": ratio(s_atoll.median, s_runc.median),
+        "ratio_median_without_runc_load": ratio(s_atoll.median, (s_runc.median - s_load.median).max(1.0)),
+        "ratio_median_cold": ratio(s_cold.median, s_runc.median),
     });
     println!("{JSON_PREFIX}{result}");
     Ok(())
+}
+
+/// What one turn of a round starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Runtime {
+    Clone,
+    Cold,
+    Runc,
+    RuncLoad,
 }
 
 /// Every number in `v`, keyed by its dotted path.

@@ -8,6 +8,7 @@
 //! | `GET /vm`                | —                                                 | state, vCPUs, memory |
 //! | `PATCH /vm`              | `{"state": "Paused"}` or `{"state": "Resumed"}`   | pause / resume |
 //! | `PUT /snapshot/create`   | `{"snapshot_path": P, "mem_file_path": M}`        | full snapshot of a paused VM |
+//! | `PUT /snapshot/working-set` | `{"path": P}`                                | record the guest pages resident now |
 //! | `GET /metrics`           | —                                                 | exits, stages, device counters |
 //! | `PUT /actions`           | `{"action_type": "Stop"}`                         | stop the VM, exit 0 |
 //!
@@ -47,6 +48,11 @@ pub enum Request {
         snapshot_path: PathBuf,
         /// Where the memory goes.
         mem_file_path: PathBuf,
+    },
+    /// Record the resident guest pages.
+    WorkingSet {
+        /// Where the set goes.
+        path: PathBuf,
     },
     /// Counters.
     Metrics,
@@ -109,6 +115,12 @@ struct SnapshotCreate {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct WorkingSetCreate {
+    path: PathBuf,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Action {
     action_type: String,
 }
@@ -148,6 +160,12 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
                     mem_file_path: s.mem_file_path,
                 })
             }
+            _ => Err(not_allowed()),
+        },
+        "/snapshot/working-set" => match method {
+            "PUT" => Ok(Request::WorkingSet {
+                path: json::<WorkingSetCreate>(body)?.path,
+            }),
             _ => Err(not_allowed()),
         },
         "/metrics" => match method {
@@ -360,6 +378,10 @@ mod tests {
         assert_eq!(
             route("PUT", "/actions", br#"{"action_type":"Stop"}"#).unwrap(),
             Request::Stop
+        );
+        assert_eq!(
+            route("PUT", "/snapshot/working-set", br#"{"path":"/w"}"#).unwrap(),
+            Request::WorkingSet { path: "/w".into() }
         );
         assert_eq!(
             route("PATCH", "/vm", br#"{"state":"Gone"}"#)

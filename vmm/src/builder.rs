@@ -192,6 +192,9 @@ pub enum StartVmError {
     /// The snapshot's memory file.
     #[error(transparent)]
     Memory(#[from] MemoryError),
+    /// The working set to prefetch.
+    #[error(transparent)]
+    WorkingSet(#[from] memory::WorkingSetError),
     /// VM-wide state did not restore.
     #[error("cannot restore the VM from the snapshot")]
     VmState(#[source] VmStateError),
@@ -560,6 +563,8 @@ pub struct RestoreConfig {
     pub disks: Vec<DiskSwap>,
     /// A new tap for the net device (each clone needs its own).
     pub tap: Option<String>,
+    /// Prefetch these pages of the memory file before the guest runs.
+    pub working_set: Option<PathBuf>,
 }
 
 /// A block device of a snapshot given another backing file (and serial) at restore:
@@ -643,6 +648,10 @@ pub fn restore(
         .map_err(|_| StartVmError::Incompatible("more vCPUs than this VMM runs".into()))?;
     check_vcpus(&kvm, vcpu_count)?;
     let ram = memory::restore(&cfg.mem, state.mem_size, &state.id)?;
+    let working_set = match &cfg.working_set {
+        Some(p) => Some(memory::WorkingSet::read(p, state.mem_size)?),
+        None => None,
+    };
     let vm = Vm::new(&kvm, ram)?;
     vm.restore_state(&state.vm).map_err(StartVmError::VmState)?;
     metrics.record_phase("vm_created");
@@ -668,6 +677,16 @@ pub fn restore(
         let vcpu = Vcpu::create(&a.vm.fd, id, shared.clone())?;
         vcpu.restore_state(s)?;
         vcpus.push(vcpu);
+    }
+    if let Some(ws) = &working_set {
+        let ranges = a.vm.ram.populate(ws)?;
+        a.metrics.record_phase("working_set_populated");
+        if let Some(v) = vcpus.first() {
+            if !v.prefault(&ranges)? {
+                tracing::info!("this KVM cannot prefault memory: pages fault in as touched");
+            }
+        }
+        a.metrics.record_phase("working_set_prefaulted");
     }
     // Interrupts the devices raise now reach restored LAPICs.
     for t in &a.virtio.transports {

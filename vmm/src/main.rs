@@ -54,6 +54,10 @@ struct Args {
     /// new id: SLOT=PATH[,id=ID] (repeatable).
     #[arg(long, requires = "restore", value_name = "SLOT=PATH[,id=ID]", value_parser = parse_disk_swap)]
     disk_path: Vec<DiskSwap>,
+    /// With --restore: prefetch the guest pages listed in this working-set file
+    /// (recorded with PUT /snapshot/working-set) before the guest runs.
+    #[arg(long, requires = "restore")]
+    working_set: Option<PathBuf>,
     /// With --restore: this clone's tap for the net device.
     #[arg(long, requires = "restore", value_name = "NAME")]
     net_tap: Option<String>,
@@ -158,6 +162,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
                 vsock_uds: args.vsock_uds.clone(),
                 disks: args.disk_path.clone(),
                 tap: args.net_tap.clone(),
+                working_set: args.working_set.clone(),
             },
             start,
             console,

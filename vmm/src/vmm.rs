@@ -261,6 +261,12 @@ impl Vmm {
             } => self
                 .snapshot(snapshot_path, mem_file_path)
                 .and_then(|r| serde_json::to_value(r).map_err(ApiError::internal)),
+            Request::WorkingSet { path } => {
+                let ws = self.vm.ram.resident().map_err(ApiError::internal)?;
+                ws.write(&path)
+                    .map_err(|e| ApiError::bad_request(e.to_string()))?;
+                Ok(serde_json::json!({"ranges": ws.ranges.len(), "bytes": ws.bytes()}))
+            }
             Request::Metrics => serde_json::to_value(self.report(None)).map_err(ApiError::internal),
             Request::Stop => Ok(serde_json::json!({"state": "Stopped"})),
         }

@@ -144,7 +144,13 @@ impl PodConfig {
     /// The VMM's arguments (without the program).
     pub fn vmm_args(&self, dir: &Path) -> Vec<String> {
         if let Boot::Template(t) = &self.boot {
-            return t.restore_args(dir, &self.disks, self.tap.as_ref().map(|t| t.name.as_str()));
+            let mut a =
+                t.restore_args(dir, &self.disks, self.tap.as_ref().map(|t| t.name.as_str()));
+            if self.api {
+                a.push("--api-sock".into());
+                a.push(dir.join(API_SOCK).display().to_string());
+            }
+            return a;
         }
         let mut a: Vec<String> = vec![
             "--kernel".into(),

@@ -6,7 +6,9 @@
 //! keyed by a hash of those inputs (files by device, inode, size and modification
 //! time: a rebuilt kernel or VMM makes a new key) and kept under
 //! `$ATOLL_CACHE/templates/<key>/`: `state` and `memory` (the snapshot), `slot.img`
-//! (the empty disk behind the spare slots) and `meta.json`, which is written last
+//! (the empty disk behind the spare slots), `working-set` (the guest pages a restored
+//! clone touches until its agent has taken its identity, recorded from one probe
+//! restore and prefetched by every clone) and `meta.json`, which is written last
 //! and marks a template as complete. The template VM has [`SLOTS`] spare read-only
 //! disks of size 0 (`slot0`..); a clone gets the pod's disks in them at restore,
 //! under the pod's serials, and the guest re-reads their size. Concurrent builders
@@ -68,6 +70,9 @@ pub struct Meta {
     pub build_ms: u64,
     /// What the snapshot wrote (atoll-vmm's answer to the snapshot request).
     pub snapshot: serde_json::Value,
+    /// What the probe restore recorded (atoll-vmm's answer: ranges, bytes).
+    #[serde(default)]
+    pub working_set: serde_json::Value,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +141,10 @@ impl Template {
         self.dir.join("memory")
     }
 
+    pub fn working_set(&self) -> PathBuf {
+        self.dir.join("working-set")
+    }
+
     /// Whether a pod with these disks can start from a template: at most
     /// [`SLOTS`] disks, all read-only (the slots are).
     pub fn fits(disks: &[Disk]) -> bool {
@@ -175,6 +184,11 @@ impl Template {
             a.push("--net-tap".into());
             a.push(t.to_owned());
         }
+        let ws = self.working_set();
+        if ws.is_file() {
+            a.push("--working-set".into());
+            a.push(ws.display().to_string());
+        }
         a
     }
 
@@ -192,7 +206,8 @@ fn existing(dir: &Path, key: &str) -> Option<Template> {
         && meta.slots == SLOTS
         && dir.join("state").is_file()
         && dir.join("memory").is_file()
-        && dir.join("slot.img").is_file();
+        && dir.join("slot.img").is_file()
+        && dir.join("working-set").is_file();
     whole.then(|| Template {
         dir: dir.to_owned(),
         key: key.to_owned(),
@@ -296,6 +311,7 @@ fn build(
     let _ = api_call(&api, "PUT", "/actions", r#"{"action_type":"Stop"}"#);
     let _ = pod.reap(super::VMM_EXIT_TIMEOUT);
     drop(pod);
+    let working_set = record_working_set(spec, key, tmp, run_dir)?;
     let meta = Meta {
         format: TEMPLATE_FORMAT,
         key: key.to_owned(),
@@ -305,6 +321,7 @@ fn build(
         slots: SLOTS,
         build_ms: t0.elapsed().as_millis() as u64,
         snapshot: serde_json::from_str(&snapshot).unwrap_or_default(),
+        working_set: serde_json::from_str(&working_set).unwrap_or_default(),
     };
     let path = tmp.join("meta.json");
     let mut f = File::create(&path).map_err(io_err(&path))?;
@@ -312,6 +329,42 @@ fn build(
         .and_then(|()| f.sync_all())
         .map_err(io_err(&path))?;
     Ok(meta)
+}
+
+/// Restores the fresh snapshot in `tmp` once, as a pod start does (agent connected,
+/// Restored answered), and records the guest pages resident then as the template's
+/// working set. Returns atoll-vmm's answer.
+fn record_working_set(
+    spec: &TemplateSpec,
+    key: &str,
+    tmp: &Path,
+    run_dir: &Path,
+) -> Result<String, TemplateError> {
+    let probe = Template {
+        dir: tmp.to_owned(),
+        key: key.to_owned(),
+        net: false,
+    };
+    let id = format!("template-{key}-{}-probe", std::process::id());
+    let mut cfg = PodConfig::new(
+        &id,
+        spec.kernel.clone(),
+        spec.initramfs.clone(),
+        spec.vmm.clone(),
+    );
+    cfg.vcpus = spec.vcpus;
+    cfg.mem_mib = spec.mem_mib;
+    cfg.run_dir = run_dir.to_owned();
+    cfg.api = true;
+    cfg.net = spec.net;
+    cfg.boot = Boot::Template(probe.clone());
+    let mut pod = Pod::start(cfg).map_err(|e| TemplateError::Boot(Box::new(e)))?;
+    let api = pod.dir().join(API_SOCK);
+    let body = serde_json::json!({ "path": probe.working_set() }).to_string();
+    let answer = api_call(&api, "PUT", "/snapshot/working-set", &body);
+    let _ = api_call(&api, "PUT", "/actions", r#"{"action_type":"Stop"}"#);
+    let _ = pod.reap(super::VMM_EXIT_TIMEOUT);
+    answer
 }
 
 /// One request to atoll-vmm's control API (docs/vmm-api.md); the answer's body on a
@@ -493,7 +546,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         let dir = root.path().join("k1");
         fs::create_dir(&dir).unwrap();
-        for f in ["state", "memory", "slot.img"] {
+        for f in ["state", "memory", "slot.img", "working-set"] {
             fs::write(dir.join(f), b"").unwrap();
         }
         assert!(existing(&dir, "k1").is_none(), "no meta.json: half built");
@@ -506,6 +559,7 @@ mod tests {
             slots: SLOTS,
             build_ms: 1,
             snapshot: serde_json::Value::Null,
+            working_set: serde_json::Value::Null,
         };
         fs::write(dir.join("meta.json"), serde_json::to_vec(&meta).unwrap()).unwrap();
         assert!(existing(&dir, "k1").is_some());

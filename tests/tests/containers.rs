@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::oci::{self, E};
-use common::{artefact, build_dir, kvm_runner, run, static_dir, with};
+use common::{artefact, build_dir, kvm_runner, run, scenario, static_dir, value_of, with};
 
 /// Everything the node needs, prepared once per test binary.
 struct Fixture {
@@ -156,26 +156,6 @@ fn in_pod_node(script: &str) -> String {
          ATOLL_RUN_DIR=/run/atoll; \
          scenario() { name=$1; shift; echo \"@@@ $name\"; \"$@\"; echo \"@@@ $name status=$?\"; }; ";
     run(runner, &format!("{prelude}{script}")).output
-}
-
-/// The output of scenario `name` and its status.
-fn scenario<'a>(output: &'a str, name: &str) -> (&'a str, i32) {
-    let start_marker = format!("@@@ {name}\n");
-    let end_marker = format!("@@@ {name} status=");
-    let start = output
-        .find(&start_marker)
-        .unwrap_or_else(|| panic!("scenario {name} did not run:\n{output}"))
-        + start_marker.len();
-    let end = output[start..]
-        .find(&end_marker)
-        .unwrap_or_else(|| panic!("scenario {name} did not end:\n{output}"))
-        + start;
-    let status = output[end + end_marker.len()..]
-        .lines()
-        .next()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("scenario {name}: no status"));
-    (&output[start..end], status)
 }
 
 /// On the host itself, where the host's KVM cannot run the guest (KVM-PVM, or no
@@ -566,13 +546,6 @@ fn network_and_exec() -> &'static str {
             "cat >group4.sh <<'EOS'\n{NETWORK_AND_EXEC}\nEOS\n. ./group4.sh"
         ))
     })
-}
-
-/// The value after `key=` on the first line that has it.
-fn value_of<'a>(out: &'a str, key: &str) -> &'a str {
-    out.lines()
-        .find_map(|l| l.trim_end_matches('\r').strip_prefix(&format!("{key}=")))
-        .unwrap_or_else(|| panic!("no {key}= in {out}"))
 }
 
 #[test]

@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{artefact, build_dir, kvm_runner, oci, run, static_dir, with};
+use common::{artefact, build_dir, kvm_runner, oci, run, static_dir, value_of, with};
 
 const SCRIPT: &str = r#"
 export ATOLL_STORE=$ATOLL_ARTIFACTS/store ATOLL_KERNEL=$ATOLL_ARTIFACTS/vmlinux \
@@ -95,31 +95,7 @@ fn node_output() -> &'static str {
 
 /// The output of scenario `name` and its status.
 fn scenario(name: &str) -> (&'static str, i32) {
-    let output = node_output();
-    let start_marker = format!("@@@ {name}\n");
-    let end_marker = format!("@@@ {name} status=");
-    let start = output
-        .find(&start_marker)
-        .unwrap_or_else(|| panic!("scenario {name} did not run:\n{output}"))
-        + start_marker.len();
-    let end = output[start..]
-        .find(&end_marker)
-        .unwrap_or_else(|| panic!("scenario {name} did not end:\n{output}"))
-        + start;
-    let status = output[end + end_marker.len()..]
-        .lines()
-        .next()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("scenario {name}: no status"));
-    (&output[start..end], status)
-}
-
-/// The value after `key=` on its own line, exactly.
-fn value<'a>(out: &'a str, key: &str) -> &'a str {
-    let prefix = format!("{key}=");
-    out.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no line {key}=... in:\n{out}"))
+    common::scenario(node_output(), name)
 }
 
 fn boots(out: &str) -> Vec<&str> {
@@ -134,8 +110,8 @@ fn first_pod_builds_the_template_and_starts_from_it() {
     let (out, status) = scenario("first");
     assert_eq!(status, 0, "{out}");
     assert!(out.lines().any(|l| l == "first-pod"), "{out}");
-    assert_eq!(value(out, "status"), "0");
-    assert_eq!(value(out, "templates"), "1");
+    assert_eq!(value_of(out, "status"), "0");
+    assert_eq!(value_of(out, "templates"), "1");
     assert_eq!(boots(out), ["template"]);
 }
 
@@ -161,15 +137,19 @@ fn ten_clones_of_one_template_are_independent() {
     );
     assert!(randoms.iter().all(|r| r.len() == 32), "{randoms:?}");
     assert_eq!(boots(out), ["template"; 10], "all restored, none booted");
-    assert_eq!(value(out, "templates"), "1", "one template served them all");
-    assert_eq!(value(out, "vmms-left"), "0");
+    assert_eq!(
+        value_of(out, "templates"),
+        "1",
+        "one template served them all"
+    );
+    assert_eq!(value_of(out, "vmms-left"), "0");
 }
 
 #[test]
 fn damaged_template_is_rebuilt_with_one_line() {
     let (out, status) = scenario("damaged");
     assert_eq!(status, 0, "{out}");
-    assert_eq!(value(out, "status"), "0", "the pod still ran:\n{out}");
+    assert_eq!(value_of(out, "status"), "0", "the pod still ran:\n{out}");
     assert!(out.lines().any(|l| l == "after-damage"), "{out}");
     let notes: Vec<&str> = out
         .lines()
@@ -177,7 +157,7 @@ fn damaged_template_is_rebuilt_with_one_line() {
         .collect();
     assert_eq!(notes.len(), 1, "one line says so:\n{out}");
     assert!(notes[0].contains("checksum does not match"), "{}", notes[0]);
-    assert_eq!(value(out, "again"), "0");
+    assert_eq!(value_of(out, "again"), "0");
     assert!(out.lines().any(|l| l == "rebuilt-works"), "{out}");
 }
 
@@ -185,8 +165,8 @@ fn damaged_template_is_rebuilt_with_one_line() {
 fn other_vm_shape_gets_its_own_template() {
     let (out, status) = scenario("other_inputs");
     assert_eq!(status, 0, "{out}");
-    assert_eq!(value(out, "status"), "0");
-    assert_eq!(value(out, "templates"), "2");
+    assert_eq!(value_of(out, "status"), "0");
+    assert_eq!(value_of(out, "templates"), "2");
     let kb: u64 = out
         .lines()
         .find_map(|l| l.strip_prefix("MemTotal:"))

@@ -10,7 +10,7 @@ mod common;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{artefact, build_dir, kvm_runner, run, static_dir, with};
+use common::{artefact, build_dir, kvm_runner, run, static_dir, value_of, with};
 
 /// A guest that proves memory and registers survive: it fills a tmpfs file with
 /// random bytes and prints its md5, counts (one counter per vCPU when `N` is 2,
@@ -83,7 +83,8 @@ bad_snapshots() {
   try othermem --restore s1.state --mem-file s2.mem
   try nomem --restore s1.state --mem-file missing.mem
   try garbage --restore s1.mem --mem-file s1.mem
-  ls *.tmp-* 2>/dev/null | sed 's/^/left: /'
+  try withapi --restore trunc.state --mem-file s1.mem --api-sock bad.sock
+  ls *.tmp-* bad.sock 2>/dev/null | sed 's/^/left: /'
   true
 }
 printf '%s' "$GUEST" > guest.sh
@@ -114,31 +115,7 @@ fn node_output() -> &'static str {
 
 /// The output of scenario `name` and its status.
 fn scenario(name: &str) -> (&'static str, i32) {
-    let output = node_output();
-    let start_marker = format!("@@@ {name}\n");
-    let end_marker = format!("@@@ {name} status=");
-    let start = output
-        .find(&start_marker)
-        .unwrap_or_else(|| panic!("scenario {name} did not run:\n{output}"))
-        + start_marker.len();
-    let end = output[start..]
-        .find(&end_marker)
-        .unwrap_or_else(|| panic!("scenario {name} did not end:\n{output}"))
-        + start;
-    let status = output[end + end_marker.len()..]
-        .lines()
-        .next()
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or_else(|| panic!("scenario {name}: no status"));
-    (&output[start..end], status)
-}
-
-/// The value after `key=` on its own line (`key=value`), exactly.
-fn value<'a>(out: &'a str, key: &str) -> &'a str {
-    let prefix = format!("{key}=");
-    out.lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .unwrap_or_else(|| panic!("no line {key}=... in:\n{out}"))
+    common::scenario(node_output(), name)
 }
 
 fn checksum(out: &str, which: &str) -> String {
@@ -152,16 +129,20 @@ fn checksum(out: &str, which: &str) -> String {
 fn assert_continues(name: &str, vcpus: usize) {
     let (out, status) = scenario(name);
     assert_eq!(status, 0, "{out}");
-    assert_eq!(value(out, "first"), "0", "stopping through the API exits 0");
     assert_eq!(
-        value(out, "second"),
+        value_of(out, "first"),
+        "0",
+        "stopping through the API exits 0"
+    );
+    assert_eq!(
+        value_of(out, "second"),
         "9",
         "the restored guest ran its script to the end and reported 9"
     );
-    let last: u32 = value(out, "last-before").parse().unwrap();
+    let last: u32 = value_of(out, "last-before").parse().unwrap();
     assert!(last >= 5, "{out}");
     assert_eq!(
-        value(out, "first-after"),
+        value_of(out, "first-after"),
         format!("ticka {}", last + 1),
         "the counter continues where the snapshot left it"
     );
@@ -193,7 +174,7 @@ fn pause_stops_the_guest_resume_continues_and_bad_requests_change_nothing() {
     let (out, status) = scenario("pause_resume");
     assert_eq!(status, 0, "{out}");
     assert_eq!(
-        value(out, "running-snapshot"),
+        value_of(out, "running-snapshot"),
         "1",
         "a running VM is not snapshotted"
     );
@@ -201,17 +182,17 @@ fn pause_stops_the_guest_resume_continues_and_bad_requests_change_nothing() {
         out.contains("pause the VM before taking a snapshot"),
         "{out}"
     );
-    assert_eq!(value(out, "paused-ticks"), "0", "no tick while paused");
-    assert_eq!(value(out, "bad-path"), "1");
+    assert_eq!(value_of(out, "paused-ticks"), "0", "no tick while paused");
+    assert_eq!(value_of(out, "bad-path"), "1");
     assert!(out.contains("cannot write the memory file"), "{out}");
-    let resumed: u32 = value(out, "resumed-ticks").parse().unwrap();
+    let resumed: u32 = value_of(out, "resumed-ticks").parse().unwrap();
     assert!(
         resumed >= 2,
         "the guest counts again after resume: {resumed}"
     );
-    assert_eq!(value(out, "metrics"), "0");
+    assert_eq!(value_of(out, "metrics"), "0");
     assert!(out.contains("\"exits_total\":"), "{out}");
-    assert_eq!(value(out, "stopped"), "0");
+    assert_eq!(value_of(out, "stopped"), "0");
     assert!(
         !out.contains("left: "),
         "no snapshot file or temporary left: {out}"
@@ -230,9 +211,10 @@ fn bad_snapshots_are_refused_with_one_line_and_leave_nothing() {
         ("othermem", "written for another snapshot"),
         ("nomem", "cannot open the snapshot memory file"),
         ("garbage", "does not start with the ATOLLSNP magic"),
+        ("withapi", "not a usable Atoll snapshot state file"),
     ] {
         assert_eq!(
-            value(out, name),
+            value_of(out, name),
             "1 lines=1",
             "{name}: exit 1, one line\n{out}"
         );

@@ -559,6 +559,9 @@ pub struct RestoreConfig {
     pub console_input: bool,
     /// A new host socket path for the vsock device (each clone needs its own).
     pub vsock_uds: Option<PathBuf>,
+    /// A new guest CID for the vsock device (the guest re-reads it with the
+    /// transport reset every restore sends).
+    pub vsock_cid: Option<u64>,
     /// New backing files for block devices.
     pub disks: Vec<DiskSwap>,
     /// A new tap for the net device (each clone needs its own).
@@ -589,7 +592,7 @@ fn override_devices(
         .iter()
         .map(|d| match &d.config {
             DeviceConfig::Vsock { cid, uds } => DeviceConfig::Vsock {
-                cid: *cid,
+                cid: cfg.vsock_cid.unwrap_or(*cid),
                 uds: cfg.vsock_uds.clone().unwrap_or_else(|| uds.clone()),
             },
             DeviceConfig::Block {

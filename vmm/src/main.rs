@@ -50,6 +50,9 @@ struct Args {
     /// With --restore: this clone's vsock socket path (each clone needs its own).
     #[arg(long, requires = "restore")]
     vsock_uds: Option<PathBuf>,
+    /// With --restore: this clone's guest CID (3..=4294967295).
+    #[arg(long, requires = "restore", value_parser = parse_cid)]
+    vsock_cid: Option<u64>,
     /// With --restore: back the disk with id SLOT by another file, optionally under a
     /// new id: SLOT=PATH[,id=ID] (repeatable).
     #[arg(long, requires = "restore", value_name = "SLOT=PATH[,id=ID]", value_parser = parse_disk_swap)]
@@ -144,12 +147,14 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
     let timeout = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
     let console_input = std::io::stdin().is_terminal() || !stdin_is_devnull();
     let console = Box::new(LineWriter::new(std::io::stdout()));
-    // Bind before building, so a bad socket path fails before any guest runs.
+    // Bind before building, so a bad socket path fails before any guest runs; the
+    // socket file goes when this function returns, however it returns.
     let api = match &args.api_sock {
-        Some(p) => Some(
+        Some(p) => Some((
             atoll_vmm::api::bind(p)
                 .with_context(|| format!("cannot listen on the API socket {}", p.display()))?,
-        ),
+            RemoveOnDrop(p.clone()),
+        )),
         None => None,
     };
     let mut vmm = match (&args.restore, &args.mem_file) {
@@ -160,6 +165,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
                 paused: args.paused,
                 console_input,
                 vsock_uds: args.vsock_uds.clone(),
+                vsock_cid: args.vsock_cid,
                 disks: args.disk_path.clone(),
                 tap: args.net_tap.clone(),
                 working_set: args.working_set.clone(),
@@ -188,15 +194,17 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             builder::boot(&config, start, console)?
         }
     };
-    if let Some(listener) = api {
-        atoll_vmm::api::spawn(listener, vmm.requests()).context("cannot start the API thread")?;
-    }
+    let _api_sock = match api {
+        Some((listener, file)) => {
+            atoll_vmm::api::spawn(listener, vmm.requests())
+                .context("cannot start the API thread")?;
+            Some(file)
+        }
+        None => None,
+    };
     let outcome = vmm.run(start, timeout);
     let report = vmm.report(Some(outcome));
     drop(vmm);
-    if let Some(p) = &args.api_sock {
-        let _ = std::fs::remove_file(p);
-    }
     if let Some(path) = &args.metrics {
         let mut json = serde_json::to_value(&report.metrics)?;
         json["outcome"] = serde_json::Value::String(format!("{:?}", report.outcome));
@@ -227,6 +235,15 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             EXIT_TIMED_OUT
         }
     })
+}
+
+/// Removes a file (the API socket) when dropped.
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
 
 /// Splits `a=1,b,c=3` into (key, optional value) pairs.
@@ -292,20 +309,22 @@ fn parse_net(s: &str) -> Result<DeviceConfig, String> {
     Ok(DeviceConfig::Net { tap, mac })
 }
 
+fn parse_cid(v: &str) -> Result<u64, String> {
+    let c: u64 = v.parse().map_err(|_| format!("bad cid {v:?}"))?;
+    // 0-2 are reserved (hypervisor, local, host).
+    if c < 3 || c > u64::from(u32::MAX) {
+        return Err(format!(
+            "cid {c} is reserved or too large: use 3..=4294967295"
+        ));
+    }
+    Ok(c)
+}
+
 fn parse_vsock(s: &str) -> Result<DeviceConfig, String> {
     let (mut cid, mut uds) = (None, None);
     for (k, v) in options(s) {
         match (k, v) {
-            ("cid", Some(v)) => {
-                let c: u64 = v.parse().map_err(|_| format!("bad cid {v:?}"))?;
-                // 0-2 are reserved (hypervisor, local, host).
-                if c < 3 || c > u64::from(u32::MAX) {
-                    return Err(format!(
-                        "cid {c} is reserved or too large: use 3..=4294967295"
-                    ));
-                }
-                cid = Some(c);
-            }
+            ("cid", Some(v)) => cid = Some(parse_cid(v)?),
             ("uds", Some(v)) if !v.is_empty() => uds = Some(PathBuf::from(v)),
             _ => {
                 return Err(format!(
@@ -403,6 +422,9 @@ mod tests {
             }
         );
         assert_eq!(parse_disk_swap("slot1=/x").unwrap().id, None);
+        assert_eq!(parse_cid("7"), Ok(7));
+        assert!(parse_cid("2").is_err());
+        assert!(parse_cid("4294967296").is_err());
         assert!(parse_disk_swap("=/x").is_err());
         assert!(parse_disk_swap("slot0=/x,ro").is_err());
         assert!(parse_disk_swap("slot0=/x,id=123456789012345678901").is_err());

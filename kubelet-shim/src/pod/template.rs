@@ -132,6 +132,24 @@ impl TemplateSpec {
     }
 }
 
+impl TemplateSpec {
+    /// A pod of this shape with the control API, for building the template.
+    fn pod_config(&self, id: &str, run_dir: &Path) -> PodConfig {
+        let mut cfg = PodConfig::new(
+            id,
+            self.kernel.clone(),
+            self.initramfs.clone(),
+            self.vmm.clone(),
+        );
+        cfg.vcpus = self.vcpus;
+        cfg.mem_mib = self.mem_mib;
+        cfg.run_dir = run_dir.to_owned();
+        cfg.net = self.net;
+        cfg.api = true;
+        cfg
+    }
+}
+
 impl Template {
     pub fn state(&self) -> PathBuf {
         self.dir.join("state")
@@ -275,17 +293,7 @@ fn build(
     let slot = tmp.join("slot.img");
     File::create(&slot).map_err(io_err(&slot))?;
     let id = format!("template-{key}-{}", std::process::id());
-    let mut cfg = PodConfig::new(
-        &id,
-        spec.kernel.clone(),
-        spec.initramfs.clone(),
-        spec.vmm.clone(),
-    );
-    cfg.vcpus = spec.vcpus;
-    cfg.mem_mib = spec.mem_mib;
-    cfg.run_dir = run_dir.to_owned();
-    cfg.net = spec.net;
-    cfg.api = true;
+    let mut cfg = spec.pod_config(&id, run_dir);
     cfg.boot = Boot::Cold;
     cfg.disks = (0..SLOTS)
         .map(|n| Disk {
@@ -346,17 +354,7 @@ fn record_working_set(
         net: false,
     };
     let id = format!("template-{key}-{}-probe", std::process::id());
-    let mut cfg = PodConfig::new(
-        &id,
-        spec.kernel.clone(),
-        spec.initramfs.clone(),
-        spec.vmm.clone(),
-    );
-    cfg.vcpus = spec.vcpus;
-    cfg.mem_mib = spec.mem_mib;
-    cfg.run_dir = run_dir.to_owned();
-    cfg.api = true;
-    cfg.net = spec.net;
+    let mut cfg = spec.pod_config(&id, run_dir);
     cfg.boot = Boot::Template(probe.clone());
     let mut pod = Pod::start(cfg).map_err(|e| TemplateError::Boot(Box::new(e)))?;
     let api = pod.dir().join(API_SOCK);

@@ -80,3 +80,34 @@ pub fn on_kvm(script: &str) -> RunOutput {
     );
     run(r, script)
 }
+
+/// The output of scenario `name` in `output`, and its status: node scripts print
+/// `@@@ NAME` before and `@@@ NAME status=N` after each scenario, so several
+/// scenarios share one node run and each test asserts on its own.
+pub fn scenario<'a>(output: &'a str, name: &str) -> (&'a str, i32) {
+    let start_marker = format!("@@@ {name}\n");
+    let end_marker = format!("@@@ {name} status=");
+    let start = output
+        .find(&start_marker)
+        .unwrap_or_else(|| panic!("scenario {name} did not run:\n{output}"))
+        + start_marker.len();
+    let end = output[start..]
+        .find(&end_marker)
+        .unwrap_or_else(|| panic!("scenario {name} did not end:\n{output}"))
+        + start;
+    let status = output[end + end_marker.len()..]
+        .lines()
+        .next()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or_else(|| panic!("scenario {name}: no status"));
+    (&output[start..end], status)
+}
+
+/// The value after `key=` on the first line that starts with it (exactly: `a=1`
+/// is not found as `a=12`'s prefix, the whole rest of the line is the value).
+pub fn value_of<'a>(out: &'a str, key: &str) -> &'a str {
+    let prefix = format!("{key}=");
+    out.lines()
+        .find_map(|l| l.trim_end_matches('\r').strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no line {key}=... in:\n{out}"))
+}

@@ -28,6 +28,10 @@ pub const ATTACH_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one connection attempt may wait for the VMM's `OK` line. A guest that
 /// is not listening yet is answered with a reset (EOF) well within this.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Deadline of a Quiesce (sync and drop caches in the guest).
+pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Deadline of a Restored (the agent waits up to 5 s for the clone's disks).
+pub const RESTORED_TIMEOUT: Duration = Duration::from_secs(15);
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -419,14 +423,38 @@ impl AgentClient {
         self.call_ok("ConfigureNetwork", Op::Network(req))
     }
 
-    /// Before a snapshot of the VM: the agent syncs and drops clean caches.
+    /// Before a snapshot of the VM: the agent syncs and drops clean caches. Answered
+    /// within [`QUIESCE_TIMEOUT`] or failed.
     pub fn quiesce(&mut self) -> Result<(), AgentError> {
-        self.call_ok("Quiesce", Op::Quiesce(v1::Quiesce {}))
+        self.call_ok_within("Quiesce", Op::Quiesce(v1::Quiesce {}), QUIESCE_TIMEOUT)
     }
 
     /// First request to a restored clone: its entropy, clock, network and disks.
+    /// Answered within [`RESTORED_TIMEOUT`] (the agent waits up to 5 s for disks) or
+    /// failed.
     pub fn restored(&mut self, req: v1::Restored) -> Result<(), AgentError> {
-        self.call_ok("Restored", Op::Restored(req))
+        self.call_ok_within("Restored", Op::Restored(req), RESTORED_TIMEOUT)
+    }
+
+    /// [`Self::call_ok`] with a deadline for the reply; the client's own timeout
+    /// (none by default) applies again afterwards.
+    fn call_ok_within(
+        &mut self,
+        op: &'static str,
+        req: Op,
+        deadline: Duration,
+    ) -> Result<(), AgentError> {
+        let set = |c: &Self, t| {
+            c.set_timeout(t).map_err(|source| AgentError::Frame {
+                op,
+                uds: c.uds.clone(),
+                source: FrameError::Io(source),
+            })
+        };
+        set(self, Some(deadline))?;
+        let r = self.call_ok(op, req);
+        set(self, None)?;
+        r
     }
 
     pub fn remove(&mut self, id: &str) -> Result<(), AgentError> {
@@ -599,6 +627,34 @@ mod tests {
         let c = AgentClient::connect(&p, T).unwrap();
         assert_eq!(c.hello().agent_ready_us, 1234);
         assert_eq!(c.hello().agent, "fake");
+    }
+
+    #[test]
+    fn a_call_with_a_deadline_fails_when_the_agent_hangs_then_the_client_waits_again() {
+        let (_d, p) = sock();
+        serve(
+            &p,
+            agent(|_| {
+                std::thread::sleep(Duration::from_secs(3));
+                Some(v1::Response::ok())
+            }),
+        );
+        let mut c = AgentClient::connect(&p, T).unwrap();
+        let t0 = Instant::now();
+        let err = c
+            .call_ok_within(
+                "Quiesce",
+                Op::Quiesce(v1::Quiesce {}),
+                Duration::from_millis(200),
+            )
+            .unwrap_err();
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(err.to_string().contains("Quiesce"), "{err}");
+        assert_eq!(
+            c.stream.read_timeout().unwrap(),
+            None,
+            "no deadline left behind"
+        );
     }
 
     #[test]

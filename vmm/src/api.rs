@@ -9,6 +9,7 @@
 //! | `PATCH /vm`              | `{"state": "Paused"}` or `{"state": "Resumed"}`   | pause / resume |
 //! | `PUT /snapshot/create`   | `{"snapshot_path": P, "mem_file_path": M}`        | full snapshot of a paused VM |
 //! | `PUT /snapshot/working-set` | `{"path": P}`                                | record the guest pages resident now |
+//! | `PATCH /drives/{id}`      | `{"path_on_host": P, "id": NEW?}`                 | new backing file (and id) for a disk |
 //! | `GET /metrics`           | —                                                 | exits, stages, device counters |
 //! | `PUT /actions`           | `{"action_type": "Stop"}`                         | stop the VM, exit 0 |
 //!
@@ -53,6 +54,16 @@ pub enum Request {
     WorkingSet {
         /// Where the set goes.
         path: PathBuf,
+    },
+    /// Give the disk whose id is `drive_id` a new backing file (and id), running or
+    /// paused: a pod's image reaching one of its template's spare slots.
+    UpdateDrive {
+        /// The disk's id now.
+        drive_id: String,
+        /// The new backing file.
+        path: PathBuf,
+        /// The id the guest sees from now on (default: unchanged).
+        new_id: Option<String>,
     },
     /// Counters.
     Metrics,
@@ -121,6 +132,25 @@ struct WorkingSetCreate {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
+struct DrivePatch {
+    path_on_host: PathBuf,
+    #[serde(default)]
+    id: Option<String>,
+}
+
+/// Longest disk id (what VIRTIO_BLK_T_GET_ID can carry).
+pub const MAX_DRIVE_ID: usize = 20;
+
+fn valid_drive_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_DRIVE_ID
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Action {
     action_type: String,
 }
@@ -181,6 +211,33 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
             },
             _ => Err(not_allowed()),
         },
+        p if p.starts_with("/drives/") => {
+            let drive_id = &p["/drives/".len()..];
+            if !valid_drive_id(drive_id) {
+                return Err(ApiError::bad_request(format!(
+                    "drive id {drive_id:?}: give 1 to {MAX_DRIVE_ID} of [A-Za-z0-9_.-]"
+                )));
+            }
+            match method {
+                "PATCH" => {
+                    let d = json::<DrivePatch>(body)?;
+                    if let Some(id) = d.id.as_deref().filter(|i| !valid_drive_id(i)) {
+                        return Err(ApiError::bad_request(format!(
+                            "id {id:?}: give 1 to {MAX_DRIVE_ID} of [A-Za-z0-9_.-]"
+                        )));
+                    }
+                    if !d.path_on_host.is_absolute() {
+                        return Err(ApiError::bad_request("path_on_host: give an absolute path"));
+                    }
+                    Ok(Request::UpdateDrive {
+                        drive_id: drive_id.to_owned(),
+                        path: d.path_on_host,
+                        new_id: d.id,
+                    })
+                }
+                _ => Err(not_allowed()),
+            }
+        }
         _ => Err(ApiError {
             status: 404,
             message: format!("no such resource {path}"),
@@ -397,6 +454,39 @@ mod tests {
             400,
             "unknown fields are refused"
         );
+        assert_eq!(
+            route(
+                "PATCH",
+                "/drives/slot0",
+                br#"{"path_on_host":"/img/a.erofs","id":"img-1"}"#
+            )
+            .unwrap(),
+            Request::UpdateDrive {
+                drive_id: "slot0".into(),
+                path: "/img/a.erofs".into(),
+                new_id: Some("img-1".into()),
+            }
+        );
+        for (path, body) in [
+            ("/drives/", r#"{"path_on_host":"/a"}"#),
+            ("/drives/a%2f..", r#"{"path_on_host":"/a"}"#),
+            ("/drives/slot0", r#"{"path_on_host":"rel"}"#),
+            (
+                "/drives/slot0",
+                r#"{"path_on_host":"/a","id":"twenty-one-characters"}"#,
+            ),
+            (
+                "/drives/slot0",
+                r#"{"path_on_host":"/a","is_read_only":false}"#,
+            ),
+        ] {
+            assert_eq!(
+                route("PATCH", path, body.as_bytes()).unwrap_err().status,
+                400,
+                "{path} {body}"
+            );
+        }
+        assert_eq!(route("GET", "/drives/slot0", b"").unwrap_err().status, 405);
         assert_eq!(route("DELETE", "/vm", b"").unwrap_err().status, 405);
         assert_eq!(route("GET", "/nope", b"").unwrap_err().status, 404);
         let diff = route(

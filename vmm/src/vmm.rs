@@ -267,9 +267,43 @@ impl Vmm {
                     .map_err(|e| ApiError::bad_request(e.to_string()))?;
                 Ok(serde_json::json!({"ranges": ws.ranges.len(), "bytes": ws.bytes()}))
             }
+            Request::UpdateDrive {
+                drive_id,
+                path,
+                new_id,
+            } => self.update_drive(&drive_id, path, new_id),
             Request::Metrics => serde_json::to_value(self.report(None)).map_err(ApiError::internal),
             Request::Stop => Ok(serde_json::json!({"state": "Stopped"})),
         }
+    }
+
+    /// Swaps the backing file (and id) of the disk now called `drive_id`; what a
+    /// snapshot records follows.
+    fn update_drive(&mut self, drive_id: &str, path: PathBuf, new_id: Option<String>) -> Response {
+        let index = self
+            .configs
+            .iter()
+            .position(|c| matches!(c, DeviceConfig::Block { id: Some(i), .. } if i == drive_id))
+            .ok_or_else(|| ApiError {
+                status: 404,
+                message: format!("no disk has the id {drive_id:?}"),
+            })?;
+        let device = self.devices.get(index).ok_or_else(|| {
+            ApiError::internal(format!("device {index} has a configuration but no device"))
+        })?;
+        device
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .swap_backing(&path, new_id.as_deref())
+            .map_err(|e| ApiError::bad_request(format!("{}: {e}", path.display())))?;
+        let capacity = std::fs::metadata(&path).map_or(0, |m| m.len());
+        if let Some(DeviceConfig::Block { path: p, id, .. }) = self.configs.get_mut(index) {
+            *p = path;
+            if let Some(n) = new_id {
+                *id = Some(n);
+            }
+        }
+        Ok(serde_json::json!({"drive": index, "bytes": capacity}))
     }
 
     /// Runs until the guest ends, `timeout` (from `start`) passes, or the API stops

@@ -324,6 +324,14 @@ pub trait VirtioDevice: Send {
     /// Called once after the device was activated from a snapshot, before the guest
     /// runs again (a vsock device tells the guest its connections are gone).
     fn restored(&mut self) {}
+    /// Serve another backing file from now on, with another id (block devices; the
+    /// others refuse). The driver learns of it through a configuration change.
+    fn swap_backing(&mut self, _path: &std::path::Path, _id: Option<&str>) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            format!("a {} device has no backing file", self.kind()),
+        ))
+    }
 }
 
 #[cfg(test)]

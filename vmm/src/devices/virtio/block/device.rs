@@ -507,6 +507,29 @@ impl VirtioDevice for Block {
             .unwrap_or_default()
     }
 
+    /// Opens `path` as `new` did and serves it from the next request on (the device
+    /// lock orders it after every request already taken); a live driver is told
+    /// through a configuration change, and re-reads the capacity. What the guest has
+    /// mounted from the old file is the caller's business: pods swap only slots they
+    /// have not attached or have released.
+    fn swap_backing(&mut self, path: &Path, id: Option<&str>) -> io::Result<()> {
+        let next = Self::new(path, self.read_only, None)?;
+        self.disk = next.disk;
+        self.capacity = next.capacity;
+        self.config = next.config;
+        if let Some(id) = id {
+            let mut bytes = [0u8; ID_BYTES];
+            let n = id.len().min(ID_BYTES);
+            bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+            self.id = bytes;
+        }
+        if let Some(a) = &self.active {
+            a.interrupt.signal_config_change();
+            DeviceMetrics::inc(&self.metrics.interrupts);
+        }
+        Ok(())
+    }
+
     /// The backing file may have been swapped at the restore (a pod template's
     /// spare slot): have the driver re-read the capacity.
     fn restored(&mut self) {
@@ -1000,5 +1023,39 @@ mod tests {
         blk.reset();
         blk.process_event(0, EventSet::IN);
         assert_eq!(blk.metrics().snapshot("block").requests, 0);
+    }
+
+    #[test]
+    fn block_swap_serves_the_new_file_its_size_and_id_and_tells_the_driver() {
+        let empty = TempDisk::new(&[]);
+        let image = TempDisk::new(&pattern());
+        let m = mem();
+        let q = MockSplitQueue::new(&m, 16);
+        let mut blk = Block::new(&empty.0, true, Some("slot0".into())).unwrap();
+        let irq = activate_with(&mut blk, &m, &q, 0);
+        assert_eq!(blk.capacity(), 0);
+        blk.swap_backing(&image.0, Some("img-1")).unwrap();
+        assert_eq!(irq.read().unwrap(), 1, "a config change reaches the driver");
+        assert_eq!(blk.capacity(), 8);
+        let mut cfg = [0u8; 8];
+        blk.read_config(0, &mut cfg);
+        assert_eq!(
+            u64::from_le_bytes(cfg),
+            8,
+            "the config space has the new size"
+        );
+        assert_eq!(&blk.id[..6], b"img-1\0");
+        // A read now comes from the new file, and writes stay refused.
+        header(&m, request_type::IN, 5);
+        q.add_desc_chains(&chain(&[(DATA, 512, F_WRITE)]), 0)
+            .unwrap();
+        blk.process_event(0, EventSet::IN);
+        let mut a = [0u8; 512];
+        m.read_slice(&mut a, GuestAddress(DATA)).unwrap();
+        assert_eq!(a, [6u8; 512]);
+        // A missing file leaves the device as it was.
+        let missing = image.0.with_extension("missing");
+        assert!(blk.swap_backing(&missing, Some("img-2")).is_err());
+        assert_eq!((blk.capacity(), &blk.id[..6]), (8, &b"img-1\0"[..]));
     }
 }

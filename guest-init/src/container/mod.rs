@@ -148,7 +148,9 @@ impl From<RootfsError> for RuntimeError {
             RootfsError::FsType(_) | RootfsError::Missing => Self::InvalidArgument(e.to_string()),
             RootfsError::Layers(ref l) if l.is_bad_input() => Self::InvalidArgument(e.to_string()),
             RootfsError::Layers(_) => Self::Internal(self::libcontainer::chain("rootfs", &e)),
-            RootfsError::NoDisk(_) => Self::FailedPrecondition(e.to_string()),
+            RootfsError::NoDisk(_) | RootfsError::EmptyDisk(..) => {
+                Self::FailedPrecondition(e.to_string())
+            }
             RootfsError::Io { .. } => Self::Internal(self::libcontainer::chain("rootfs", &e)),
         }
     }

@@ -86,6 +86,10 @@ pub enum RootfsError {
         "no disk with serial {0:?} is attached to the VM (check the --disk ...,id= of the pod)"
     )]
     NoDisk(String),
+    /// The disk is there but stays empty (attached to a running VM, and its size
+    /// change never arrived).
+    #[error("the disk with serial {0:?} still has no data after {1:?}")]
+    EmptyDisk(String, std::time::Duration),
     /// The image's layers could not be unpacked.
     #[error(transparent)]
     Layers(#[from] LayersError),
@@ -135,6 +139,39 @@ pub fn find_disk(sys_block: &Path, serial: &str) -> Result<PathBuf, RootfsError>
         }
     }
     Err(RootfsError::NoDisk(serial.to_owned()))
+}
+
+/// How long a disk found by its serial may take to show its size: a disk attached
+/// to a running VM (a pod's image in a spare slot) is announced by a configuration
+/// change the driver handles on its own time.
+pub const DISK_SIZE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits until `<sys_block>/<name of device>/size` is not 0 (a device without a
+/// size file counts as ready), at most `wait`.
+pub fn wait_for_size(
+    sys_block: &Path,
+    device: &Path,
+    serial: &str,
+    wait: std::time::Duration,
+) -> Result<(), RootfsError> {
+    let Some(name) = device.file_name() else {
+        return Ok(());
+    };
+    let size_file = sys_block.join(name).join("size");
+    let start = std::time::Instant::now();
+    loop {
+        let size = match std::fs::read_to_string(&size_file) {
+            Ok(s) => s.trim().parse::<u64>().unwrap_or(0),
+            Err(_) => return Ok(()),
+        };
+        if size > 0 {
+            return Ok(());
+        }
+        if start.elapsed() >= wait {
+            return Err(RootfsError::EmptyDisk(serial.to_owned(), start.elapsed()));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
 }
 
 /// Mounts of the pod: image and data disks (reference-counted), volumes (kept for the
@@ -212,6 +249,7 @@ impl Mounts {
             return Ok(());
         }
         let device = find_disk(&self.sys_block, serial)?;
+        wait_for_size(&self.sys_block, &device, serial, DISK_SIZE_WAIT)?;
         mkdir(&dir)?;
         let data = if fs_type == "ext4" { "noload" } else { "" };
         let device_str = device.to_string_lossy().into_owned();
@@ -517,6 +555,22 @@ mod tests {
             Box::new(fake.clone()),
         );
         (sys, root, m, fake)
+    }
+
+    #[test]
+    fn a_disk_whose_size_stays_zero_is_refused_after_the_wait_and_one_with_data_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let vda = dir.path().join("vda");
+        std::fs::create_dir(&vda).unwrap();
+        std::fs::write(vda.join("size"), "0\n").unwrap();
+        let dev = Path::new("/dev/vda");
+        let wait = std::time::Duration::from_millis(30);
+        let e = wait_for_size(dir.path(), dev, "img-1", wait).unwrap_err();
+        assert!(e.to_string().contains("\"img-1\" still has no data"), "{e}");
+        std::fs::write(vda.join("size"), "16\n").unwrap();
+        wait_for_size(dir.path(), dev, "img-1", wait).unwrap();
+        // Without a size file (test doubles, odd devices): not waited for.
+        wait_for_size(dir.path(), Path::new("/dev/vdb"), "x", wait).unwrap();
     }
 
     #[test]

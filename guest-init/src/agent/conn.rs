@@ -330,6 +330,7 @@ impl<R: ContainerRuntime> Agent<R> {
     fn wait(&self, req: &v1::WaitProcess) -> Result<Reply, RequestError> {
         let process = self.lookup(&req.container_id, &req.exec_id)?;
         let exit = process.wait();
+        self.processes.forget_exec(&process);
         // A container removed meanwhile has no cgroup to ask: no OOM known.
         let oom_killed = self
             .runtime()
@@ -915,6 +916,15 @@ pub(crate) mod tests {
             ),
             "{resp:?}"
         );
+        // Its exit was delivered: the exec is forgotten, and its id free again.
+        let (resp, _) = agent.handle(&mut session, wait_req("c", "e1"));
+        assert_eq!(error_code(&resp), Some(Code::NotFound));
+        assert_eq!(agent.processes.len(), 1, "only init is left");
+        let (resp, _) = agent.handle(&mut session, exec("e1"));
+        assert_eq!(resp, v1::Response::ok());
+        let again = agent.processes.get("c", "e1").unwrap();
+        again.signal(libc::SIGKILL).unwrap();
+        assert_eq!(again.wait(), Exit::Signal(9));
         // The init process is signalled through the runtime.
         let (resp, _) = agent.handle(
             &mut session,

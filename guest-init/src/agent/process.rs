@@ -412,6 +412,24 @@ impl ProcessTable {
             .cloned()
     }
 
+    /// Forgets the exec process `process` once its exit went to a waiter: a probe
+    /// running ExecSync forever must not fill the table. (Init processes stay until
+    /// their container is removed.)
+    pub fn forget_exec(&self, process: &Arc<Process>) {
+        if process.exec_id.is_empty() {
+            return;
+        }
+        let mut table = self.table();
+        let key = (process.container_id.clone(), process.exec_id.clone());
+        if table
+            .by_id
+            .get(&key)
+            .is_some_and(|p| Arc::ptr_eq(p, process))
+        {
+            table.by_id.remove(&key);
+        }
+    }
+
     /// Forgets every process of a container. Waiters keep their `Arc` and still get
     /// the status; unreaped ones stay with the reaper.
     pub fn remove_container(&self, container_id: &str) {

@@ -192,7 +192,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             plain_http,
         } => {
             let store = Store::open(&cli.store)?;
-            let p = pull::pull(&store, &reference, &pull::PullOptions { plain_http })?;
+            let p = pull::pull(
+                &store,
+                &reference,
+                &pull::PullOptions {
+                    plain_http,
+                    ..Default::default()
+                },
+            )?;
             progress(&format!("pulled {} ({})", p.name, p.manifest));
             println!("{}", p.name);
         }

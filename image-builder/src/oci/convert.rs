@@ -87,7 +87,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ConvertError + '_ {
 }
 
 /// What the guest needs to start the container (written as JSON beside the image).
-#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct GuestConfig {
     pub manifest_digest: String,
     pub config_digest: String,

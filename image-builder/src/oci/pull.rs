@@ -71,6 +71,53 @@ fn http_err(url: &str) -> impl FnOnce(ureq::Error) -> PullError + '_ {
 pub struct PullOptions {
     /// Talk HTTP instead of HTTPS (local test registries).
     pub plain_http: bool,
+    /// Fetch from this mirror (`http://127.0.0.1:5000`, scheme included) instead of
+    /// the reference's registry; the image keeps its name.
+    pub endpoint: Option<String>,
+    /// Credentials for the registry: sent as Basic authentication when it asks for
+    /// it, or to its token service when it asks for a bearer token.
+    pub credentials: Option<Credentials>,
+}
+
+/// A user name and password (or token) for a registry.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("username", &self.username)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// The `Authorization` header value.
+    pub fn basic(&self) -> String {
+        use base64::Engine as _;
+        let raw = format!("{}:{}", self.username, self.password);
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(raw)
+        )
+    }
+
+    /// From a Docker config `auth` field (`base64(user:password)`).
+    pub fn from_auth(auth: &str) -> Option<Self> {
+        use base64::Engine as _;
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(auth.trim())
+            .ok()?;
+        let raw = String::from_utf8(raw).ok()?;
+        let (u, p) = raw.split_once(':')?;
+        Some(Self {
+            username: u.to_owned(),
+            password: p.to_owned(),
+        })
+    }
 }
 
 /// A repository on a registry, with the bearer token once we have one.
@@ -78,7 +125,9 @@ struct Repo {
     agent: ureq::Agent,
     base: String,
     name: String,
+    /// The `Authorization` header once the registry asked for one.
     token: Mutex<Option<String>>,
+    credentials: Option<Credentials>,
 }
 
 /// The parameters of a `WWW-Authenticate` challenge.
@@ -131,11 +180,16 @@ impl Repo {
             .user_agent(concat!("atoll-image/", env!("CARGO_PKG_VERSION")))
             .build();
         let scheme = if opts.plain_http { "http" } else { "https" };
+        let base = match &opts.endpoint {
+            Some(e) => format!("{}/v2/{}", e.trim_end_matches('/'), r.repository),
+            None => format!("{scheme}://{}/v2/{}", r.api_host(), r.repository),
+        };
         Self {
             agent: config.into(),
-            base: format!("{scheme}://{}/v2/{}", r.api_host(), r.repository),
+            base,
             name: r.repository.clone(),
             token: Mutex::new(None),
+            credentials: opts.credentials.clone(),
         }
     }
 
@@ -152,7 +206,7 @@ impl Repo {
             }
             let token = self.token.lock().expect("token lock").clone();
             if let Some(t) = token {
-                req = req.header("Authorization", format!("Bearer {t}"));
+                req = req.header("Authorization", t);
             }
             let resp = req.call().map_err(http_err(url))?;
             if resp.status().as_u16() != 401 || attempt == 1 {
@@ -171,6 +225,17 @@ impl Repo {
 
     fn fetch_token(&self, url: &str, challenge: &str) -> Result<(), PullError> {
         let (scheme, params) = parse_challenge(challenge);
+        if scheme == "basic" {
+            let Some(c) = &self.credentials else {
+                return Err(PullError::Status {
+                    url: url.to_owned(),
+                    status: 401,
+                    hint: " (the registry wants a user name and password)",
+                });
+            };
+            *self.token.lock().expect("token lock") = Some(c.basic());
+            return Ok(());
+        }
         if scheme != "bearer" {
             return Err(PullError::UnsupportedAuth {
                 url: url.to_owned(),
@@ -191,7 +256,11 @@ impl Repo {
         if let Some(s) = get("service") {
             turl.push_str(&format!("&service={}", urlencode(&s)));
         }
-        let mut resp = self.agent.get(&turl).call().map_err(http_err(&turl))?;
+        let mut treq = self.agent.get(&turl);
+        if let Some(c) = &self.credentials {
+            treq = treq.header("Authorization", c.basic());
+        }
+        let mut resp = treq.call().map_err(http_err(&turl))?;
         if !resp.status().is_success() {
             return Err(PullError::Status {
                 url: turl,
@@ -217,7 +286,7 @@ impl Repo {
                 url: turl.clone(),
                 what: "no token in the answer".into(),
             })?;
-        *self.token.lock().expect("token lock") = Some(token.to_owned());
+        *self.token.lock().expect("token lock") = Some(format!("Bearer {token}"));
         Ok(())
     }
 

@@ -101,8 +101,13 @@ pub struct PodConfig {
     pub cancel: Option<Arc<AtomicI32>>,
     /// Boot the kernel, or restore a clone of a pod template.
     pub boot: Boot,
-    /// Serve atoll-vmm's control API at `<pod dir>/api.sock` (template builds).
+    /// Serve atoll-vmm's control API at `<pod dir>/api.sock` (template builds, and
+    /// CRI sandboxes, whose images reach the running VM through it).
     pub api: bool,
+    /// Start the VMM in a session of its own that outlives this process (atoll-cri:
+    /// pods outlive the server). Without it, the VMM dies with the thread that
+    /// spawned it. Hand a detached pod over with [`Pod::detach`].
+    pub detached: bool,
 }
 
 /// How a pod's VM comes up.
@@ -138,6 +143,7 @@ impl PodConfig {
             cancel: None,
             boot: Boot::Cold,
             api: false,
+            detached: false,
         }
     }
 
@@ -382,16 +388,29 @@ fn set_pdeathsig() -> io::Result<()> {
     Ok(())
 }
 
-/// The pod's directory; removed (after saving the container log) when dropped.
+fn new_session() -> io::Result<()> {
+    // SAFETY: setsid(2) takes no arguments.
+    if unsafe { libc::setsid() } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The pod's directory; removed (after saving the container log) when dropped,
+/// unless the pod was detached.
 #[derive(Debug)]
 struct PodDir {
     path: PathBuf,
     run_dir: PathBuf,
     id: String,
+    keep: bool,
 }
 
 impl Drop for PodDir {
     fn drop(&mut self) {
+        if self.keep {
+            return;
+        }
         let logs = state::logs_dir(&self.run_dir);
         let log = self.path.join("container.log");
         if log.is_file() && fs::create_dir_all(&logs).is_ok() {
@@ -589,13 +608,22 @@ impl Pod {
         cmd.args(cfg.vmm_args(&pod.dir.path))
             .stdin(Stdio::null())
             .stdout(writer)
-            .stderr(writer2)
-            .process_group(0);
-        // SAFETY: the closure runs in the child between fork and exec and only calls
-        // `set_pdeathsig`, which makes one async-signal-safe prctl(2) call and touches
-        // no memory of the parent.
-        unsafe {
-            cmd.pre_exec(set_pdeathsig);
+            .stderr(writer2);
+        if cfg.detached {
+            // SAFETY: the closure runs in the child between fork and exec and only
+            // calls setsid(2), which is async-signal-safe and touches no memory of
+            // the parent.
+            unsafe {
+                cmd.pre_exec(new_session);
+            }
+        } else {
+            cmd.process_group(0);
+            // SAFETY: the closure runs in the child between fork and exec and only
+            // calls `set_pdeathsig`, which makes one async-signal-safe prctl(2) call
+            // and touches no memory of the parent.
+            unsafe {
+                cmd.pre_exec(set_pdeathsig);
+            }
         }
         let child = cmd.spawn().map_err(|source| PodError::Spawn {
             vmm: cfg.vmm.clone(),
@@ -712,6 +740,7 @@ impl Pod {
             path,
             run_dir: cfg.run_dir.clone(),
             id: cfg.id.clone(),
+            keep: false,
         })
     }
 
@@ -935,6 +964,38 @@ impl Pod {
         }
         let _ = child.kill();
         child.wait().ok()
+    }
+}
+
+/// A pod handed over by [`Pod::detach`]: its VMM runs in its own session and its
+/// directory stays; the new owner stops both.
+#[derive(Debug)]
+pub struct Detached {
+    /// The VMM, still our child: wait for it (or it lingers as a zombie).
+    pub vmm: Child,
+    /// `<run dir>/pods/<id>`.
+    pub dir: PathBuf,
+    /// Copies the VMM's output into `console.log` until the VMM ends (or this
+    /// process does: the VMM then writes into a closed pipe, which it ignores).
+    pub console: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pod {
+    /// Gives up ownership of a pod started with [`PodConfig::detached`]: nothing is
+    /// killed or removed when the returned value (or this pod) goes. `None` (and the
+    /// pod torn down) for a pod with a tap of its own, or whose VMM has ended.
+    pub fn detach(mut self) -> Option<Detached> {
+        if self.tap.is_some() {
+            return None;
+        }
+        let vmm = self.vmm.take()?;
+        self.control = None;
+        self.dir.keep = true;
+        Some(Detached {
+            vmm,
+            dir: self.dir.path.clone(),
+            console: self.console.take(),
+        })
     }
 }
 

@@ -12,11 +12,13 @@
 //! - [`kernel`]: fetching and caching the node kernel and its KVM modules;
 //! - [`initramfs`]: L1's root filesystem (written with atoll-image's cpio writer);
 //! - [`node`]: booting L1 and running one command;
-//! - [`protocol`]: separating the command's output from console noise.
+//! - [`protocol`]: separating the command's output from console noise;
+//! - [`oci`]: test images in OCI layout, and a docker-registry filled with them.
 
 pub mod initramfs;
 pub mod kernel;
 pub mod node;
+pub mod oci;
 pub mod place;
 pub mod protocol;
 pub mod runner;

@@ -14,6 +14,9 @@ packages=(
   qemu-system-x86
   # OCI images (atoll-image convert; its tests and benchmark peers)
   erofs-utils e2fsprogs umoci skopeo docker-registry debootstrap
+  # atoll-cri: the CRI API bindings (k8s-cri) are generated at build time by protoc;
+  # containerd is the CRI peer of its benchmark, the CNI plugins its pod network
+  protobuf-compiler containerd containernetworking-plugins
 )
 
 missing=()

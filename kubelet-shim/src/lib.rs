@@ -1,7 +1,9 @@
-//! Atoll's host side: the guest agent client ([`agent`]), pods as microVMs ([`pod`])
-//! and the `atoll` CLI ([`cli`]; `src/bin/atoll.rs` is its thin entry point). The CRI
-//! v1 server arrives in a later issue and wraps the same pod library.
+//! Atoll's host side: the guest agent client ([`agent`]), pods as microVMs ([`pod`]),
+//! the `atoll` CLI ([`cli`]; `src/bin/atoll.rs` is its thin entry point) and the
+//! Kubernetes CRI v1 server ([`cri`]; `src/bin/atoll-cri.rs`), which wraps the same
+//! pod library.
 
 pub mod agent;
 pub mod cli;
+pub mod cri;
 pub mod pod;

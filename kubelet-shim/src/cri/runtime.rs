@@ -1,0 +1,824 @@
+//! The CRI RuntimeService: maps each RPC's request to a [`Server`] operation (run
+//! on tokio's blocking pool: they talk to guests and VMMs with blocking sockets)
+//! and its record back to the CRI's types.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use k8s_cri::v1 as cri;
+use tonic::{Request, Response, Status};
+
+use super::server::{ContainerRequest, CriError, SandboxRequest, Server};
+use super::store::{self, ContainerRecord, ContainerState, Meta, SandboxRecord, SandboxState};
+use atoll_agent_proto::v1;
+
+/// The CRI version kubelet asks for and we answer.
+pub const KUBE_API_VERSION: &str = "0.1.0";
+/// The runtime's name in Version.
+pub const RUNTIME_NAME: &str = "atoll";
+/// Largest Localhost seccomp profile read.
+const MAX_SECCOMP_PROFILE: u64 = 1 << 20;
+
+pub fn status(e: CriError) -> Status {
+    match e {
+        CriError::InvalidArgument(m) => Status::invalid_argument(m),
+        CriError::NotFound(m) => Status::not_found(m),
+        CriError::AlreadyExists(m) => Status::already_exists(m),
+        CriError::FailedPrecondition(m) => Status::failed_precondition(m),
+        CriError::ResourceExhausted(m) => Status::resource_exhausted(m),
+        CriError::DeadlineExceeded(m) => Status::deadline_exceeded(m),
+        CriError::Unavailable(m) => Status::unavailable(m),
+        CriError::Internal(m) => Status::internal(m),
+    }
+}
+
+/// Runs `f` on the blocking pool.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, CriError> + Send + 'static,
+) -> Result<T, Status> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(r) => r.map_err(status),
+        Err(e) => Err(Status::internal(format!("the operation failed: {e}"))),
+    }
+}
+
+fn btree(m: HashMap<String, String>) -> BTreeMap<String, String> {
+    m.into_iter().collect()
+}
+
+fn hash(m: &BTreeMap<String, String>) -> HashMap<String, String> {
+    m.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+fn sandbox_meta(m: &Meta) -> cri::PodSandboxMetadata {
+    cri::PodSandboxMetadata {
+        name: m.name.clone(),
+        uid: m.uid.clone(),
+        namespace: m.namespace.clone(),
+        attempt: m.attempt,
+    }
+}
+
+fn container_meta(m: &Meta) -> cri::ContainerMetadata {
+    cri::ContainerMetadata {
+        name: m.name.clone(),
+        attempt: m.attempt,
+    }
+}
+
+fn sandbox_state(s: SandboxState) -> i32 {
+    match s {
+        SandboxState::Ready => cri::PodSandboxState::SandboxReady as i32,
+        SandboxState::Creating | SandboxState::NotReady => {
+            cri::PodSandboxState::SandboxNotready as i32
+        }
+    }
+}
+
+fn container_state(s: ContainerState) -> i32 {
+    match s {
+        ContainerState::Created => cri::ContainerState::ContainerCreated as i32,
+        ContainerState::Running => cri::ContainerState::ContainerRunning as i32,
+        ContainerState::Exited => cri::ContainerState::ContainerExited as i32,
+        ContainerState::Unknown => cri::ContainerState::ContainerUnknown as i32,
+    }
+}
+
+fn image_spec(c: &ContainerRecord) -> cri::ImageSpec {
+    cri::ImageSpec {
+        image: c.image.clone(),
+        ..Default::default()
+    }
+}
+
+/// The agent's security settings from the CRI's.
+fn security(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<v1::Security, CriError> {
+    use v1::security::Seccomp;
+    let mut s = v1::Security {
+        // A container without a seccomp profile runs unconfined (the CRI default).
+        seccomp: Seccomp::Unconfined as i32,
+        ..Default::default()
+    };
+    let Some(sc) = sc else { return Ok(s) };
+    s.privileged = sc.privileged;
+    s.no_new_privileges = sc.no_new_privs;
+    if let Some(caps) = &sc.capabilities {
+        s.add_capabilities = caps.add_capabilities.iter().map(|c| cap_name(c)).collect();
+        s.drop_capabilities = caps.drop_capabilities.iter().map(|c| cap_name(c)).collect();
+    }
+    if let Some(p) = &sc.seccomp {
+        match cri::security_profile::ProfileType::try_from(p.profile_type) {
+            Ok(cri::security_profile::ProfileType::RuntimeDefault) => {
+                s.seccomp = Seccomp::RuntimeDefault as i32
+            }
+            Ok(cri::security_profile::ProfileType::Unconfined) => {}
+            Ok(cri::security_profile::ProfileType::Localhost) => {
+                let path = std::path::Path::new(&p.localhost_ref);
+                let json = read_profile(path)?;
+                s.seccomp = Seccomp::Custom as i32;
+                s.seccomp_json = json;
+            }
+            Err(_) => {
+                return Err(CriError::InvalidArgument(format!(
+                    "seccomp.profile_type {} is unknown",
+                    p.profile_type
+                )))
+            }
+        }
+    }
+    Ok(s)
+}
+
+/// `NET_ADMIN` and `CAP_NET_ADMIN` both name the capability; `ALL` stays.
+fn cap_name(c: &str) -> String {
+    let up = c.to_ascii_uppercase();
+    if up == "ALL" || up.starts_with("CAP_") {
+        up
+    } else {
+        format!("CAP_{up}")
+    }
+}
+
+fn read_profile(path: &std::path::Path) -> Result<String, CriError> {
+    use std::io::Read;
+    let bad =
+        |m: String| CriError::InvalidArgument(format!("seccomp profile {}: {m}", path.display()));
+    if !path.is_absolute() {
+        return Err(bad("give an absolute path".into()));
+    }
+    let mut json = String::new();
+    std::fs::File::open(path)
+        .and_then(|f| f.take(MAX_SECCOMP_PROFILE + 1).read_to_string(&mut json))
+        .map_err(|e| bad(e.to_string()))?;
+    if json.len() as u64 > MAX_SECCOMP_PROFILE {
+        return Err(bad(format!("larger than {MAX_SECCOMP_PROFILE} bytes")));
+    }
+    serde_json::from_str::<serde_json::Value>(&json).map_err(|e| bad(format!("not JSON: {e}")))?;
+    Ok(json)
+}
+
+/// The user a container runs as: `run_as_username`, or `run_as_user[:run_as_group]`.
+fn user(sc: Option<&cri::LinuxContainerSecurityContext>) -> Option<String> {
+    let sc = sc?;
+    let name = if !sc.run_as_username.is_empty() {
+        sc.run_as_username.clone()
+    } else {
+        sc.run_as_user.as_ref()?.value.to_string()
+    };
+    Some(match &sc.run_as_group {
+        Some(g) => format!("{name}:{}", g.value),
+        None => name,
+    })
+}
+
+fn resources(r: Option<&cri::LinuxContainerResources>) -> v1::Resources {
+    let Some(r) = r else {
+        return v1::Resources::default();
+    };
+    let quota = u64::try_from(r.cpu_quota).unwrap_or(0);
+    v1::Resources {
+        memory_limit_bytes: u64::try_from(r.memory_limit_in_bytes).unwrap_or(0),
+        cpu_quota_us: quota,
+        cpu_period_us: if quota > 0 {
+            u64::try_from(r.cpu_period)
+                .ok()
+                .filter(|&p| p > 0)
+                .unwrap_or(100_000)
+        } else {
+            0
+        },
+        pids_limit: 0,
+    }
+}
+
+fn sandbox_status(s: &SandboxRecord) -> cri::PodSandboxStatus {
+    cri::PodSandboxStatus {
+        id: s.id.clone(),
+        metadata: Some(sandbox_meta(&s.meta)),
+        state: sandbox_state(s.state),
+        created_at: s.created_ns,
+        network: Some(cri::PodSandboxNetworkStatus::default()),
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace {
+                options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Pod as i32,
+                    pid: cri::NamespaceMode::Container as i32,
+                    ipc: cri::NamespaceMode::Pod as i32,
+                    ..Default::default()
+                }),
+            }),
+        }),
+        labels: hash(&s.labels),
+        annotations: hash(&s.annotations),
+        runtime_handler: s.runtime_handler.clone(),
+    }
+}
+
+fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
+    cri::ContainerStatus {
+        id: c.id.clone(),
+        metadata: Some(container_meta(&c.meta)),
+        state: container_state(c.state),
+        created_at: c.created_ns,
+        started_at: c.started_ns,
+        finished_at: c.finished_ns,
+        exit_code: c.exit_code,
+        image: Some(image_spec(c)),
+        image_ref: c.image_ref.clone(),
+        reason: c.reason.clone(),
+        message: c.message.clone(),
+        labels: hash(&c.labels),
+        annotations: hash(&c.annotations),
+        mounts: Vec::new(),
+        log_path: c.log_path.clone(),
+        resources: None,
+        image_id: c.image_id.clone(),
+        user: None,
+    }
+}
+
+fn container_item(c: &ContainerRecord) -> cri::Container {
+    cri::Container {
+        id: c.id.clone(),
+        pod_sandbox_id: c.sandbox_id.clone(),
+        metadata: Some(container_meta(&c.meta)),
+        image: Some(image_spec(c)),
+        image_ref: c.image_ref.clone(),
+        state: container_state(c.state),
+        created_at: c.created_ns,
+        labels: hash(&c.labels),
+        annotations: hash(&c.annotations),
+        image_id: c.image_id.clone(),
+    }
+}
+
+fn container_stats(c: &ContainerRecord, s: Option<&v1::StatsReply>) -> cri::ContainerStats {
+    let now = super::server::now_ns();
+    cri::ContainerStats {
+        attributes: Some(cri::ContainerAttributes {
+            id: c.id.clone(),
+            metadata: Some(container_meta(&c.meta)),
+            labels: hash(&c.labels),
+            annotations: hash(&c.annotations),
+        }),
+        cpu: s.map(|s| cri::CpuUsage {
+            timestamp: now,
+            usage_core_nano_seconds: Some(cri::UInt64Value {
+                value: s.cpu_usage_us.saturating_mul(1000),
+            }),
+            usage_nano_cores: None,
+        }),
+        memory: s.map(|s| cri::MemoryUsage {
+            timestamp: now,
+            working_set_bytes: Some(cri::UInt64Value {
+                value: s.memory_current_bytes,
+            }),
+            usage_bytes: Some(cri::UInt64Value {
+                value: s.memory_current_bytes,
+            }),
+            ..Default::default()
+        }),
+        writable_layer: None,
+        swap: None,
+    }
+}
+
+/// The RuntimeService.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub server: Arc<Server>,
+}
+
+fn unimplemented(what: &str) -> Status {
+    Status::unimplemented(format!("{what} is not implemented by atoll-cri yet"))
+}
+
+#[tonic::async_trait]
+impl cri::runtime_service_server::RuntimeService for Runtime {
+    async fn version(
+        &self,
+        _: Request<cri::VersionRequest>,
+    ) -> Result<Response<cri::VersionResponse>, Status> {
+        Ok(Response::new(cri::VersionResponse {
+            version: KUBE_API_VERSION.into(),
+            runtime_name: RUNTIME_NAME.into(),
+            runtime_version: env!("CARGO_PKG_VERSION").into(),
+            runtime_api_version: "v1".into(),
+        }))
+    }
+
+    async fn run_pod_sandbox(
+        &self,
+        request: Request<cri::RunPodSandboxRequest>,
+    ) -> Result<Response<cri::RunPodSandboxResponse>, Status> {
+        let r = request.into_inner();
+        let config = r
+            .config
+            .ok_or_else(|| Status::invalid_argument("config is required"))?;
+        let md = config
+            .metadata
+            .ok_or_else(|| Status::invalid_argument("config.metadata is required"))?;
+        let linux = config.linux.unwrap_or_default();
+        let res = linux.resources.unwrap_or_default();
+        let overhead = linux.overhead.unwrap_or_default();
+        let req = SandboxRequest {
+            meta: Meta {
+                name: md.name,
+                uid: md.uid,
+                namespace: md.namespace,
+                attempt: md.attempt,
+            },
+            labels: btree(config.labels),
+            annotations: btree(config.annotations),
+            hostname: config.hostname,
+            log_directory: config.log_directory,
+            runtime_handler: r.runtime_handler,
+            memory_bytes: res
+                .memory_limit_in_bytes
+                .saturating_add(overhead.memory_limit_in_bytes.max(0)),
+            cpu_quota: res.cpu_quota,
+            cpu_period: res.cpu_period,
+        };
+        let server = Arc::clone(&self.server);
+        let id = blocking(move || server.run_sandbox(req)).await?;
+        Ok(Response::new(cri::RunPodSandboxResponse {
+            pod_sandbox_id: id,
+        }))
+    }
+
+    async fn stop_pod_sandbox(
+        &self,
+        request: Request<cri::StopPodSandboxRequest>,
+    ) -> Result<Response<cri::StopPodSandboxResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        let server = Arc::clone(&self.server);
+        blocking(move || server.stop_sandbox(&id)).await?;
+        Ok(Response::new(cri::StopPodSandboxResponse {}))
+    }
+
+    async fn remove_pod_sandbox(
+        &self,
+        request: Request<cri::RemovePodSandboxRequest>,
+    ) -> Result<Response<cri::RemovePodSandboxResponse>, Status> {
+        let id = request.into_inner().pod_sandbox_id;
+        let server = Arc::clone(&self.server);
+        blocking(move || server.remove_sandbox(&id)).await?;
+        Ok(Response::new(cri::RemovePodSandboxResponse {}))
+    }
+
+    async fn pod_sandbox_status(
+        &self,
+        request: Request<cri::PodSandboxStatusRequest>,
+    ) -> Result<Response<cri::PodSandboxStatusResponse>, Status> {
+        let r = request.into_inner();
+        let s = self.server.sandbox(&r.pod_sandbox_id).map_err(status)?;
+        let mut info = HashMap::new();
+        if r.verbose {
+            let v = serde_json::json!({
+                "vcpus": s.vcpus,
+                "memory_mib": s.mem_mib,
+                "vmm_pid": s.vmm_pid,
+                "pod_dir": s.pod_dir,
+                "slots": s.slots,
+                "message": s.message,
+            });
+            info.insert("info".to_owned(), v.to_string());
+        }
+        Ok(Response::new(cri::PodSandboxStatusResponse {
+            status: Some(sandbox_status(&s)),
+            info,
+            containers_statuses: Vec::new(),
+            timestamp: 0,
+        }))
+    }
+
+    async fn list_pod_sandbox(
+        &self,
+        request: Request<cri::ListPodSandboxRequest>,
+    ) -> Result<Response<cri::ListPodSandboxResponse>, Status> {
+        let f = request.into_inner().filter.unwrap_or_default();
+        let items = self
+            .server
+            .sandboxes()
+            .into_iter()
+            .filter(|s| f.id.is_empty() || s.id == f.id)
+            .filter(|s| {
+                f.state
+                    .as_ref()
+                    .is_none_or(|v| v.state == sandbox_state(s.state))
+            })
+            .filter(|s| store::matches_labels(&s.labels, &f.label_selector))
+            .map(|s| cri::PodSandbox {
+                id: s.id.clone(),
+                metadata: Some(sandbox_meta(&s.meta)),
+                state: sandbox_state(s.state),
+                created_at: s.created_ns,
+                labels: hash(&s.labels),
+                annotations: hash(&s.annotations),
+                runtime_handler: s.runtime_handler.clone(),
+            })
+            .collect();
+        Ok(Response::new(cri::ListPodSandboxResponse { items }))
+    }
+
+    async fn create_container(
+        &self,
+        request: Request<cri::CreateContainerRequest>,
+    ) -> Result<Response<cri::CreateContainerResponse>, Status> {
+        let r = request.into_inner();
+        let config = r
+            .config
+            .ok_or_else(|| Status::invalid_argument("config is required"))?;
+        let md = config
+            .metadata
+            .ok_or_else(|| Status::invalid_argument("config.metadata is required"))?;
+        if let Some(m) = config.mounts.first() {
+            return Err(Status::invalid_argument(format!(
+                "mounts: host paths cannot reach a microVM pod yet (asked for {} at {}); atoll-cri has no host file sharing",
+                m.host_path, m.container_path
+            )));
+        }
+        if let Some(d) = config.devices.first() {
+            return Err(Status::invalid_argument(format!(
+                "devices: host devices cannot reach a microVM pod (asked for {})",
+                d.host_path
+            )));
+        }
+        let linux = config.linux.unwrap_or_default();
+        let sc = linux.security_context.as_ref();
+        let req = ContainerRequest {
+            sandbox_id: r.pod_sandbox_id,
+            meta: Meta {
+                name: md.name,
+                attempt: md.attempt,
+                ..Default::default()
+            },
+            labels: btree(config.labels),
+            annotations: btree(config.annotations),
+            image: config.image.map(|i| i.image).unwrap_or_default(),
+            command: config.command,
+            args: config.args,
+            envs: config
+                .envs
+                .into_iter()
+                .map(|kv| (kv.key, kv.value))
+                .collect(),
+            working_dir: config.working_dir,
+            user: user(sc),
+            log_path: config.log_path,
+            tty: config.tty,
+            stdin: config.stdin,
+            readonly_rootfs: sc.is_some_and(|s| s.readonly_rootfs),
+            resources: resources(linux.resources.as_ref()),
+            security: security(sc).map_err(status)?,
+        };
+        let server = Arc::clone(&self.server);
+        let id = blocking(move || server.create_container(req)).await?;
+        Ok(Response::new(cri::CreateContainerResponse {
+            container_id: id,
+        }))
+    }
+
+    async fn start_container(
+        &self,
+        request: Request<cri::StartContainerRequest>,
+    ) -> Result<Response<cri::StartContainerResponse>, Status> {
+        let id = request.into_inner().container_id;
+        let server = Arc::clone(&self.server);
+        blocking(move || server.start_container(&id)).await?;
+        Ok(Response::new(cri::StartContainerResponse {}))
+    }
+
+    async fn stop_container(
+        &self,
+        request: Request<cri::StopContainerRequest>,
+    ) -> Result<Response<cri::StopContainerResponse>, Status> {
+        let r = request.into_inner();
+        let server = Arc::clone(&self.server);
+        blocking(move || server.stop_container(&r.container_id, r.timeout)).await?;
+        Ok(Response::new(cri::StopContainerResponse {}))
+    }
+
+    async fn remove_container(
+        &self,
+        request: Request<cri::RemoveContainerRequest>,
+    ) -> Result<Response<cri::RemoveContainerResponse>, Status> {
+        let id = request.into_inner().container_id;
+        let server = Arc::clone(&self.server);
+        blocking(move || server.remove_container(&id)).await?;
+        Ok(Response::new(cri::RemoveContainerResponse {}))
+    }
+
+    async fn list_containers(
+        &self,
+        request: Request<cri::ListContainersRequest>,
+    ) -> Result<Response<cri::ListContainersResponse>, Status> {
+        let f = request.into_inner().filter.unwrap_or_default();
+        let containers = self
+            .server
+            .containers()
+            .iter()
+            .filter(|c| f.id.is_empty() || c.id == f.id)
+            .filter(|c| f.pod_sandbox_id.is_empty() || c.sandbox_id == f.pod_sandbox_id)
+            .filter(|c| {
+                f.state
+                    .as_ref()
+                    .is_none_or(|v| v.state == container_state(c.state))
+            })
+            .filter(|c| store::matches_labels(&c.labels, &f.label_selector))
+            .map(container_item)
+            .collect();
+        Ok(Response::new(cri::ListContainersResponse { containers }))
+    }
+
+    async fn container_status(
+        &self,
+        request: Request<cri::ContainerStatusRequest>,
+    ) -> Result<Response<cri::ContainerStatusResponse>, Status> {
+        let r = request.into_inner();
+        let c = self.server.container(&r.container_id).map_err(status)?;
+        Ok(Response::new(cri::ContainerStatusResponse {
+            status: Some(container_status(&c)),
+            info: HashMap::new(),
+        }))
+    }
+
+    async fn update_container_resources(
+        &self,
+        _: Request<cri::UpdateContainerResourcesRequest>,
+    ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
+        Err(unimplemented("UpdateContainerResources"))
+    }
+
+    async fn reopen_container_log(
+        &self,
+        request: Request<cri::ReopenContainerLogRequest>,
+    ) -> Result<Response<cri::ReopenContainerLogResponse>, Status> {
+        let id = request.into_inner().container_id;
+        let server = Arc::clone(&self.server);
+        blocking(move || server.reopen_log(&id)).await?;
+        Ok(Response::new(cri::ReopenContainerLogResponse {}))
+    }
+
+    async fn exec_sync(
+        &self,
+        request: Request<cri::ExecSyncRequest>,
+    ) -> Result<Response<cri::ExecSyncResponse>, Status> {
+        let r = request.into_inner();
+        let server = Arc::clone(&self.server);
+        let (stdout, stderr, exit_code) =
+            blocking(move || server.exec_sync(&r.container_id, r.cmd, r.timeout)).await?;
+        Ok(Response::new(cri::ExecSyncResponse {
+            stdout,
+            stderr,
+            exit_code,
+        }))
+    }
+
+    async fn exec(
+        &self,
+        _: Request<cri::ExecRequest>,
+    ) -> Result<Response<cri::ExecResponse>, Status> {
+        Err(unimplemented("Exec (the streaming server)"))
+    }
+
+    async fn attach(
+        &self,
+        _: Request<cri::AttachRequest>,
+    ) -> Result<Response<cri::AttachResponse>, Status> {
+        Err(unimplemented("Attach (the streaming server)"))
+    }
+
+    async fn port_forward(
+        &self,
+        _: Request<cri::PortForwardRequest>,
+    ) -> Result<Response<cri::PortForwardResponse>, Status> {
+        Err(unimplemented("PortForward (the streaming server)"))
+    }
+
+    async fn container_stats(
+        &self,
+        request: Request<cri::ContainerStatsRequest>,
+    ) -> Result<Response<cri::ContainerStatsResponse>, Status> {
+        let id = request.into_inner().container_id;
+        let server = Arc::clone(&self.server);
+        let (c, s) = blocking(move || server.stats(&id)).await?;
+        Ok(Response::new(cri::ContainerStatsResponse {
+            stats: Some(container_stats(&c, s.as_ref())),
+        }))
+    }
+
+    async fn list_container_stats(
+        &self,
+        request: Request<cri::ListContainerStatsRequest>,
+    ) -> Result<Response<cri::ListContainerStatsResponse>, Status> {
+        let f = request.into_inner().filter.unwrap_or_default();
+        let ids: Vec<String> = self
+            .server
+            .containers()
+            .iter()
+            .filter(|c| c.state == ContainerState::Running)
+            .filter(|c| f.id.is_empty() || c.id == f.id)
+            .filter(|c| f.pod_sandbox_id.is_empty() || c.sandbox_id == f.pod_sandbox_id)
+            .filter(|c| store::matches_labels(&c.labels, &f.label_selector))
+            .map(|c| c.id.clone())
+            .collect();
+        let server = Arc::clone(&self.server);
+        let stats = blocking(move || {
+            Ok(ids
+                .iter()
+                .filter_map(|id| server.stats(id).ok())
+                .map(|(c, s)| container_stats(&c, s.as_ref()))
+                .collect())
+        })
+        .await?;
+        Ok(Response::new(cri::ListContainerStatsResponse { stats }))
+    }
+
+    async fn pod_sandbox_stats(
+        &self,
+        _: Request<cri::PodSandboxStatsRequest>,
+    ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
+        Err(unimplemented("PodSandboxStats"))
+    }
+
+    async fn list_pod_sandbox_stats(
+        &self,
+        _: Request<cri::ListPodSandboxStatsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
+        Err(unimplemented("ListPodSandboxStats"))
+    }
+
+    async fn update_runtime_config(
+        &self,
+        _: Request<cri::UpdateRuntimeConfigRequest>,
+    ) -> Result<Response<cri::UpdateRuntimeConfigResponse>, Status> {
+        // kubelet sends the node's pod CIDR; pod networking comes from CNI.
+        Ok(Response::new(cri::UpdateRuntimeConfigResponse {}))
+    }
+
+    async fn status(
+        &self,
+        request: Request<cri::StatusRequest>,
+    ) -> Result<Response<cri::StatusResponse>, Status> {
+        let verbose = request.into_inner().verbose;
+        let server = Arc::clone(&self.server);
+        let ready = blocking(move || Ok(server.runtime_ready())).await?;
+        let runtime = match &ready {
+            Ok(()) => cri::RuntimeCondition {
+                r#type: "RuntimeReady".into(),
+                status: true,
+                ..Default::default()
+            },
+            Err(why) => cri::RuntimeCondition {
+                r#type: "RuntimeReady".into(),
+                status: false,
+                reason: "VmmNotReady".into(),
+                message: why.clone(),
+            },
+        };
+        let network = cri::RuntimeCondition {
+            r#type: "NetworkReady".into(),
+            status: false,
+            reason: "NetworkPluginNotReady".into(),
+            message: "atoll-cri does not set up pod networks (CNI) yet: pods have loopback only"
+                .into(),
+        };
+        let mut info = HashMap::new();
+        if verbose {
+            info.insert(
+                "config".to_owned(),
+                serde_json::json!({
+                    "state_dir": self.server.cfg.state_dir,
+                    "run_dir": self.server.cfg.run_dir,
+                    "runtime_handlers": self.server.cfg.runtime_handlers,
+                    "kernel": self.server.artifacts.kernel,
+                    "vmm": self.server.artifacts.vmm,
+                })
+                .to_string(),
+            );
+        }
+        let handlers = std::iter::once(String::new())
+            .chain(self.server.cfg.runtime_handlers.iter().cloned())
+            .map(|name| cri::RuntimeHandler {
+                name,
+                features: Some(cri::RuntimeHandlerFeatures {
+                    recursive_read_only_mounts: false,
+                    user_namespaces: false,
+                }),
+            })
+            .collect();
+        Ok(Response::new(cri::StatusResponse {
+            status: Some(cri::RuntimeStatus {
+                conditions: vec![runtime, network],
+            }),
+            info,
+            runtime_handlers: handlers,
+            features: None,
+        }))
+    }
+
+    async fn checkpoint_container(
+        &self,
+        _: Request<cri::CheckpointContainerRequest>,
+    ) -> Result<Response<cri::CheckpointContainerResponse>, Status> {
+        Err(unimplemented("CheckpointContainer"))
+    }
+
+    type GetContainerEventsStream =
+        tokio_stream::wrappers::ReceiverStream<Result<cri::ContainerEventResponse, Status>>;
+
+    async fn get_container_events(
+        &self,
+        _: Request<cri::GetEventsRequest>,
+    ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+        Err(unimplemented("GetContainerEvents"))
+    }
+
+    async fn list_metric_descriptors(
+        &self,
+        _: Request<cri::ListMetricDescriptorsRequest>,
+    ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
+        Ok(Response::new(cri::ListMetricDescriptorsResponse {
+            descriptors: Vec::new(),
+        }))
+    }
+
+    async fn list_pod_sandbox_metrics(
+        &self,
+        _: Request<cri::ListPodSandboxMetricsRequest>,
+    ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
+        Ok(Response::new(cri::ListPodSandboxMetricsResponse {
+            pod_metrics: Vec::new(),
+        }))
+    }
+
+    async fn runtime_config(
+        &self,
+        _: Request<cri::RuntimeConfigRequest>,
+    ) -> Result<Response<cri::RuntimeConfigResponse>, Status> {
+        // Containers live in the guest's own cgroup v2 tree, written directly.
+        Ok(Response::new(cri::RuntimeConfigResponse {
+            linux: Some(cri::LinuxRuntimeConfiguration {
+                cgroup_driver: cri::CgroupDriver::Cgroupfs as i32,
+            }),
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn security_maps_profiles_capabilities_and_users() {
+        let s = security(None).unwrap();
+        assert_eq!(s.seccomp, v1::security::Seccomp::Unconfined as i32);
+        let sc = cri::LinuxContainerSecurityContext {
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::RuntimeDefault as i32,
+                localhost_ref: String::new(),
+            }),
+            capabilities: Some(cri::Capability {
+                add_capabilities: vec!["NET_ADMIN".into()],
+                drop_capabilities: vec!["ALL".into()],
+                ..Default::default()
+            }),
+            run_as_user: Some(cri::Int64Value { value: 1000 }),
+            run_as_group: Some(cri::Int64Value { value: 100 }),
+            ..Default::default()
+        };
+        let s = security(Some(&sc)).unwrap();
+        assert_eq!(s.seccomp, v1::security::Seccomp::RuntimeDefault as i32);
+        assert_eq!(s.add_capabilities, vec!["CAP_NET_ADMIN"]);
+        assert_eq!(s.drop_capabilities, vec!["ALL"]);
+        assert_eq!(user(Some(&sc)).as_deref(), Some("1000:100"));
+        let bad = cri::LinuxContainerSecurityContext {
+            seccomp: Some(cri::SecurityProfile {
+                profile_type: cri::security_profile::ProfileType::Localhost as i32,
+                localhost_ref: "/nonexistent/profile.json".into(),
+            }),
+            ..Default::default()
+        };
+        let e = security(Some(&bad)).unwrap_err().to_string();
+        assert!(
+            e.starts_with("seccomp profile /nonexistent/profile.json: "),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn limits_map_to_the_guest_cgroup() {
+        let r = resources(Some(&cri::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            cpu_quota: 50_000,
+            cpu_period: 0,
+            ..Default::default()
+        }));
+        assert_eq!(
+            (r.memory_limit_bytes, r.cpu_quota_us, r.cpu_period_us),
+            (64 << 20, 50_000, 100_000)
+        );
+        assert_eq!(resources(None), v1::Resources::default());
+    }
+}

@@ -1,0 +1,1678 @@
+//! What atoll-cri does, without gRPC: every CRI operation as a blocking method of
+//! [`Server`] ([`super::runtime`] and [`super::images`] run them on tokio's blocking
+//! pool and map their errors to gRPC statuses).
+//!
+//! A sandbox is one pod VM, a clone of the warm pool's template for its size,
+//! started detached (its own session: it outlives the server) with its control API
+//! on. The template's spare disk slots receive the pod's images while it runs
+//! (`PATCH /drives/{id}`), one slot per image however many containers use it; a
+//! container is a few agent calls. Records are persisted at every change
+//! ([`super::store`]); the in-memory maps are a cache of them.
+//!
+//! Locks: `state` is held only to read or change records, never across a call to
+//! the guest or the VMM. Operations on one sandbox's slots are serialised by that
+//! sandbox's own lock.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use atoll_agent_proto::v1;
+use atoll_image::oci::store::Store as ImageStore;
+
+use super::config::Config;
+use super::logs::{self, LogFile, SharedLog};
+use super::store::{
+    self, ContainerRecord, ContainerState, Meta, SandboxRecord, SandboxState, Slot, Store,
+};
+use crate::agent::{AgentClient, AgentError};
+use crate::pod::image::{self, ImageRootfs, RootfsFrom};
+use crate::pod::template::{self, TemplateSpec, SLOTS};
+use crate::pod::{PodConfig, PodHandle, API_SOCK};
+
+/// How long one agent request may take (create mounts an image; the guest is slow
+/// under emulation).
+const AGENT_CALL: Duration = Duration::from_secs(30);
+/// How long a connection to a running pod's agent may take.
+const AGENT_CONNECT: Duration = Duration::from_secs(10);
+/// How long the VM gets to power off before it is killed.
+const VM_STOP: Duration = Duration::from_secs(5);
+/// How long stopping waits for the container's exit to be recorded.
+const EXIT_RECORDED: Duration = Duration::from_secs(10);
+/// ExecSync output kept per stream (the rest is read and dropped), as the CRI asks.
+pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
+/// How often the VM watcher looks at every ready sandbox's VMM.
+const WATCH_EVERY: Duration = Duration::from_millis(200);
+/// Why a container stopped when its VM went away.
+const VM_ENDED: &str = "its pod's VM ended (killed, or the guest crashed)";
+/// The empty file a released slot goes back to.
+const EMPTY_DISK: &str = "empty.img";
+
+/// An operation's failure, as gRPC will report it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CriError {
+    InvalidArgument(String),
+    NotFound(String),
+    AlreadyExists(String),
+    FailedPrecondition(String),
+    ResourceExhausted(String),
+    DeadlineExceeded(String),
+    Unavailable(String),
+    Internal(String),
+}
+
+impl std::fmt::Display for CriError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = match self {
+            CriError::InvalidArgument(m)
+            | CriError::NotFound(m)
+            | CriError::AlreadyExists(m)
+            | CriError::FailedPrecondition(m)
+            | CriError::ResourceExhausted(m)
+            | CriError::DeadlineExceeded(m)
+            | CriError::Unavailable(m)
+            | CriError::Internal(m) => m,
+        };
+        f.write_str(m)
+    }
+}
+
+pub type CriResult<T> = Result<T, CriError>;
+
+/// An agent message, cut and freed of control characters before it reaches a
+/// gRPC status (the guest is hostile; a client may print it on a terminal).
+pub fn clean_message(s: &str) -> String {
+    const MAX: usize = 1024;
+    let mut out: String = s
+        .chars()
+        .map(|c| if c.is_control() && c != '\n' { '?' } else { c })
+        .take(MAX)
+        .collect();
+    if s.chars().count() > MAX {
+        out.push_str("...");
+    }
+    out
+}
+
+fn agent_error(what: &str, e: &AgentError) -> CriError {
+    let m = clean_message(&format!("{what}: {e}"));
+    match e.code() {
+        Some(v1::error::Code::InvalidArgument) => CriError::InvalidArgument(m),
+        Some(v1::error::Code::NotFound) => CriError::NotFound(m),
+        Some(v1::error::Code::AlreadyExists) => CriError::AlreadyExists(m),
+        Some(v1::error::Code::FailedPrecondition) => CriError::FailedPrecondition(m),
+        Some(v1::error::Code::ResourceExhausted) => CriError::ResourceExhausted(m),
+        Some(_) => CriError::Internal(m),
+        None => CriError::Unavailable(m),
+    }
+}
+
+/// Nanoseconds since the epoch.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A new id: 64 hex digits, as containerd's.
+pub fn new_id() -> String {
+    let mut b = [0u8; 32];
+    crate::pod::getrandom(&mut b).expect("getrandom");
+    hex::encode(b)
+}
+
+/// The guest kernel, initramfs and VMM sandboxes boot.
+#[derive(Debug, Clone)]
+pub struct Artifacts {
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub vmm: PathBuf,
+}
+
+/// What is known in memory besides the records.
+#[derive(Default)]
+struct State {
+    sandboxes: HashMap<String, SandboxRecord>,
+    containers: HashMap<String, ContainerRecord>,
+    /// Log files of running containers (ReopenContainerLog).
+    logs: HashMap<String, SharedLog>,
+    /// One lock per sandbox for its slots and its start/stop.
+    locks: HashMap<String, Arc<Mutex<()>>>,
+}
+
+/// The server.
+pub struct Server {
+    pub cfg: Config,
+    pub artifacts: Artifacts,
+    pub image_store: PathBuf,
+    store: Store,
+    state: Mutex<State>,
+    /// Held for the server's life: one server per state directory.
+    _lock: std::fs::File,
+}
+
+/// Why a server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("another atoll-cri uses the state directory {0}; stop it first")]
+    Locked(PathBuf),
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("state_dir", &self.cfg.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a container runs, merged from its image and the CRI config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Process {
+    pub args: Vec<String>,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub user: String,
+}
+
+/// Merges the image's config with the container config as the CRI says: `command`
+/// replaces the image's entrypoint (and its cmd), `args` replace its cmd; envs
+/// override by name; the working dir and user replace the image's.
+pub fn merge_process(
+    img: &atoll_image::oci::convert::GuestConfig,
+    command: &[String],
+    args: &[String],
+    envs: &[(String, String)],
+    working_dir: &str,
+    user: Option<String>,
+) -> CriResult<Process> {
+    let argv: Vec<String> = if !command.is_empty() {
+        command.iter().chain(args).cloned().collect()
+    } else {
+        let cmd = if args.is_empty() { &img.cmd } else { args };
+        img.entrypoint.iter().chain(cmd).cloned().collect()
+    };
+    if argv.is_empty() {
+        return Err(CriError::InvalidArgument(
+            "the container has no command: its image sets no entrypoint or cmd, and the config no command or args".into(),
+        ));
+    }
+    let mut env = img.env.clone();
+    for (k, v) in envs {
+        if k.is_empty() || k.contains('=') {
+            return Err(CriError::InvalidArgument(format!(
+                "envs: {k:?} is not a variable name"
+            )));
+        }
+        env.retain(|e| e.split_once('=').map(|(n, _)| n) != Some(k.as_str()));
+        env.push(format!("{k}={v}"));
+    }
+    let cwd = if working_dir.is_empty() {
+        img.working_dir.clone()
+    } else {
+        working_dir.to_owned()
+    };
+    Ok(Process {
+        args: argv,
+        env,
+        cwd: if cwd.is_empty() { "/".into() } else { cwd },
+        user: user.unwrap_or_else(|| img.user.clone()),
+    })
+}
+
+/// How a sandbox asks to be made.
+#[derive(Debug, Clone, Default)]
+pub struct SandboxRequest {
+    pub meta: Meta,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub hostname: String,
+    pub log_directory: String,
+    pub runtime_handler: String,
+    pub memory_bytes: i64,
+    pub cpu_quota: i64,
+    pub cpu_period: i64,
+}
+
+/// How a container asks to be made.
+#[derive(Debug, Clone, Default)]
+pub struct ContainerRequest {
+    pub sandbox_id: String,
+    pub meta: Meta,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    pub image: String,
+    pub command: Vec<String>,
+    pub args: Vec<String>,
+    pub envs: Vec<(String, String)>,
+    pub working_dir: String,
+    pub user: Option<String>,
+    pub log_path: String,
+    pub tty: bool,
+    pub stdin: bool,
+    pub readonly_rootfs: bool,
+    pub resources: v1::Resources,
+    pub security: v1::Security,
+}
+
+impl Server {
+    /// A server over the records in `cfg.state_dir`; call [`Server::recover`] next.
+    pub fn new(
+        cfg: Config,
+        artifacts: Artifacts,
+        image_store: PathBuf,
+    ) -> Result<Self, StartError> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StartError::Io { path, source }
+        };
+        let store = Store::open(&cfg.state_dir).map_err(io(&cfg.state_dir))?;
+        std::fs::create_dir_all(&cfg.run_dir).map_err(io(&cfg.run_dir))?;
+        let lock_path = cfg.state_dir.join("lock");
+        let lock = std::fs::File::create(&lock_path).map_err(io(&lock_path))?;
+        match rustix::fs::flock(&lock, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(StartError::Locked(cfg.state_dir.clone()))
+            }
+            Err(e) => return Err(io(&lock_path)(e.into())),
+        }
+        Ok(Self {
+            cfg,
+            artifacts,
+            image_store,
+            store,
+            state: Mutex::new(State::default()),
+            _lock: lock,
+        })
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sandbox_lock(&self, id: &str) -> Arc<Mutex<()>> {
+        self.state().locks.entry(id.to_owned()).or_default().clone()
+    }
+
+    fn save_sandbox(&self, r: &SandboxRecord) {
+        if let Err(e) = self.store.put_sandbox(r) {
+            tracing::error!("{e}");
+        }
+    }
+
+    fn save_container(&self, r: &ContainerRecord) {
+        if let Err(e) = self.store.put_container(r) {
+            tracing::error!("{e}");
+        }
+    }
+
+    /// Takes over what an earlier server left: half-made sandboxes are removed,
+    /// running VMs adopted (their containers watched again), dead ones marked.
+    pub fn recover(self: &Arc<Self>) {
+        let (sandboxes, containers) = self.store.load();
+        let mut adopted = Vec::new();
+        for mut s in sandboxes {
+            match s.state {
+                SandboxState::Creating => {
+                    tracing::info!("removing sandbox {} left half-made", s.id);
+                    kill_vmm(&s);
+                    remove_pod_dir(&s.pod_dir);
+                    self.store.delete_sandbox(&s.id);
+                    for c in containers.iter().filter(|c| c.sandbox_id == s.id) {
+                        self.store.delete_container(&c.id);
+                    }
+                    continue;
+                }
+                SandboxState::Ready if !store::vmm_alive(&s) => {
+                    s.state = SandboxState::NotReady;
+                    s.message = "its VM ended while atoll-cri was not running".into();
+                    remove_pod_dir(&s.pod_dir);
+                    self.save_sandbox(&s);
+                }
+                SandboxState::Ready => adopted.push(s.id.clone()),
+                SandboxState::NotReady => {}
+            }
+            self.state().sandboxes.insert(s.id.clone(), s);
+        }
+        for mut c in containers {
+            let ready = self
+                .state()
+                .sandboxes
+                .get(&c.sandbox_id)
+                .map(|s| s.state == SandboxState::Ready);
+            match ready {
+                None => {
+                    self.store.delete_container(&c.id);
+                    continue;
+                }
+                Some(false)
+                    if matches!(c.state, ContainerState::Running | ContainerState::Created) =>
+                {
+                    mark_lost(&mut c, VM_ENDED);
+                    self.save_container(&c);
+                }
+                _ => {}
+            }
+            let running = ready == Some(true) && c.state == ContainerState::Running;
+            let id = c.id.clone();
+            self.state().containers.insert(id.clone(), c);
+            if running {
+                // Its output was copied by the server that is gone: only the exit
+                // is watched again.
+                let me = Arc::clone(self);
+                std::thread::spawn(move || me.wait_exit(&id, Vec::new()));
+            }
+        }
+        if !adopted.is_empty() {
+            tracing::info!("adopted {} running sandbox(es)", adopted.len());
+        }
+    }
+
+    /// Watches every ready sandbox's VMM; one that is gone turns its sandbox
+    /// NotReady and its containers Exited within [`WATCH_EVERY`].
+    pub fn spawn_watcher(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(WATCH_EVERY);
+            let ready: Vec<SandboxRecord> = me
+                .state()
+                .sandboxes
+                .values()
+                .filter(|s| s.state == SandboxState::Ready)
+                .cloned()
+                .collect();
+            for s in ready {
+                if !store::vmm_alive(&s) {
+                    me.vm_ended(&s.id);
+                }
+            }
+        });
+    }
+
+    /// The VM of a ready sandbox is gone without being stopped.
+    fn vm_ended(&self, id: &str) {
+        let (sandbox, lost) = {
+            let mut st = self.state();
+            let Some(s) = st.sandboxes.get_mut(id) else {
+                return;
+            };
+            if s.state != SandboxState::Ready {
+                return;
+            }
+            s.state = SandboxState::NotReady;
+            s.message = "its VM ended without being stopped (killed, or the guest crashed)".into();
+            let s = s.clone();
+            let mut lost = Vec::new();
+            for c in st.containers.values_mut().filter(|c| c.sandbox_id == id) {
+                if matches!(c.state, ContainerState::Running | ContainerState::Created) {
+                    mark_lost(c, VM_ENDED);
+                    lost.push(c.clone());
+                }
+            }
+            (s, lost)
+        };
+        tracing::warn!("sandbox {id}: {}", sandbox.message);
+        self.save_sandbox(&sandbox);
+        for c in &lost {
+            self.save_container(c);
+        }
+        remove_pod_dir(&sandbox.pod_dir);
+    }
+
+    // ---- sandboxes ----
+
+    /// RunPodSandbox.
+    pub fn run_sandbox(self: &Arc<Self>, req: SandboxRequest) -> CriResult<String> {
+        let m = &req.meta;
+        if m.name.is_empty() || m.namespace.is_empty() || m.uid.is_empty() {
+            return Err(CriError::InvalidArgument(
+                "config.metadata needs a name, a namespace and a uid".into(),
+            ));
+        }
+        if !self.cfg.serves_handler(&req.runtime_handler) {
+            return Err(CriError::InvalidArgument(format!(
+                "runtime handler {:?} is not served by atoll-cri (it serves {:?}); check the RuntimeClass's handler and runtime_handlers in the atoll-cri config",
+                req.runtime_handler, self.cfg.runtime_handlers
+            )));
+        }
+        let hostname = if req.hostname.is_empty() {
+            m.name.clone()
+        } else {
+            req.hostname.clone()
+        };
+        let (vcpus, mem_mib) =
+            self.cfg
+                .sandbox_size(req.memory_bytes, req.cpu_quota, req.cpu_period);
+        let id = new_id();
+        let pod_dir = crate::pod::state::pods_dir(&self.cfg.run_dir).join(&id);
+        let mut rec = SandboxRecord {
+            id: id.clone(),
+            meta: req.meta.clone(),
+            labels: req.labels,
+            annotations: req.annotations,
+            runtime_handler: req.runtime_handler,
+            log_directory: req.log_directory,
+            hostname: hostname.clone(),
+            created_ns: now_ns(),
+            state: SandboxState::Creating,
+            vcpus,
+            mem_mib,
+            pod_dir: pod_dir.clone(),
+            vmm_pid: None,
+            vmm_start: None,
+            slots: (0..SLOTS)
+                .map(|n| Slot {
+                    drive_id: format!("slot{n}"),
+                    image: None,
+                })
+                .collect(),
+            message: String::new(),
+        };
+        {
+            // The name is taken under the lock, before the slow part: concurrent
+            // identical requests make one sandbox.
+            let mut st = self.state();
+            if let Some(other) = st.sandboxes.values().find(|s| s.meta == req.meta) {
+                return Err(CriError::AlreadyExists(format!(
+                    "a sandbox named {}/{} (uid {}, attempt {}) exists: {}",
+                    m.namespace, m.name, m.uid, m.attempt, other.id
+                )));
+            }
+            st.sandboxes.insert(id.clone(), rec.clone());
+        }
+        self.save_sandbox(&rec);
+        let started = self.start_vm(&rec);
+        let (pid, start) = match started {
+            Ok(v) => v,
+            Err(e) => {
+                self.state().sandboxes.remove(&id);
+                self.store.delete_sandbox(&id);
+                remove_pod_dir(&pod_dir);
+                return Err(e);
+            }
+        };
+        rec.vmm_pid = Some(pid);
+        rec.vmm_start = start;
+        rec.state = SandboxState::Ready;
+        let kept = {
+            let mut st = self.state();
+            match st.sandboxes.get_mut(&id) {
+                Some(r) => {
+                    *r = rec.clone();
+                    true
+                }
+                None => false,
+            }
+        };
+        if !kept {
+            // Removed while it started (RemovePodSandbox on an id it could not
+            // know yet cannot happen; a shutdown can): stop what was started.
+            kill_vmm(&rec);
+            remove_pod_dir(&pod_dir);
+            return Err(CriError::Unavailable("atoll-cri is shutting down".into()));
+        }
+        self.save_sandbox(&rec);
+        tracing::info!(
+            "sandbox {id} ({}/{}) ready: {vcpus} vCPU, {mem_mib} MiB",
+            m.namespace,
+            m.name
+        );
+        Ok(id)
+    }
+
+    /// Starts the sandbox's VM (a template clone); its VMM's pid and start time.
+    fn start_vm(&self, rec: &SandboxRecord) -> CriResult<(u32, Option<u64>)> {
+        let a = &self.artifacts;
+        let mut cfg = PodConfig::new(
+            &rec.id,
+            a.kernel.clone(),
+            a.initramfs.clone(),
+            a.vmm.clone(),
+        );
+        cfg.name = rec.meta.name.clone();
+        cfg.vcpus = rec.vcpus;
+        cfg.mem_mib = rec.mem_mib;
+        cfg.run_dir = self.cfg.run_dir.clone();
+        cfg.api = true;
+        cfg.detached = true;
+        cfg.agent_timeout = Duration::from_secs(self.cfg.agent_timeout_secs);
+        cfg.hostname = crate::pod::net::valid_hostname(&rec.hostname).then(|| rec.hostname.clone());
+        let spec = TemplateSpec {
+            kernel: cfg.kernel.clone(),
+            initramfs: cfg.initramfs.clone(),
+            vmm: cfg.vmm.clone(),
+            vcpus: cfg.vcpus,
+            mem_mib: cfg.mem_mib,
+            net: false,
+        };
+        let pod = template::start_pod(cfg, &spec)
+            .map_err(|e| CriError::Internal(clean_message(&format!("starting the pod VM: {e}"))))?;
+        let dir = pod.dir().to_owned();
+        let Some(detached) = pod.detach() else {
+            return Err(CriError::Internal("the pod VM ended as it started".into()));
+        };
+        if let Err(e) = std::fs::File::create(dir.join(EMPTY_DISK)) {
+            let _ = nix_kill(detached.vmm.id());
+            return Err(CriError::Internal(format!("{}: {e}", dir.display())));
+        }
+        let pid = detached.vmm.id();
+        let start = store::process_start(pid);
+        let mut child = detached.vmm;
+        // Reaps the VMM when it ends (the watcher notices that it is gone).
+        std::thread::spawn(move || {
+            let _ = child.wait();
+            if let Some(t) = detached.console {
+                let _ = t.join();
+            }
+        });
+        Ok((pid, start))
+    }
+
+    /// StopPodSandbox: idempotent.
+    pub fn stop_sandbox(&self, id: &str) -> CriResult<()> {
+        let lock = self.sandbox_lock(id);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (rec, stopped) = {
+            let mut st = self.state();
+            let Some(s) = st.sandboxes.get_mut(id) else {
+                return Ok(());
+            };
+            if s.state != SandboxState::Ready {
+                return Ok(());
+            }
+            s.state = SandboxState::NotReady;
+            for slot in &mut s.slots {
+                slot.image = None;
+            }
+            let rec = s.clone();
+            let mut stopped = Vec::new();
+            for c in st.containers.values_mut().filter(|c| c.sandbox_id == id) {
+                match c.state {
+                    ContainerState::Running => {
+                        c.state = ContainerState::Exited;
+                        c.finished_ns = now_ns();
+                        c.exit_code = 137;
+                        c.reason = "Error".into();
+                        c.message = "killed when its pod stopped".into();
+                        stopped.push(c.clone());
+                    }
+                    ContainerState::Created => {
+                        c.state = ContainerState::Exited;
+                        c.finished_ns = now_ns();
+                        c.exit_code = 0;
+                        c.reason = "Error".into();
+                        c.message = "never started: its pod stopped".into();
+                        stopped.push(c.clone());
+                    }
+                    _ => {}
+                }
+            }
+            (rec, stopped)
+        };
+        self.save_sandbox(&rec);
+        for c in &stopped {
+            self.save_container(c);
+        }
+        shutdown_vm(&rec);
+        remove_pod_dir(&rec.pod_dir);
+        tracing::info!("sandbox {id} stopped");
+        Ok(())
+    }
+
+    /// RemovePodSandbox: stops it first if it runs; idempotent.
+    pub fn remove_sandbox(&self, id: &str) -> CriResult<()> {
+        self.stop_sandbox(id)?;
+        let containers: Vec<String> = {
+            let mut st = self.state();
+            if st.sandboxes.remove(id).is_none() {
+                return Ok(());
+            }
+            st.locks.remove(id);
+            let ids: Vec<String> = st
+                .containers
+                .values()
+                .filter(|c| c.sandbox_id == id)
+                .map(|c| c.id.clone())
+                .collect();
+            for c in &ids {
+                st.containers.remove(c);
+                st.logs.remove(c);
+            }
+            ids
+        };
+        for c in &containers {
+            self.store.delete_container(c);
+        }
+        self.store.delete_sandbox(id);
+        Ok(())
+    }
+
+    /// One sandbox.
+    pub fn sandbox(&self, id: &str) -> CriResult<SandboxRecord> {
+        self.state()
+            .sandboxes
+            .get(id)
+            .filter(|s| s.state != SandboxState::Creating)
+            .cloned()
+            .ok_or_else(|| CriError::NotFound(format!("no sandbox {id:?}")))
+    }
+
+    /// Every sandbox (not those still being made).
+    pub fn sandboxes(&self) -> Vec<SandboxRecord> {
+        let mut v: Vec<SandboxRecord> = self
+            .state()
+            .sandboxes
+            .values()
+            .filter(|s| s.state != SandboxState::Creating)
+            .cloned()
+            .collect();
+        v.sort_by_key(|s| s.created_ns);
+        v
+    }
+
+    // ---- containers ----
+
+    /// CreateContainer.
+    pub fn create_container(self: &Arc<Self>, req: ContainerRequest) -> CriResult<String> {
+        if req.meta.name.is_empty() {
+            return Err(CriError::InvalidArgument(
+                "config.metadata.name is required".into(),
+            ));
+        }
+        if req.image.is_empty() {
+            return Err(CriError::InvalidArgument(
+                "config.image.image is required".into(),
+            ));
+        }
+        let sandbox = self.sandbox(&req.sandbox_id)?;
+        if sandbox.state != SandboxState::Ready {
+            return Err(CriError::FailedPrecondition(format!(
+                "sandbox {} is not ready",
+                req.sandbox_id
+            )));
+        }
+        {
+            let st = self.state();
+            if let Some(c) = st.containers.values().find(|c| {
+                c.sandbox_id == req.sandbox_id
+                    && c.meta.name == req.meta.name
+                    && c.meta.attempt == req.meta.attempt
+            }) {
+                return Err(CriError::AlreadyExists(format!(
+                    "container {:?} (attempt {}) exists in sandbox {}: {}",
+                    req.meta.name, req.meta.attempt, req.sandbox_id, c.id
+                )));
+            }
+        }
+        // The image, converted once (cached in the store).
+        let store = ImageStore::open(&self.image_store)
+            .map_err(|e| CriError::Internal(format!("the image store: {e}")))?;
+        let (name, digest) = store.resolve(&req.image).map_err(|_| {
+            CriError::NotFound(format!(
+                "image {:?} is not on this node: pull it first",
+                req.image
+            ))
+        })?;
+        let prepared = image::prepare(&self.image_store, &name, RootfsFrom::Auto)
+            .map_err(|e| CriError::Internal(clean_message(&format!("image {name}: {e}"))))?;
+        let process = merge_process(
+            &prepared.config,
+            &req.command,
+            &req.args,
+            &req.envs,
+            &req.working_dir,
+            req.user.clone(),
+        )?;
+        let image_id = format!("sha256:{}", digest.hex());
+        let image_ref = repo_digest(&name, &digest.to_string());
+        let id = new_id();
+        let log_path = if req.log_path.is_empty() || sandbox.log_directory.is_empty() {
+            String::new()
+        } else {
+            Path::new(&sandbox.log_directory)
+                .join(&req.log_path)
+                .display()
+                .to_string()
+        };
+
+        let lock = self.sandbox_lock(&req.sandbox_id);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let sandbox = self.sandbox(&req.sandbox_id)?;
+        if sandbox.state != SandboxState::Ready {
+            return Err(CriError::FailedPrecondition(format!(
+                "sandbox {} is not ready",
+                req.sandbox_id
+            )));
+        }
+        let (slot, attached_now) = self.attach_image(&sandbox, &image_id, &prepared.rootfs)?;
+        let serial = self.sandbox(&req.sandbox_id)?.slots[slot].drive_id.clone();
+        let rootfs_source = match &prepared.rootfs {
+            ImageRootfs::Erofs(_) => v1::rootfs::Source::Block(v1::BlockImage {
+                serial: serial.clone(),
+                fs_type: "erofs".into(),
+            }),
+            ImageRootfs::Layers(disk) => {
+                let mut r = disk.request();
+                r.serial = serial.clone();
+                v1::rootfs::Source::Layers(r)
+            }
+        };
+        let create = v1::CreateContainer {
+            id: id.clone(),
+            rootfs: Some(v1::Rootfs {
+                source: Some(rootfs_source),
+                readonly: req.readonly_rootfs,
+            }),
+            process: Some(v1::Process {
+                args: process.args.clone(),
+                env: process.env.clone(),
+                cwd: process.cwd.clone(),
+                user: process.user.clone(),
+                terminal: req.tty,
+                stdin: req.stdin,
+                rows: if req.tty { 24 } else { 0 },
+                cols: if req.tty { 80 } else { 0 },
+                rlimits: Vec::new(),
+            }),
+            hostname: sandbox.hostname.clone(),
+            mounts: Vec::new(),
+            resources: Some(req.resources),
+            security: Some(req.security.clone()),
+        };
+        let created = agent(&sandbox).and_then(|mut c| {
+            c.create(create)
+                .map_err(|e| agent_error("creating the container in the guest", &e))
+        });
+        if let Err(e) = created {
+            if attached_now {
+                self.release_slot(&req.sandbox_id, slot);
+            }
+            return Err(e);
+        }
+        let rec = ContainerRecord {
+            id: id.clone(),
+            sandbox_id: req.sandbox_id.clone(),
+            meta: req.meta,
+            labels: req.labels,
+            annotations: req.annotations,
+            image: req.image,
+            image_id,
+            image_ref,
+            serial,
+            log_path,
+            tty: req.tty,
+            stdin: req.stdin,
+            env: process.env,
+            cwd: process.cwd,
+            user: process.user,
+            created_ns: now_ns(),
+            started_ns: 0,
+            finished_ns: 0,
+            exit_code: 0,
+            state: ContainerState::Created,
+            reason: String::new(),
+            message: String::new(),
+        };
+        self.state().containers.insert(id.clone(), rec.clone());
+        self.save_container(&rec);
+        Ok(id)
+    }
+
+    /// The slot holding image `image_id` in the sandbox, attaching it to a free
+    /// slot first if none does. Called with the sandbox's lock held.
+    fn attach_image(
+        &self,
+        sandbox: &SandboxRecord,
+        image_id: &str,
+        rootfs: &ImageRootfs,
+    ) -> CriResult<(usize, bool)> {
+        if let Some(n) = sandbox
+            .slots
+            .iter()
+            .position(|s| s.image.as_deref() == Some(image_id))
+        {
+            return Ok((n, false));
+        }
+        let Some(n) = sandbox.slots.iter().position(|s| s.image.is_none()) else {
+            return Err(CriError::ResourceExhausted(format!(
+                "the pod's VM has {SLOTS} image slots and all hold other images: remove containers of another image first"
+            )));
+        };
+        let hex = image_id.trim_start_matches("sha256:");
+        // A new id each time: the guest must never take it for a disk it has seen.
+        let serial = format!("i{}-{}", &hex[..hex.len().min(8)], &new_id()[..8]);
+        let path = match rootfs {
+            ImageRootfs::Erofs(p) => p.clone(),
+            ImageRootfs::Layers(disk) => {
+                let p = sandbox.pod_dir.join(format!("{serial}.layers"));
+                disk.write(&p)
+                    .map_err(|e| CriError::Internal(format!("writing the layers disk: {e}")))?;
+                p
+            }
+        };
+        let body = serde_json::json!({"path_on_host": path, "id": serial}).to_string();
+        template::api_call(
+            &sandbox.pod_dir.join(API_SOCK),
+            "PATCH",
+            &format!("/drives/{}", sandbox.slots[n].drive_id),
+            &body,
+        )
+        .map_err(|e| {
+            CriError::Unavailable(clean_message(&format!(
+                "attaching the image to the pod's VM: {e}"
+            )))
+        })?;
+        let rec = {
+            let mut st = self.state();
+            let s = st
+                .sandboxes
+                .get_mut(&sandbox.id)
+                .ok_or_else(|| CriError::NotFound(format!("no sandbox {:?}", sandbox.id)))?;
+            s.slots[n] = Slot {
+                drive_id: serial,
+                image: Some(image_id.to_owned()),
+            };
+            s.clone()
+        };
+        self.save_sandbox(&rec);
+        Ok((n, true))
+    }
+
+    /// Gives slot `n` its empty disk back once no container of the sandbox uses
+    /// its image (the guest has unmounted it with the last one).
+    fn release_slot(&self, sandbox_id: &str, n: usize) {
+        let (sandbox, drive_id) = {
+            let st = self.state();
+            let Some(s) = st.sandboxes.get(sandbox_id) else {
+                return;
+            };
+            let Some(slot) = s.slots.get(n) else { return };
+            let in_use = st
+                .containers
+                .values()
+                .any(|c| c.sandbox_id == sandbox_id && c.serial == slot.drive_id);
+            if in_use || slot.image.is_none() || s.state != SandboxState::Ready {
+                return;
+            }
+            (s.clone(), slot.drive_id.clone())
+        };
+        let empty = sandbox.pod_dir.join(EMPTY_DISK);
+        let body = serde_json::json!({"path_on_host": empty, "id": format!("slot{n}")}).to_string();
+        match template::api_call(
+            &sandbox.pod_dir.join(API_SOCK),
+            "PATCH",
+            &format!("/drives/{drive_id}"),
+            &body,
+        ) {
+            Ok(_) => {
+                let _ = std::fs::remove_file(sandbox.pod_dir.join(format!("{drive_id}.layers")));
+                let rec = {
+                    let mut st = self.state();
+                    let Some(s) = st.sandboxes.get_mut(sandbox_id) else {
+                        return;
+                    };
+                    s.slots[n] = Slot {
+                        drive_id: format!("slot{n}"),
+                        image: None,
+                    };
+                    s.clone()
+                };
+                self.save_sandbox(&rec);
+            }
+            Err(e) => tracing::warn!("sandbox {sandbox_id}: cannot release slot {n}: {e}"),
+        }
+    }
+
+    /// One container.
+    pub fn container(&self, id: &str) -> CriResult<ContainerRecord> {
+        self.state()
+            .containers
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CriError::NotFound(format!("no container {id:?}")))
+    }
+
+    /// Every container.
+    pub fn containers(&self) -> Vec<ContainerRecord> {
+        let mut v: Vec<ContainerRecord> = self.state().containers.values().cloned().collect();
+        v.sort_by_key(|c| c.created_ns);
+        v
+    }
+
+    fn update_container(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut ContainerRecord),
+    ) -> Option<ContainerRecord> {
+        let rec = {
+            let mut st = self.state();
+            let c = st.containers.get_mut(id)?;
+            f(c);
+            c.clone()
+        };
+        self.save_container(&rec);
+        Some(rec)
+    }
+
+    /// StartContainer: its output goes to its log; its exit is watched.
+    pub fn start_container(self: &Arc<Self>, id: &str) -> CriResult<()> {
+        let c = self.container(id)?;
+        if c.state != ContainerState::Created {
+            return Err(CriError::FailedPrecondition(format!(
+                "container {id} is {:?}, not created",
+                c.state
+            )));
+        }
+        let sandbox = self.sandbox(&c.sandbox_id)?;
+        if sandbox.state != SandboxState::Ready {
+            return Err(CriError::FailedPrecondition(format!(
+                "sandbox {} is not ready",
+                c.sandbox_id
+            )));
+        }
+        let log = if c.log_path.is_empty() {
+            None
+        } else {
+            let f = LogFile::open(Path::new(&c.log_path))
+                .map_err(|e| CriError::Internal(format!("opening the container log: {e}")))?;
+            Some(Arc::new(Mutex::new(f)))
+        };
+        let handle = PodHandle::for_dir(&sandbox.pod_dir);
+        let streams: Vec<(v1::attach::Stream, logs::Stream)> = if c.tty {
+            vec![(v1::attach::Stream::Tty, logs::Stream::Stdout)]
+        } else {
+            vec![
+                (v1::attach::Stream::Stdout, logs::Stream::Stdout),
+                (v1::attach::Stream::Stderr, logs::Stream::Stderr),
+            ]
+        };
+        let mut pumps = Vec::new();
+        for (s, out) in streams {
+            let stream = handle.attach(id, "", s).map_err(|e| {
+                CriError::Unavailable(clean_message(&format!(
+                    "attaching to the container's output: {e}"
+                )))
+            })?;
+            let log = log.clone();
+            pumps.push(std::thread::spawn(move || match log {
+                Some(l) => logs::copy(stream, out, &l),
+                None => {
+                    let _ = std::io::copy(&mut &stream, &mut std::io::sink());
+                }
+            }));
+        }
+        let started = agent(&sandbox).and_then(|mut a| {
+            a.start(id)
+                .map_err(|e| agent_error("starting the container in the guest", &e))
+        });
+        if let Err(e) = started {
+            self.update_container(id, |c| {
+                c.state = ContainerState::Exited;
+                c.started_ns = now_ns();
+                c.finished_ns = now_ns();
+                c.exit_code = 128;
+                c.reason = "StartError".into();
+                c.message = e.to_string();
+            });
+            return Err(e);
+        }
+        self.update_container(id, |c| {
+            c.state = ContainerState::Running;
+            c.started_ns = now_ns();
+        });
+        if let Some(l) = log {
+            self.state().logs.insert(id.to_owned(), l);
+        }
+        let me = Arc::clone(self);
+        let cid = id.to_owned();
+        std::thread::spawn(move || me.wait_exit(&cid, pumps));
+        Ok(())
+    }
+
+    /// Waits for the container's init to end, then for its output to be in the
+    /// log, and records the exit.
+    fn wait_exit(&self, id: &str, pumps: Vec<JoinHandle<()>>) {
+        let Ok(c) = self.container(id) else { return };
+        let Ok(sandbox) = self.sandbox(&c.sandbox_id) else {
+            return;
+        };
+        let waited = AgentClient::connect(&sandbox.pod_dir.join("vsock.sock"), AGENT_CONNECT)
+            .and_then(|mut a| a.wait(id, ""));
+        // The streams end with the process; a stuck one is not waited for long.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        for p in pumps {
+            while !p.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if p.is_finished() {
+                let _ = p.join();
+            }
+        }
+        self.state().logs.remove(id);
+        // The agent's connection failing usually means the VM is gone: say that.
+        let vm_gone = waited.is_err() && {
+            let deadline = Instant::now() + Duration::from_millis(500);
+            loop {
+                if !store::vmm_alive(&sandbox) {
+                    break true;
+                }
+                if Instant::now() >= deadline {
+                    break false;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        self.update_container(id, |c| {
+            if c.state != ContainerState::Running {
+                return;
+            }
+            c.finished_ns = now_ns();
+            c.state = ContainerState::Exited;
+            match &waited {
+                Ok(w) => {
+                    c.exit_code = if w.signal > 0 {
+                        128 + w.signal
+                    } else {
+                        w.status
+                    };
+                    c.reason = if w.oom_killed {
+                        "OOMKilled"
+                    } else if c.exit_code == 0 {
+                        "Completed"
+                    } else {
+                        "Error"
+                    }
+                    .into();
+                }
+                Err(_) if vm_gone => mark_lost(c, VM_ENDED),
+                Err(e) => {
+                    c.exit_code = 255;
+                    c.reason = "Error".into();
+                    c.message = clean_message(&format!("lost the guest agent: {e}"));
+                }
+            }
+        });
+    }
+
+    /// StopContainer: SIGTERM, SIGKILL after `timeout` seconds (0: at once);
+    /// idempotent.
+    pub fn stop_container(&self, id: &str, timeout: i64) -> CriResult<()> {
+        let Ok(c) = self.container(id) else {
+            return Ok(());
+        };
+        if c.state != ContainerState::Running {
+            return Ok(());
+        }
+        let sandbox = self.sandbox(&c.sandbox_id)?;
+        let handle = PodHandle::for_dir(&sandbox.pod_dir);
+        let grace = Duration::from_secs(u64::try_from(timeout).unwrap_or(0));
+        let stopped = if grace.is_zero() {
+            agent(&sandbox).and_then(|mut a| match a.signal(id, "", libc::SIGKILL, true) {
+                Ok(()) => Ok(()),
+                Err(e) if e.code().is_some() => Ok(()),
+                Err(e) => Err(agent_error("killing the container", &e)),
+            })
+        } else {
+            handle
+                .stop_container(id, grace)
+                .map(|_| ())
+                .map_err(|e| agent_error("stopping the container", &e))
+        };
+        stopped?;
+        self.wait_recorded(id);
+        Ok(())
+    }
+
+    /// Waits until the container's exit is recorded; records it if the guest
+    /// never says.
+    fn wait_recorded(&self, id: &str) {
+        let deadline = Instant::now() + EXIT_RECORDED;
+        while Instant::now() < deadline {
+            match self.container(id) {
+                Ok(c) if c.state == ContainerState::Running => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => return,
+            }
+        }
+        self.update_container(id, |c| {
+            if c.state == ContainerState::Running {
+                mark_lost(c, "its exit was not reported after it was killed");
+            }
+        });
+    }
+
+    /// RemoveContainer: kills it if it runs; idempotent.
+    pub fn remove_container(&self, id: &str) -> CriResult<()> {
+        let Ok(c) = self.container(id) else {
+            return Ok(());
+        };
+        if c.state == ContainerState::Running {
+            self.stop_container(id, 0)?;
+        }
+        if let Ok(sandbox) = self.sandbox(&c.sandbox_id) {
+            if sandbox.state == SandboxState::Ready {
+                let lock = self.sandbox_lock(&c.sandbox_id);
+                let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
+                match agent(&sandbox).and_then(|mut a| {
+                    a.remove(id)
+                        .map_err(|e| agent_error("removing the container in the guest", &e))
+                }) {
+                    Ok(()) | Err(CriError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+                {
+                    let mut st = self.state();
+                    st.containers.remove(id);
+                    st.logs.remove(id);
+                }
+                if let Some(n) = sandbox.slots.iter().position(|s| s.drive_id == c.serial) {
+                    self.release_slot(&c.sandbox_id, n);
+                }
+                self.store.delete_container(id);
+                return Ok(());
+            }
+        }
+        {
+            let mut st = self.state();
+            st.containers.remove(id);
+            st.logs.remove(id);
+        }
+        self.store.delete_container(id);
+        Ok(())
+    }
+
+    /// ReopenContainerLog.
+    pub fn reopen_log(&self, id: &str) -> CriResult<()> {
+        let c = self.container(id)?;
+        if c.state != ContainerState::Running {
+            return Err(CriError::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        let log = self.state().logs.get(id).cloned();
+        match log {
+            Some(l) => l
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .reopen()
+                .map_err(|e| CriError::Internal(format!("reopening the log: {e}"))),
+            None => Err(CriError::FailedPrecondition(format!(
+                "container {id} has no log file"
+            ))),
+        }
+    }
+
+    /// ExecSync: runs `cmd` in the container, returns its output and exit code;
+    /// `timeout` seconds (0: none) after which it is killed and the call fails.
+    pub fn exec_sync(
+        &self,
+        id: &str,
+        cmd: Vec<String>,
+        timeout: i64,
+    ) -> CriResult<(Vec<u8>, Vec<u8>, i32)> {
+        if cmd.is_empty() {
+            return Err(CriError::InvalidArgument("cmd is empty".into()));
+        }
+        let c = self.container(id)?;
+        if c.state != ContainerState::Running {
+            return Err(CriError::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        let sandbox = self.sandbox(&c.sandbox_id)?;
+        let handle = PodHandle::for_dir(&sandbox.pod_dir);
+        let exec_id = format!("exec-{}", &new_id()[..16]);
+        let mut control = agent(&sandbox)?;
+        control
+            .exec(v1::ExecProcess {
+                container_id: id.to_owned(),
+                exec_id: exec_id.clone(),
+                process: Some(v1::Process {
+                    args: cmd,
+                    env: c.env.clone(),
+                    cwd: c.cwd.clone(),
+                    user: c.user.clone(),
+                    ..Default::default()
+                }),
+            })
+            .map_err(|e| agent_error("starting the command", &e))?;
+        let collect = |s: v1::attach::Stream| -> CriResult<JoinHandle<Vec<u8>>> {
+            let stream = handle.attach(id, &exec_id, s).map_err(|e| {
+                CriError::Unavailable(clean_message(&format!("attaching to the command: {e}")))
+            })?;
+            Ok(std::thread::spawn(move || {
+                read_bounded(stream, MAX_EXEC_OUTPUT)
+            }))
+        };
+        let out = collect(v1::attach::Stream::Stdout)?;
+        let err = collect(v1::attach::Stream::Stderr)?;
+        let limit = u64::try_from(timeout)
+            .ok()
+            .filter(|&t| t > 0)
+            .map(Duration::from_secs);
+        let mut waiter = agent(&sandbox)?;
+        let _ = waiter.set_timeout(limit);
+        let waited = waiter.wait(id, &exec_id);
+        let status = match waited {
+            Ok(w) => {
+                if w.signal > 0 {
+                    128 + w.signal
+                } else {
+                    w.status
+                }
+            }
+            Err(e) if limit.is_some() && is_timeout(&e) => {
+                let _ = control.signal(id, &exec_id, libc::SIGKILL, false);
+                // Reap it, so nothing of it is left in the guest.
+                if let Ok(mut w) = agent(&sandbox) {
+                    let _ = w.set_timeout(Some(Duration::from_secs(5)));
+                    let _ = w.wait(id, &exec_id);
+                }
+                return Err(CriError::DeadlineExceeded(format!(
+                    "command timed out after {timeout} s and was killed"
+                )));
+            }
+            Err(e) => return Err(agent_error("waiting for the command", &e)),
+        };
+        let stdout = out.join().unwrap_or_default();
+        let stderr = err.join().unwrap_or_default();
+        Ok((stdout, stderr, status))
+    }
+
+    /// The guest's counters for a running container.
+    pub fn stats(&self, id: &str) -> CriResult<(ContainerRecord, Option<v1::StatsReply>)> {
+        let c = self.container(id)?;
+        if c.state != ContainerState::Running {
+            return Ok((c, None));
+        }
+        let sandbox = self.sandbox(&c.sandbox_id)?;
+        let s = agent(&sandbox)?
+            .stats(id)
+            .map_err(|e| agent_error("reading the container's counters", &e))?;
+        Ok((c, Some(s)))
+    }
+
+    /// Whether the VMM and guest artefacts are there.
+    pub fn runtime_ready(&self) -> Result<(), String> {
+        for (what, p) in [
+            ("guest kernel", &self.artifacts.kernel),
+            ("guest initramfs", &self.artifacts.initramfs),
+            ("VMM", &self.artifacts.vmm),
+        ] {
+            if !p.is_file() {
+                return Err(format!("the {what} {} is missing", p.display()));
+            }
+        }
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .map_err(|e| format!("/dev/kvm: {e}"))?;
+        Ok(())
+    }
+}
+
+fn is_timeout(e: &AgentError) -> bool {
+    matches!(
+        e,
+        AgentError::Frame {
+            source: atoll_agent_proto::FrameError::Io(io),
+            ..
+        } if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    )
+}
+
+/// A control connection to the sandbox's agent, with a deadline per call.
+fn agent(sandbox: &SandboxRecord) -> CriResult<AgentClient> {
+    let c =
+        AgentClient::connect(&sandbox.pod_dir.join("vsock.sock"), AGENT_CONNECT).map_err(|e| {
+            CriError::Unavailable(clean_message(&format!(
+                "the guest agent of sandbox {} does not answer: {e}",
+                sandbox.id
+            )))
+        })?;
+    let _ = c.set_timeout(Some(AGENT_CALL));
+    Ok(c)
+}
+
+/// Reads all of `r`, keeping at most `max` bytes.
+fn read_bounded(mut r: impl std::io::Read, max: usize) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut buf = [0u8; 16 << 10];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) | Err(_) => return out,
+            Ok(n) => {
+                let room = max.saturating_sub(out.len());
+                out.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+}
+
+/// `name@digest` without the tag: `docker.io/library/busybox@sha256:...`.
+pub fn repo_digest(name: &str, digest: &str) -> String {
+    let repo = match name.rsplit_once(':') {
+        Some((r, t)) if !t.contains('/') => r,
+        _ => name,
+    };
+    let repo = repo.split('@').next().unwrap_or(repo);
+    format!("{repo}@{digest}")
+}
+
+fn mark_lost(c: &mut ContainerRecord, why: &str) {
+    c.state = ContainerState::Exited;
+    if c.finished_ns == 0 {
+        c.finished_ns = now_ns();
+    }
+    c.exit_code = 255;
+    c.reason = "Error".into();
+    c.message = why.into();
+}
+
+fn nix_kill(pid: u32) -> std::io::Result<()> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // SAFETY: kill(2) takes plain integers.
+    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// SIGKILL to the sandbox's VMM if it is still the process we started.
+fn kill_vmm(s: &SandboxRecord) {
+    if store::vmm_alive(s) {
+        if let Some(pid) = s.vmm_pid {
+            let _ = nix_kill(pid);
+        }
+    }
+}
+
+/// Asks the guest to power off, then kills the VMM if it is still there after
+/// [`VM_STOP`].
+fn shutdown_vm(s: &SandboxRecord) {
+    if !store::vmm_alive(s) {
+        return;
+    }
+    if let Ok(mut a) = AgentClient::connect(&s.pod_dir.join("vsock.sock"), Duration::from_secs(2)) {
+        let _ = a.set_timeout(Some(VM_STOP));
+        let _ = a.shutdown(0);
+    }
+    let deadline = Instant::now() + VM_STOP;
+    while store::vmm_alive(s) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill_vmm(s);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while store::vmm_alive(s) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn remove_pod_dir(dir: &Path) {
+    if let Err(e) = std::fs::remove_dir_all(dir) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!("cannot remove {}: {e}", dir.display());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use atoll_image::oci::convert::GuestConfig;
+
+    fn image() -> GuestConfig {
+        GuestConfig {
+            entrypoint: vec!["/ep".into()],
+            cmd: vec!["a".into(), "b".into()],
+            env: vec!["PATH=/bin".into(), "X=1".into()],
+            working_dir: "/w".into(),
+            user: "nobody".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn command_replaces_entrypoint_and_cmd_args_replace_cmd() {
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let p = merge_process(&image(), &[], &[], &[], "", None).unwrap();
+        assert_eq!(p.args, s(&["/ep", "a", "b"]));
+        assert_eq!((p.cwd.as_str(), p.user.as_str()), ("/w", "nobody"));
+        let p = merge_process(&image(), &[], &s(&["c"]), &[], "", None).unwrap();
+        assert_eq!(p.args, s(&["/ep", "c"]));
+        let p = merge_process(
+            &image(),
+            &s(&["/bin/sh", "-c"]),
+            &s(&["top"]),
+            &[],
+            "/",
+            Some("0".into()),
+        )
+        .unwrap();
+        assert_eq!(p.args, s(&["/bin/sh", "-c", "top"]));
+        assert_eq!((p.cwd.as_str(), p.user.as_str()), ("/", "0"));
+        let p = merge_process(
+            &image(),
+            &[],
+            &[],
+            &[("X".into(), "2".into()), ("Y".into(), "3".into())],
+            "",
+            None,
+        )
+        .unwrap();
+        assert_eq!(p.env, s(&["PATH=/bin", "X=2", "Y=3"]));
+        let empty = GuestConfig::default();
+        assert!(matches!(
+            merge_process(&empty, &[], &[], &[], "", None),
+            Err(CriError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            merge_process(&image(), &[], &[], &[("A=B".into(), "1".into())], "", None),
+            Err(CriError::InvalidArgument(_))
+        ));
+    }
+
+    fn server(dir: &Path) -> Server {
+        let cfg = Config {
+            state_dir: dir.join("state"),
+            run_dir: dir.join("run"),
+            ..Config::default()
+        };
+        let a = Artifacts {
+            kernel: dir.join("k"),
+            initramfs: dir.join("i"),
+            vmm: dir.join("v"),
+        };
+        Server::new(cfg, a, dir.join("images")).unwrap()
+    }
+
+    fn sandbox(id: &str, state: SandboxState, pid: Option<u32>) -> SandboxRecord {
+        SandboxRecord {
+            id: id.into(),
+            meta: Meta {
+                name: id.into(),
+                uid: id.into(),
+                namespace: "ns".into(),
+                attempt: 0,
+            },
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            runtime_handler: String::new(),
+            log_directory: String::new(),
+            hostname: String::new(),
+            created_ns: 1,
+            state,
+            vcpus: 1,
+            mem_mib: 256,
+            pod_dir: std::env::temp_dir()
+                .join(format!("atoll-cri-test-{id}-{}", std::process::id())),
+            vmm_pid: pid,
+            vmm_start: pid.and_then(store::process_start),
+            slots: Vec::new(),
+            message: String::new(),
+        }
+    }
+
+    fn container(id: &str, sandbox: &str, state: ContainerState) -> ContainerRecord {
+        ContainerRecord {
+            id: id.into(),
+            sandbox_id: sandbox.into(),
+            meta: Meta::default(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            image: String::new(),
+            image_id: String::new(),
+            image_ref: String::new(),
+            serial: String::new(),
+            log_path: String::new(),
+            tty: false,
+            stdin: false,
+            env: Vec::new(),
+            cwd: "/".into(),
+            user: String::new(),
+            created_ns: 1,
+            started_ns: 0,
+            finished_ns: 0,
+            exit_code: 0,
+            state,
+            reason: String::new(),
+            message: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_restarted_server_drops_half_made_sandboxes_and_marks_dead_vms() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(&dir.path().join("state")).unwrap();
+            // "alive" is this test process: a VMM that still runs.
+            store
+                .put_sandbox(&sandbox(
+                    "alive",
+                    SandboxState::Ready,
+                    Some(std::process::id()),
+                ))
+                .unwrap();
+            store
+                .put_sandbox(&sandbox("dead", SandboxState::Ready, Some(u32::MAX - 1)))
+                .unwrap();
+            store
+                .put_sandbox(&sandbox("half", SandboxState::Creating, None))
+                .unwrap();
+            store
+                .put_container(&container("c-dead", "dead", ContainerState::Created))
+                .unwrap();
+            store
+                .put_container(&container("c-half", "half", ContainerState::Created))
+                .unwrap();
+            store
+                .put_container(&container("c-orphan", "gone", ContainerState::Exited))
+                .unwrap();
+        }
+        let s = Arc::new(server(dir.path()));
+        s.recover();
+        let ids: Vec<String> = s.sandboxes().into_iter().map(|r| r.id).collect();
+        assert_eq!(ids.len(), 2, "{ids:?}");
+        assert_eq!(s.sandbox("alive").unwrap().state, SandboxState::Ready);
+        let dead = s.sandbox("dead").unwrap();
+        assert_eq!(dead.state, SandboxState::NotReady);
+        assert!(dead
+            .message
+            .contains("ended while atoll-cri was not running"));
+        assert!(matches!(s.sandbox("half"), Err(CriError::NotFound(_))));
+        let c = s.container("c-dead").unwrap();
+        assert_eq!((c.state, c.exit_code), (ContainerState::Exited, 255));
+        assert!(s.container("c-half").is_err() && s.container("c-orphan").is_err());
+        // What recovery decided is on disk for the next restart too.
+        let (sb, cs) = Store::open(&dir.path().join("state")).unwrap().load();
+        assert_eq!(sb.len(), 2);
+        assert_eq!(cs.len(), 1);
+        // A second server on the same state is refused.
+        let cfg = Config {
+            state_dir: dir.path().join("state"),
+            run_dir: dir.path().join("run"),
+            ..Config::default()
+        };
+        let a = s.artifacts.clone();
+        let e = Server::new(cfg, a, dir.path().join("images")).unwrap_err();
+        assert!(matches!(e, StartError::Locked(_)), "{e}");
+    }
+
+    #[test]
+    fn stop_and_remove_of_unknown_ids_succeed_and_status_says_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Arc::new(server(dir.path()));
+        assert_eq!(s.stop_sandbox("nope"), Ok(()));
+        assert_eq!(s.remove_sandbox("nope"), Ok(()));
+        assert_eq!(s.stop_container("nope", 0), Ok(()));
+        assert_eq!(s.remove_container("nope"), Ok(()));
+        assert!(matches!(s.sandbox("nope"), Err(CriError::NotFound(_))));
+        assert!(matches!(s.container("nope"), Err(CriError::NotFound(_))));
+        assert!(matches!(
+            s.exec_sync("nope", vec!["true".into()], 0),
+            Err(CriError::NotFound(_))
+        ));
+        assert!(matches!(s.reopen_log("nope"), Err(CriError::NotFound(_))));
+        let unknown = SandboxRequest {
+            meta: Meta {
+                name: "a".into(),
+                uid: "u".into(),
+                namespace: "n".into(),
+                attempt: 0,
+            },
+            runtime_handler: "runc".into(),
+            ..Default::default()
+        };
+        assert!(
+            matches!(s.run_sandbox(unknown), Err(CriError::InvalidArgument(m)) if m.contains("\"runc\" is not served"))
+        );
+        let nameless = SandboxRequest::default();
+        assert!(matches!(
+            s.run_sandbox(nameless),
+            Err(CriError::InvalidArgument(_))
+        ));
+    }
+
+    #[test]
+    fn repo_digests_drop_the_tag() {
+        assert_eq!(
+            repo_digest("docker.io/library/busybox:latest", "sha256:ab"),
+            "docker.io/library/busybox@sha256:ab"
+        );
+        assert_eq!(
+            repo_digest("127.0.0.1:5000/a/b:v1", "sha256:ab"),
+            "127.0.0.1:5000/a/b@sha256:ab"
+        );
+        assert_eq!(
+            repo_digest("127.0.0.1:5000/a/b", "sha256:ab"),
+            "127.0.0.1:5000/a/b@sha256:ab"
+        );
+    }
+
+    #[test]
+    fn guest_messages_are_cut_and_lose_control_characters() {
+        let m = clean_message("bad\x1b[31m\x07thing\nnext");
+        assert_eq!(m, "bad?[31m?thing\nnext");
+        let long = "x".repeat(5000);
+        assert_eq!(clean_message(&long).len(), 1027);
+    }
+
+    #[test]
+    fn exec_output_is_bounded() {
+        let data = vec![7u8; 100_000];
+        assert_eq!(read_bounded(&data[..], 1000).len(), 1000);
+        assert_eq!(read_bounded(&data[..10], 1000).len(), 10);
+    }
+}

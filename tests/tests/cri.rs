@@ -1,0 +1,571 @@
+//! End-to-end: atoll-cri, the CRI v1 server, driven by our own CRI client
+//! (`atoll-crictl`, tonic over the Unix socket) through what kubelet does: pull
+//! from a registry (Debian's docker-registry on 127.0.0.1, reached through a
+//! mirror configured for `registry.k8s.io`), run a sandbox (a microVM cloned from
+//! the warm pool), create and start two containers of one image, ExecSync (output,
+//! exit code, timeout), the CRI log file, stats, log rotation, stop with a grace
+//! period, remove; a VM killed under a running pod; atoll-cri killed with SIGKILL
+//! and restarted (the pod is still there and answers); bad input.
+//!
+//! The registry's storage is filled on the host (skopeo) and carried into the node,
+//! where the same docker-registry serves it. One node run serves every scenario.
+
+mod common;
+
+use std::path::Path;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use common::{artefact, build_dir, kvm_runner, oci, run, scenario, static_dir, value_of, with};
+
+const IMAGE: &str = "registry.k8s.io/e2e-test-images/busybox:1.29-2";
+
+const SCRIPT: &str = r#"
+set +e
+A=$ATOLL_ARTIFACTS
+scenario() { name=$1; shift; echo "@@@ $name"; "$@"; echo "@@@ $name status=$?"; }
+C="$A/atoll-crictl -r /run/atoll/atoll-cri.sock --timeout 120"
+IMAGE=registry.k8s.io/e2e-test-images/busybox:1.29-2
+ip link set lo up
+mkdir -p /run/reg /tmp/logs /tmp/cfg
+cp -r $A/registry /run/reg/data
+cat > /run/reg/config.yml <<EOF
+version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: /run/reg/data
+http:
+  addr: 127.0.0.1:5000
+EOF
+/usr/bin/docker-registry serve /run/reg/config.yml >/run/reg/log 2>&1 &
+for i in $(seq 100); do wget -q -O /dev/null http://127.0.0.1:5000/v2/ && break; sleep 0.1; done
+cat > /tmp/cfg/atoll-cri.toml <<EOF
+state_dir = "/var/lib/atoll/cri"
+run_dir = "/run/atoll/cri"
+image_store = "/var/lib/atoll/images"
+kernel = "$A/vmlinux"
+initramfs = "$A/initramfs.cpio"
+vmm = "$A/atoll-vmm"
+[registry.mirrors]
+"registry.k8s.io" = ["http://127.0.0.1:5000"]
+EOF
+export ATOLL_CACHE=/tmp/cache
+start_cri() {
+  $A/atoll-cri --config /tmp/cfg/atoll-cri.toml >>/tmp/cri.log 2>&1 &
+  for i in $(seq 200); do $C version >/dev/null 2>&1 && return 0; sleep 0.05; done
+  echo "atoll-cri did not start"; cat /tmp/cri.log; return 1
+}
+# until_state ID STATE: waits (at most 20 s) for a container state.
+until_state() {
+  for i in $(seq 200); do $C inspect $1 | grep -qx "state=$2" && return 0; sleep 0.1; done
+  return 1
+}
+cat > /tmp/cfg/pod.json <<EOF
+{"metadata":{"name":"web","uid":"uid-1","namespace":"default","attempt":0},
+ "hostname":"web","log_directory":"/tmp/logs/web","labels":{"app":"web"},
+ "annotations":{"note":"kept as given"}}
+EOF
+cat > /tmp/cfg/pod2.json <<EOF
+{"metadata":{"name":"victim","uid":"uid-2","namespace":"default","attempt":0},
+ "log_directory":"/tmp/logs/victim"}
+EOF
+cat > /tmp/cfg/a.json <<EOF
+{"metadata":{"name":"ticker"},"image":{"image":"$IMAGE"},
+ "command":["sh","-c","echo hello World; echo oops >&2; i=0; while true; do i=\$((i+1)); echo tick \$i; sleep 0.2; done"],
+ "envs":[{"key":"GREETING","value":"hi"}],
+ "log_path":"ticker/0.log","labels":{"c":"ticker"}}
+EOF
+cat > /tmp/cfg/b.json <<EOF
+{"metadata":{"name":"once"},"image":{"image":"$IMAGE"},
+ "args":["sh","-c","echo done; exit 3"],"log_path":"once/0.log"}
+EOF
+cat > /tmp/cfg/pod3.json <<EOF
+{"metadata":{"name":"early","uid":"uid-3","namespace":"default","attempt":0}}
+EOF
+cat > /tmp/cfg/never.json <<EOF
+{"metadata":{"name":"x"},"image":{"image":"registry.k8s.io/never/pulled:1"}}
+EOF
+cat > /tmp/cfg/s.json <<EOF
+{"metadata":{"name":"sleeper"},"image":{"image":"$IMAGE"},"command":["sleep","3600"]}
+EOF
+
+now_ms() { awk '{printf "%d", $1*1000}' /proc/uptime; }
+version() { $C version; }
+info() { $C info; }
+runtime_config() { $C runtime-config; }
+pull_missing() { $C pull registry.k8s.io/not/there:1; }
+early_pod() {
+  Q=$($C runp /tmp/cfg/pod3.json) || return 1
+  echo "early=ok"
+  $C create $Q /tmp/cfg/never.json /tmp/cfg/pod3.json; echo "create_rc=$?"
+  $C rmp $Q
+}
+pull() {
+  t0=$(now_ms); id=$($C pull $IMAGE) || return 1
+  echo "pull_ms=$(( $(now_ms) - t0 ))"; echo "id=$id"
+}
+images() { $C images; $C inspecti $IMAGE; $C inspecti $($C pull $IMAGE); }
+bad_handler() { $C runp --runtime runc /tmp/cfg/pod.json; }
+runp() {
+  t0=$(now_ms); P=$($C runp /tmp/cfg/pod.json) || return 1
+  echo "runp_ms=$(( $(now_ms) - t0 ))"
+  $C inspectp $P && $C pods --label app=web
+}
+runp_again() { $C runp /tmp/cfg/pod.json; }
+create() {
+  CA=$($C create $P /tmp/cfg/a.json /tmp/cfg/pod.json) || return 1
+  CB=$($C create $P /tmp/cfg/b.json /tmp/cfg/pod.json) || return 1
+  $C ps --pod $P
+}
+create_same_name() { $C create $P /tmp/cfg/a.json /tmp/cfg/pod.json; }
+start_both() { $C start $CA && $C start $CB && until_state $CA CONTAINER_RUNNING && $C inspect $CA; }
+start_twice() { $C start $CA; }
+exited() { until_state $CB CONTAINER_EXITED && $C inspect $CB && cat /tmp/logs/web/once/0.log; }
+exec_() {
+  $C exec $CA -- sh -c 'echo -n "out $GREETING"; echo err >&2; exit 7'; rc=$?
+  echo; echo "rc=$rc"
+}
+exec_stdout_only() { $C exec $CA -- echo -n hello 2>/tmp/err; echo; echo "stderr_bytes=$(wc -c </tmp/err)"; }
+exec_timeout() {
+  t0=$(now_ms); $C exec --timeout 1 $CA -- sleep 4321; echo "rc=$?"
+  echo "took_ms=$(( $(now_ms) - t0 ))"
+  $C exec $CA -- sh -c 'pgrep -f "sleep 432[1]" || echo no-sleep-left'
+}
+exec_many() { n=0; for i in $(seq 50); do $C exec $CA -- true && n=$((n+1)); done; echo "ok=$n"; }
+log() { sleep 1; head -3 /tmp/logs/web/ticker/0.log; }
+stats() { $C stats $CA; }
+reopen() {
+  L=/tmp/logs/web/ticker/0.log
+  mv $L $L.1; $C reopen $CA; echo "reopened=$?"
+  test -e $L && echo new_file=yes
+  a=$(wc -l < $L.1); sleep 1.5; b=$(wc -l < $L.1)
+  echo "old_grew=$((b - a))"; echo "new_lines=$(wc -l < $L)"
+}
+kill_server() {
+  kill -9 $(pidof atoll-cri); sleep 0.5
+  echo "vmms=$(pidof atoll-vmm | wc -w)"
+  start_cri || return 1
+  $C pods; $C inspect $CA | grep state=; $C exec $CA -- echo still-here
+}
+stop_grace() {
+  t0=$(now_ms); $C stop -t 2 $CA; echo "rc=$?"; echo "stop_ms=$(( $(now_ms) - t0 ))"
+  $C inspect $CA
+}
+stop_again() { $C stop $CA && $C stop 0123456789abcdef && echo idempotent; }
+remove() {
+  $C rm $CA && $C rm $CA && $C rm $CB && echo removed
+  $C ps --pod $P | wc -l
+  $C inspect $CA
+}
+vm_killed() {
+  Q=$($C runp /tmp/cfg/pod2.json) || return 1
+  S=$($C create $Q /tmp/cfg/s.json /tmp/cfg/pod2.json) && $C start $S || return 1
+  for d in /proc/[0-9]*; do
+    tr '\0' ' ' < $d/cmdline 2>/dev/null | grep -q "atoll-vmm.*pods/$Q/" && kill -9 ${d#/proc/}
+  done
+  sleep 1
+  $C inspectp $Q | grep state=; $C inspect $S
+  $C rmp $Q; echo "rmp=$?"
+}
+stopp() {
+  $C stopp $P && $C stopp $P && $C stopp nonexistent && echo stopped
+  $C inspectp $P | grep state=
+  $C rmp $P && $C rmp $P && echo removed
+  $C pods | wc -l
+  echo "vmms=$(pidof atoll-vmm | wc -w)"
+  echo "pod_dirs=$(ls /run/atoll/cri/pods | wc -l)"
+  echo "records=$(ls /var/lib/atoll/cri/sandboxes /var/lib/atoll/cri/containers | grep -c json)"
+}
+rmi() { $C rmi $IMAGE && $C rmi $IMAGE && echo removed; $C inspecti $IMAGE; }
+bad_config() { echo 'sockett = "/x"' > /tmp/cfg/bad.toml; $A/atoll-cri --config /tmp/cfg/bad.toml; }
+second_server() { timeout 10 $A/atoll-cri --config /tmp/cfg/atoll-cri.toml; }
+
+scenario start start_cri
+scenario version version
+scenario info info
+scenario runtime_config runtime_config
+scenario pull_missing pull_missing
+scenario early_pod early_pod
+scenario pull pull
+scenario images images
+scenario bad_handler bad_handler
+scenario runp runp
+scenario runp_again runp_again
+scenario create create
+scenario create_same_name create_same_name
+scenario start_both start_both
+scenario start_twice start_twice
+scenario exited exited
+scenario exec exec_
+scenario exec_stdout_only exec_stdout_only
+scenario exec_timeout exec_timeout
+scenario exec_many exec_many
+scenario log log
+scenario stats stats
+scenario reopen reopen
+scenario kill_server kill_server
+scenario stop_grace stop_grace
+scenario stop_again stop_again
+scenario remove remove
+scenario vm_killed vm_killed
+scenario stopp stopp
+scenario rmi rmi
+scenario bad_config bad_config
+scenario second_server second_server
+echo "--- atoll-cri log"; tail -30 /tmp/cri.log
+"#;
+
+/// The registry's storage: the busybox image as [`IMAGE`], pushed by skopeo into a
+/// docker-registry on the host.
+fn registry_storage(dir: &Path) -> std::path::PathBuf {
+    let layout = dir.join("layout");
+    oci::write_layout(
+        &layout,
+        &[oci::busybox_layer()],
+        serde_json::json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
+    );
+    let storage = atoll_node::oci::registry_dir(dir);
+    atoll_node::oci::fill_registry(
+        dir,
+        &storage,
+        &[(&layout, IMAGE.trim_start_matches("registry.k8s.io/"))],
+    );
+    std::fs::remove_dir_all(&layout).ok();
+    storage
+}
+
+fn node_output() -> &'static str {
+    static OUT: OnceLock<String> = OnceLock::new();
+    OUT.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        let storage = registry_storage(dir.path());
+        let runner = with(
+            kvm_runner(),
+            &build_dir().join("initramfs.cpio"),
+            "initramfs.cpio",
+        )
+        .file(artefact(static_dir().join("atoll-cri")), "atoll-cri")
+        .unwrap()
+        .file(artefact(static_dir().join("atoll-crictl")), "atoll-crictl")
+        .unwrap()
+        .file(storage, "registry")
+        .unwrap()
+        .host_program("/usr/bin/docker-registry")
+        .host_program("/usr/bin/mkfs.erofs")
+        .timeout(Duration::from_secs(900));
+        let out = run(runner, SCRIPT).output;
+        drop(dir);
+        out
+    })
+}
+
+fn sc(name: &str) -> (&'static str, i32) {
+    scenario(node_output(), name)
+}
+
+#[test]
+fn the_server_starts_and_answers_version_status_and_runtime_config() {
+    let (out, st) = sc("start");
+    assert_eq!(st, 0, "{out}");
+    let (out, st) = sc("version");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "version"), "0.1.0");
+    assert_eq!(value_of(out, "runtime_name"), "atoll");
+    assert_eq!(value_of(out, "runtime_api_version"), "v1");
+    let (out, st) = sc("info");
+    assert_eq!(st, 0, "{out}");
+    assert!(value_of(out, "RuntimeReady").starts_with("true"), "{out}");
+    // Honest until CNI lands: pods have loopback only.
+    assert!(
+        value_of(out, "NetworkReady").starts_with("false NetworkPluginNotReady"),
+        "{out}"
+    );
+    assert_eq!(value_of(out, "handlers"), r#""","atoll""#);
+    let (out, st) = sc("runtime_config");
+    assert_eq!(
+        (st, value_of(out, "cgroup_driver")),
+        (0, "CGROUPFS"),
+        "{out}"
+    );
+}
+
+#[test]
+fn images_are_pulled_through_the_mirror_and_keep_their_name() {
+    let (out, st) = sc("pull");
+    assert_eq!(st, 0, "{out}");
+    let id = value_of(out, "id");
+    assert!(id.starts_with("sha256:") && id.len() == 71, "{out}");
+    let (out, st) = sc("images");
+    assert_eq!(st, 0, "{out}");
+    assert!(
+        out.contains(&format!("{id} {IMAGE} ")),
+        "ListImages names it as pulled:\n{out}"
+    );
+    // By name and by the id PullImage returned: the same image.
+    assert_eq!(out.matches(&format!("id={id}")).count(), 2, "{out}");
+    assert!(out.contains(&format!("repo_tags={IMAGE}")), "{out}");
+    assert!(
+        out.contains("repo_digests=registry.k8s.io/e2e-test-images/busybox@sha256:"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_missing_image_or_an_unknown_handler_is_refused_clearly() {
+    let (out, st) = sc("pull_missing");
+    assert_eq!(st, 1, "{out}");
+    assert!(
+        out.contains("NotFound: pulling registry.k8s.io/not/there:1"),
+        "{out}"
+    );
+    let (out, st) = sc("bad_handler");
+    assert_eq!(st, 1, "{out}");
+    assert!(
+        out.contains("InvalidArgument: runtime handler \"runc\" is not served by atoll-cri"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_sandbox_is_a_ready_microvm_with_its_metadata() {
+    let (out, st) = sc("runp");
+    assert_eq!(st, 0, "{out}");
+    let id = value_of(out, "id");
+    assert_eq!(id.len(), 64, "{out}");
+    assert_eq!(value_of(out, "state"), "SANDBOX_READY");
+    assert_eq!(value_of(out, "name"), "web");
+    assert_eq!(value_of(out, "runtime_handler"), "atoll");
+    assert!(
+        out.contains(&format!("{id} web SANDBOX_READY")),
+        "listed by label:\n{out}"
+    );
+    let ms: u64 = value_of(out, "runp_ms").parse().unwrap();
+    eprintln!("RunPodSandbox took {ms} ms (a clone of the template the early pod built)");
+}
+
+#[test]
+fn the_same_pod_metadata_twice_is_refused() {
+    let (out, st) = sc("runp_again");
+    assert_eq!(st, 1, "{out}");
+    assert!(
+        out.contains("AlreadyExists: a sandbox named default/web"),
+        "{out}"
+    );
+}
+
+#[test]
+fn containers_are_created_then_run_and_one_that_exits_reports_its_code() {
+    let (out, st) = sc("create");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(out.matches("CONTAINER_CREATED").count(), 2, "{out}");
+    let (out, st) = sc("create_same_name");
+    assert_eq!(st, 1, "{out}");
+    assert!(out.contains("AlreadyExists: container \"ticker\""), "{out}");
+    let (out, st) = sc("start_both");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "state"), "CONTAINER_RUNNING");
+    assert_ne!(value_of(out, "started_at"), "0");
+    assert_eq!(value_of(out, "finished_at"), "0");
+    assert_eq!(value_of(out, "image"), IMAGE);
+    assert!(value_of(out, "image_id").starts_with("sha256:"), "{out}");
+    assert!(value_of(out, "log_path").ends_with("/tmp/logs/web/ticker/0.log"));
+    let (out, st) = sc("start_twice");
+    assert_eq!(st, 1, "{out}");
+    assert!(out.contains("FailedPrecondition"), "{out}");
+    let (out, st) = sc("exited");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "state"), "CONTAINER_EXITED");
+    assert_eq!(value_of(out, "exit_code"), "3");
+    assert_eq!(value_of(out, "reason"), "Error");
+    // Its output is in the log by the time it is reported exited.
+    assert!(out.lines().any(|l| l.ends_with(" stdout F done")), "{out}");
+}
+
+#[test]
+fn exec_sync_returns_output_and_exit_code_and_kills_at_its_timeout() {
+    let (out, st) = sc("exec");
+    assert_eq!(st, 0, "{out}");
+    assert!(
+        out.contains("out hi"),
+        "the container's env reaches exec: {out}"
+    );
+    assert!(out.contains("err"), "{out}");
+    assert_eq!(value_of(out, "rc"), "7");
+    let (out, _) = sc("exec_stdout_only");
+    assert!(out.starts_with("hello\n"), "{out}");
+    assert_eq!(value_of(out, "stderr_bytes"), "0");
+    let (out, _) = sc("exec_timeout");
+    assert!(
+        out.contains("DeadlineExceeded: command timed out after 1 s"),
+        "{out}"
+    );
+    assert_eq!(value_of(out, "rc"), "1");
+    let took: u64 = value_of(out, "took_ms").parse().unwrap();
+    assert!((1000..20_000).contains(&took), "{out}");
+    assert!(
+        out.contains("no-sleep-left"),
+        "the timed-out command was killed:\n{out}"
+    );
+    let (out, _) = sc("exec_many");
+    assert_eq!(value_of(out, "ok"), "50", "{out}");
+}
+
+/// `<RFC 3339 ns>Z <stream> <F|P> <text>`
+fn is_cri_record(l: &str, stream: &str, text: &str) -> bool {
+    let mut f = l.splitn(4, ' ');
+    let (Some(t), Some(s), Some(tag), Some(rest)) = (f.next(), f.next(), f.next(), f.next()) else {
+        return false;
+    };
+    let time_ok = t.len() == 30
+        && t.as_bytes()[10] == b'T'
+        && t.ends_with('Z')
+        && t[20..29].bytes().all(|b| b.is_ascii_digit());
+    time_ok && s == stream && tag == "F" && rest == text
+}
+
+#[test]
+fn container_output_is_in_the_cri_log_format_and_rotates_on_reopen() {
+    let (out, st) = sc("log");
+    assert_eq!(st, 0, "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines
+            .iter()
+            .any(|l| is_cri_record(l, "stdout", "hello World")),
+        "{out}"
+    );
+    assert!(
+        lines.iter().any(|l| is_cri_record(l, "stderr", "oops")),
+        "{out}"
+    );
+    let (out, st) = sc("reopen");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "reopened"), "0");
+    assert_eq!(value_of(out, "new_file"), "yes");
+    assert_eq!(value_of(out, "old_grew"), "0", "{out}");
+    let new: u32 = value_of(out, "new_lines").parse().unwrap();
+    assert!(new >= 3, "ticks go to the new file: {out}");
+}
+
+#[test]
+fn container_stats_come_from_the_guest() {
+    let (out, st) = sc("stats");
+    assert_eq!(st, 0, "{out}");
+    let mem: u64 = value_of(out, "memory_working_set").parse().unwrap();
+    let cpu: u64 = value_of(out, "cpu_ns").parse().unwrap();
+    assert!(mem > 0 && cpu > 0, "{out}");
+}
+
+#[test]
+fn pods_survive_a_killed_server_which_adopts_them_on_restart() {
+    let (out, st) = sc("kill_server");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(
+        value_of(out, "vmms"),
+        "1",
+        "the VM outlived the server: {out}"
+    );
+    assert!(out.contains(" web SANDBOX_READY"), "{out}");
+    assert_eq!(value_of(out, "state"), "CONTAINER_RUNNING");
+    assert!(out.contains("still-here"), "{out}");
+}
+
+#[test]
+fn stop_kills_after_the_grace_period_and_is_idempotent() {
+    let (out, st) = sc("stop_grace");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "rc"), "0");
+    // sh as PID 1 of its container ignores SIGTERM: SIGKILL after 2 s.
+    let ms: u64 = value_of(out, "stop_ms").parse().unwrap();
+    assert!((2000..15000).contains(&ms), "{out}");
+    assert_eq!(value_of(out, "state"), "CONTAINER_EXITED");
+    assert_eq!(value_of(out, "exit_code"), "137");
+    let (out, st) = sc("stop_again");
+    assert_eq!(st, 0, "{out}");
+    assert!(out.contains("idempotent"), "{out}");
+}
+
+#[test]
+fn removed_containers_are_gone_and_removing_twice_is_fine() {
+    let (out, st) = sc("remove");
+    assert_eq!(st, 1, "the last inspect fails: {out}");
+    assert!(out.contains("removed"), "{out}");
+    assert!(
+        out.lines().any(|l| l.trim() == "0"),
+        "no container left: {out}"
+    );
+    assert!(out.contains("NotFound: no container"), "{out}");
+}
+
+#[test]
+fn a_vm_killed_under_a_running_pod_shows_in_its_status_within_a_second() {
+    let (out, st) = sc("vm_killed");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "state"), "SANDBOX_NOTREADY", "{out}");
+    assert!(out.contains("state=CONTAINER_EXITED"), "{out}");
+    assert!(out.contains("message=its pod's VM ended"), "{out}");
+    assert_eq!(value_of(out, "rmp"), "0");
+}
+
+#[test]
+fn stopping_and_removing_a_sandbox_leaves_nothing_behind() {
+    let (out, st) = sc("stopp");
+    assert_eq!(st, 0, "{out}");
+    assert!(out.contains("stopped"), "{out}");
+    assert_eq!(value_of(out, "state"), "SANDBOX_NOTREADY");
+    assert!(out.contains("removed"), "{out}");
+    assert_eq!(value_of(out, "vmms"), "0", "{out}");
+    assert_eq!(value_of(out, "pod_dirs"), "0", "{out}");
+    assert_eq!(value_of(out, "records"), "0", "{out}");
+    assert!(out.lines().any(|l| l.trim() == "0"), "no pod listed: {out}");
+}
+
+#[test]
+fn removing_an_image_twice_is_fine_and_it_is_gone() {
+    let (out, st) = sc("rmi");
+    assert_eq!(st, 0, "{out}");
+    assert!(out.contains("removed"), "{out}");
+    assert_eq!(value_of(out, "image"), "none");
+}
+
+#[test]
+fn a_bad_config_and_a_second_server_on_the_socket_fail_with_one_line() {
+    let (out, st) = sc("bad_config");
+    assert_eq!(st, 1, "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("atoll-cri: "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.starts_with("atoll-cri: /tmp/cfg/bad.toml: line 1: unknown field `sockett`"),
+        "{out}"
+    );
+    assert_eq!(
+        out.lines().filter(|l| !l.trim().is_empty()).count(),
+        1,
+        "one line: {out}"
+    );
+    let (out, st) = sc("second_server");
+    assert_eq!(st, 1, "{out}");
+    assert!(
+        out.contains("/run/atoll/atoll-cri.sock is in use by a running server"),
+        "{out}"
+    );
+}
+
+#[test]
+fn a_sandbox_needs_no_image_but_a_container_of_a_missing_one_is_refused() {
+    // RunPodSandbox before any pull works: the sandbox is the VM alone.
+    let (out, st) = sc("early_pod");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "early"), "ok");
+    assert!(
+        out.contains(
+            "NotFound: image \"registry.k8s.io/never/pulled:1\" is not on this node: pull it first"
+        ),
+        "{out}"
+    );
+    assert_eq!(value_of(out, "create_rc"), "1");
+}

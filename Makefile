@@ -60,6 +60,7 @@ test: artifacts
 # Benchmarks print a table and save JSON under perf/results/ (quoted in the README).
 bench: artifacts
 	$(STATIC)/atoll-bench run --runs 10 --json perf/results/run.json
+	$(STATIC)/atoll-bench cri --runs 10 --parallel 10 --json perf/results/cri.json
 	$(STATIC)/atoll-bench restore --runs 10 --json perf/results/restore.json
 	$(STATIC)/atoll-bench density --runs 100 --json perf/results/density.json
 	$(STATIC)/atoll-bench boot --runs 10 --json perf/results/boot.json

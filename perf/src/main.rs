@@ -5,6 +5,7 @@
 
 mod boot;
 mod common;
+mod cri;
 mod io;
 mod proc;
 mod restore;
@@ -94,6 +95,11 @@ enum Cmd {
     /// The measuring half of `run`, run where the KVM is.
     #[command(hide = true)]
     RunInner(run::InnerArgs),
+    /// CRI pod start (RunPodSandbox + CreateContainer + StartContainer): atoll-cri
+    /// against containerd with runc, alternating in one node run; and N pods at once.
+    Cri(cri::Args),
+    #[command(hide = true)]
+    CriInner(cri::InnerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -133,6 +139,8 @@ fn main() -> std::process::ExitCode {
         Cmd::Vsock(args) => vsock::outer(&args),
         Cmd::Run(args) => run::outer(&args),
         Cmd::RunInner(args) => run::inner(&args),
+        Cmd::Cri(args) => cri::outer(&args),
+        Cmd::CriInner(args) => cri::inner(&args),
         Cmd::Restore(args) => restore::outer(restore::Kind::Restore, &args),
         Cmd::RestoreInner(args) => restore::restore_inner(&args),
         Cmd::Density(args) => restore::outer(restore::Kind::Density, &args),

@@ -1,0 +1,557 @@
+//! The CRI benchmark: what kubelet waits for when it starts a pod — RunPodSandbox,
+//! CreateContainer, StartContainer — for atoll-cri (a microVM cloned from the warm
+//! pool) and for Debian's containerd with its CRI plugin and runc, in the same node
+//! run, through the same CRI client, with the same image pulled from the same
+//! registry beforehand. Rounds alternate which runtime goes first. Then `--parallel`
+//! pods started at once, for each runtime in turn.
+//!
+//! The node has one vCPU (see `outer_in`): both runtimes share it.
+//!
+//! Same inputs on both sides: a busybox image, the container runs `sleep 3600`, the
+//! pod asks for the node's network namespace (so containerd needs no CNI set-up;
+//! atoll-cri does no pod networking yet either), no log file. containerd's side
+//! carries two costs of the nested node that hardware does not have: runc and the
+//! shim are dynamically linked Go programs, loaded under TCG for every pod; and the
+//! node's root is its initramfs, which runc cannot pivot_root away from, so
+//! containerd runs chrooted in a bind mount of it; and it uses the `native`
+//! snapshotter (a copy of the image per container instead of an overlay mount, which
+//! the node has no module for; busybox is 1 MB). Both are said in the JSON.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use atoll_cri::cri::client::Client;
+use atoll_node::Runner;
+use k8s_cri::v1 as cri;
+use serde_json::{json, Value};
+
+use crate::common::{inner_result, need, place_line, save, JSON_PREFIX};
+use crate::stats::{r1, summarize};
+
+/// The image every container runs.
+const IMAGE: &str = "registry.k8s.io/e2e-test-images/busybox:1.29-2";
+/// containerd's sandbox ("pause") image, from the same registry.
+const PAUSE: &str = "registry.k8s.io/pause:3.6";
+const ATOLL_SOCK: &str = "/run/atoll/atoll-cri.sock";
+const CONTAINERD_SOCK: &str = "/run/containerd/containerd.sock";
+const HOST_PROGRAMS: [&str; 5] = [
+    "/usr/bin/docker-registry",
+    "/usr/bin/mkfs.erofs",
+    "/usr/bin/containerd",
+    "/usr/bin/containerd-shim-runc-v2",
+    "/usr/sbin/runc",
+];
+
+/// Arguments of `atoll-bench cri`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Measured pod starts per runtime (after one warm-up each).
+    #[arg(long, default_value_t = 10)]
+    runs: u32,
+    /// Pods started at once in the parallel part.
+    #[arg(long, default_value_t = 10)]
+    parallel: u32,
+    /// Rounds of the parallel part per runtime.
+    #[arg(long, default_value_t = 3)]
+    parallel_rounds: u32,
+    /// Where to save the JSON.
+    #[arg(long, default_value = "perf/results/cri.json")]
+    json: PathBuf,
+    /// Directory with vmlinux and initramfs.cpio.
+    #[arg(long, default_value = "build")]
+    artifacts: PathBuf,
+    /// Directory with the static atoll-cri, atoll-vmm and atoll-bench.
+    #[arg(long, default_value = "target/x86_64-unknown-linux-gnu/release")]
+    bin: PathBuf,
+}
+
+/// Arguments of `atoll-bench cri-inner`.
+#[derive(clap::Args, Debug)]
+pub struct InnerArgs {
+    #[arg(long)]
+    runs: u32,
+    #[arg(long)]
+    parallel: u32,
+    #[arg(long)]
+    parallel_rounds: u32,
+}
+
+/// The node-side set-up: a registry on 127.0.0.1:5000 serving the carried storage,
+/// atoll-cri and containerd both mirroring registry.k8s.io to it.
+const SETUP: &str = r#"
+set -e
+A=$ATOLL_ARTIFACTS
+ip link set lo up
+mkdir -p /run/reg /etc/containerd /tmp/cfg
+touch /etc/hosts /etc/resolv.conf
+# runc pivot_roots into each container; the node's root is the initramfs, which
+# cannot be pivoted away from. containerd runs chrooted in a bind mount of it
+# instead (a mount with a parent), as switch_root would give it on a real node.
+mkdir -p /newroot
+mount --bind / /newroot
+for d in proc sys dev run tmp; do mount --rbind /$d /newroot/$d; done
+cp -r $A/registry /run/reg/data
+printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: /run/reg/data\nhttp:\n  addr: 127.0.0.1:5000\n' > /run/reg/config.yml
+/usr/bin/docker-registry serve /run/reg/config.yml >/run/reg/log 2>&1 &
+cat > /tmp/cfg/atoll-cri.toml <<EOF
+state_dir = "/run/atoll-cri-state"
+run_dir = "/run/atoll/cri"
+image_store = "/run/atoll-images"
+kernel = "$A/vmlinux"
+initramfs = "$A/initramfs.cpio"
+vmm = "$A/atoll-vmm"
+[registry.mirrors]
+"registry.k8s.io" = ["http://127.0.0.1:5000"]
+EOF
+cat > /etc/containerd/config.toml <<EOF
+version = 2
+root = "/run/containerd-root"
+state = "/run/containerd-state"
+[grpc]
+  address = "/run/containerd/containerd.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "registry.k8s.io/pause:3.6"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+  [plugins."io.containerd.grpc.v1.cri".registry.mirrors."registry.k8s.io"]
+    endpoint = ["http://127.0.0.1:5000"]
+EOF
+export ATOLL_CACHE=/run/atoll-cache
+$A/atoll-cri --config /tmp/cfg/atoll-cri.toml >/tmp/atoll-cri.log 2>&1 &
+chroot /newroot /usr/bin/containerd --config /etc/containerd/config.toml >/tmp/containerd.log 2>&1 &
+for i in $(seq 300); do
+  [ -S /run/atoll/atoll-cri.sock ] && [ -S /run/containerd/containerd.sock ] && break
+  sleep 0.1
+done
+set +e
+./atoll-bench cri-inner --runs $RUNS --parallel $PARALLEL --parallel-rounds $PROUNDS
+st=$?
+if [ $st != 0 ]; then echo "--- atoll-cri"; tail -20 /tmp/atoll-cri.log; echo "--- containerd"; tail -30 /tmp/containerd.log; fi
+exit $st
+"#;
+
+pub fn outer(args: &Args) -> anyhow::Result<()> {
+    if args.runs == 0 || args.parallel == 0 {
+        bail!("--runs and --parallel must be at least 1");
+    }
+    let work = std::env::temp_dir().join(format!("atoll-bench-cri-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let result = outer_in(args, &work);
+    let _ = std::fs::remove_dir_all(&work);
+    let result = result?;
+    print_table(&result);
+    save(&args.json, &result)
+}
+
+fn outer_in(args: &Args, work: &Path) -> anyhow::Result<Value> {
+    use atoll_node::oci;
+    let busybox = work.join("busybox");
+    oci::write_layout(
+        &busybox,
+        &[oci::busybox_layer()],
+        json!({"Cmd": ["sh"], "Env": ["PATH=/bin"]}),
+    );
+    let pause = work.join("pause");
+    oci::write_layout(
+        &pause,
+        &[oci::busybox_layer()],
+        json!({"Entrypoint": ["/bin/sleep", "2147483647"], "Env": ["PATH=/bin"]}),
+    );
+    let storage = oci::registry_dir(work);
+    oci::fill_registry(
+        work,
+        &storage,
+        &[
+            (&busybox, IMAGE.trim_start_matches("registry.k8s.io/")),
+            (&pause, PAUSE.trim_start_matches("registry.k8s.io/")),
+        ],
+    );
+    let mut runner = Runner::detect();
+    let place = runner.place().clone();
+    eprintln!("atoll-bench: {}", place_line(&place));
+    for p in HOST_PROGRAMS {
+        if !Path::new(p).exists() {
+            bail!("{p} is missing: run scripts/install-deps.sh (containerd, docker-registry, erofs-utils, runc)");
+        }
+        runner = runner.host_program(p);
+    }
+    let out = runner
+        .file(need(&args.bin, "atoll-cri")?, "atoll-cri")?
+        .file(need(&args.bin, "atoll-vmm")?, "atoll-vmm")?
+        .file(need(&args.bin, "atoll-bench")?, "atoll-bench")?
+        .file(need(&args.artifacts, "vmlinux")?, "vmlinux")?
+        .file(need(&args.artifacts, "initramfs.cpio")?, "initramfs.cpio")?
+        .file(storage, "registry")?
+        // One node CPU: KVM toggles static keys (text patching) as VMs come and go,
+        // and multi-threaded TCG has been seen executing half-patched text (an int3
+        // oops in kvm's apic_has_pending_timer, three boots in a row with 2 CPUs).
+        .node_size(4096, 1)
+        .timeout(Duration::from_secs(
+            300 + u64::from(args.runs) * 40 + u64::from(args.parallel * args.parallel_rounds) * 30,
+        ))
+        .on_line(|_, line| {
+            if !line.starts_with(JSON_PREFIX) {
+                eprintln!("  | {line}");
+            }
+        })
+        .run(&format!(
+            "RUNS={} PARALLEL={} PROUNDS={}\n{SETUP}",
+            args.runs, args.parallel, args.parallel_rounds
+        ))?;
+    let mut result = inner_result(&out, &place)?;
+    result["image"] = json!(IMAGE);
+    result["container"] = json!("sleep 3600");
+    Ok(result)
+}
+
+fn print_table(r: &Value) {
+    println!(
+        "CRI pod start: RunPodSandbox + CreateContainer + StartContainer, {} runs each, {}",
+        r["runs"], r["where"]
+    );
+    println!("{:<34} {:>10} {:>10} {:>10}", "", "median", "min", "max");
+    for (name, key) in [
+        ("atoll-cri (microVM clone)", "atoll"),
+        ("containerd + runc", "containerd"),
+    ] {
+        let v = &r[key];
+        println!(
+            "{name:<34} {:>10} {:>10} {:>10}",
+            format!("{} ms", v["median_ms"]),
+            format!("{} ms", v["min_ms"]),
+            format!("{} ms", v["max_ms"])
+        );
+        for (step, s) in v["steps_median_ms"].as_object().into_iter().flatten() {
+            println!("  {step:<32} {s:>7} ms");
+        }
+    }
+    println!("ratio_median (atoll-cri/containerd): {}", r["ratio_median"]);
+    println!(
+        "loading containerd's Go helpers here (median): runc {} ms, shim {} ms per launch",
+        r["containerd"]["load_median_ms"]["runc --version"],
+        r["containerd"]["load_median_ms"]["containerd-shim-runc-v2 -v"]
+    );
+    println!(
+        "{} pods at once, wall time until all run (median of {} rounds): atoll-cri {} ms, containerd {} ms, ratio {}",
+        r["parallel"]["pods"],
+        r["parallel"]["rounds"],
+        r["parallel"]["atoll_median_ms"],
+        r["parallel"]["containerd_median_ms"],
+        r["parallel"]["ratio_median"]
+    );
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Rt {
+    Atoll,
+    Containerd,
+}
+
+impl Rt {
+    fn name(self) -> &'static str {
+        match self {
+            Rt::Atoll => "atoll",
+            Rt::Containerd => "containerd",
+        }
+    }
+}
+
+fn pod_config(name: &str) -> cri::PodSandboxConfig {
+    cri::PodSandboxConfig {
+        metadata: Some(cri::PodSandboxMetadata {
+            name: name.to_owned(),
+            uid: name.to_owned(),
+            namespace: "bench".into(),
+            attempt: 0,
+        }),
+        // A pod on the node's network has the node's hostname (kubelet sends none).
+        linux: Some(cri::LinuxPodSandboxConfig {
+            security_context: Some(cri::LinuxSandboxSecurityContext {
+                namespace_options: Some(cri::NamespaceOption {
+                    network: cri::NamespaceMode::Node as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn container_config() -> cri::ContainerConfig {
+    cri::ContainerConfig {
+        metadata: Some(cri::ContainerMetadata {
+            name: "main".into(),
+            attempt: 0,
+        }),
+        image: Some(cri::ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: vec!["sleep".into(), "3600".into()],
+        ..Default::default()
+    }
+}
+
+/// Step times of one pod start, in ms.
+struct Started {
+    pod: String,
+    run_ms: f64,
+    create_ms: f64,
+    start_ms: f64,
+}
+
+fn ms(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1000.0
+}
+
+async fn start_pod(c: &mut Client, name: &str) -> anyhow::Result<Started> {
+    let config = pod_config(name);
+    let t = Instant::now();
+    let pod = c
+        .runtime
+        .run_pod_sandbox(cri::RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        })
+        .await
+        .with_context(|| format!("RunPodSandbox {name}"))?
+        .into_inner()
+        .pod_sandbox_id;
+    let run_ms = ms(t);
+    let t = Instant::now();
+    let ctr = c
+        .runtime
+        .create_container(cri::CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container_config()),
+            sandbox_config: Some(config),
+        })
+        .await
+        .with_context(|| format!("CreateContainer in {name}"))?
+        .into_inner()
+        .container_id;
+    let create_ms = ms(t);
+    let t = Instant::now();
+    c.runtime
+        .start_container(cri::StartContainerRequest {
+            container_id: ctr.clone(),
+        })
+        .await
+        .with_context(|| format!("StartContainer in {name}"))?;
+    let start_ms = ms(t);
+    Ok(Started {
+        pod,
+        run_ms,
+        create_ms,
+        start_ms,
+    })
+}
+
+async fn remove_pod(c: &mut Client, pod: &str) -> anyhow::Result<()> {
+    c.runtime
+        .stop_pod_sandbox(cri::StopPodSandboxRequest {
+            pod_sandbox_id: pod.to_owned(),
+        })
+        .await
+        .context("StopPodSandbox")?;
+    c.runtime
+        .remove_pod_sandbox(cri::RemovePodSandboxRequest {
+            pod_sandbox_id: pod.to_owned(),
+        })
+        .await
+        .context("RemovePodSandbox")?;
+    Ok(())
+}
+
+async fn pull(c: &mut Client, image: &str) -> anyhow::Result<()> {
+    c.images
+        .pull_image(cri::PullImageRequest {
+            image: Some(cri::ImageSpec {
+                image: image.into(),
+                ..Default::default()
+            }),
+            auth: None,
+            sandbox_config: None,
+        })
+        .await
+        .with_context(|| format!("PullImage {image}"))?;
+    Ok(())
+}
+
+/// Starts `n` pods at once; the wall time until all run.
+async fn start_many(c: &Client, prefix: &str, n: u32) -> anyhow::Result<(f64, Vec<String>)> {
+    let t = Instant::now();
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let mut c = c.clone();
+        let name = format!("{prefix}-{i}");
+        set.spawn(async move { start_pod(&mut c, &name).await.map(|s| s.pod) });
+    }
+    let mut pods = Vec::new();
+    let mut first_err = None;
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(p)) => pods.push(p),
+            Ok(Err(e)) => {
+                first_err.get_or_insert(e);
+            }
+            Err(e) => {
+                first_err.get_or_insert(e.into());
+            }
+        }
+    }
+    let wall = ms(t);
+    if let Some(e) = first_err {
+        return Err(e);
+    }
+    Ok((wall, pods))
+}
+
+pub fn inner(a: &InnerArgs) -> anyhow::Result<()> {
+    if a.runs == 0 || a.parallel == 0 {
+        bail!("--runs and --parallel must be at least 1");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(inner_async(a))
+}
+
+async fn inner_async(a: &InnerArgs) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(300);
+    let mut atoll = Client::connect(Path::new(ATOLL_SOCK), timeout).await?;
+    let mut containerd = Client::connect(Path::new(CONTAINERD_SOCK), timeout).await?;
+    let version = containerd
+        .runtime
+        .version(cri::VersionRequest {
+            version: "0.1.0".into(),
+        })
+        .await
+        .context("containerd's CRI Version")?
+        .into_inner();
+    pull(&mut atoll, IMAGE).await?;
+    pull(&mut containerd, IMAGE).await?;
+    pull(&mut containerd, PAUSE).await?;
+    let mut samples: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    let mut steps: [[Vec<f64>; 3]; 2] = Default::default();
+    // Round 0 warms up (atoll builds its pod template, containerd its caches).
+    for round in 0..=a.runs {
+        let order = if round % 2 == 0 {
+            [Rt::Atoll, Rt::Containerd]
+        } else {
+            [Rt::Containerd, Rt::Atoll]
+        };
+        for r in order {
+            let c = match r {
+                Rt::Atoll => &mut atoll,
+                Rt::Containerd => &mut containerd,
+            };
+            let name = format!("{}-{round}", r.name());
+            let s = start_pod(c, &name).await?;
+            remove_pod(c, &s.pod).await?;
+            if round == 0 {
+                continue;
+            }
+            let i = r as usize;
+            samples[i].push(s.run_ms + s.create_ms + s.start_ms);
+            steps[i][0].push(s.run_ms);
+            steps[i][1].push(s.create_ms);
+            steps[i][2].push(s.start_ms);
+        }
+    }
+    // What loading containerd's Go helpers costs here (TCG emulates the dynamic
+    // loader's page faults; hardware does not pay this): each pod start runs the
+    // shim once and runc several times.
+    let mut load: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for _ in 0..a.runs {
+        for (i, (prog, arg)) in [
+            ("/usr/sbin/runc", "--version"),
+            ("/usr/bin/containerd-shim-runc-v2", "-v"),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let t = Instant::now();
+            let ok = std::process::Command::new(prog)
+                .arg(arg)
+                .output()
+                .with_context(|| format!("cannot run {prog}"))?
+                .status
+                .success();
+            if !ok {
+                bail!("{prog} {arg} failed");
+            }
+            load[i].push(ms(t));
+        }
+    }
+    let mut wall: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..a.parallel_rounds {
+        let order = if round % 2 == 0 {
+            [Rt::Atoll, Rt::Containerd]
+        } else {
+            [Rt::Containerd, Rt::Atoll]
+        };
+        for r in order {
+            let c = match r {
+                Rt::Atoll => &mut atoll,
+                Rt::Containerd => &mut containerd,
+            };
+            let (ms, pods) = start_many(c, &format!("{}-par{round}", r.name()), a.parallel).await?;
+            wall[r as usize].push(ms);
+            for p in pods {
+                remove_pod(c, &p).await?;
+            }
+        }
+    }
+    let summary = |v: &[f64]| -> anyhow::Result<Value> {
+        let s = summarize(v).context("no samples")?;
+        Ok(json!({
+            "median_ms": r1(s.median), "min_ms": r1(s.min), "max_ms": r1(s.max),
+            "spread_ms": r1(s.max - s.min),
+            "samples_ms": v.iter().map(|x| r1(*x)).collect::<Vec<_>>(),
+        }))
+    };
+    let median = |v: &[f64]| summarize(v).map(|s| r1(s.median));
+    let mut out = json!({"runs": a.runs});
+    for r in [Rt::Atoll, Rt::Containerd] {
+        let i = r as usize;
+        let mut v = summary(&samples[i])?;
+        v["steps_median_ms"] = json!({
+            "RunPodSandbox": median(&steps[i][0]),
+            "CreateContainer": median(&steps[i][1]),
+            "StartContainer": median(&steps[i][2]),
+        });
+        out[r.name()] = v;
+    }
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => json!((a / b * 1000.0).round() / 1000.0),
+        _ => Value::Null,
+    };
+    out["ratio_median"] = ratio(median(&samples[0]), median(&samples[1]));
+    out["parallel"] = json!({
+        "pods": a.parallel,
+        "rounds": a.parallel_rounds,
+        "atoll_median_ms": median(&wall[0]),
+        "containerd_median_ms": median(&wall[1]),
+        "atoll_samples_ms": wall[0].iter().map(|x| r1(*x)).collect::<Vec<_>>(),
+        "containerd_samples_ms": wall[1].iter().map(|x| r1(*x)).collect::<Vec<_>>(),
+        "ratio_median": ratio(median(&wall[0]), median(&wall[1])),
+    });
+    out["containerd"]["version"] = json!(version.runtime_version);
+    out["containerd"]["load_median_ms"] = json!({
+        "runc --version": median(&load[0]),
+        "containerd-shim-runc-v2 -v": median(&load[1]),
+    });
+    out["containerd"]["set_up"] = json!(
+        "CRI plugin, runc v2 shim, cgroup v2, native snapshotter, chrooted in a bind mount of the node's initramfs root (so runc can pivot_root), host network"
+    );
+    println!("{JSON_PREFIX}{out}");
+    Ok(())
+}

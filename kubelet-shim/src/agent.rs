@@ -32,6 +32,8 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(2);
 pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Deadline of a Restored (the agent waits up to 5 s for the clone's disks).
 pub const RESTORED_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the agent may take to answer Hello on a fresh connection.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_millis(200);
 
@@ -264,12 +266,20 @@ impl AgentClient {
             uds: vsock_uds.to_owned(),
             hello: v1::HelloReply::default(),
         };
+        // A guest that accepts and then stays silent must not hold the caller.
+        let sockopt = |source: io::Error| AgentError::Frame {
+            op: "Hello",
+            uds: vsock_uds.to_owned(),
+            source: FrameError::Io(source),
+        };
+        c.set_timeout(Some(HELLO_TIMEOUT)).map_err(sockopt)?;
         let reply = c.call(
             "Hello",
             Op::Hello(v1::Hello {
                 version: PROTOCOL_VERSION,
             }),
         )?;
+        c.set_timeout(None).map_err(sockopt)?;
         let Reply::Hello(h) = reply else {
             return Err(AgentError::UnexpectedReply {
                 op: "Hello",

@@ -288,6 +288,17 @@ impl Vmm {
                 status: 404,
                 message: format!("no disk has the id {drive_id:?}"),
             })?;
+        if let Some(n) = new_id.as_deref().filter(|n| *n != drive_id) {
+            let taken = self
+                .configs
+                .iter()
+                .any(|c| matches!(c, DeviceConfig::Block { id: Some(i), .. } if i == n));
+            if taken {
+                return Err(ApiError::conflict(format!(
+                    "another disk already has the id {n:?}"
+                )));
+            }
+        }
         let device = self.devices.get(index).ok_or_else(|| {
             ApiError::internal(format!("device {index} has a configuration but no device"))
         })?;

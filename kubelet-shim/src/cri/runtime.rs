@@ -16,6 +16,20 @@ use atoll_agent_proto::v1;
 pub const KUBE_API_VERSION: &str = "0.1.0";
 /// The runtime's name in Version.
 pub const RUNTIME_NAME: &str = "atoll";
+/// Files kubelet mounts into every container, which the guest provides itself.
+const KUBELET_FILES: [&str; 4] = [
+    "/etc/hosts",
+    "/etc/hostname",
+    "/etc/resolv.conf",
+    "/dev/termination-log",
+];
+/// The first mount atoll-cri cannot give a container ([`KUBELET_FILES`] are fine).
+fn unsupported_mount(mounts: &[cri::Mount]) -> Option<&cri::Mount> {
+    mounts
+        .iter()
+        .find(|m| !KUBELET_FILES.contains(&m.container_path.as_str()))
+}
+
 /// Largest Localhost seccomp profile read.
 const MAX_SECCOMP_PROFILE: u64 = 1 << 20;
 
@@ -432,7 +446,12 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
         let md = config
             .metadata
             .ok_or_else(|| Status::invalid_argument("config.metadata is required"))?;
-        if let Some(m) = config.mounts.first() {
+        // kubelet mounts these files into every container. They are left out: the
+        // guest sets the pod's hostname and resolver itself, /etc/hosts is the
+        // image's, and the termination message kubelet reads from its host file
+        // stays empty. Any other mount needs host file sharing, which atoll-cri
+        // does not have yet: refused, not ignored.
+        if let Some(m) = unsupported_mount(&config.mounts) {
             return Err(Status::invalid_argument(format!(
                 "mounts: host paths cannot reach a microVM pod yet (asked for {} at {}); atoll-cri has no host file sharing",
                 m.host_path, m.container_path
@@ -804,6 +823,27 @@ mod tests {
         assert!(
             e.starts_with("seccomp profile /nonexistent/profile.json: "),
             "{e}"
+        );
+    }
+
+    #[test]
+    fn kubelets_own_files_are_not_refused_but_volumes_are() {
+        let m = |p: &str| cri::Mount {
+            container_path: p.into(),
+            host_path: format!("/var/lib/kubelet/x{p}"),
+            ..Default::default()
+        };
+        let kubelet = vec![
+            m("/etc/hosts"),
+            m("/dev/termination-log"),
+            m("/etc/resolv.conf"),
+        ];
+        assert!(unsupported_mount(&kubelet).is_none());
+        let mut with_volume = kubelet.clone();
+        with_volume.push(m("/data"));
+        assert_eq!(
+            unsupported_mount(&with_volume).map(|m| m.container_path.as_str()),
+            Some("/data")
         );
     }
 

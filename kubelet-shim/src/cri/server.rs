@@ -14,6 +14,7 @@
 //! sandbox's own lock.
 
 use std::collections::{BTreeMap, HashMap};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -43,6 +44,8 @@ const VM_STOP: Duration = Duration::from_secs(5);
 const EXIT_RECORDED: Duration = Duration::from_secs(10);
 /// ExecSync output kept per stream (the rest is read and dropped), as the CRI asks.
 pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
+/// How long ExecSync waits, once the command has ended, for the rest of its output.
+const EXEC_DRAIN: Duration = Duration::from_secs(2);
 /// How often the VM watcher looks at every ready sandbox's VMM.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
 /// Why a container stopped when its VM went away.
@@ -326,6 +329,7 @@ impl Server {
                 SandboxState::Creating => {
                     tracing::info!("removing sandbox {} left half-made", s.id);
                     kill_vmm(&s);
+                    kill_unrecorded_vmm(&s.pod_dir);
                     remove_pod_dir(&s.pod_dir);
                     self.store.delete_sandbox(&s.id);
                     for c in containers.iter().filter(|c| c.sandbox_id == s.id) {
@@ -561,8 +565,10 @@ impl Server {
         let Some(detached) = pod.detach() else {
             return Err(CriError::Internal("the pod VM ended as it started".into()));
         };
+        let mut detached = detached;
         if let Err(e) = std::fs::File::create(dir.join(EMPTY_DISK)) {
-            let _ = nix_kill(detached.vmm.id());
+            let _ = detached.vmm.kill();
+            let _ = detached.vmm.wait();
             return Err(CriError::Internal(format!("{}: {e}", dir.display())));
         }
         let pid = detached.vmm.id();
@@ -694,6 +700,10 @@ impl Server {
                 "config.image.image is required".into(),
             ));
         }
+        // One create at a time per sandbox, from the name check on: a retried
+        // request (kubelet's own timeout) finds the first one's container.
+        let lock = self.sandbox_lock(&req.sandbox_id);
+        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
         let sandbox = self.sandbox(&req.sandbox_id)?;
         if sandbox.state != SandboxState::Ready {
             return Err(CriError::FailedPrecondition(format!(
@@ -745,15 +755,6 @@ impl Server {
                 .to_string()
         };
 
-        let lock = self.sandbox_lock(&req.sandbox_id);
-        let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-        let sandbox = self.sandbox(&req.sandbox_id)?;
-        if sandbox.state != SandboxState::Ready {
-            return Err(CriError::FailedPrecondition(format!(
-                "sandbox {} is not ready",
-                req.sandbox_id
-            )));
-        }
         let (slot, attached_now) = self.attach_image(&sandbox, &image_id, &prepared.rootfs)?;
         let serial = self.sandbox(&req.sandbox_id)?.slots[slot].drive_id.clone();
         let rootfs_source = match &prepared.rootfs {
@@ -1046,8 +1047,21 @@ impl Server {
         let Ok(sandbox) = self.sandbox(&c.sandbox_id) else {
             return;
         };
-        let waited = AgentClient::connect(&sandbox.pod_dir.join("vsock.sock"), AGENT_CONNECT)
-            .and_then(|mut a| a.wait(id, ""));
+        // A connection that breaks while the VM runs (a slow or restarting agent) is
+        // retried: the container is not reported exited on a guess.
+        let waited = loop {
+            let r = AgentClient::connect(&sandbox.pod_dir.join("vsock.sock"), AGENT_CONNECT)
+                .and_then(|mut a| a.wait(id, ""));
+            let retry = matches!(&r, Err(e) if e.code().is_none())
+                && store::vmm_alive(&sandbox)
+                && self
+                    .container(id)
+                    .is_ok_and(|c| c.state == ContainerState::Running);
+            if !retry {
+                break r;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        };
         // The streams end with the process; a stuck one is not waited for long.
         let deadline = Instant::now() + Duration::from_secs(2);
         for p in pumps {
@@ -1247,46 +1261,73 @@ impl Server {
                 }),
             })
             .map_err(|e| agent_error("starting the command", &e))?;
-        let collect = |s: v1::attach::Stream| -> CriResult<JoinHandle<Vec<u8>>> {
-            let stream = handle.attach(id, &exec_id, s).map_err(|e| {
-                CriError::Unavailable(clean_message(&format!("attaching to the command: {e}")))
-            })?;
-            Ok(std::thread::spawn(move || {
-                read_bounded(stream, MAX_EXEC_OUTPUT)
-            }))
+        // From here on, whatever fails, the command is killed and reaped (the
+        // agent then forgets it) and its output readers are cut loose.
+        let give_up = |control: &mut AgentClient, streams: &[UnixStream]| {
+            let _ = control.signal(id, &exec_id, libc::SIGKILL, false);
+            if let Ok(mut w) = agent(&sandbox) {
+                let _ = w.set_timeout(Some(Duration::from_secs(5)));
+                let _ = w.wait(id, &exec_id);
+            }
+            for s in streams {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
         };
-        let out = collect(v1::attach::Stream::Stdout)?;
-        let err = collect(v1::attach::Stream::Stderr)?;
+        let mut streams = Vec::new();
+        let mut readers = Vec::new();
+        for s in [v1::attach::Stream::Stdout, v1::attach::Stream::Stderr] {
+            match handle.attach(id, &exec_id, s) {
+                Ok(stream) => {
+                    let Ok(ours) = stream.try_clone() else {
+                        give_up(&mut control, &streams);
+                        return Err(CriError::Internal("cannot clone a socket".into()));
+                    };
+                    streams.push(ours);
+                    readers.push(std::thread::spawn(move || {
+                        read_bounded(stream, MAX_EXEC_OUTPUT)
+                    }));
+                }
+                Err(e) => {
+                    give_up(&mut control, &streams);
+                    return Err(CriError::Unavailable(clean_message(&format!(
+                        "attaching to the command: {e}"
+                    ))));
+                }
+            }
+        }
         let limit = u64::try_from(timeout)
             .ok()
             .filter(|&t| t > 0)
             .map(Duration::from_secs);
-        let mut waiter = agent(&sandbox)?;
-        let _ = waiter.set_timeout(limit);
-        let waited = waiter.wait(id, &exec_id);
-        let status = match waited {
-            Ok(w) => {
-                if w.signal > 0 {
-                    128 + w.signal
-                } else {
-                    w.status
-                }
-            }
-            Err(e) if limit.is_some() && is_timeout(&e) => {
-                let _ = control.signal(id, &exec_id, libc::SIGKILL, false);
-                // Reap it, so nothing of it is left in the guest.
-                if let Ok(mut w) = agent(&sandbox) {
-                    let _ = w.set_timeout(Some(Duration::from_secs(5)));
-                    let _ = w.wait(id, &exec_id);
-                }
-                return Err(CriError::DeadlineExceeded(format!(
+        let waited = agent(&sandbox).and_then(|mut w| {
+            let _ = w.set_timeout(limit);
+            w.wait(id, &exec_id).map_err(|e| match limit {
+                Some(_) if is_timeout(&e) => CriError::DeadlineExceeded(format!(
                     "command timed out after {timeout} s and was killed"
-                )));
+                )),
+                _ => agent_error("waiting for the command", &e),
+            })
+        });
+        let status = match waited {
+            Ok(w) if w.signal > 0 => 128 + w.signal,
+            Ok(w) => w.status,
+            Err(e) => {
+                give_up(&mut control, &streams);
+                return Err(e);
             }
-            Err(e) => return Err(agent_error("waiting for the command", &e)),
         };
-        let stdout = out.join().unwrap_or_default();
-        let stderr = err.join().unwrap_or_default();
+        // The streams end with the command, unless something it started in the
+        // background still holds them: that output is not waited for.
+        let deadline = Instant::now() + EXEC_DRAIN;
+        while readers.iter().any(|r| !r.is_finished()) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        for s in &streams {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+        let mut out = readers.into_iter().map(|r| r.join().unwrap_or_default());
+        let stdout = out.next().unwrap_or_default();
+        let stderr = out.next().unwrap_or_default();
         Ok((stdout, stderr, status))
     }
 
@@ -1396,6 +1437,21 @@ fn kill_vmm(s: &SandboxRecord) {
         if let Some(pid) = s.vmm_pid {
             let _ = nix_kill(pid);
         }
+    }
+}
+
+/// A sandbox record written before its VMM was known (the server died while it
+/// started): the pod library's `state.json` in the pod directory names the VMM's
+/// pid; it is killed if that process is still an atoll-vmm of this directory.
+fn kill_unrecorded_vmm(pod_dir: &Path) {
+    let Ok(st) = crate::pod::state::PodState::read(&pod_dir.join("state.json")) else {
+        return;
+    };
+    let Some(pid) = st.vmm_pid else { return };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let dir = pod_dir.as_os_str().as_encoded_bytes();
+    if !dir.is_empty() && cmdline.windows(dir.len()).any(|w| w == dir) {
+        let _ = nix_kill(pid);
     }
 }
 

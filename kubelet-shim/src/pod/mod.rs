@@ -497,6 +497,7 @@ impl PodHandle {
         grace: Duration,
     ) -> Result<Option<v1::WaitReply>, AgentError> {
         let mut c = self.client()?;
+        let _ = c.set_timeout(Some(Duration::from_secs(30)));
         match c.signal(id, "", libc::SIGTERM, false) {
             Ok(()) => {}
             // Already gone: nothing to stop.

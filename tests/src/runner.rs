@@ -142,13 +142,7 @@ impl<'a> Runner<'a> {
             extra_modules: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
             memory_mib: 2048,
-            // One vCPU: every VM a test creates or destroys makes L1's KVM toggle
-            // static keys (kernel text patching through int3), and multi-threaded
-            // TCG now and then executes the half-patched text on the other vCPU: an
-            // int3 oops in __schedule or kvm's apic_has_pending_timer that kills the
-            // node. A clean-clone CI run lost one scenario group to it three boots
-            // in a row with two vCPUs; one vCPU cannot race with itself.
-            cpus: 1,
+            cpus: 2,
             extra_append: String::new(),
             sink: None,
         }
@@ -198,7 +192,7 @@ impl<'a> Runner<'a> {
         self
     }
 
-    /// L1's memory (default 2048 MiB) and vCPUs (default 1, see [`Runner::new`]).
+    /// L1's memory (default 2048 MiB) and vCPUs (default 2).
     pub fn node_size(mut self, memory_mib: u32, cpus: u32) -> Self {
         self.memory_mib = memory_mib;
         self.cpus = cpus;

@@ -92,8 +92,7 @@ mkdir -p /newroot
 mount --bind / /newroot
 for d in proc sys dev run tmp; do mount --rbind /$d /newroot/$d; done
 cp -r $A/registry /run/reg/data
-printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: /run/reg/data\nhttp:\n  addr: 127.0.0.1:5000\n' > /run/reg/config.yml
-/usr/bin/docker-registry serve /run/reg/config.yml >/run/reg/log 2>&1 &
+/usr/bin/docker-registry serve $A/registry.yml >/run/reg/log 2>&1 &
 cat > /tmp/cfg/atoll-cri.toml <<EOF
 state_dir = "/run/atoll-cri-state"
 run_dir = "/run/atoll/cri"
@@ -186,6 +185,7 @@ fn outer_in(args: &Args, work: &Path) -> anyhow::Result<Value> {
         .file(need(&args.artifacts, "vmlinux")?, "vmlinux")?
         .file(need(&args.artifacts, "initramfs.cpio")?, "initramfs.cpio")?
         .file(storage, "registry")?
+        .file(oci::node_registry_config(work), "registry.yml")?
         // One node CPU: KVM toggles static keys (text patching) as VMs come and go,
         // and multi-threaded TCG has been seen executing half-patched text (an int3
         // oops in kvm's apic_has_pending_timer, three boots in a row with 2 CPUs).

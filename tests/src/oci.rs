@@ -132,6 +132,31 @@ pub fn write_layout(dir: &Path, layers: &[(Vec<u8>, String)], config: serde_json
     fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
 }
 
+/// A `docker-registry` config serving `storage` on `addr`, logging errors only.
+pub fn registry_config(storage: &Path, addr: &str) -> String {
+    format!(
+        "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+        storage.display()
+    )
+}
+
+/// Where node scripts copy [`fill_registry`]'s storage (`cp -r
+/// $ATOLL_ARTIFACTS/registry /run/reg/data`).
+pub const NODE_REGISTRY_DATA: &str = "/run/reg/data";
+/// Where the node's registry listens.
+pub const NODE_REGISTRY_ADDR: &str = "127.0.0.1:5000";
+
+/// The config of the registry a node script runs (carry it as a file).
+pub fn node_registry_config(work: &Path) -> PathBuf {
+    let p = work.join("node-registry.yml");
+    fs::write(
+        &p,
+        registry_config(Path::new(NODE_REGISTRY_DATA), NODE_REGISTRY_ADDR),
+    )
+    .unwrap();
+    p
+}
+
 /// Runs Debian's `docker-registry` with its storage in `storage` on a free
 /// 127.0.0.1 port, copies each `(layout, "repo:tag")` into it with skopeo, and stops
 /// it. The storage can then be served by another docker-registry (in the node).
@@ -143,14 +168,7 @@ pub fn fill_registry(work: &Path, storage: &Path, images: &[(&Path, &str)]) {
         .port();
     let addr = format!("127.0.0.1:{port}");
     let cfg = work.join("registry.yml");
-    fs::write(
-        &cfg,
-        format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            storage.display()
-        ),
-    )
-    .unwrap();
+    fs::write(&cfg, registry_config(storage, &addr)).unwrap();
     let mut reg = Command::new("docker-registry")
         .arg("serve")
         .arg(&cfg)

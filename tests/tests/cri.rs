@@ -29,17 +29,7 @@ IMAGE=registry.k8s.io/e2e-test-images/busybox:1.29-2
 ip link set lo up
 mkdir -p /run/reg /tmp/logs /tmp/cfg
 cp -r $A/registry /run/reg/data
-cat > /run/reg/config.yml <<EOF
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: /run/reg/data
-http:
-  addr: 127.0.0.1:5000
-EOF
-/usr/bin/docker-registry serve /run/reg/config.yml >/run/reg/log 2>&1 &
+/usr/bin/docker-registry serve $A/registry.yml >/run/reg/log 2>&1 &
 for i in $(seq 100); do wget -q -O /dev/null http://127.0.0.1:5000/v2/ && break; sleep 0.1; done
 cat > /tmp/cfg/atoll-cri.toml <<EOF
 state_dir = "/var/lib/atoll/cri"
@@ -251,6 +241,11 @@ fn node_output() -> &'static str {
         .file(artefact(static_dir().join("atoll-crictl")), "atoll-crictl")
         .unwrap()
         .file(storage, "registry")
+        .unwrap()
+        .file(
+            atoll_node::oci::node_registry_config(dir.path()),
+            "registry.yml",
+        )
         .unwrap()
         .host_program("/usr/bin/docker-registry")
         .host_program("/usr/bin/mkfs.erofs")

@@ -397,14 +397,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     });
     cfg.cancel = Some(Arc::clone(&signals.stop));
     let started = if !args.cold && Template::fits_pod(&cfg) {
-        let spec = TemplateSpec {
-            kernel: cfg.kernel.clone(),
-            initramfs: cfg.initramfs.clone(),
-            vmm: cfg.vmm.clone(),
-            vcpus: cfg.vcpus,
-            mem_mib: cfg.mem_mib,
-            net: cfg.net,
-        };
+        let spec = TemplateSpec::for_pod(&cfg);
         template::start_pod(cfg, &spec)
     } else {
         Pod::start(cfg)

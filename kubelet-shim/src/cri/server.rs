@@ -551,14 +551,7 @@ impl Server {
         cfg.detached = true;
         cfg.agent_timeout = Duration::from_secs(self.cfg.agent_timeout_secs);
         cfg.hostname = crate::pod::net::valid_hostname(&rec.hostname).then(|| rec.hostname.clone());
-        let spec = TemplateSpec {
-            kernel: cfg.kernel.clone(),
-            initramfs: cfg.initramfs.clone(),
-            vmm: cfg.vmm.clone(),
-            vcpus: cfg.vcpus,
-            mem_mib: cfg.mem_mib,
-            net: false,
-        };
+        let spec = TemplateSpec::for_pod(&cfg);
         let pod = template::start_pod(cfg, &spec)
             .map_err(|e| CriError::Internal(clean_message(&format!("starting the pod VM: {e}"))))?;
         let dir = pod.dir().to_owned();

@@ -133,6 +133,18 @@ impl TemplateSpec {
 }
 
 impl TemplateSpec {
+    /// The template a pod of `cfg`'s shape is cloned from.
+    pub fn for_pod(cfg: &PodConfig) -> Self {
+        Self {
+            kernel: cfg.kernel.clone(),
+            initramfs: cfg.initramfs.clone(),
+            vmm: cfg.vmm.clone(),
+            vcpus: cfg.vcpus,
+            mem_mib: cfg.mem_mib,
+            net: cfg.net,
+        }
+    }
+
     /// A pod of this shape with the control API, for building the template.
     fn pod_config(&self, id: &str, run_dir: &Path) -> PodConfig {
         let mut cfg = PodConfig::new(

@@ -66,11 +66,22 @@ up() { read -r u _ </proc/uptime; echo "$u"; }
 mark() { echo "ATOLL-NODE $nonce $*" >/dev/console; }
 fail() { mark fail "$*"; poweroff -f; sleep 5; exit 1; }
 mark init "$(up)"
+# Module parameters come from the kernel command line as for built-in modules
+# (`kvm_amd.npt=0`): insmod does not read it itself.
 for m in @MODULES@; do
-  insmod "/node/modules/$m.ko" || fail "insmod $m.ko failed"
+  params=$(for w in $(cat /proc/cmdline); do
+    case "$w" in "$(echo "$m" | tr - _)".*=*) echo "${w#*.}" ;; esac
+  done)
+  insmod "/node/modules/$m.ko" $params || fail "insmod $m.ko $params failed"
 done
 [ -c /dev/kvm ] || fail "/dev/kvm did not appear after loading the KVM modules"
+# One VM held open for the whole run keeps KVM's static keys from flipping, so L1's
+# text is not patched under multi-threaded TCG (see atoll-kvm-hold).
+[ -x /node/atoll-kvm-hold ] && /node/atoll-kvm-hold &
 mark kvm "$(up)"
+# A heartbeat on the console: a node whose console stays silent much longer than
+# this period has hung (seen under multi-threaded TCG) and is booted again.
+( while sleep @BEAT@; do mark beat "$(up)"; done ) &
 export ATOLL_ARTIFACTS=/node/artifacts ATOLL_WHERE=node
 # ttyS1 carries only the command's output, framed by markers (raw: bytes pass as is).
 # Closing it (the subshell exits) waits until the UART has sent everything.
@@ -159,6 +170,35 @@ pub struct InitramfsSpec<'a> {
     /// Host programs (absolute paths, e.g. `/usr/sbin/runc`) carried at the same
     /// path with their `ldd` libraries.
     pub host_programs: &'a [PathBuf],
+    /// The static `atoll-kvm-hold`, started by `/init` once KVM is loaded (see
+    /// [`kvm_hold_binary`]).
+    pub kvm_hold: Option<&'a Path>,
+}
+
+/// Where the static `atoll-kvm-hold` is: `$ATOLL_KVM_HOLD`, else beside the static
+/// binaries (`$ATOLL_STATIC_DIR`, the running program's directory, this workspace's
+/// static target directory). The node runs without it, less steadily.
+pub fn kvm_hold_binary() -> Option<PathBuf> {
+    const NAME: &str = "atoll-kvm-hold";
+    let mut candidates = Vec::new();
+    if let Some(p) = std::env::var_os("ATOLL_KVM_HOLD") {
+        candidates.push(PathBuf::from(p));
+    }
+    if let Some(d) = std::env::var_os("ATOLL_STATIC_DIR") {
+        candidates.push(PathBuf::from(d).join(NAME));
+    }
+    if let Some(d) = std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_owned))
+    {
+        candidates.push(d.join(NAME));
+    }
+    candidates.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target/x86_64-unknown-linux-gnu/release")
+            .join(NAME),
+    );
+    candidates.into_iter().find(|p| p.is_file())
 }
 
 /// Archive writer that creates parent directories once and skips duplicates.
@@ -361,7 +401,9 @@ fn fill(t: &mut Tree, spec: &InitramfsSpec<'_>) -> Result<(), BuildError> {
     }
 
     let names = module_names(spec.modules);
-    let init = INIT_SCRIPT.replace("@MODULES@", &names.join(" "));
+    let init = INIT_SCRIPT
+        .replace("@MODULES@", &names.join(" "))
+        .replace("@BEAT@", &crate::node::HEARTBEAT.as_secs().to_string());
     t.bytes("init", 0o755, init.as_bytes())?;
     let mut cmd = spec.command.to_owned();
     if !cmd.ends_with('\n') {
@@ -382,6 +424,9 @@ fn fill(t: &mut Tree, spec: &InitramfsSpec<'_>) -> Result<(), BuildError> {
         t.host_tree(&name, &a.host, 0)?;
     }
 
+    if let Some(hold) = spec.kvm_hold {
+        t.host_file("node/atoll-kvm-hold", hold)?;
+    }
     if spec.with_qemu {
         add_qemu(t)?;
     }
@@ -477,5 +522,7 @@ mod tests {
         ];
         assert_eq!(module_names(&mods), ["irqbypass", "kvm", "kvm-amd"]);
         assert!(INIT_SCRIPT.contains("for m in @MODULES@; do"));
+        assert!(INIT_SCRIPT.contains("insmod \"/node/modules/$m.ko\" $params"));
+        assert!(INIT_SCRIPT.contains("while sleep @BEAT@; do mark beat"));
     }
 }

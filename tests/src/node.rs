@@ -7,9 +7,10 @@
 //! when the run ends in any way ([`Qemu`] kills on drop, and QEMU gets `SIGKILL` if
 //! the thread that started it dies).
 //!
-//! A node that exits without the end marker (and without a `fail` mark from `/init`)
-//! is an infrastructure fault: it is retried once with a fresh nonce, then reported
-//! with the tail of its console.
+//! A node that exits without the end marker (and without a `fail` mark from `/init`),
+//! or whose heartbeat stops, is an infrastructure fault: it is booted again once with
+//! a fresh nonce (said on stderr, past the test harness's capture, so every retry is
+//! in the CI log), and a second fault fails the run with the tail of its console.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -29,6 +30,12 @@ const TAIL_LINES: usize = 40;
 const POWEROFF_GRACE: Duration = Duration::from_secs(15);
 /// Poll interval of the data file.
 const POLL: Duration = Duration::from_millis(10);
+/// Period of `/init`'s heartbeat mark on the console.
+pub const HEARTBEAT: Duration = Duration::from_secs(10);
+/// A node whose heartbeat has been silent this long has hung: it is killed and
+/// booted again. (Seen under multi-threaded TCG: one L1 vCPU spinning, the other
+/// idle, nothing on the console for minutes.)
+pub const HUNG_AFTER: Duration = Duration::from_secs(120);
 
 /// What one line streamed to the caller came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -211,11 +218,16 @@ impl Drop for Qemu {
 pub fn qemu_command(cfg: &NodeConfig, data_file: &Path, nonce: &str) -> Command {
     let mut c = Command::new(&cfg.qemu);
     let mut append = format!("console=ttyS0 quiet panic=-1 atoll.nonce={nonce}");
-    if !cfg.extra_append.trim().is_empty() {
-        append.push(' ');
-        append.push_str(cfg.extra_append.trim());
+    // ATOLL_NODE_APPEND: extra words for experiments (e.g. `kvm_amd.npt=0`).
+    let env_append = std::env::var("ATOLL_NODE_APPEND").unwrap_or_default();
+    for extra in [cfg.extra_append.trim(), env_append.trim()] {
+        if !extra.is_empty() {
+            append.push(' ');
+            append.push_str(extra);
+        }
     }
-    c.args(["-accel", "tcg,thread=multi", "-cpu", "max"])
+    let cpu = std::env::var("ATOLL_NODE_CPU").unwrap_or_else(|_| "max".into());
+    c.args(["-accel", "tcg,thread=multi", "-cpu", &cpu])
         .args(["-m", &cfg.memory_mib.to_string()])
         .args(["-smp", &cfg.cpus.to_string()])
         .args(["-nographic", "-nodefaults", "-no-reboot"])
@@ -267,20 +279,37 @@ impl Tail {
     }
 }
 
-/// Most boots of the node for one run. A node that vanishes is an infrastructure
-/// fault, not a test result: L1's own kernel has been seen to die under TCG (an
-/// `int3` oops in `__schedule` while the kernel patches its text, which
-/// multi-threaded TCG occasionally executes half-patched), twice in a row once in a
-/// 90-second run.
-pub const MAX_ATTEMPTS: u32 = 3;
+/// Most boots of the node for one run. A node that vanishes or hangs is an
+/// infrastructure fault, not a test result: L1's own kernel has been seen to die
+/// under TCG (an `int3` oops in `__schedule` while the kernel patches its text, which
+/// multi-threaded TCG occasionally executes half-patched). One retry absorbs that; a
+/// second fault in one run fails it, so a crash that Atoll causes in L1 cannot hide
+/// behind retries.
+pub const MAX_ATTEMPTS: u32 = 2;
 
 /// Boots the node and runs the command baked into the initramfs, booting it again (up
-/// to [`MAX_ATTEMPTS`] in all) if the node vanishes.
+/// to [`MAX_ATTEMPTS`] in all) if the node vanishes or hangs.
 pub fn run(cfg: &NodeConfig, sink: &mut LineSink<'_>) -> Result<NodeRun, NodeError> {
+    retrying(|sink| boot_once(cfg, sink), sink, &mut |note| {
+        // Straight to fd 2: the test harness captures `eprintln!`, and a retry must
+        // show in the log of a test that passed too.
+        use std::io::Write;
+        let _ = writeln!(io::stderr().lock(), "atoll-node: {note}");
+    })
+}
+
+type Attempt = Result<(Vec<u8>, i32, BootTimings), Failure>;
+
+/// The retry policy of [`run`], apart from QEMU: `announce` gets every retry's note.
+fn retrying(
+    mut boot: impl FnMut(&mut LineSink<'_>) -> Attempt,
+    sink: &mut LineSink<'_>,
+    announce: &mut dyn FnMut(&str),
+) -> Result<NodeRun, NodeError> {
     let mut attempts = 0;
     loop {
         attempts += 1;
-        match boot_once(cfg, sink) {
+        match boot(sink) {
             Ok((output, status, timings)) => {
                 return Ok(NodeRun {
                     output,
@@ -299,13 +328,11 @@ pub fn run(cfg: &NodeConfig, sink: &mut LineSink<'_>) -> Result<NodeRun, NodeErr
                 })
             }
             Err(Failure::Vanished { exit, phase, .. }) => {
-                sink(
-                    Source::Runner,
-                    &format!(
-                        "node vanished without its final marker (QEMU {exit}, {phase}); \
-                         booting it again ({attempts} of {MAX_ATTEMPTS} attempts used)"
-                    ),
+                let note = format!(
+                    "node vanished without its final marker (QEMU {exit}, {phase}); \
+                     booting it again ({attempts} of {MAX_ATTEMPTS} attempts used)"
                 );
+                announce(&note);
             }
         }
     }
@@ -380,6 +407,8 @@ fn boot_once(
     let mut fail_reason: Option<String> = None;
     let mut chunk = vec![0u8; 1 << 16];
     let mut end_seen_at: Option<Instant> = None;
+    // The heartbeat starts once KVM is ready; until then the timeout alone applies.
+    let mut last_beat: Option<Instant> = None;
     let phase = |t: &BootTimings| -> &'static str {
         if t.command_end_ms.is_some() {
             "after the command finished"
@@ -398,12 +427,18 @@ fn boot_once(
         // Console lines.
         while let Ok((at, line)) = rx.try_recv() {
             match ConsoleMark::parse(&line, &nonce) {
+                Some(ConsoleMark::Beat(_)) => {
+                    // Noise for the tail and the caller: only its timing counts.
+                    last_beat = Some(at);
+                    continue;
+                }
                 Some(ConsoleMark::Init(up)) => {
                     timings.init_ms = Some(ms_between(start, at));
                     uptime_init = Some(up);
                 }
                 Some(ConsoleMark::KvmReady(up)) => {
                     timings.kvm_ready_ms = Some(ms_between(start, at));
+                    last_beat = Some(at);
                     if let Some(u0) = uptime_init {
                         timings.modules_ms = Some(((up - u0).max(0.0) * 1000.0).round() as u64);
                     }
@@ -456,6 +491,13 @@ fn boot_once(
             thread::sleep(Duration::from_millis(200));
             qemu.kill();
             break "killed after a setup failure".into();
+        }
+        if end_seen_at.is_none() && last_beat.is_some_and(|b| hung(b, Instant::now())) {
+            qemu.kill();
+            break format!(
+                "killed: no heartbeat for {} s, L1 hung",
+                HUNG_AFTER.as_secs()
+            );
         }
         if start.elapsed() > cfg.timeout {
             qemu.kill();
@@ -511,6 +553,11 @@ fn boot_once(
     }
 }
 
+/// Whether a node whose last heartbeat came at `last` has hung by `now`.
+fn hung(last: Instant, now: Instant) -> bool {
+    now.saturating_duration_since(last) > HUNG_AFTER
+}
+
 fn ms_between(start: Instant, at: Instant) -> u64 {
     u64::try_from(at.saturating_duration_since(start).as_millis()).unwrap_or(u64::MAX)
 }
@@ -546,6 +593,68 @@ mod tests {
             args.last().map(String::as_str),
             Some("console=ttyS0 quiet panic=-1 atoll.nonce=abc loglevel=3")
         );
+    }
+
+    fn vanished() -> Attempt {
+        Err(Failure::Vanished {
+            exit: "killed: no heartbeat".into(),
+            phase: "while the command ran",
+            tail: "  | last line".into(),
+        })
+    }
+
+    #[test]
+    fn one_fault_is_retried_and_announced() {
+        let mut n = 0;
+        let mut notes = Vec::new();
+        let r = retrying(
+            |_| {
+                n += 1;
+                if n == 1 {
+                    vanished()
+                } else {
+                    Ok((b"out".to_vec(), 0, BootTimings::default()))
+                }
+            },
+            &mut |_, _| {},
+            &mut |note| notes.push(note.to_owned()),
+        )
+        .unwrap();
+        assert_eq!((r.attempts, r.output.as_slice()), (2, &b"out"[..]));
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("booting it again (1 of 2 attempts used)"));
+        assert!(notes[0].contains("no heartbeat"), "{notes:?}");
+    }
+
+    #[test]
+    fn a_second_fault_fails_the_run() {
+        let mut n = 0;
+        let mut notes = 0;
+        let err = retrying(
+            |_| {
+                n += 1;
+                vanished()
+            },
+            &mut |_, _| {},
+            &mut |_| notes += 1,
+        )
+        .unwrap_err();
+        assert_eq!((n, notes), (2, 1));
+        let msg = err.to_string();
+        assert!(
+            msg.contains("(2 attempts, last: QEMU killed: no heartbeat"),
+            "{msg}"
+        );
+        assert!(msg.contains("  | last line"), "{msg}");
+    }
+
+    #[test]
+    fn a_silent_heartbeat_means_hung() {
+        let t = Instant::now();
+        assert!(!hung(t, t + HEARTBEAT * 3));
+        assert!(!hung(t, t + HUNG_AFTER));
+        assert!(hung(t, t + HUNG_AFTER + Duration::from_secs(1)));
+        assert!(HUNG_AFTER >= HEARTBEAT * 6, "room for a busy L1");
     }
 
     #[test]

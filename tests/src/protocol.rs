@@ -37,6 +37,8 @@ pub enum ConsoleMark {
     Fail(String),
     /// The command finished and its output was flushed; L1 uptime in seconds.
     Done(f64),
+    /// `/init`'s heartbeat: L1 is alive; its uptime in seconds.
+    Beat(f64),
 }
 
 impl ConsoleMark {
@@ -51,6 +53,7 @@ impl ConsoleMark {
             "init" => secs().map(ConsoleMark::Init),
             "kvm" => secs().map(ConsoleMark::KvmReady),
             "done" => secs().map(ConsoleMark::Done),
+            "beat" => secs().map(ConsoleMark::Beat),
             "fail" => Some(ConsoleMark::Fail(arg.to_owned())),
             _ => None,
         }
@@ -336,6 +339,10 @@ mod tests {
         assert_eq!(
             ConsoleMark::parse("ATOLL-NODE 0123abcd fail insmod kvm.ko failed", N),
             Some(ConsoleMark::Fail("insmod kvm.ko failed".into()))
+        );
+        assert_eq!(
+            ConsoleMark::parse("ATOLL-NODE 0123abcd beat 61.5", N),
+            Some(ConsoleMark::Beat(61.5))
         );
         assert_eq!(ConsoleMark::parse("ATOLL-NODE ffff init 1.0", N), None);
         assert_eq!(ConsoleMark::parse("[    9.17] reboot: Power down", N), None);

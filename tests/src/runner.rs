@@ -266,12 +266,21 @@ impl<'a> Runner<'a> {
         for name in &self.extra_modules {
             modules.push(kernel.extra_module(name)?);
         }
+        let kvm_hold = initramfs::kvm_hold_binary();
+        if kvm_hold.is_none() {
+            sink(
+                Source::Runner,
+                "atoll-kvm-hold not found (build it with `make static`): L1 patches its \
+                 text as VMs come and go, which multi-threaded TCG sometimes crashes on",
+            );
+        }
         let spec = InitramfsSpec {
             modules: &modules,
             artifacts: &self.artifacts,
             command,
             with_qemu: self.with_qemu,
             host_programs: &self.host_programs,
+            kvm_hold: kvm_hold.as_deref(),
         };
         let initramfs_bytes = initramfs::build(&spec, &initrd)?;
         let prepare_ms = u64::try_from(start.elapsed().as_millis()).unwrap_or(u64::MAX);

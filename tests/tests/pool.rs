@@ -36,6 +36,7 @@ clones() {
   for n in 0 1 2 3 4 5 6 7 8 9; do cat c$n.out; grep -o '"boot": *"[a-z]*"' c$n.json; done
   echo "templates=$(ls -d $T/*/ | wc -l)"
   echo "vmms-left=$(pidof atoll-vmm | wc -w)"
+  echo "replaced=$(cat c?.out | grep -c 'starting another clone')"
 }
 damaged() {
   state=$(ls $T/*/state | head -1)
@@ -137,6 +138,15 @@ fn ten_clones_of_one_template_are_independent() {
     );
     assert!(randoms.iter().all(|r| r.len() == 32), "{randoms:?}");
     assert_eq!(boots(out), ["template"; 10], "all restored, none booted");
+    // A clone that fails before its agent answers is replaced once (the nested
+    // node's emulation occasionally stalls or crashes one); more than two of ten
+    // would be a restore bug, not the emulation.
+    let replaced: usize = value_of(out, "replaced").parse().unwrap();
+    eprintln!("clones replaced: {replaced} of 10");
+    assert!(
+        replaced <= 2,
+        "{replaced} clones had to be replaced:\n{out}"
+    );
     assert_eq!(
         value_of(out, "templates"),
         "1",

@@ -46,6 +46,8 @@ pub const VMM_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const KEPT_LOGS: usize = 100;
 /// Lines of `console.log` quoted when the VMM ends early.
 const CONSOLE_TAIL_LINES: usize = 12;
+/// Lines of `console.log` quoted when the guest crashed (an oops is longer).
+const CRASH_TAIL_LINES: usize = 60;
 /// Most bytes of guest console (and VMM messages) kept in `console.log`. The guest
 /// is hostile: it may print forever, and the pod directory usually lives in /run
 /// (host RAM). Beyond this the output is still drained, so the VMM never blocks on
@@ -324,9 +326,12 @@ pub enum PodError {
         log: PathBuf,
         tail: String,
     },
-    #[error("the guest agent did not answer within {waited:?}; the end of {log}:\n{tail}")]
+    #[error("the guest agent did not answer within {waited:?} (atoll-vmm threads: {threads}); the end of {log}:\n{tail}")]
     AgentTimeout {
         waited: Duration,
+        /// Each VMM thread's name, state and CPU time: a guest spinning, halted or
+        /// a VMM stuck look different here.
+        threads: String,
         log: PathBuf,
         tail: String,
     },
@@ -376,6 +381,37 @@ pub fn vmm_error_line(log: &Path) -> Option<String> {
         .rev()
         .find(|l| l.starts_with("atoll-vmm: error:"))
         .map(str::to_owned)
+}
+
+/// `name state cpu-ms` for each thread of process `pid`, from /proc (e.g.
+/// `vcpu0 R 5120ms, devices S 12ms`).
+pub fn thread_report(pid: u32) -> String {
+    let Ok(rd) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return "gone".into();
+    };
+    // SAFETY: sysconf(3) reads a constant.
+    let ticks = u64::try_from(unsafe { libc::sysconf(libc::_SC_CLK_TCK) })
+        .unwrap_or(100)
+        .max(1);
+    let mut out: Vec<String> = rd
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|stat| {
+            // pid (comm) state ... utime(14) stime(15): comm may hold spaces.
+            let open = stat.find('(')?;
+            let close = stat.rfind(')')?;
+            let comm = &stat[open + 1..close];
+            let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+            let cpu = rest.get(11)?.parse::<u64>().ok()? + rest.get(12)?.parse::<u64>().ok()?;
+            Some(format!("{comm} {} {}ms", rest.first()?, cpu * 1000 / ticks))
+        })
+        .collect();
+    out.sort();
+    if out.is_empty() {
+        "gone".into()
+    } else {
+        out.join(", ")
+    }
 }
 
 /// Asks the kernel to SIGKILL this process when the thread that forked it ends.
@@ -765,6 +801,14 @@ impl Pod {
                     let _ = t.join();
                 }
                 if let Some(line) = vmm_error_line(log) {
+                    // A guest that crashed explains itself on its console: quote it.
+                    if line.contains("console output") {
+                        let tail = file_tail(log, CRASH_TAIL_LINES);
+                        return Err(PodError::VmmFailed(format!(
+                            "{line}; the end of {}:\n{tail}",
+                            log.display()
+                        )));
+                    }
                     return Err(PodError::VmmFailed(line));
                 }
                 return Err(PodError::VmmExited {
@@ -775,8 +819,13 @@ impl Pod {
             }
             let left = timeout.saturating_sub(start.elapsed());
             if left.is_zero() {
+                let threads = self
+                    .vmm
+                    .as_ref()
+                    .map_or_else(|| "gone".to_owned(), |c| thread_report(c.id()));
                 return Err(PodError::AgentTimeout {
                     waited: start.elapsed(),
+                    threads,
                     log: log.to_owned(),
                     tail: file_tail(log, CONSOLE_TAIL_LINES),
                 });
@@ -1014,6 +1063,27 @@ impl Drop for Pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn thread_report_names_each_thread_with_state_and_cpu() {
+        let me = std::process::id();
+        let t = std::thread::Builder::new()
+            .name("report-probe".into())
+            .spawn(|| std::thread::sleep(Duration::from_millis(500)))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let r = thread_report(me);
+        t.join().unwrap();
+        let probe = r
+            .split(", ")
+            .find(|e| e.starts_with("report-probe "))
+            .unwrap_or_else(|| panic!("{r}"));
+        let fields: Vec<&str> = probe.split(' ').collect();
+        assert_eq!(fields.len(), 3, "{probe}");
+        assert_eq!(fields[1], "S", "a sleeping thread: {probe}");
+        assert!(fields[2].ends_with("ms"), "{probe}");
+        assert_eq!(thread_report(u32::MAX), "gone");
+    }
 
     #[test]
     fn console_copy_keeps_at_most_max_bytes_and_drains_the_rest() {

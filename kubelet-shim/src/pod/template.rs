@@ -450,10 +450,46 @@ pub fn is_snapshot_error(line: &str) -> bool {
     .any(|s| line.contains(s))
 }
 
+/// How long a restored clone's agent gets to answer on the first try. A clone answers
+/// in milliseconds on hardware and within seconds under the nested node's emulation
+/// with ten restoring at once; one that has not answered by then is replaced.
+pub const CLONE_FIRST_ANSWER: Duration = Duration::from_secs(20);
+
+/// Whether `e` means the clone itself failed before any of the pod's code ran in it
+/// (its guest crashed, the VMM ended, the agent never answered or could not take
+/// the clone's identity), so that a fresh clone of the same template may be tried.
+fn clone_failed_early(e: &PodError) -> bool {
+    match e {
+        PodError::VmmFailed(line) => !is_snapshot_error(line),
+        PodError::VmmExited { .. } | PodError::AgentTimeout { .. } | PodError::Restored(_) => true,
+        _ => false,
+    }
+}
+
 /// Starts the pod as a clone of the template for its shape, building the template
 /// first if needed. A template that cannot be restored (corrupt, from another
-/// atoll-vmm) is rebuilt once, with one line on stderr saying so.
-pub fn start_pod(mut cfg: PodConfig, spec: &TemplateSpec) -> Result<Pod, PodError> {
+/// atoll-vmm) is rebuilt once, and a clone that fails before its agent has answered
+/// (see [`clone_failed_early`]) is replaced by a fresh one once; each with one line
+/// on stderr saying so.
+pub fn start_pod(cfg: PodConfig, spec: &TemplateSpec) -> Result<Pod, PodError> {
+    let full_wait = cfg.agent_timeout;
+    let mut first = cfg.clone();
+    first.agent_timeout = full_wait.min(CLONE_FIRST_ANSWER);
+    match start_clone(first, spec) {
+        Err(e) if clone_failed_early(&e) => {
+            let why = e.to_string();
+            let why = why.lines().next().unwrap_or_default();
+            eprintln!("atoll: the restored clone failed before its agent answered ({why}); starting another clone");
+            tracing::warn!("pod {}: clone replaced: {e}", cfg.id);
+            let mut again = cfg;
+            again.agent_timeout = full_wait;
+            start_clone(again, spec)
+        }
+        other => other,
+    }
+}
+
+fn start_clone(mut cfg: PodConfig, spec: &TemplateSpec) -> Result<Pod, PodError> {
     let (t, ensured) = ensure(spec, &cfg.run_dir)?;
     if let Ensured::Built(meta) = &ensured {
         tracing::info!(
@@ -494,6 +530,27 @@ mod tests {
             mem_mib: 256,
             net: false,
         }
+    }
+
+    #[test]
+    fn only_a_clone_that_failed_before_answering_is_replaced() {
+        let crash = PodError::VmmFailed(
+            "atoll-vmm: error: the guest triple-faulted before reporting an exit status".into(),
+        );
+        assert!(clone_failed_early(&crash));
+        let timeout = PodError::AgentTimeout {
+            waited: Duration::from_secs(20),
+            threads: "vcpu0 S 1ms".into(),
+            log: "/x".into(),
+            tail: String::new(),
+        };
+        assert!(clone_failed_early(&timeout));
+        // A damaged template is rebuilt instead; a cancelled start stays cancelled.
+        let damaged = PodError::VmmFailed(
+            "atoll-vmm: error: cannot restore the VM from the snapshot: bad CRC".into(),
+        );
+        assert!(!clone_failed_early(&damaged));
+        assert!(!clone_failed_early(&PodError::Cancelled(15)));
     }
 
     #[test]

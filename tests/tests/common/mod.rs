@@ -103,6 +103,14 @@ pub fn scenario<'a>(output: &'a str, name: &str) -> (&'a str, i32) {
     (&output[start..end], status)
 }
 
+/// The value of the first whitespace-separated word `key=value` in `out` (exactly:
+/// `a=1` is not `a=12`, nor `xa=1`); `None` when no word has that key.
+pub fn word<'a>(out: &'a str, key: &str) -> Option<&'a str> {
+    let prefix = format!("{key}=");
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix(prefix.as_str()))
+}
+
 /// The value after `key=` on the first line that starts with it (exactly: `a=1`
 /// is not found as `a=12`'s prefix, the whole rest of the line is the value).
 pub fn value_of<'a>(out: &'a str, key: &str) -> &'a str {

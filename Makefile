@@ -11,7 +11,7 @@ export ATOLL_CACHE ?= /var/cache/atoll
 STATIC_ENV := RUSTFLAGS='-C target-feature=+crt-static' LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 STATIC_PKGS := -p atoll-vmm -p atoll-init -p atoll-image -p atoll-tests -p atoll-bench -p atoll-cri
 
-.PHONY: all deps static kernel initramfs artifacts demo test unit e2e bench bench-image clean
+.PHONY: fuzz-smoke all deps static kernel initramfs artifacts demo test unit e2e bench bench-image clean
 
 all: artifacts
 
@@ -44,6 +44,10 @@ demo: artifacts
 	  --file $(BUILD)/vmlinux:vmlinux --file $(BUILD)/initramfs.cpio:initramfs.cpio \
 	  --file $(DEMO_STORE):store --file scripts/demo-pod.sh:demo.sh -- ./demo.sh
 
+# The VMM's fuzz targets, built and run a few seconds each (part of `make test`).
+fuzz-smoke:
+	scripts/fuzz-smoke.sh
+
 unit: deps
 	cargo test --workspace --locked --lib --bins
 
@@ -53,6 +57,7 @@ e2e: artifacts
 
 test: artifacts
 	cargo test --workspace --locked --lib --bins
+	scripts/fuzz-smoke.sh
 	cargo test --locked -p atoll-image --test '*' -- --test-threads=2
 	ATOLL_BUILD_DIR=$(CURDIR)/$(BUILD) ATOLL_STATIC_DIR=$(CURDIR)/$(STATIC) \
 	  cargo test --locked -p atoll-tests --test '*' -- --test-threads=1

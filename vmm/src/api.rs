@@ -362,6 +362,7 @@ pub fn spawn(listener: UnixListener, vmm: Sender<VmMessage>) -> io::Result<()> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
+            crate::seccomp::apply_or_exit(crate::seccomp::Thread::Api);
             for stream in listener.incoming() {
                 match stream {
                     Ok(s) => serve(s, &vmm),

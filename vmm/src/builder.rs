@@ -705,6 +705,7 @@ fn io_err(e: kvm_ioctls::Error) -> std::io::Error {
 
 /// Copies host stdin into the UART's receive FIFO as room frees up.
 fn pump_stdin(serial: Arc<Mutex<SerialDevice>>) {
+    crate::seccomp::apply_or_exit(crate::seccomp::Thread::ConsoleIn);
     let mut stdin = std::io::stdin();
     let mut buf = [0u8; 64];
     loop {

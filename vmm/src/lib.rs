@@ -16,5 +16,6 @@ pub mod builder;
 pub mod devices;
 pub mod metrics;
 pub mod persist;
+pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

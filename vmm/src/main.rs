@@ -25,7 +25,8 @@ const EXIT_TIMED_OUT: u8 = 124;
     after_help = "\
 Exit status: the guest's own status (0-255) as reported through the exit port;
 1 when the VM cannot start; 123 when the guest crashed or reset without reporting;
-124 when --timeout expired.
+124 when --timeout expired; 159 when a VMM thread made a system call outside its
+seccomp filter (one line on stderr names the thread and the call).
 
 Arguments after `--` are passed to the guest's init as its argv (appended to the
 kernel command line after `--`).
@@ -100,6 +101,14 @@ struct Args {
     /// Log filter (also RUST_LOG), e.g. `debug`.
     #[arg(long, default_value = "warn")]
     log: String,
+    /// Run without the per-thread seccomp filters. For debugging only: a guest
+    /// that finds a device bug then has every system call of the host.
+    #[arg(long)]
+    no_seccomp: bool,
+    /// Test only: the vCPU thread makes a call outside its filter when the guest's
+    /// command starts (the end-to-end test of the filters).
+    #[arg(long, hide = true)]
+    test_seccomp_trip: bool,
     /// Arguments for the guest's init.
     #[arg(last = true)]
     init_args: Vec<String>,
@@ -147,6 +156,16 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
     let timeout = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
     let console_input = std::io::stdin().is_terminal() || !stdin_is_devnull();
     let console = Box::new(LineWriter::new(std::io::stdout()));
+    if args.no_seccomp {
+        tracing::warn!(
+            "--no-seccomp: the VMM's threads run WITHOUT seccomp filters; a guest that \
+             finds a device bug has every system call of this host (debugging only)"
+        );
+    }
+    atoll_vmm::seccomp::init(!args.no_seccomp)?;
+    if args.test_seccomp_trip {
+        atoll_vmm::seccomp::arm_trip();
+    }
     // Bind before building, so a bad socket path fails before any guest runs; the
     // socket file goes when this function returns, however it returns.
     let api = match &args.api_sock {
@@ -202,6 +221,9 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         }
         None => None,
     };
+    // Every other thread exists now (each filtered itself as it started): the
+    // main thread is filtered last, so no thread inherits its filter.
+    atoll_vmm::seccomp::apply(atoll_vmm::seccomp::Thread::Main)?;
     let outcome = vmm.run(start, timeout);
     let report = vmm.report(Some(outcome));
     drop(vmm);

@@ -482,6 +482,7 @@ impl Vcpu {
     fn thread_main(mut self, commands: Receiver<Command>, replies: Sender<Reply>, paused: bool) {
         let flag: *mut u8 = &mut self.fd.get_kvm_run().immediate_exit;
         IMMEDIATE_EXIT.with(|c| c.set(flag));
+        crate::seccomp::apply_or_exit(crate::seccomp::Thread::Vcpu);
         self.run_loop(&commands, &replies, paused);
         IMMEDIATE_EXIT.with(|c| c.set(std::ptr::null_mut()));
     }

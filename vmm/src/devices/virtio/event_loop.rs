@@ -189,7 +189,10 @@ impl EventLoop {
     pub fn spawn(self, mut handle: EventLoopHandle) -> Result<EventLoopHandle, EventLoopError> {
         let t = std::thread::Builder::new()
             .name("devices".into())
-            .spawn(move || self.run())
+            .spawn(move || {
+                crate::seccomp::apply_or_exit(crate::seccomp::Thread::Devices);
+                self.run()
+            })
             .map_err(EventLoopError::Start)?;
         handle.thread = Some(t);
         Ok(handle)

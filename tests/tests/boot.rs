@@ -263,3 +263,51 @@ fn a_vmm_thread_outside_its_seccomp_filter_ends_the_vmm_with_one_line() {
     );
     assert_eq!(word(o, "left"), Some("0"), "{o}");
 }
+
+#[test]
+fn the_vmm_runs_jailed_without_capabilities_host_network_or_core_dumps() {
+    // A running VMM seen from outside through /proc: its capabilities, namespaces,
+    // network interfaces and limits; then the same with --no-jail for contrast.
+    let probe = r#"
+look() {
+  vmm=$1
+  for _ in $(seq 1 300); do grep -q "tick 3" o.txt 2>/dev/null && break; sleep 0.1; done
+  echo "$2capeff=$(awk '/^CapEff/ {print $2}' /proc/$vmm/status)" \
+    "$2capbnd=$(awk '/^CapBnd/ {print $2}' /proc/$vmm/status)" \
+    "$2nnp=$(awk '/^NoNewPrivs/ {print $2}' /proc/$vmm/status)" \
+    "$2seccomp=$(awk '/^Seccomp:/ {print $2}' /proc/$vmm/status)"
+  for ns in net mnt ipc uts; do
+    if [ "$(readlink /proc/$vmm/ns/$ns)" = "$(readlink /proc/self/ns/$ns)" ]; then
+      echo "$2ns_$ns=shared"; else echo "$2ns_$ns=own"; fi
+  done
+  echo "$2ifaces=$(tail -n +3 /proc/$vmm/net/dev | wc -l)"
+  echo "$2core=$(awk '/Max core file size/ {print $5"/"$6}' /proc/$vmm/limits)"
+  echo "$2files_hard=$(awk '/Max open files/ {print $5}' /proc/$vmm/limits)"
+  wait $vmm; echo "$2vmm=$?"
+}
+GUEST='i=0; while [ $i -lt 25 ]; do i=$((i+1)); echo tick $i; sleep 0.2; done; exit 4'
+"#;
+    let out = on_kvm(&format!(
+        "{probe}\
+         rm -f o.txt; {VMM} -- /bin/sh -c \"$GUEST\" > o.txt 2>&1 & look $! ''; \
+         rm -f o.txt; {VMM} --no-jail -- /bin/sh -c \"$GUEST\" > o.txt 2>&1 & look $! free_"
+    ));
+    let o = &out.output;
+    let w = |k: &str| word(o, k).unwrap_or_else(|| panic!("no {k}= in {o}"));
+    assert_eq!(w("capeff"), "0000000000000000", "{o}");
+    assert_eq!(w("capbnd"), "0000000000000000", "{o}");
+    assert_eq!(w("nnp"), "1", "{o}");
+    assert_eq!(w("seccomp"), "2", "the main thread is filtered: {o}");
+    for ns in ["net", "mnt", "ipc", "uts"] {
+        assert_eq!(w(&format!("ns_{ns}")), "own", "{ns}: {o}");
+    }
+    assert_eq!(w("ifaces"), "1", "only the new namespace's loopback: {o}");
+    assert_eq!(w("core"), "0/0", "{o}");
+    let files: u64 = w("files_hard").parse().unwrap();
+    assert!(files <= 4096, "{o}");
+    assert_eq!(w("vmm"), "4", "the jailed guest ran to its end: {o}");
+    // Unjailed, the same VMM keeps root's capabilities and the host's network.
+    assert_ne!(w("free_capeff"), "0000000000000000", "{o}");
+    assert_eq!(w("free_ns_net"), "shared", "{o}");
+    assert_eq!(w("free_vmm"), "4", "{o}");
+}

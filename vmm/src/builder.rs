@@ -65,6 +65,8 @@ pub struct VmConfig {
     pub console_input: bool,
     /// virtio devices, in the order the guest will see them.
     pub devices: Vec<DeviceConfig>,
+    /// Confine the process ([`crate::jail`]) before the vCPUs start.
+    pub jail: bool,
 }
 
 /// One virtio device to attach.
@@ -131,6 +133,9 @@ pub enum StartVmError {
     /// KVM unusable.
     #[error(transparent)]
     Kvm(#[from] KvmError),
+    /// The confinement could not be entered.
+    #[error(transparent)]
+    Jail(#[from] crate::jail::JailError),
     /// Bad vCPU count.
     #[error("--vcpus {given} is out of range: give 1 to {max}")]
     Vcpus {
@@ -537,6 +542,9 @@ pub fn boot(
         vcpus.push(vcpu);
     }
     a.metrics.record_phase("vcpus_configured");
+    if config.jail {
+        crate::jail::enter()?;
+    }
     a.start(
         vcpus,
         false,
@@ -549,6 +557,8 @@ pub fn boot(
 /// What to restore, and what a clone changes.
 #[derive(Clone, Debug, Default)]
 pub struct RestoreConfig {
+    /// Confine the process ([`crate::jail`]) before the vCPUs start.
+    pub jail: bool,
     /// The state file.
     pub state: PathBuf,
     /// The memory file written with it.
@@ -696,6 +706,9 @@ pub fn restore(
         t.lock().unwrap_or_else(|p| p.into_inner()).restored();
     }
     a.metrics.record_phase("vcpus_configured");
+    if cfg.jail {
+        crate::jail::enter()?;
+    }
     a.start(vcpus, cfg.paused, cfg.console_input, state.cmdline, None)
 }
 

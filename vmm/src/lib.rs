@@ -14,6 +14,7 @@ pub mod api;
 pub mod arch;
 pub mod builder;
 pub mod devices;
+pub mod jail;
 pub mod metrics;
 pub mod persist;
 pub mod seccomp;

@@ -101,6 +101,10 @@ struct Args {
     /// Log filter (also RUST_LOG), e.g. `debug`.
     #[arg(long, default_value = "warn")]
     log: String,
+    /// Run without the jail (new namespaces, no capabilities, limits; see
+    /// docs/architecture.md). For debugging only.
+    #[arg(long)]
+    no_jail: bool,
     /// Run without the per-thread seccomp filters. For debugging only: a guest
     /// that finds a device bug then has every system call of the host.
     #[arg(long)]
@@ -109,6 +113,10 @@ struct Args {
     /// command starts (the end-to-end test of the filters).
     #[arg(long, hide = true)]
     test_seccomp_trip: bool,
+    /// Test only: a thread under the devices filter makes a call outside it after
+    /// this many seconds (a VMM that dies while a pod runs).
+    #[arg(long, hide = true, value_name = "SECS")]
+    test_seccomp_trip_after: Option<u64>,
     /// Arguments for the guest's init.
     #[arg(last = true)]
     init_args: Vec<String>,
@@ -162,6 +170,12 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
              finds a device bug has every system call of this host (debugging only)"
         );
     }
+    if args.no_jail {
+        tracing::warn!(
+            "--no-jail: the VMM keeps its capabilities and the host's namespaces \
+             (debugging only)"
+        );
+    }
     atoll_vmm::seccomp::init(!args.no_seccomp)?;
     if args.test_seccomp_trip {
         atoll_vmm::seccomp::arm_trip();
@@ -179,6 +193,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
     let mut vmm = match (&args.restore, &args.mem_file) {
         (Some(state), Some(mem)) => builder::restore(
             &RestoreConfig {
+                jail: !args.no_jail,
                 state: state.clone(),
                 mem: mem.clone(),
                 paused: args.paused,
@@ -194,6 +209,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         )?,
         _ => {
             let config = VmConfig {
+                jail: !args.no_jail,
                 cmdline: cmdline_with_init_args(&args.cmdline, &args.init_args)?,
                 kernel: args.kernel.clone().context("--kernel is required")?,
                 initrd: args.initrd.clone(),
@@ -223,6 +239,16 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
     };
     // Every other thread exists now (each filtered itself as it started): the
     // main thread is filtered last, so no thread inherits its filter.
+    if let Some(secs) = args.test_seccomp_trip_after {
+        std::thread::Builder::new()
+            .name("trip".into())
+            .spawn(move || {
+                atoll_vmm::seccomp::apply_or_exit(atoll_vmm::seccomp::Thread::Devices);
+                std::thread::sleep(Duration::from_secs(secs));
+                atoll_vmm::seccomp::trip_now();
+            })
+            .context("cannot start the test trip thread")?;
+    }
     atoll_vmm::seccomp::apply(atoll_vmm::seccomp::Thread::Main)?;
     let outcome = vmm.run(start, timeout);
     let report = vmm.report(Some(outcome));

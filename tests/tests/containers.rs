@@ -540,7 +540,52 @@ running bad
 scenario exec_missing $A exec bad /no/such/program
 scenario stop_after_failed_exec sh -c "$A stop bad >/dev/null; echo stop=\$?; echo pods=\$(ls /run/atoll/pods | wc -l)"
 wait $bad
+
+# A VMM whose vCPU thread leaves its seccomp filter (the hidden test switch) as the
+# guest's init starts the agent: the pod says why it ended.
+printf '#!/bin/sh\nexec %s/atoll-vmm --test-seccomp-trip "$@"\n' "$ATOLL_ARTIFACTS" >trip-vmm
+chmod +x trip-vmm
+scenario seccomp_trip sh -c "ATOLL_VMM=\$PWD/trip-vmm $A run --cold busybox -- echo must-not-run; echo status=\$?; \
+  echo vmms=\$(pidof atoll-vmm | wc -w); echo pods=\$(ls /run/atoll/pods | wc -l)"
+# The same while the container runs: the VMM dies under the pod.
+printf '#!/bin/sh\nexec %s/atoll-vmm --test-seccomp-trip-after 20 "$@"\n' "$ATOLL_ARTIFACTS" >late-trip-vmm
+chmod +x late-trip-vmm
+scenario seccomp_late sh -c "ATOLL_VMM=\$PWD/late-trip-vmm $A run --cold busybox -- sh -c 'echo container-up; sleep 120'; \
+  echo status=\$?; echo vmms=\$(pidof atoll-vmm | wc -w); echo pods=\$(ls /run/atoll/pods | wc -l)"
 "#;
+
+#[test]
+fn a_vmm_stopped_by_its_seccomp_filter_is_reported_by_the_pod() {
+    let (out, _) = scenario(network_and_exec(), "seccomp_trip");
+    assert!(
+        out.contains("the vcpu thread made system call") && out.contains("seccomp filter"),
+        "{out}"
+    );
+    assert!(!out.contains("must-not-run"), "{out}");
+    assert_eq!(
+        word(out, "status"),
+        Some("125"),
+        "atoll run's own failure: {out}"
+    );
+    assert_eq!(word(out, "vmms"), Some("0"), "{out}");
+    assert_eq!(word(out, "pods"), Some("0"), "{out}");
+}
+
+#[test]
+fn a_vmm_that_dies_under_a_running_pod_is_reported_with_its_reason() {
+    let (out, _) = scenario(network_and_exec(), "seccomp_late");
+    assert!(
+        out.contains("container-up"),
+        "the container ran first: {out}"
+    );
+    assert!(
+        out.contains("the pod's VM ended: atoll-vmm: error: the devices thread made system call"),
+        "{out}"
+    );
+    assert_eq!(word(out, "status"), Some("125"), "{out}");
+    assert_eq!(word(out, "vmms"), Some("0"), "{out}");
+    assert_eq!(word(out, "pods"), Some("0"), "{out}");
+}
 
 fn network_and_exec() -> &'static str {
     static OUT: OnceLock<String> = OnceLock::new();

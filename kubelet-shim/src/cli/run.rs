@@ -542,6 +542,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         thread::spawn(move || h.stop_container(MAIN, STOP_GRACE));
     }
     let waited = pod.wait(MAIN);
+    // An agent connection that broke because the VM ended: say why it ended.
+    let vmm_ended = match &waited {
+        Err(AgentError::Refused { .. }) | Ok(_) => None,
+        Err(_) => pod.vmm_end_reason(Duration::from_secs(1)),
+    };
     // Output written just before the end is still in flight: drain it.
     let deadline = Instant::now() + DRAIN_TIMEOUT;
     for _ in 0..pumps {
@@ -564,7 +569,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     if let Some(sig) = signals.stopped() {
         return Ok(128 + sig);
     }
-    let w = waited?;
+    let w = match (waited, vmm_ended) {
+        (Err(_), Some(why)) => anyhow::bail!("the pod's VM ended: {why}"),
+        (w, _) => w?,
+    };
     if let Err(e) = shut {
         tracing::warn!("shutting the pod down: {e}");
     }
@@ -597,6 +605,13 @@ pub fn exec_failure_status(e: &AgentError) -> Option<i32> {
 /// The main container could not be created or started: say why, end the VM, and
 /// exit 127/126 when the command cannot run (as `docker run`), else fail.
 fn fail_main(pod: &mut Pod, e: AgentError) -> anyhow::Result<i32> {
+    // The agent answered a refusal: the VM is up. Anything else may be its end.
+    if !matches!(e, AgentError::Refused { .. }) {
+        if let Some(why) = pod.vmm_end_reason(Duration::from_secs(1)) {
+            let _ = pod.shutdown();
+            anyhow::bail!("the pod's VM ended: {why}");
+        }
+    }
     let _ = pod.shutdown();
     match exec_failure_status(&e) {
         Some(status) => {

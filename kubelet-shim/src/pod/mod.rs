@@ -858,6 +858,29 @@ impl Pod {
         self.dir.path.join("container.log")
     }
 
+    /// Why the VMM ended, once it has (waiting up to `grace` for it to be reaped,
+    /// since an agent connection breaks the moment the VMM dies): its error line (a
+    /// guest crash, a seccomp violation), else its exit status. `None` while it runs.
+    pub fn vmm_end_reason(&mut self, grace: Duration) -> Option<String> {
+        let child = self.vmm.as_mut()?;
+        let deadline = Instant::now() + grace;
+        let status = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                break st;
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.vmm = None;
+        if let Some(t) = self.console.take() {
+            let _ = t.join();
+        }
+        let log = self.console_log();
+        Some(vmm_error_line(&log).unwrap_or_else(|| format!("atoll-vmm exited ({status})")))
+    }
+
     pub fn console_log(&self) -> PathBuf {
         self.dir.path.join("console.log")
     }

@@ -69,6 +69,7 @@ bench: artifacts
 	$(STATIC)/atoll-bench restore --runs 10 --json perf/results/restore.json
 	$(STATIC)/atoll-bench density --runs 100 --json perf/results/density.json
 	$(STATIC)/atoll-bench boot --runs 10 --json perf/results/boot.json
+	$(STATIC)/atoll-bench confine --runs 10 --json perf/results/confine.json
 	$(STATIC)/atoll-bench io --json perf/results/io.json
 	$(STATIC)/atoll-bench vsock --json perf/results/vsock.json
 

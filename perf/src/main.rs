@@ -5,6 +5,7 @@
 
 mod boot;
 mod common;
+mod confine;
 mod cri;
 mod io;
 mod proc;
@@ -100,6 +101,11 @@ enum Cmd {
     Cri(cri::Args),
     #[command(hide = true)]
     CriInner(cri::InnerArgs),
+    /// The cost of confinement: atoll-vmm jailed and filtered against `--no-jail
+    /// --no-seccomp`, cold boot and restore, alternating in one node run.
+    Confine(confine::Args),
+    #[command(hide = true)]
+    ConfineInner(confine::InnerArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -141,6 +147,8 @@ fn main() -> std::process::ExitCode {
         Cmd::RunInner(args) => run::inner(&args),
         Cmd::Cri(args) => cri::outer(&args),
         Cmd::CriInner(args) => cri::inner(&args),
+        Cmd::Confine(args) => confine::outer(&args),
+        Cmd::ConfineInner(args) => confine::inner(&args),
         Cmd::Restore(args) => restore::outer(restore::Kind::Restore, &args),
         Cmd::RestoreInner(args) => restore::restore_inner(&args),
         Cmd::Density(args) => restore::outer(restore::Kind::Density, &args),

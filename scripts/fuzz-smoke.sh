@@ -15,6 +15,12 @@ export RUSTFLAGS="-Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 -Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 -Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Zsanitizer=address \
 -Cdebug-assertions -Coverflow-checks"
+if ! (cd vmm/fuzz && cargo +nightly metadata --locked --format-version 1 >/dev/null 2>&1); then
+  echo "fuzz-smoke: vmm/fuzz/Cargo.lock is behind the VMM's dependencies (a crate was added or" \
+    "bumped in vmm/Cargo.toml): run 'cd vmm/fuzz && cargo +nightly update --workspace' and commit" \
+    "the lock file" >&2
+  exit 1
+fi
 (cd vmm/fuzz && cargo +nightly build --release --locked --target "$target" --target-dir "$out" --bins)
 for t in block_request queue_walk vsock_packet; do
   corpus=$(mktemp -d)

@@ -14,7 +14,25 @@ use atoll_init::status::INIT_FAILURE;
 use atoll_init::syscall::{LinuxSyscall, Syscall};
 use atoll_init::{boot, shutdown};
 
+/// Rust's runtime starts every program with SIGPIPE ignored, and an ignored signal
+/// stays ignored across exec: every command and container would inherit it (`yes |
+/// head` spinning on EPIPE instead of ending). A handler that does nothing keeps
+/// this process alive on a closed pipe or socket (writes still fail with EPIPE)
+/// and, being a handler, is reset to the default by exec.
+fn sigpipe_to_a_handler() {
+    extern "C" fn ignore(_: libc::c_int) {}
+    // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler is an
+    // `extern "C" fn(c_int)` that does nothing, which is async-signal-safe.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = ignore as extern "C" fn(libc::c_int) as usize;
+        sa.sa_flags = libc::SA_RESTART;
+        libc::sigaction(libc::SIGPIPE, &sa, std::ptr::null_mut());
+    }
+}
+
 fn main() {
+    sigpipe_to_a_handler();
     if std::process::id() != 1 && std::env::args_os().nth(1).is_some_and(|a| a == "agent") {
         // The agent: PID 1's supervised command (`/init agent`).
         std::process::exit(i32::from(atoll_init::agent::run()));

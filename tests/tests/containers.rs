@@ -219,6 +219,7 @@ fn basics() -> &'static str {
              scenario big_stdout sh -c \"$A run busybox -- seq 1 1500000 | md5sum; seq 1 1500000 | md5sum; \
                 $A run busybox -- seq 1 1500000 | wc -c\"; \
              scenario stdin sh -c \"seq 1 100000 | $A run -i busybox -- md5sum; seq 1 100000 | md5sum\"; \
+             scenario sigpipe $A run busybox -- grep SigIgn /proc/self/status; \
              scenario stdin_read sh -c \"echo typed | $A run -i busybox -- sh -c 'read x; echo got:\\$x'\"; \
              scenario whiteouts $A run test/whiteouts -- sh -c '{list}' -- /data; \
              scenario whiteouts_in_guest $A run --unpack-in-guest test/whiteouts -- sh -c '{list}' -- /data; \
@@ -294,6 +295,24 @@ fn ten_mib_of_stdout_arrive_intact_and_in_order() {
     let bytes: u64 = lines[2].trim().parse().unwrap();
     assert!(bytes >= 10 << 20, "{bytes} bytes");
     assert_eq!(status, 0);
+}
+
+#[test]
+fn containers_start_with_sigpipe_at_its_default() {
+    // Rust ignores SIGPIPE and an ignored signal survives exec: the agent must not
+    // pass that on (a `yes | head` would spin on EPIPE instead of ending).
+    let (out, status) = scenario(basics(), "sigpipe");
+    assert_eq!(status, 0, "{out}");
+    let mask = out
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("no SigIgn line: {out}"));
+    assert_eq!(
+        mask & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "SIGPIPE ignored: {out}"
+    );
 }
 
 #[test]

@@ -220,6 +220,7 @@ fn basics() -> &'static str {
                 $A run busybox -- seq 1 1500000 | wc -c\"; \
              scenario stdin sh -c \"seq 1 100000 | $A run -i busybox -- md5sum; seq 1 100000 | md5sum\"; \
              scenario sigpipe $A run busybox -- grep SigIgn /proc/self/status; \
+             scenario oom_adj $A run busybox -- cat /proc/self/oom_score_adj; \
              scenario stdin_read sh -c \"echo typed | $A run -i busybox -- sh -c 'read x; echo got:\\$x'\"; \
              scenario whiteouts $A run test/whiteouts -- sh -c '{list}' -- /data; \
              scenario whiteouts_in_guest $A run --unpack-in-guest test/whiteouts -- sh -c '{list}' -- /data; \
@@ -313,6 +314,13 @@ fn containers_start_with_sigpipe_at_its_default() {
         0,
         "SIGPIPE ignored: {out}"
     );
+}
+
+#[test]
+fn containers_are_not_shielded_from_the_oom_killer_like_the_agent() {
+    let (out, status) = scenario(basics(), "oom_adj");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(out.trim(), "0", "the agent's -1000 is not inherited: {out}");
 }
 
 #[test]

@@ -106,6 +106,10 @@ pub fn prepare(ops: &mut impl SetupOps) -> Result<(), SetupError> {
     enable_controllers(ops)?;
     ops.link_up("lo")
         .map_err(step("bring the loopback interface up"))?;
+    // The guest's OOM killer must pick a container's process, never the agent that
+    // reports it (PID 1 the kernel never picks). Containers are set back to 0.
+    ops.write_file(Path::new("/proc/self/oom_score_adj"), "-1000")
+        .map_err(step("protect the agent from the OOM killer"))?;
     Ok(())
 }
 
@@ -395,6 +399,7 @@ mod tests {
             "write /sys/fs/cgroup/atoll/cgroup.subtree_control +memory",
             "write /sys/fs/cgroup/atoll/cgroup.subtree_control +pids",
             "up lo",
+            "write /proc/self/oom_score_adj -1000",
         ];
         assert_eq!(ops.calls, expected);
     }

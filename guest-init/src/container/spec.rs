@@ -385,7 +385,9 @@ pub fn build_process(
     // without no_new_privs, which fails for a non-root user: absent means "off".
     process.set_no_new_privileges(sec.no_new_privileges.then_some(true));
     process.set_apparmor_profile(None);
-    process.set_oom_score_adj(None);
+    // The agent runs at -1000 (the OOM killer's last choice) and children inherit
+    // it: a container's processes start at the default again.
+    process.set_oom_score_adj(Some(0));
     process.set_selinux_label(None);
     Ok(process)
 }
@@ -855,6 +857,13 @@ mod tests {
         assert_eq!((pu.uid(), pu.gid()), (1000, 100));
         assert_eq!(pu.additional_gids().clone().unwrap(), [29, 44]);
         assert!(env_of(&s).contains(&"HOME=/home/app".to_owned()));
+    }
+
+    #[test]
+    fn build_process_sets_the_oom_score_back_to_the_default() {
+        // The agent runs at -1000; its containers must not inherit that.
+        let s = spec_of(&req());
+        assert_eq!(s.process().as_ref().unwrap().oom_score_adj(), Some(0));
     }
 
     #[test]

@@ -118,7 +118,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
                     Source::Output => println!("{line}"),
                     Source::Runner => eprintln!("atoll-node: {line}"),
                     Source::Console if console => eprintln!("[console] {line}"),
-                    Source::Console => {}
+                    // Retries are on stderr already.
+                    Source::Console | Source::Retry => {}
                 });
             for (host, name) in files {
                 runner = runner.file(host, name)?;

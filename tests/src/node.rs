@@ -44,8 +44,11 @@ pub enum Source {
     Output,
     /// L1's serial console (kernel, BIOS, `/init` marks).
     Console,
-    /// The runner itself (retries, phases).
+    /// The runner itself (phases, missing helpers).
     Runner,
+    /// A retry of the node. Also written straight to stderr, so callers that print
+    /// their lines to stderr need not print these.
+    Retry,
 }
 
 /// Receives lines live while a command runs.
@@ -290,7 +293,7 @@ pub const MAX_ATTEMPTS: u32 = 2;
 /// Boots the node and runs the command baked into the initramfs, booting it again (up
 /// to [`MAX_ATTEMPTS`] in all) if the node vanishes or hangs.
 pub fn run(cfg: &NodeConfig, sink: &mut LineSink<'_>) -> Result<NodeRun, NodeError> {
-    retrying(|sink| boot_once(cfg, sink), sink, &mut |note| {
+    retrying(|sink| boot_once(cfg, sink), sink, &mut |note: &str| {
         // Straight to fd 2: the test harness captures `eprintln!`, and a retry must
         // show in the log of a test that passed too.
         use std::io::Write;
@@ -333,6 +336,7 @@ fn retrying(
                      booting it again ({attempts} of {MAX_ATTEMPTS} attempts used)"
                 );
                 announce(&note);
+                sink(Source::Retry, &note);
             }
         }
     }

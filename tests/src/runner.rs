@@ -218,7 +218,8 @@ impl<'a> Runner<'a> {
             Source::Output => eprintln!("[node] {line}"),
             Source::Runner => eprintln!("[node:runner] {line}"),
             Source::Console if console => eprintln!("[node:console] {line}"),
-            Source::Console => {}
+            // Retries are on stderr already.
+            Source::Console | Source::Retry => {}
         })
     }
 

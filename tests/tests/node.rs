@@ -82,7 +82,7 @@ fn node_that_crashes_is_booted_again_then_reported_with_console_tail() {
     let mut notes = Vec::new();
     let r = Runner::new(Where::NestedNode("forced by the node tests".into()))
         .on_line(|src, line| {
-            if src == atoll_node::Source::Runner {
+            if src == atoll_node::Source::Retry {
                 notes.push(line.to_owned());
             }
         })

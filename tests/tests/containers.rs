@@ -206,6 +206,10 @@ fn basics() -> &'static str {
     OUT.get_or_init(|| {
         in_pod_node(&format!(
             "A=./atoll; \
+             big_run() {{ for a in 1 2; do $A run busybox -- seq 1 1500000 2>big.err | $1 > big.out; \
+                 if [ $a = 1 ] && grep -q 'guest triple-faulted' big.err; then retried=$((retried+1)); continue; fi; \
+                 cat big.out; cat big.err; return; done; }}; \
+             big_stdout() {{ retried=0; big_run md5sum; seq 1 1500000 | md5sum; big_run 'wc -c'; echo retried=$retried; }}; \
              scenario hello $A run busybox -- echo hello; \
              scenario exit3 $A run busybox -- sh -c 'exit 3'; \
              scenario missing $A run busybox -- /no/such/program; \
@@ -216,8 +220,7 @@ fn basics() -> &'static str {
              scenario config_args $A run test/config -- 'echo args replace cmd'; \
              scenario nonroot_write $A run --entrypoint /bin/sh test/config -- -c 'touch /etc/x'; \
              scenario root_write $A run -u 0 --entrypoint /bin/sh test/config -- -c 'touch /etc/x && echo wrote'; \
-             scenario big_stdout sh -c \"$A run busybox -- seq 1 1500000 | md5sum; seq 1 1500000 | md5sum; \
-                $A run busybox -- seq 1 1500000 | wc -c\"; \
+             scenario big_stdout big_stdout; \
              scenario stdin sh -c \"seq 1 100000 | $A run -i busybox -- md5sum; seq 1 100000 | md5sum\"; \
              scenario sigpipe $A run busybox -- grep SigIgn /proc/self/status; \
              scenario oom_adj $A run busybox -- cat /proc/self/oom_score_adj; \
@@ -288,7 +291,19 @@ fn a_non_root_user_cannot_write_where_root_can() {
 fn ten_mib_of_stdout_arrive_intact_and_in_order() {
     let (out, status) = scenario(basics(), "big_stdout");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 3, "{out}");
+    // A run whose guest VM triple-faulted (the nested node's emulation does that to
+    // a few percent of 10 MiB streams, output intact or not) is run once more, and
+    // said so past the harness's capture; a second one fails the test.
+    let retried: u32 = value_of(out, "retried").parse().unwrap();
+    if retried > 0 {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr().lock(),
+            "big_stdout: {retried} run(s) repeated after the guest VM triple-faulted"
+        );
+    }
+    assert!(retried <= 1, "{out}");
+    assert_eq!(lines.len(), 4, "{out}");
     assert_eq!(
         lines[0], lines[1],
         "container output md5 equals the local one"

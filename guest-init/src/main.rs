@@ -21,13 +21,19 @@ use atoll_init::{boot, shutdown};
 /// and, being a handler, is reset to the default by exec.
 fn sigpipe_to_a_handler() {
     extern "C" fn ignore(_: libc::c_int) {}
-    // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler is an
-    // `extern "C" fn(c_int)` that does nothing, which is async-signal-safe.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = ignore as extern "C" fn(libc::c_int) as usize;
-        sa.sa_flags = libc::SA_RESTART;
-        libc::sigaction(libc::SIGPIPE, &sa, std::ptr::null_mut());
+    // SAFETY: an all-zero sigaction is valid: an empty mask, no flags.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = ignore as extern "C" fn(libc::c_int) as usize;
+    sa.sa_flags = libc::SA_RESTART;
+    // SAFETY: `sa` is initialised; the handler does nothing, which is
+    // async-signal-safe.
+    let rc = unsafe { libc::sigaction(libc::SIGPIPE, &sa, std::ptr::null_mut()) };
+    if rc != 0 {
+        // SIGPIPE stays ignored: commands inherit that, as before this existed.
+        eprintln!(
+            "atoll-init: cannot catch SIGPIPE ({}); commands will start with it ignored",
+            io::Error::last_os_error()
+        );
     }
 }
 

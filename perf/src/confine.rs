@@ -98,6 +98,9 @@ fn print_table(r: &Value) {
 /// taken at its 5th line, so a restore prints `tick 6` first.
 const GUEST: &str = "i=0; while [ $i -lt 30 ]; do i=$((i+1)); echo tick $i; sleep 0.1; done";
 
+/// Builds the command of one start, confined or not, writing metrics to the path.
+type StartCmd = fn(bool, &Path) -> Command;
+
 fn vmm(confined: bool) -> Command {
     let mut c = Command::new("./atoll-vmm");
     if !confined {
@@ -199,7 +202,7 @@ pub fn inner(a: &InnerArgs) -> anyhow::Result<()> {
     make_snapshot()?;
     let mut out = json!({ "runs": a.runs });
     for kind in ["boot", "restore"] {
-        let (marker, cmd): (&[u8], fn(bool, &Path) -> Command) = match kind {
+        let (marker, cmd): (&[u8], StartCmd) = match kind {
             "boot" => (b"ATOLL-READY", boot_cmd),
             _ => (b"tick 6", restore_cmd),
         };

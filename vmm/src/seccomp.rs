@@ -405,16 +405,14 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
 }
 
 fn install_sigsys_handler() -> Result<(), SeccompError> {
-    // SAFETY: a zeroed sigaction is valid (no flags, empty mask); the handler is an
-    // `extern "C"` function with the SA_SIGINFO signature that only makes
-    // async-signal-safe calls.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_sigsys as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO;
-        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
-            return Err(SeccompError::Handler(std::io::Error::last_os_error()));
-        }
+    // SAFETY: an all-zero sigaction is valid: no flags, an empty mask.
+    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+    sa.sa_sigaction = on_sigsys as *const () as usize;
+    sa.sa_flags = libc::SA_SIGINFO;
+    // SAFETY: the handler is an `extern "C"` function with the SA_SIGINFO signature
+    // that only makes async-signal-safe calls; `sa` is initialised.
+    if unsafe { libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) } != 0 {
+        return Err(SeccompError::Handler(std::io::Error::last_os_error()));
     }
     Ok(())
 }
@@ -485,20 +483,20 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
     // The SIGSYS part of siginfo: si_call_addr (8 bytes at 16), si_syscall (int at
     // 24), si_arch (at 28). The libc crate does not name the field.
     // SAFETY: the kernel passes a valid siginfo_t for SA_SIGINFO handlers, 128 bytes
-    // long; offset 24 is within it and suitably aligned for an i32.
-    let nr = unsafe { (info as *const u8).add(24).cast::<i32>().read() };
+    // long; offset 24 is within it.
+    let at = unsafe { (info as *const u8).add(24) };
+    // SAFETY: `at` points into that siginfo_t, suitably aligned for an i32.
+    let nr = unsafe { at.cast::<i32>().read() };
     // The call's first arguments, from the registers at the trap (rdi, rsi, rdx):
     // for an ioctl the request number, for mmap the protection.
     // SAFETY: for SA_SIGINFO handlers the third argument is the interrupted
     // context, a valid ucontext_t.
-    let args = unsafe {
-        let g = &(*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs;
-        [
-            g[libc::REG_RDI as usize] as u64,
-            g[libc::REG_RSI as usize] as u64,
-            g[libc::REG_RDX as usize] as u64,
-        ]
-    };
+    let g = unsafe { &(*ctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs };
+    let args = [
+        g[libc::REG_RDI as usize] as u64,
+        g[libc::REG_RSI as usize] as u64,
+        g[libc::REG_RDX as usize] as u64,
+    ];
     let thread = THREAD.with(|t| t.get());
     let mut msg = [0u8; 320];
     let n = violation_message(
@@ -507,12 +505,11 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         args,
         &mut msg,
     );
-    // SAFETY: write(2) and _exit(2) are async-signal-safe and allowed by every
-    // filter; `msg[..n]` is initialised.
-    unsafe {
-        libc::write(2, msg.as_ptr().cast(), n);
-        libc::_exit(EXIT_SECCOMP);
-    }
+    // SAFETY: write(2) is async-signal-safe and allowed by every filter; `msg[..n]`
+    // is initialised. Its result does not matter: the process ends either way.
+    unsafe { libc::write(2, msg.as_ptr().cast(), n) };
+    // SAFETY: _exit(2) is async-signal-safe and allowed by every filter.
+    unsafe { libc::_exit(EXIT_SECCOMP) }
 }
 
 #[cfg(test)]
@@ -555,11 +552,13 @@ mod tests {
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0);
         if pid == 0 {
-            // SAFETY: plain fd and signal set-up in the child.
-            unsafe {
-                libc::dup2(fds[1], 2);
-                libc::close(fds[0]);
+            // SAFETY: plain fd set-up in the child.
+            if unsafe { libc::dup2(fds[1], 2) } < 0 {
+                // SAFETY: _exit is always safe.
+                unsafe { libc::_exit(89) };
             }
+            // SAFETY: closing the child's copy of the read end.
+            unsafe { libc::close(fds[0]) };
             if install_sigsys_handler().is_err() {
                 // SAFETY: _exit is always safe.
                 unsafe { libc::_exit(90) };
@@ -625,19 +624,23 @@ mod tests {
         );
         // Writable memory is fine, executable memory is not.
         let (code, err) = in_filtered_child(Thread::Api, || {
-            // SAFETY: anonymous mappings, never used.
-            unsafe {
-                let rw = libc::mmap(
+            // SAFETY: an anonymous mapping, never used.
+            let rw = unsafe {
+                libc::mmap(
                     std::ptr::null_mut(),
                     4096,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
                     -1,
                     0,
-                );
-                if rw == libc::MAP_FAILED {
-                    libc::_exit(92);
-                }
+                )
+            };
+            if rw == libc::MAP_FAILED {
+                // SAFETY: _exit is always safe.
+                unsafe { libc::_exit(92) };
+            }
+            // SAFETY: an anonymous mapping, never used; the filter stops it.
+            unsafe {
                 libc::mmap(
                     std::ptr::null_mut(),
                     4096,

@@ -103,7 +103,10 @@ type StartCmd = fn(bool, &Path) -> Command;
 
 fn vmm(confined: bool) -> Command {
     let mut c = Command::new("./atoll-vmm");
-    if !confined {
+    if confined {
+        // As a pod runs: under a uid of its own.
+        c.args(["--jail-uid", "2000000001"]);
+    } else {
         c.args(["--no-jail", "--no-seccomp"]);
     }
     c

@@ -265,32 +265,47 @@ fn a_vmm_thread_outside_its_seccomp_filter_ends_the_vmm_with_one_line() {
 }
 
 #[test]
-fn the_vmm_runs_jailed_without_capabilities_host_network_or_core_dumps() {
-    // A running VMM seen from outside through /proc: its capabilities, namespaces,
-    // network interfaces and limits; then the same with --no-jail for contrast.
+fn the_vmm_runs_jailed_without_capabilities_host_files_network_or_core_dumps() {
+    // Two VMMs at once: a jailed one under a uid of its own, its vsock socket in
+    // a/, and an unjailed one (another "pod") with its API socket and a file in b/.
+    // The jailed one is seen from outside through /proc (capabilities, uid,
+    // namespaces, interfaces, limits) and reports from inside what each path gives
+    // it (--test-jail-probe); the unjailed one is the contrast.
     let probe = r#"
 look() {
   vmm=$1
-  for _ in $(seq 1 300); do grep -q "tick 3" o.txt 2>/dev/null && break; sleep 0.1; done
+  for _ in $(seq 1 300); do grep -q "tick 3" $3 2>/dev/null && break; sleep 0.1; done
   echo "$2capeff=$(awk '/^CapEff/ {print $2}' /proc/$vmm/status)" \
     "$2capbnd=$(awk '/^CapBnd/ {print $2}' /proc/$vmm/status)" \
     "$2nnp=$(awk '/^NoNewPrivs/ {print $2}' /proc/$vmm/status)" \
-    "$2seccomp=$(awk '/^Seccomp:/ {print $2}' /proc/$vmm/status)"
+    "$2seccomp=$(awk '/^Seccomp:/ {print $2}' /proc/$vmm/status)" \
+    "$2uid=$(awk '/^Uid:/ {print $2","$3","$4","$5}' /proc/$vmm/status)" \
+    "$2gid=$(awk '/^Gid:/ {print $2","$3","$4","$5}' /proc/$vmm/status)" \
+    "$2groups=$(awk '/^Groups:/ {print NF - 1}' /proc/$vmm/status)"
   for ns in net mnt ipc uts; do
     if [ "$(readlink /proc/$vmm/ns/$ns)" = "$(readlink /proc/self/ns/$ns)" ]; then
       echo "$2ns_$ns=shared"; else echo "$2ns_$ns=own"; fi
   done
+  echo "$2root=[$(ls -A /proc/$vmm/root/ | tr '\n' ' ')]"
   echo "$2ifaces=$(tail -n +3 /proc/$vmm/net/dev | wc -l)"
   echo "$2core=$(awk '/Max core file size/ {print $5"/"$6}' /proc/$vmm/limits)"
   echo "$2files_hard=$(awk '/Max open files/ {print $5}' /proc/$vmm/limits)"
-  wait $vmm; echo "$2vmm=$?"
 }
 GUEST='i=0; while [ $i -lt 25 ]; do i=$((i+1)); echo tick $i; sleep 0.2; done; exit 4'
+mkdir -p a b; echo secret > b/file; rm -f o.txt o2.txt b/api.sock
 "#;
     let out = on_kvm(&format!(
         "{probe}\
-         rm -f o.txt; {VMM} -- /bin/sh -c \"$GUEST\" > o.txt 2>&1 & look $! ''; \
-         rm -f o.txt; {VMM} --no-jail -- /bin/sh -c \"$GUEST\" > o.txt 2>&1 & look $! free_"
+         {VMM} --no-jail --api-sock $PWD/b/api.sock -- /bin/sh -c \"$GUEST\" > o2.txt 2>&1 & other=$!; \
+         for _ in $(seq 1 300); do [ -S b/api.sock ] && break; sleep 0.1; done; \
+         {VMM} --jail-uid 2000000042 --vsock cid=3,uds=$PWD/a/v.sock \
+           --test-jail-probe / --test-jail-probe /run/0 --test-jail-probe /etc/passwd \
+           --test-jail-probe /proc/$other/environ --test-jail-probe $PWD/b/api.sock \
+           --test-jail-probe $PWD/b/file --test-jail-probe $PWD/a/v.sock \
+           -- /bin/sh -c \"$GUEST\" > o.txt 2>&1 & jailed=$!; \
+         look $jailed '' o.txt; look $other free_ o2.txt; \
+         wait $jailed; echo \"vmm=$?\"; wait $other; echo \"free_vmm=$?\"; \
+         grep 'jail probe' o.txt | sed \"s|$PWD|PWD|g; s|/proc/$other/|/proc/OTHER/|\""
     ));
     let o = &out.output;
     let w = |k: &str| word(o, k).unwrap_or_else(|| panic!("no {k}= in {o}"));
@@ -298,16 +313,34 @@ GUEST='i=0; while [ $i -lt 25 ]; do i=$((i+1)); echo tick $i; sleep 0.2; done; e
     assert_eq!(w("capbnd"), "0000000000000000", "{o}");
     assert_eq!(w("nnp"), "1", "{o}");
     assert_eq!(w("seccomp"), "2", "the main thread is filtered: {o}");
+    let own = "2000000042,2000000042,2000000042,2000000042";
+    assert_eq!(w("uid"), own, "real, effective, saved and fs uid: {o}");
+    assert_eq!(w("gid"), own, "{o}");
+    assert_eq!(w("groups"), "0", "no supplementary groups: {o}");
     for ns in ["net", "mnt", "ipc", "uts"] {
         assert_eq!(w(&format!("ns_{ns}")), "own", "{ns}: {o}");
     }
+    assert!(o.contains("root=[run ]"), "its root holds only run/: {o}");
     assert_eq!(w("ifaces"), "1", "only the new namespace's loopback: {o}");
     assert_eq!(w("core"), "0/0", "{o}");
     let files: u64 = w("files_hard").parse().unwrap();
     assert!(files <= 4096, "{o}");
     assert_eq!(w("vmm"), "4", "the jailed guest ran to its end: {o}");
-    // Unjailed, the same VMM keeps root's capabilities and the host's network.
+    // From inside: its own socket directory, read-only at /run/0; nothing else.
+    for line in [
+        "jail probe /: directory [run]",
+        "jail probe /run/0: directory [v.sock]",
+        "jail probe /etc/passwd: unreachable",
+        "jail probe /proc/OTHER/environ: unreachable",
+        "jail probe PWD/b/api.sock: unreachable",
+        "jail probe PWD/b/file: unreachable",
+        "jail probe PWD/a/v.sock: unreachable",
+    ] {
+        assert!(o.contains(line), "expected {line:?} in {o}");
+    }
+    // Unjailed, the other VMM keeps root, its capabilities and the host's network.
     assert_ne!(w("free_capeff"), "0000000000000000", "{o}");
+    assert_eq!(w("free_uid"), "0,0,0,0", "{o}");
     assert_eq!(w("free_ns_net"), "shared", "{o}");
     assert_eq!(w("free_vmm"), "4", "{o}");
 }

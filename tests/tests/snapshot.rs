@@ -50,7 +50,6 @@ continue_after_restore() {
   echo "second=$?"
   echo "first-after=$(grep -m1 '^ticka' out2.txt)"
   grep '^sum1\|^tickb 40\|^ticka 40' out2.txt
-  ls a.sock 2>/dev/null && echo "api socket left behind"
   true
 }
 pause_resume_and_refusals() {
@@ -156,7 +155,6 @@ fn assert_continues(name: &str, vcpus: usize) {
             "the second vCPU's counter finished"
         );
     }
-    assert!(!out.contains("api socket left behind"));
 }
 
 #[test]
@@ -184,7 +182,10 @@ fn pause_stops_the_guest_resume_continues_and_bad_requests_change_nothing() {
     );
     assert_eq!(value_of(out, "paused-ticks"), "0", "no tick while paused");
     assert_eq!(value_of(out, "bad-path"), "1");
-    assert!(out.contains("cannot write the memory file"), "{out}");
+    assert!(
+        out.contains("cannot create /nonexistent/dir/x.mem"),
+        "the client, which opens the files for the jailed VMM, says which: {out}"
+    );
     let resumed: u32 = value_of(out, "resumed-ticks").parse().unwrap();
     assert!(
         resumed >= 2,

@@ -16,12 +16,28 @@
 //! Errors answer `{"error": "..."}` with 400 (bad request), 404 (no such path),
 //! 405, 409 (wrong state, e.g. snapshot while running), 413, 500. Requests are
 //! bounded (16 KiB), and a client that stalls for 5 s is dropped.
+//!
+//! **Files travel as descriptors.** A request that names files (the two snapshot
+//! files, the working set, a drive's new backing file) may carry them, open, as
+//! `SCM_RIGHTS` with its bytes, in the order of the table; the paths in the body
+//! are then only what the VMM records and reports. A jailed VMM (crate::jail) sees
+//! no host file at all, so there they must come this way; [`call`] and
+//! `atoll-vmm-api` open the named files and hand them over (files to be written
+//! are created under a temporary name and renamed into place after a 2xx answer).
 
-use std::io::{self, Read, Write};
+use std::fs::File;
+use std::io::{self, IoSlice, IoSliceMut, Read, Write};
+use std::mem::MaybeUninit;
+use std::os::fd::{AsFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Sender};
 use std::time::Duration;
+
+use rustix::net::{
+    RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, SendAncillaryBuffer,
+    SendAncillaryMessage, SendFlags,
+};
 
 use serde::Deserialize;
 
@@ -33,6 +49,9 @@ const MAX_REQUEST: usize = 16 * 1024;
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the VMM may take to answer (a snapshot writes all of RAM).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The most file descriptors one request carries.
+pub const MAX_REQUEST_FILES: usize = 2;
 
 /// A control request to the VMM's main thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,6 +88,17 @@ pub enum Request {
     Metrics,
     /// Stop the VM.
     Stop,
+}
+
+impl Request {
+    /// How many files the request names, which it may carry as descriptors.
+    pub fn files(&self) -> usize {
+        match self {
+            Request::Snapshot { .. } => 2,
+            Request::WorkingSet { .. } | Request::UpdateDrive { .. } => 1,
+            _ => 0,
+        }
+    }
 }
 
 /// A failed request: HTTP status and message.
@@ -245,14 +275,50 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
     }
 }
 
-/// Reads one request from `stream`: (method, path, body).
-fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), ApiError> {
+/// One request as read: method, path, body and the descriptors that came with it.
+struct RawRequest {
+    method: String,
+    path: String,
+    body: Vec<u8>,
+    files: Vec<File>,
+}
+
+/// Reads up to `chunk.len()` bytes of the request, keeping any descriptors sent
+/// with them in `files` (at most [`MAX_REQUEST_FILES`] in all).
+fn recv_chunk(
+    stream: &UnixStream,
+    chunk: &mut [u8],
+    files: &mut Vec<File>,
+) -> Result<usize, ApiError> {
+    let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_REQUEST_FILES))];
+    let mut control = RecvAncillaryBuffer::new(&mut space);
+    let got = rustix::net::recvmsg(
+        stream,
+        &mut [IoSliceMut::new(chunk)],
+        &mut control,
+        RecvFlags::CMSG_CLOEXEC,
+    )
+    .map_err(|e| ApiError::bad_request(format!("reading the request: {e}")))?;
+    for msg in control.drain() {
+        if let RecvAncillaryMessage::ScmRights(fds) = msg {
+            files.extend(fds.map(File::from));
+        }
+    }
+    if got.flags.contains(rustix::net::ReturnFlags::CTRUNC) || files.len() > MAX_REQUEST_FILES {
+        return Err(ApiError::bad_request(format!(
+            "a request carries at most {MAX_REQUEST_FILES} file descriptors"
+        )));
+    }
+    Ok(got.bytes)
+}
+
+/// Reads one request from `stream`.
+fn read_request(stream: &mut UnixStream) -> Result<RawRequest, ApiError> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
+    let mut files = Vec::new();
     loop {
-        let n = stream
-            .read(&mut chunk)
-            .map_err(|e| ApiError::bad_request(format!("reading the request: {e}")))?;
+        let n = recv_chunk(stream, &mut chunk, &mut files)?;
         if n == 0 {
             return Err(ApiError::bad_request("the request ended early"));
         }
@@ -292,9 +358,12 @@ fn read_request(stream: &mut UnixStream) -> Result<(String, String, Vec<u8>), Ap
         if buf.len() < head_len + body_len {
             continue;
         }
-        let method = req.method.unwrap_or_default().to_string();
-        let path = req.path.unwrap_or_default().to_string();
-        return Ok((method, path, buf[head_len..head_len + body_len].to_vec()));
+        return Ok(RawRequest {
+            method: req.method.unwrap_or_default().to_string(),
+            path: req.path.unwrap_or_default().to_string(),
+            body: buf[head_len..head_len + body_len].to_vec(),
+            files,
+        });
     }
 }
 
@@ -322,13 +391,32 @@ fn write_response(stream: &mut UnixStream, response: &Response) -> io::Result<()
     stream.write_all(&body)
 }
 
+/// A request carries no descriptors or one for each file it names; a jailed VMM
+/// cannot open the named files itself.
+fn check_files(req: &Request, handed: usize, jailed: bool) -> Result<(), ApiError> {
+    let wanted = req.files();
+    match handed {
+        0 if wanted > 0 && jailed => Err(ApiError::bad_request(format!(
+            "the VMM is jailed and sees no host files: send the request's {wanted} file(s) \
+             as descriptors with it (SCM_RIGHTS, as atoll-vmm-api does), or start atoll-vmm \
+             with --no-jail"
+        ))),
+        0 => Ok(()),
+        n if n == wanted => Ok(()),
+        n => Err(ApiError::bad_request(format!(
+            "this request names {wanted} file(s) but carries {n} descriptor(s)"
+        ))),
+    }
+}
+
 fn serve(mut stream: UnixStream, vmm: &Sender<VmMessage>) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
-    let response = read_request(&mut stream).and_then(|(method, path, body)| {
-        let req = route(&method, &path, &body)?;
+    let response = read_request(&mut stream).and_then(|raw| {
+        let req = route(&raw.method, &raw.path, &raw.body)?;
+        check_files(&req, raw.files.len(), crate::jail::entered())?;
         let (tx, rx) = mpsc::channel();
-        vmm.send(VmMessage::Api(req, tx))
+        vmm.send(VmMessage::Api(req, raw.files, tx))
             .map_err(|_| ApiError::internal("the VM has ended"))?;
         rx.recv_timeout(ANSWER_TIMEOUT).map_err(|_| ApiError {
             status: 503,
@@ -373,23 +461,149 @@ pub fn spawn(listener: UnixListener, vmm: Sender<VmMessage>) -> io::Result<()> {
         .map(|_| ())
 }
 
+/// The files a request names, opened on the client's side to travel with it.
+struct Handover {
+    files: Vec<File>,
+    /// (temporary name, final name) of each file written, in renaming order.
+    renames: Vec<(PathBuf, PathBuf)>,
+}
+
+impl Handover {
+    fn open(req: &Request) -> io::Result<Self> {
+        let mut h = Handover {
+            files: Vec::new(),
+            renames: Vec::new(),
+        };
+        let create = |h: &mut Handover, path: &Path| -> io::Result<File> {
+            let tmp = crate::persist::tmp_path(path);
+            let f = File::create(&tmp).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot create {}: {e}", tmp.display()))
+            })?;
+            h.renames.push((tmp, path.to_owned()));
+            Ok(f)
+        };
+        match req {
+            Request::Snapshot {
+                snapshot_path,
+                mem_file_path,
+            } => {
+                // Memory is renamed first: a state file never names a memory file
+                // that is not whole.
+                let mem = create(&mut h, mem_file_path)?;
+                let state = create(&mut h, snapshot_path)?;
+                h.files = vec![state, mem];
+            }
+            Request::WorkingSet { path } => {
+                let f = create(&mut h, path)?;
+                h.files = vec![f];
+            }
+            Request::UpdateDrive { path, .. } => {
+                // Read-only: a template's spare slots, where images arrive, are,
+                // and a writable descriptor to a shared image is what a
+                // compromised VMM must not get. (A writable disk refuses it.)
+                let f = File::open(path).map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
+                })?;
+                h.files = vec![f];
+            }
+            _ => {}
+        }
+        Ok(h)
+    }
+
+    /// After the answer: written files go into place on success, away otherwise.
+    fn finish(self, ok: bool) -> io::Result<()> {
+        drop(self.files);
+        let mut result = Ok(());
+        for (tmp, path) in &self.renames {
+            if ok && result.is_ok() {
+                result = std::fs::rename(tmp, path);
+            }
+            if !ok || result.is_err() {
+                let _ = std::fs::remove_file(tmp);
+            }
+        }
+        result
+    }
+}
+
+/// Writes `bytes` to `stream`, the descriptors of `files` (if any) with the first
+/// of them.
+pub fn send_with_files(stream: &UnixStream, bytes: &[u8], files: &[File]) -> io::Result<()> {
+    let mut sent = 0;
+    if !files.is_empty() {
+        let fds: Vec<BorrowedFd<'_>> = files.iter().map(|f| f.as_fd()).collect();
+        let mut space = [MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(MAX_REQUEST_FILES))];
+        let mut control = SendAncillaryBuffer::new(&mut space);
+        if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
+            return Err(io::Error::other(format!(
+                "a request carries at most {MAX_REQUEST_FILES} file descriptors"
+            )));
+        }
+        sent = rustix::net::sendmsg(
+            stream,
+            &[IoSlice::new(bytes)],
+            &mut control,
+            SendFlags::empty(),
+        )?;
+    }
+    let mut w: &UnixStream = stream;
+    w.write_all(&bytes[sent..])
+}
+
+/// Why [`call`] got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    /// A file the request names could not be opened, created or renamed into
+    /// place here, on the client's side.
+    #[error("{0}")]
+    Files(io::Error),
+    /// The VMM could not be reached, or did not answer in time.
+    #[error("{0}")]
+    Exchange(io::Error),
+}
+
 /// A client's side: sends one request to the API socket at `sock` and returns the
-/// answer's status and body. Every step has `timeout` as its deadline.
+/// answer's status and body. Every step has `timeout` as its deadline. The files
+/// the request names are opened here and travel with it (see the module docs), so
+/// this works with a jailed VMM.
 pub fn call(
     sock: &Path,
     method: &str,
     path: &str,
     body: &str,
     timeout: Duration,
+) -> Result<(u16, String), CallError> {
+    // A request the VMM will refuse goes as it is, for the VMM's own answer.
+    let handover = match route(method, path, body.as_bytes()) {
+        Ok(req) => Handover::open(&req).map_err(CallError::Files)?,
+        Err(_) => Handover {
+            files: Vec::new(),
+            renames: Vec::new(),
+        },
+    };
+    let answer = exchange(sock, method, path, body, &handover.files, timeout);
+    let ok = matches!(&answer, Ok((status, _)) if (200..300).contains(status));
+    handover.finish(ok).map_err(CallError::Files)?;
+    answer.map_err(CallError::Exchange)
+}
+
+fn exchange(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    body: &str,
+    files: &[File],
+    timeout: Duration,
 ) -> io::Result<(u16, String)> {
-    let mut s = UnixStream::connect(sock)?;
+    let s = UnixStream::connect(sock)?;
     s.set_read_timeout(Some(timeout))?;
     s.set_write_timeout(Some(timeout))?;
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes())?;
+    send_with_files(&s, req.as_bytes(), files)?;
     let mut answer = Vec::new();
     // The server closes after one answer; bound what we keep.
     s.take(16 << 20).read_to_end(&mut answer)?;
@@ -505,7 +719,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         spawn(listener, tx).unwrap();
         let vmm = std::thread::spawn(move || {
-            if let Ok(VmMessage::Api(_, reply)) = rx.recv_timeout(Duration::from_secs(5)) {
+            if let Ok(VmMessage::Api(_, _, reply)) = rx.recv_timeout(Duration::from_secs(5)) {
                 let _ = reply.send(answer);
             }
         });
@@ -544,6 +758,119 @@ mod tests {
         assert!(out.starts_with("HTTP/1.1 413"), "{out}");
         let out = exchange(b"\x00\x01garbage\r\n\r\n", Ok(serde_json::json!({})));
         assert!(out.starts_with("HTTP/1.1 400"), "{out}");
+    }
+
+    /// A VMM stand-in: answers one request by writing `contents[i]` into the
+    /// i-th file it carried, with `answer`; returns the request and the access
+    /// mode of each file.
+    fn file_server(
+        path: &Path,
+        contents: &'static [&'static [u8]],
+        answer: Response,
+    ) -> std::thread::JoinHandle<Option<(Request, Vec<i32>)>> {
+        let listener = bind(path).unwrap();
+        let (tx, rx) = mpsc::channel();
+        spawn(listener, tx).unwrap();
+        std::thread::spawn(move || {
+            let Ok(VmMessage::Api(req, files, reply)) = rx.recv_timeout(Duration::from_secs(5))
+            else {
+                return None;
+            };
+            let modes = files
+                .iter()
+                .map(|f| {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: F_GETFL reads the flags of a descriptor we own.
+                    unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) & libc::O_ACCMODE }
+                })
+                .collect();
+            for (mut f, c) in files.into_iter().zip(contents) {
+                f.write_all(c).unwrap();
+            }
+            let _ = reply.send(answer);
+            Some((req, modes))
+        })
+    }
+
+    #[test]
+    fn api_files_travel_as_descriptors_and_land_only_on_success() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("api.sock");
+        let (state, mem) = (dir.path().join("state"), dir.path().join("memory"));
+        let body = serde_json::json!({"snapshot_path": state, "mem_file_path": mem}).to_string();
+        let vmm = file_server(&sock, &[b"STATE", b"MEM"], Ok(serde_json::json!({})));
+        let (status, _) = call(
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            &body,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        let (req, modes) = vmm.join().unwrap().unwrap();
+        assert_eq!((status, modes.len()), (200, 2));
+        assert!(matches!(req, Request::Snapshot { .. }));
+        assert_eq!(std::fs::read(&state).unwrap(), b"STATE", "state first");
+        assert_eq!(std::fs::read(&mem).unwrap(), b"MEM");
+        let names = |d: &Path| std::fs::read_dir(d).unwrap().count();
+        assert_eq!(names(dir.path()), 3, "no temporary file is left");
+
+        // A refused request leaves nothing, not even the old files' names.
+        std::fs::remove_file(&state).unwrap();
+        std::fs::remove_file(&mem).unwrap();
+        let vmm = file_server(&sock, &[b"half"], Err(ApiError::bad_request("disk full")));
+        let (status, answer) = call(
+            &sock,
+            "PUT",
+            "/snapshot/create",
+            &body,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        vmm.join().unwrap();
+        assert_eq!(status, 400, "{answer}");
+        assert_eq!(names(dir.path()), 1, "only the socket is left");
+
+        // A drive's file travels read-only.
+        let img = dir.path().join("img");
+        std::fs::write(&img, b"image").unwrap();
+        let vmm = file_server(&sock, &[], Ok(serde_json::json!({})));
+        let body = serde_json::json!({"path_on_host": img}).to_string();
+        let (status, _) = call(
+            &sock,
+            "PATCH",
+            "/drives/slot0",
+            &body,
+            Duration::from_secs(5),
+        )
+        .unwrap();
+        assert_eq!(
+            (status, vmm.join().unwrap().unwrap().1),
+            (200, vec![libc::O_RDONLY])
+        );
+    }
+
+    #[test]
+    fn api_a_jailed_vmm_asks_for_descriptors() {
+        let snap = Request::Snapshot {
+            snapshot_path: "/s".into(),
+            mem_file_path: "/m".into(),
+        };
+        let err = check_files(&snap, 0, true).unwrap_err();
+        assert!(
+            err.message.contains("jailed") && err.message.contains("SCM_RIGHTS"),
+            "{err:?}"
+        );
+        assert!(
+            check_files(&snap, 0, false).is_ok(),
+            "unjailed, it opens the paths"
+        );
+        assert!(check_files(&snap, 2, true).is_ok());
+        assert_eq!(check_files(&snap, 1, true).unwrap_err().status, 400);
+        assert_eq!(
+            check_files(&Request::Pause, 1, false).unwrap_err().status,
+            400
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! read back). The result is a [`Vmm`](crate::vmm::Vmm), which runs and drives it.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,6 +32,7 @@ use crate::devices::virtio::persist::VirtioDeviceState;
 use crate::devices::virtio::rng::Rng;
 use crate::devices::virtio::vsock::Vsock;
 use crate::devices::virtio::{DeviceMetricsSnapshot, Interrupt, VirtioDevice};
+use crate::jail::JailConfig;
 use crate::metrics::{MetricsSnapshot, VmMetrics};
 use crate::persist::{self, MicrovmState, SnapshotFileError};
 use crate::vmm::{Vmm, VmmParts};
@@ -66,7 +67,7 @@ pub struct VmConfig {
     /// virtio devices, in the order the guest will see them.
     pub devices: Vec<DeviceConfig>,
     /// Confine the process ([`crate::jail`]) before the vCPUs start.
-    pub jail: bool,
+    pub jail: Option<JailConfig>,
 }
 
 /// One virtio device to attach.
@@ -542,9 +543,7 @@ pub fn boot(
         vcpus.push(vcpu);
     }
     a.metrics.record_phase("vcpus_configured");
-    if config.jail {
-        crate::jail::enter()?;
-    }
+    enter_jail(config.jail.as_ref(), &config.devices)?;
     a.start(
         vcpus,
         false,
@@ -558,7 +557,7 @@ pub fn boot(
 #[derive(Clone, Debug, Default)]
 pub struct RestoreConfig {
     /// Confine the process ([`crate::jail`]) before the vCPUs start.
-    pub jail: bool,
+    pub jail: Option<JailConfig>,
     /// The state file.
     pub state: PathBuf,
     /// The memory file written with it.
@@ -706,10 +705,33 @@ pub fn restore(
         t.lock().unwrap_or_else(|p| p.into_inner()).restored();
     }
     a.metrics.record_phase("vcpus_configured");
-    if cfg.jail {
-        crate::jail::enter()?;
-    }
+    enter_jail(cfg.jail.as_ref(), &configs)?;
     a.start(vcpus, cfg.paused, cfg.console_input, state.cmdline, None)
+}
+
+/// Enters the jail (when asked to), keeping the directories of the vsock sockets
+/// in reach for the guest's connections to `<uds>_<port>`.
+fn enter_jail(jail: Option<&JailConfig>, devices: &[DeviceConfig]) -> Result<(), StartVmError> {
+    let Some(jail) = jail else {
+        return Ok(());
+    };
+    let reach: Vec<PathBuf> = devices
+        .iter()
+        .filter_map(|d| match d {
+            DeviceConfig::Vsock { uds, .. } => uds.parent().map(Path::to_path_buf),
+            _ => None,
+        })
+        .map(|p| {
+            if p.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                p
+            }
+        })
+        .filter_map(|p| std::path::absolute(p).ok())
+        .collect();
+    crate::jail::enter(jail, &reach)?;
+    Ok(())
 }
 
 fn io_err(e: kvm_ioctls::Error) -> std::io::Error {

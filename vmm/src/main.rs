@@ -1,12 +1,13 @@
 //! `atoll-vmm`: boot (or restore) one microVM and exit with the guest's exit status.
 
-use std::io::{IsTerminal, LineWriter};
+use std::io::{IsTerminal, LineWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use atoll_vmm::builder::{self, DeviceConfig, DiskSwap, Outcome, RestoreConfig, VmConfig};
+use atoll_vmm::jail::JailConfig;
 use clap::Parser;
 
 /// The command line every guest gets unless `--cmdline` replaces it.
@@ -101,10 +102,21 @@ struct Args {
     /// Log filter (also RUST_LOG), e.g. `debug`.
     #[arg(long, default_value = "warn")]
     log: String,
-    /// Run without the jail (new namespaces, no capabilities, limits; see
-    /// docs/architecture.md). For debugging only.
+    /// Run without the jail (new namespaces, an empty root, no capabilities,
+    /// limits; see docs/architecture.md). For debugging only.
     #[arg(long)]
     no_jail: bool,
+    /// In the jail, run as this unprivileged uid (one per pod, so that VMMs cannot
+    /// reach each other); default: uid 0 without capabilities.
+    #[arg(long, conflicts_with = "no_jail", value_parser = clap::value_parser!(u32).range(1..))]
+    jail_uid: Option<u32>,
+    /// In the jail, run as this gid (default: the jail uid).
+    #[arg(long, requires = "jail_uid", value_parser = clap::value_parser!(u32).range(1..))]
+    jail_gid: Option<u32>,
+    /// Test only: once jailed, report on stderr what each of these paths gives
+    /// (the end-to-end test of what the jail leaves reachable).
+    #[arg(long, hide = true, value_name = "PATH")]
+    test_jail_probe: Vec<PathBuf>,
     /// Run without the per-thread seccomp filters. For debugging only: a guest
     /// that finds a device bug then has every system call of the host.
     #[arg(long)]
@@ -190,10 +202,21 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         )),
         None => None,
     };
+    // Opened now: the jail leaves no path to open at the end.
+    let metrics_out = match &args.metrics {
+        Some(p) => Some(
+            std::fs::File::create(p)
+                .with_context(|| format!("cannot write metrics to {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let jail = (!args.no_jail).then(|| JailConfig {
+        user: args.jail_uid.map(|u| (u, args.jail_gid.unwrap_or(u))),
+    });
     let mut vmm = match (&args.restore, &args.mem_file) {
         (Some(state), Some(mem)) => builder::restore(
             &RestoreConfig {
-                jail: !args.no_jail,
+                jail: jail.clone(),
                 state: state.clone(),
                 mem: mem.clone(),
                 paused: args.paused,
@@ -209,7 +232,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
         )?,
         _ => {
             let config = VmConfig {
-                jail: !args.no_jail,
+                jail,
                 cmdline: cmdline_with_init_args(&args.cmdline, &args.init_args)?,
                 kernel: args.kernel.clone().context("--kernel is required")?,
                 initrd: args.initrd.clone(),
@@ -229,6 +252,9 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             builder::boot(&config, start, console)?
         }
     };
+    for p in &args.test_jail_probe {
+        eprintln!("atoll-vmm: jail probe {}: {}", p.display(), probe(p));
+    }
     let _api_sock = match api {
         Some((listener, file)) => {
             atoll_vmm::api::spawn(listener, vmm.requests())
@@ -253,7 +279,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
     let outcome = vmm.run(start, timeout);
     let report = vmm.report(Some(outcome));
     drop(vmm);
-    if let Some(path) = &args.metrics {
+    if let (Some(path), Some(mut out)) = (&args.metrics, metrics_out) {
         let mut json = serde_json::to_value(&report.metrics)?;
         json["outcome"] = serde_json::Value::String(format!("{:?}", report.outcome));
         json["kernel_format"] = match report.format {
@@ -261,7 +287,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             None => serde_json::Value::String("restored".into()),
         };
         json["devices"] = serde_json::to_value(&report.devices)?;
-        std::fs::write(path, serde_json::to_vec_pretty(&json)?)
+        out.write_all(&serde_json::to_vec_pretty(&json)?)
             .with_context(|| format!("cannot write metrics to {}", path.display()))?;
     }
     Ok(match report.outcome {
@@ -283,6 +309,39 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             EXIT_TIMED_OUT
         }
     })
+}
+
+/// What `path` gives this process: the jail test's probe.
+fn probe(path: &std::path::Path) -> String {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) => return format!("unreachable ({e})"),
+    };
+    let t = meta.file_type();
+    if t.is_dir() {
+        match std::fs::read_dir(path) {
+            Ok(d) => {
+                let mut names: Vec<String> = d
+                    .filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect();
+                names.sort();
+                format!("directory [{}]", names.join(" "))
+            }
+            Err(e) => format!("directory, unreadable ({e})"),
+        }
+    } else if t.is_socket() {
+        match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => "socket, connected".into(),
+            Err(e) => format!("socket, cannot connect ({e})"),
+        }
+    } else {
+        match std::fs::File::open(path) {
+            Ok(_) => "file, readable".into(),
+            Err(e) => format!("file, unreadable ({e})"),
+        }
+    }
 }
 
 /// Removes a file (the API socket) when dropped.

@@ -216,13 +216,14 @@ impl VmMetrics {
     }
 }
 
-/// `VmHWM` of this process from /proc/self/status.
+/// The peak resident set of this process in KiB (getrusage: no `/proc` needed,
+/// which the jail takes away).
 pub fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    // SAFETY: a zeroed rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage(2) fills the struct we own.
+    let r = unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    (r == 0).then(|| u64::try_from(usage.ru_maxrss).unwrap_or(0))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! an older or newer file is refused with one line, never half-decoded.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -83,38 +83,116 @@ pub enum SnapshotFileError {
     Encode(String),
 }
 
-/// Writes `state` to `path` atomically (temporary file, fsync, rename).
-pub fn write_state(path: &Path, state: &MicrovmState) -> Result<(), SnapshotFileError> {
+/// Encodes `state` with its header (magic, format version, length, CRC).
+fn encode_state(state: &MicrovmState) -> Result<Vec<u8>, SnapshotFileError> {
     let payload =
         postcard::to_allocvec(state).map_err(|e| SnapshotFileError::Encode(e.to_string()))?;
-    let mut header = [0u8; HEADER];
-    header[..8].copy_from_slice(MAGIC);
-    header[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
-    header[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    header[24..28].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    write_atomically(path, &[&header, &payload]).map_err(|source| SnapshotFileError::Io {
-        what: "write",
-        path: path.to_path_buf(),
-        source,
-    })
+    let mut out = vec![0u8; HEADER];
+    out[..8].copy_from_slice(MAGIC);
+    out[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out[16..24].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    out[24..28].copy_from_slice(&crc32fast::hash(&payload).to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
 }
 
-/// Writes `parts` to a temporary file beside `path`, syncs it and renames it over
-/// `path`: a crash leaves the old file or the new one, never half of one.
-pub fn write_atomically(path: &Path, parts: &[&[u8]]) -> io::Result<()> {
-    let tmp = tmp_path(path);
-    let result = (|| {
-        let mut f = File::create(&tmp)?;
-        for p in parts {
-            f.write_all(p)?;
+/// Writes `state` to `out`.
+pub fn write_state(out: &Output, state: &MicrovmState) -> Result<(), SnapshotFileError> {
+    let bytes = encode_state(state)?;
+    out.write(|mut f| f.write_all(&bytes))
+        .map_err(|source| SnapshotFileError::Io {
+            what: "write",
+            path: out.shown().to_path_buf(),
+            source,
+        })
+}
+
+/// Where a file the VMM writes goes.
+#[derive(Debug)]
+pub enum Output {
+    /// A path the VMM opens: the file is written beside it under a temporary name,
+    /// synced and renamed over it, so a crash leaves the old file or the new one,
+    /// never half of one.
+    Path(PathBuf),
+    /// A file the API client opened and handed over (crate::api): rewritten from
+    /// its start and synced; emptied again when writing fails. Its client renames
+    /// it into place.
+    Handed {
+        /// The path the client named, for messages and reports.
+        shown: PathBuf,
+        /// The open file.
+        file: File,
+    },
+}
+
+impl Output {
+    /// `path`, or the file handed over for it.
+    pub fn new(path: PathBuf, handed: Option<File>) -> Self {
+        match handed {
+            Some(file) => Output::Handed { shown: path, file },
+            None => Output::Path(path),
         }
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
     }
-    result
+
+    /// The path to name in messages.
+    pub fn shown(&self) -> &Path {
+        match self {
+            Output::Path(p) => p,
+            Output::Handed { shown, .. } => shown,
+        }
+    }
+
+    /// Writes the file with `write`, which gets it empty and at offset 0.
+    pub fn write<T>(&self, write: impl FnOnce(&File) -> io::Result<T>) -> io::Result<T> {
+        match self {
+            Output::Path(path) => {
+                let tmp = tmp_path(path);
+                let result = (|| {
+                    let f = File::create(&tmp)?;
+                    let t = write(&f)?;
+                    f.sync_all()?;
+                    std::fs::rename(&tmp, path)?;
+                    Ok(t)
+                })();
+                if result.is_err() {
+                    let _ = std::fs::remove_file(&tmp);
+                }
+                result
+            }
+            Output::Handed { file, .. } => {
+                let result = (|| {
+                    if !file.metadata()?.is_file() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            "the descriptor handed over is not a regular file",
+                        ));
+                    }
+                    file.set_len(0)?;
+                    let mut f: &File = file;
+                    f.seek(SeekFrom::Start(0))?;
+                    let t = write(file)?;
+                    file.sync_all()?;
+                    Ok(t)
+                })();
+                if result.is_err() {
+                    let _ = file.set_len(0);
+                }
+                result
+            }
+        }
+    }
+
+    /// Takes back a finished write (its companion file could not be written).
+    pub fn discard(&self) {
+        match self {
+            Output::Path(p) => {
+                let _ = std::fs::remove_file(p);
+            }
+            Output::Handed { file, .. } => {
+                let _ = file.set_len(0);
+            }
+        }
+    }
 }
 
 /// The temporary name a file is written under before it is renamed into place.

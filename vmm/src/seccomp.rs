@@ -363,7 +363,8 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
         Thread::Api => {
             for nr in [
                 libc::SYS_accept4,
-                libc::SYS_recvfrom,
+                // Requests, with the files they carry (SCM_RIGHTS).
+                libc::SYS_recvmsg,
                 libc::SYS_sendto,
                 // Per-connection read and write deadlines.
                 libc::SYS_setsockopt,
@@ -376,8 +377,9 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             for nr in [
                 // Kicking vCPU threads out of KVM_RUN.
                 libc::SYS_tgkill,
-                // Snapshots (state and memory files written beside and renamed into
-                // place, sparse: holes are skipped), disk swaps, the metrics file.
+                // Snapshots and working sets (into files handed over; unjailed,
+                // also written beside a path and renamed into place; sparse: holes
+                // are skipped), disk swaps, the metrics file.
                 libc::SYS_openat,
                 libc::SYS_pread64,
                 libc::SYS_pwrite64,
@@ -394,6 +396,8 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
                 libc::SYS_fcntl,
                 libc::SYS_poll,
                 libc::SYS_epoll_ctl,
+                // The peak resident set for the metrics.
+                libc::SYS_getrusage,
             ] {
                 allow(&mut r, nr);
             }

@@ -23,7 +23,7 @@ use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::persist::VirtioDeviceState;
 use crate::devices::virtio::VirtioDevice;
 use crate::metrics::VmMetrics;
-use crate::persist::{self, MicrovmState};
+use crate::persist::{self, MicrovmState, Output};
 use crate::vstate::memory::DumpStats;
 use crate::vstate::vcpu::VcpuHandle;
 use crate::vstate::vm::Vm;
@@ -165,12 +165,12 @@ impl Vmm {
         Ok(())
     }
 
-    /// Writes a full snapshot of the paused VM: the state file at `state_path`, the
-    /// memory file at `mem_path`. Both appear whole or not at all.
+    /// Writes a full snapshot of the paused VM: the state to `state_out`, memory
+    /// to `mem_out`. Both appear whole or not at all.
     pub fn snapshot(
         &mut self,
-        state_path: PathBuf,
-        mem_path: PathBuf,
+        state_out: Output,
+        mem_out: Output,
     ) -> Result<SnapshotReport, ApiError> {
         if self.state != RunState::Paused {
             return Err(ApiError::conflict("pause the VM before taking a snapshot"));
@@ -209,40 +209,35 @@ impl Vmm {
             devices,
         };
         // Memory first: a state file never names a memory file that is not whole.
-        let tmp = persist::tmp_path(&mem_path);
-        let memory = (|| {
-            let f = File::create(&tmp)?;
-            let stats = self.vm.ram.dump(&f, &id).map_err(std::io::Error::other)?;
-            f.sync_all()?;
-            std::fs::rename(&tmp, &mem_path)?;
-            Ok::<_, std::io::Error>(stats)
-        })();
-        let memory = match memory {
-            Ok(m) => m,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp);
-                return Err(ApiError::bad_request(format!(
+        let memory = mem_out
+            .write(|f| self.vm.ram.dump(f, &id).map_err(std::io::Error::other))
+            .map_err(|e| {
+                ApiError::bad_request(format!(
                     "cannot write the memory file {}: {e}",
-                    mem_path.display()
-                )));
-            }
-        };
-        if let Err(e) = persist::write_state(&state_path, &state) {
-            let _ = std::fs::remove_file(&mem_path);
+                    mem_out.shown().display()
+                ))
+            })?;
+        if let Err(e) = persist::write_state(&state_out, &state) {
+            mem_out.discard();
             return Err(ApiError::bad_request(e.to_string()));
         }
-        let state_bytes = std::fs::metadata(&state_path).map_or(0, |m| m.len());
+        let state_bytes = match &state_out {
+            Output::Path(p) => std::fs::metadata(p).map_or(0, |m| m.len()),
+            Output::Handed { file, .. } => file.metadata().map_or(0, |m| m.len()),
+        };
         Ok(SnapshotReport {
-            state_path,
-            mem_path,
+            state_path: state_out.shown().to_path_buf(),
+            mem_path: mem_out.shown().to_path_buf(),
             state_bytes,
             memory,
             ms: t0.elapsed().as_millis() as u64,
         })
     }
 
-    /// Serves one control request.
-    fn handle(&mut self, req: Request) -> Response {
+    /// Serves one control request with the files it carried (none, or one for
+    /// each file it names; crate::api checked which).
+    fn handle(&mut self, req: Request, files: Vec<File>) -> Response {
+        let mut files = files.into_iter();
         match req {
             Request::Describe => Ok(serde_json::json!({
                 "state": self.state,
@@ -258,12 +253,15 @@ impl Vmm {
             Request::Snapshot {
                 snapshot_path,
                 mem_file_path,
-            } => self
-                .snapshot(snapshot_path, mem_file_path)
-                .and_then(|r| serde_json::to_value(r).map_err(ApiError::internal)),
+            } => {
+                let state = Output::new(snapshot_path, files.next());
+                let mem = Output::new(mem_file_path, files.next());
+                self.snapshot(state, mem)
+                    .and_then(|r| serde_json::to_value(r).map_err(ApiError::internal))
+            }
             Request::WorkingSet { path } => {
                 let ws = self.vm.ram.resident().map_err(ApiError::internal)?;
-                ws.write(&path)
+                ws.write(&Output::new(path, files.next()))
                     .map_err(|e| ApiError::bad_request(e.to_string()))?;
                 Ok(serde_json::json!({"ranges": ws.ranges.len(), "bytes": ws.bytes()}))
             }
@@ -271,15 +269,21 @@ impl Vmm {
                 drive_id,
                 path,
                 new_id,
-            } => self.update_drive(&drive_id, path, new_id),
+            } => self.update_drive(&drive_id, path, new_id, files.next()),
             Request::Metrics => serde_json::to_value(self.report(None)).map_err(ApiError::internal),
             Request::Stop => Ok(serde_json::json!({"state": "Stopped"})),
         }
     }
 
-    /// Swaps the backing file (and id) of the disk now called `drive_id`; what a
-    /// snapshot records follows.
-    fn update_drive(&mut self, drive_id: &str, path: PathBuf, new_id: Option<String>) -> Response {
+    /// Swaps the backing file (and id) of the disk now called `drive_id` for `path`
+    /// (or the file handed over for it); what a snapshot records follows.
+    fn update_drive(
+        &mut self,
+        drive_id: &str,
+        path: PathBuf,
+        new_id: Option<String>,
+        handed: Option<File>,
+    ) -> Response {
         let index = self
             .configs
             .iter()
@@ -302,12 +306,31 @@ impl Vmm {
         let device = self.devices.get(index).ok_or_else(|| {
             ApiError::internal(format!("device {index} has a configuration but no device"))
         })?;
-        device
+        let read_only = matches!(
+            self.configs.get(index),
+            Some(DeviceConfig::Block {
+                read_only: true,
+                ..
+            })
+        );
+        let file = match handed {
+            Some(f) => {
+                if !read_only && !open_for_writing(&f) {
+                    return Err(ApiError::bad_request(format!(
+                        "disk {drive_id:?} is writable: hand over {} open for reading and writing",
+                        path.display()
+                    )));
+                }
+                f
+            }
+            None => crate::devices::virtio::block::open_disk(&path, read_only)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?,
+        };
+        let capacity = device
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .swap_backing(&path, new_id.as_deref())
+            .swap_backing(file, new_id.as_deref())
             .map_err(|e| ApiError::bad_request(format!("{}: {e}", path.display())))?;
-        let capacity = std::fs::metadata(&path).map_or(0, |m| m.len());
         if let Some(DeviceConfig::Block { path: p, id, .. }) = self.configs.get_mut(index) {
             *p = path;
             if let Some(n) = new_id {
@@ -334,9 +357,9 @@ impl Vmm {
             };
             match msg {
                 VmMessage::Vm(ev) => return outcome(ev),
-                VmMessage::Api(req, reply) => {
+                VmMessage::Api(req, files, reply) => {
                     let stop = matches!(req, Request::Stop);
-                    let _ = reply.send(self.handle(req));
+                    let _ = reply.send(self.handle(req, files));
                     if stop {
                         return Outcome::Stopped;
                     }
@@ -382,6 +405,14 @@ impl Drop for Vmm {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+/// Whether `f` was opened for writing.
+fn open_for_writing(f: &File) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: fcntl(2) F_GETFL on a descriptor we own reads its flags only.
+    let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+    flags >= 0 && flags & libc::O_ACCMODE != libc::O_RDONLY
 }
 
 fn outcome(ev: VmEvent) -> Outcome {

@@ -17,9 +17,8 @@
 
 use std::fs::{self, File};
 use std::io;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -378,7 +377,8 @@ fn record_working_set(
 }
 
 /// One request to atoll-vmm's control API (docs/vmm-api.md); the answer's body on a
-/// 2xx status.
+/// 2xx status. The files it names travel as descriptors (the VMM is jailed and
+/// opens none itself); files it writes land only when it succeeds.
 pub fn api_call(
     sock: &Path,
     method: &str,
@@ -386,23 +386,8 @@ pub fn api_call(
     body: &str,
 ) -> Result<String, TemplateError> {
     let request = format!("{method} {path}");
-    let exchange = || -> io::Result<(String, String)> {
-        let mut s = UnixStream::connect(sock)?;
-        s.set_read_timeout(Some(API_TIMEOUT))?;
-        s.set_write_timeout(Some(API_TIMEOUT))?;
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )?;
-        let mut answer = String::new();
-        s.take(1 << 20).read_to_string(&mut answer)?;
-        let (head, body) = answer.split_once("\r\n\r\n").unwrap_or((&answer, ""));
-        let status = head.split_whitespace().nth(1).unwrap_or("").to_owned();
-        Ok((status, body.to_owned()))
-    };
-    match exchange() {
-        Ok((status, body)) if status.starts_with('2') => Ok(body),
+    match atoll_vmm::api::call(sock, method, path, body, API_TIMEOUT) {
+        Ok((status, body)) if (200..300).contains(&status) => Ok(body),
         Ok((status, body)) => Err(TemplateError::Api {
             request,
             answer: format!("HTTP {status} {body}"),

@@ -1,7 +1,10 @@
 //! `atoll-vmm-api SOCKET METHOD PATH [BODY]`: one request to a running atoll-vmm's
 //! control API (what `curl --unix-socket` does, for machines without curl, such as
-//! the nested test node). Prints the answer's body; exits 0 on a 2xx status, 1
-//! otherwise, 2 when the socket cannot be reached.
+//! the nested test node). The files a request names (snapshot files, working set,
+//! a drive's backing file) are opened here and handed to the VMM as descriptors,
+//! which a jailed VMM needs. Prints the answer's body; exits 0 on a 2xx status, 1
+//! otherwise (or when a named file cannot be opened or created), 2 when the socket
+//! cannot be reached.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -26,7 +29,11 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         }
-        Err(e) => {
+        Err(atoll_vmm::api::CallError::Files(e)) => {
+            eprintln!("atoll-vmm-api: {method} {path}: {e}");
+            ExitCode::from(1)
+        }
+        Err(atoll_vmm::api::CallError::Exchange(e)) => {
             eprintln!("atoll-vmm-api: cannot reach the VMM at {sock}: {e}");
             ExitCode::from(2)
         }

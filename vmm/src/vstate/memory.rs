@@ -9,7 +9,7 @@
 //! to, so a state file cannot be paired with another snapshot's memory.
 
 use std::fs::File;
-use std::io;
+use std::io::{self, Write as _};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::Path;
@@ -365,8 +365,8 @@ impl WorkingSet {
         self.ranges.iter().map(|r| r.1).sum()
     }
 
-    /// Writes the set to `path` (atomically).
-    pub fn write(&self, path: &Path) -> Result<(), WorkingSetError> {
+    /// Writes the set to `out`.
+    pub fn write(&self, out_file: &crate::persist::Output) -> Result<(), WorkingSetError> {
         let mut out = Vec::with_capacity(16 + self.ranges.len() * 16);
         out.extend_from_slice(WS_MAGIC);
         out.extend_from_slice(&(self.ranges.len() as u64).to_le_bytes());
@@ -374,11 +374,13 @@ impl WorkingSet {
             out.extend_from_slice(&off.to_le_bytes());
             out.extend_from_slice(&len.to_le_bytes());
         }
-        crate::persist::write_atomically(path, &[&out]).map_err(|source| WorkingSetError::Io {
-            what: "write",
-            path: path.display().to_string(),
-            source,
-        })
+        out_file
+            .write(|mut f| f.write_all(&out))
+            .map_err(|source| WorkingSetError::Io {
+                what: "write",
+                path: out_file.shown().display().to_string(),
+                source,
+            })
     }
 
     /// Reads a set from `path`, checking it against RAM of `mem_size` bytes.
@@ -427,6 +429,18 @@ impl WorkingSet {
     }
 }
 
+/// This process's `/proc/self/pagemap`, opened once: call it before the jail
+/// (crate::jail), which leaves no `/proc` to open. An open pagemap keeps reading the
+/// address space it was opened for.
+pub fn pagemap() -> io::Result<&'static File> {
+    static PAGEMAP: std::sync::OnceLock<File> = std::sync::OnceLock::new();
+    if let Some(f) = PAGEMAP.get() {
+        return Ok(f);
+    }
+    let f = File::open("/proc/self/pagemap")?;
+    Ok(PAGEMAP.get_or_init(|| f))
+}
+
 impl GuestRam {
     /// The pages of guest RAM resident in this process now (from /proc/self/pagemap).
     pub fn resident(&self) -> Result<WorkingSet, WorkingSetError> {
@@ -435,7 +449,7 @@ impl GuestRam {
             path: "/proc/self/pagemap".into(),
             source,
         };
-        let pagemap = File::open("/proc/self/pagemap").map_err(io)?;
+        let pagemap = pagemap().map_err(io)?;
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut entries = vec![0u8; 8 * 512];
         for (addr, offset, len) in layout_of(self.size) {
@@ -574,7 +588,8 @@ mod tests {
         assert_eq!(ws.ranges, vec![(0x5000, 0x2000), (0x10_0000, 0x1000)]);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("ws");
-        ws.write(&path).unwrap();
+        ws.write(&crate::persist::Output::Path(path.clone()))
+            .unwrap();
         assert_eq!(WorkingSet::read(&path, 32 << 20).unwrap(), ws);
         let err = WorkingSet::read(&path, 1 << 20).unwrap_err().to_string();
         assert!(err.contains("outside 1 MiB"), "{err}");

@@ -27,9 +27,11 @@ pub enum VmEvent {
 pub enum VmMessage {
     /// The VM ends.
     Vm(VmEvent),
-    /// A control API request.
+    /// A control API request, the files it carried (none, or one for each file it
+    /// names, in order) and where its answer goes.
     Api(
         crate::api::Request,
+        Vec<std::fs::File>,
         std::sync::mpsc::Sender<crate::api::Response>,
     ),
 }

@@ -325,8 +325,9 @@ pub trait VirtioDevice: Send {
     /// runs again (a vsock device tells the guest its connections are gone).
     fn restored(&mut self) {}
     /// Serve another backing file from now on, with another id (block devices; the
-    /// others refuse). The driver learns of it through a configuration change.
-    fn swap_backing(&mut self, _path: &std::path::Path, _id: Option<&str>) -> std::io::Result<()> {
+    /// others refuse); returns its size in bytes. The driver learns of it through a
+    /// configuration change.
+    fn swap_backing(&mut self, _file: std::fs::File, _id: Option<&str>) -> std::io::Result<u64> {
         Err(std::io::Error::new(
             std::io::ErrorKind::Unsupported,
             format!("a {} device has no backing file", self.kind()),

@@ -200,17 +200,24 @@ fn write_zeroes_slowly(file: &File, mut offset: u64, mut len: u64) -> io::Result
     Ok(())
 }
 
+/// Opens the disk file at `path` (for writing too unless `read_only`).
+pub fn open_disk(path: &Path, read_only: bool) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(!read_only)
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display())))
+}
+
 impl Block {
     /// Opens `path` (read-only when `read_only`); `id` is what VIRTIO_BLK_T_GET_ID
     /// returns (at most 20 bytes are used).
     pub fn new(path: &Path, read_only: bool, id: Option<String>) -> io::Result<Self> {
-        let mut disk = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|e| {
-                io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
-            })?;
+        Self::with_file(open_disk(path, read_only)?, read_only, id)
+    }
+
+    /// A disk backed by the open `disk`.
+    pub fn with_file(mut disk: File, read_only: bool, id: Option<String>) -> io::Result<Self> {
         // Seeking to the end also sizes block devices, whose metadata length is 0.
         let size = disk.seek(SeekFrom::End(0))?;
         let capacity = size / SECTOR_SIZE;
@@ -512,8 +519,8 @@ impl VirtioDevice for Block {
     /// through a configuration change, and re-reads the capacity. What the guest has
     /// mounted from the old file is the caller's business: pods swap only slots they
     /// have not attached or have released.
-    fn swap_backing(&mut self, path: &Path, id: Option<&str>) -> io::Result<()> {
-        let next = Self::new(path, self.read_only, None)?;
+    fn swap_backing(&mut self, file: File, id: Option<&str>) -> io::Result<u64> {
+        let next = Self::with_file(file, self.read_only, None)?;
         self.disk = next.disk;
         self.capacity = next.capacity;
         self.config = next.config;
@@ -527,7 +534,7 @@ impl VirtioDevice for Block {
             a.interrupt.signal_config_change();
             DeviceMetrics::inc(&self.metrics.interrupts);
         }
-        Ok(())
+        Ok(self.capacity * SECTOR_SIZE)
     }
 
     /// The backing file may have been swapped at the restore (a pod template's
@@ -1034,7 +1041,10 @@ mod tests {
         let mut blk = Block::new(&empty.0, true, Some("slot0".into())).unwrap();
         let irq = activate_with(&mut blk, &m, &q, 0);
         assert_eq!(blk.capacity(), 0);
-        blk.swap_backing(&image.0, Some("img-1")).unwrap();
+        let bytes = blk
+            .swap_backing(open_disk(&image.0, true).unwrap(), Some("img-1"))
+            .unwrap();
+        assert_eq!(bytes, 8 * 512);
         assert_eq!(irq.read().unwrap(), 1, "a config change reaches the driver");
         assert_eq!(blk.capacity(), 8);
         let mut cfg = [0u8; 8];
@@ -1053,9 +1063,10 @@ mod tests {
         let mut a = [0u8; 512];
         m.read_slice(&mut a, GuestAddress(DATA)).unwrap();
         assert_eq!(a, [6u8; 512]);
-        // A missing file leaves the device as it was.
-        let missing = image.0.with_extension("missing");
-        assert!(blk.swap_backing(&missing, Some("img-2")).is_err());
+        // A file that cannot be sized (a pipe) leaves the device as it was.
+        let (pipe, _w) = std::io::pipe().unwrap();
+        let pipe = File::from(std::os::fd::OwnedFd::from(pipe));
+        assert!(blk.swap_backing(pipe, Some("img-2")).is_err());
         assert_eq!((blk.capacity(), &blk.id[..6]), (8, &b"img-1\0"[..]));
     }
 }

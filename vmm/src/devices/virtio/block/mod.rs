@@ -8,4 +8,4 @@
 pub mod device;
 pub mod request;
 
-pub use device::Block;
+pub use device::{open_disk, Block};

@@ -577,7 +577,11 @@ impl Active {
         }
         let mut path = self.uds.clone().into_os_string();
         path.push(format!("_{}", key.local_port));
-        let stream = match connect_nonblocking(Path::new(&path)) {
+        // Jailed, the socket's directory has another name (or is out of reach).
+        let Some(path) = crate::jail::inside(Path::new(&path)) else {
+            return self.queue_rst(key, metrics);
+        };
+        let stream = match connect_nonblocking(&path) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!("vsock: guest connect to host port {}: {e}", key.local_port);

@@ -179,7 +179,7 @@ fn spawn(s: &Setup, id: &str, boot: Boot, mem: u64, lazy: bool) -> anyhow::Resul
     let mut cfg = PodConfig::new(id, s.kernel.clone(), s.initramfs.clone(), s.vmm.clone());
     cfg.mem_mib = mem;
     cfg.boot = boot;
-    let mut args = cfg.vmm_args(&dir);
+    let mut args = cfg.vmm_args(&dir, None);
     if lazy {
         // Without the working set: every page faults in as the guest touches it.
         if let Some(i) = args.iter().position(|a| a == "--working-set") {

@@ -539,9 +539,19 @@ running() {
   echo "pod $1 never ran"; return 1
 }
 
-$A run --name svc busybox -- sh -c 'echo shared-data >/tmp/shared; echo main-pid=$$; exec sleep 1000' >svc.out 2>&1 &
+$A run --name svc --cpus 1 busybox -- sh -c 'echo shared-data >/tmp/shared; echo main-pid=$$; exec sleep 1000' >svc.out 2>&1 &
 svc=$!
 running svc
+# The pod's VMM from outside: its own uid, its cgroup leaf and limits, its root.
+confined() {
+  vmm=$(pidof atoll-vmm); echo vmms=$(echo $vmm | wc -w)
+  echo uid=$(awk '/^Uid:/ {print $2}' /proc/$vmm/status)
+  cg=$(cut -d: -f3 /proc/$vmm/cgroup); echo cgroup=$cg
+  echo memory_max=$(cat /sys/fs/cgroup$cg/memory.max) pids_max=$(cat /sys/fs/cgroup$cg/pids.max)
+  echo cpu_max=$(tr ' ' / < /sys/fs/cgroup$cg/cpu.max) procs=$(wc -l < /sys/fs/cgroup$cg/cgroup.procs)
+  echo root=[$(ls -A /proc/$vmm/root/ | tr '\n' ' ')] run0=[$(ls -A /proc/$vmm/root/run/0 | tr '\n' ' ')]
+}
+scenario confined confined
 scenario exec_fs $A exec svc sh -c 'cat /tmp/shared; echo exec-pid=$$; echo init=$(cat /proc/1/cmdline | tr "\0" " ")'
 scenario exec_status $A exec svc sh -c 'exit 7'
 scenario exec_env $A exec -e FOO=bar -w /tmp svc sh -c 'echo foo=$FOO pwd=$(pwd) path=$PATH'
@@ -550,6 +560,7 @@ scenario exec_tty $P --rows 20 --cols 70 --expect ready --send 'hello\r' -- \
   $A exec -i -t svc sh -c 'tty; stty size; echo ready; read x; echo got:$x; exit 4'
 $A stop svc >/dev/null
 wait $svc
+scenario confined_gone sh -c 'echo leaves=$(find /sys/fs/cgroup/atoll -mindepth 1 -type d | wc -l) uids=$(ls /run/atoll/uids | wc -l)'
 scenario exec_main cat svc.out
 
 scenario tty_run $P --rows 33 --cols 101 --expect ready --resize 40x120 --send 'typed\r' -- \
@@ -595,6 +606,47 @@ chmod +x late-trip-vmm
 scenario seccomp_late sh -c "ATOLL_VMM=\$PWD/late-trip-vmm $A run --cold busybox -- sh -c 'echo container-up; sleep 120'; \
   echo status=\$?; echo vmms=\$(pidof atoll-vmm | wc -w); echo pods=\$(ls /run/atoll/pods | wc -l)"
 "#;
+
+#[test]
+fn a_pods_vmm_runs_as_its_own_uid_in_its_own_cgroup_leaf_with_an_empty_root() {
+    let (out, status) = scenario(network_and_exec(), "confined");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(word(out, "vmms"), Some("1"), "{out}");
+    let uid: u32 = word(out, "uid").unwrap().parse().unwrap();
+    assert!(
+        uid >= 2_000_000_000,
+        "a uid of the pods' range, not root: {out}"
+    );
+    let cgroup = word(out, "cgroup").unwrap();
+    assert!(cgroup.starts_with("/atoll/"), "{out}");
+    // `atoll run`'s default 256 MiB guest + 128 MiB for the VMM itself.
+    assert_eq!(
+        word(out, "memory_max"),
+        Some(&*((384u64 << 20).to_string())),
+        "{out}"
+    );
+    assert_eq!(word(out, "pids_max"), Some("17"), "16 + 1 vCPU: {out}");
+    assert_eq!(
+        word(out, "cpu_max"),
+        Some("110000/100000"),
+        "--cpus 1 + 10%: {out}"
+    );
+    assert_eq!(word(out, "procs"), Some("1"), "the VMM alone: {out}");
+    assert!(out.contains("root=[run ]"), "{out}");
+    assert!(out.contains("run0=["), "{out}");
+    assert!(
+        out.contains("vsock.sock"),
+        "its pod directory, at /run/0: {out}"
+    );
+    let (out, status) = scenario(network_and_exec(), "confined_gone");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(
+        word(out, "leaves"),
+        Some("0"),
+        "the leaf went with the pod: {out}"
+    );
+    assert_eq!(word(out, "uids"), Some("0"), "and its uid claim: {out}");
+}
 
 #[test]
 fn a_vmm_stopped_by_its_seccomp_filter_is_reported_by_the_pod() {

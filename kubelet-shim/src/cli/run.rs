@@ -325,6 +325,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
     cfg.image = prepared.name.clone();
     cfg.vcpus = args.vcpus.max(1);
     cfg.mem_mib = args.mem;
+    cfg.cpu_limit = args.cpus.map(crate::pod::confine::CpuLimit::for_cpus);
     cfg.run_dir = run_dir.clone();
     cfg.agent_timeout = Duration::from_secs(args.boot_timeout.max(1));
     cfg.t0 = t0;

@@ -1470,6 +1470,7 @@ fn shutdown_vm(s: &SandboxRecord) {
 }
 
 fn remove_pod_dir(dir: &Path) {
+    crate::pod::confine::remove_cgroup_of(dir);
     if let Err(e) = std::fs::remove_dir_all(dir) {
         if e.kind() != std::io::ErrorKind::NotFound {
             tracing::warn!("cannot remove {}: {e}", dir.display());

@@ -10,6 +10,7 @@
 //! `atoll`, which stops the pod in order) and dies with the thread that spawned it
 //! (`PR_SET_PDEATHSIG`), so even a killed `atoll` leaves no VM behind.
 
+pub mod confine;
 pub mod image;
 pub mod net;
 pub mod state;
@@ -110,6 +111,10 @@ pub struct PodConfig {
     /// pods outlive the server). Without it, the VMM dies with the thread that
     /// spawned it. Hand a detached pod over with [`Pod::detach`].
     pub detached: bool,
+    /// Where the pod's cgroup leaf goes ([`confine`]); `None`: no cgroup.
+    pub cgroup_root: Option<PathBuf>,
+    /// The pod's CPU limit (`cpu.max` of its cgroup).
+    pub cpu_limit: Option<confine::CpuLimit>,
 }
 
 /// How a pod's VM comes up.
@@ -146,11 +151,15 @@ impl PodConfig {
             boot: Boot::Cold,
             api: false,
             detached: false,
+            cgroup_root: confine::default_cgroup_root(),
+            cpu_limit: None,
         }
     }
 
-    /// The VMM's arguments (without the program).
-    pub fn vmm_args(&self, dir: &Path) -> Vec<String> {
+    /// The VMM's arguments (without the program); `uid` is the pod's own uid for
+    /// the jail ([`confine`]).
+    pub fn vmm_args(&self, dir: &Path, uid: Option<u32>) -> Vec<String> {
+        let jail = uid.map(|u| vec!["--jail-uid".to_string(), u.to_string()]);
         if let Boot::Template(t) = &self.boot {
             let mut a =
                 t.restore_args(dir, &self.disks, self.tap.as_ref().map(|t| t.name.as_str()));
@@ -158,6 +167,7 @@ impl PodConfig {
                 a.push("--api-sock".into());
                 a.push(dir.join(API_SOCK).display().to_string());
             }
+            a.extend(jail.into_iter().flatten());
             return a;
         }
         let mut a: Vec<String> = vec![
@@ -199,6 +209,7 @@ impl PodConfig {
             a.push("--api-sock".into());
             a.push(dir.join(API_SOCK).display().to_string());
         }
+        a.extend(jail.into_iter().flatten());
         a.extend(["--".into(), "/init".into(), "agent".into()]);
         a
     }
@@ -309,6 +320,9 @@ pub enum PodError {
         #[source]
         source: io::Error,
     },
+    /// The pod's own uid or cgroup could not be set up.
+    #[error(transparent)]
+    Confine(#[from] confine::ConfineError),
     #[error("cannot run the VMM {vmm}; build it with `make artifacts` or pass --vmm")]
     Spawn {
         vmm: PathBuf,
@@ -576,6 +590,9 @@ pub struct Pod {
     tap: Option<net::HostTap>,
     /// Copies the VMM's output into `console.log` (bounded); ends with the VMM.
     console: Option<std::thread::JoinHandle<()>>,
+    // Dropped after the VMM is gone: the cgroup leaf and the uid are freed.
+    cgroup: Option<confine::Cgroup>,
+    uid: Option<confine::UidClaim>,
     // Last: dropped after the VMM is gone.
     dir: PodDir,
 }
@@ -615,9 +632,20 @@ impl Pod {
             t0: cfg.t0,
             tap: None,
             console: None,
+            cgroup: None,
+            uid: None,
             dir,
         };
         pod.write_state();
+        let uid = confine::claim_uid(&cfg.run_dir, &cfg.id)?;
+        if let Some(root) = &cfg.cgroup_root {
+            let cg = confine::Cgroup::create(root, &cfg.id, cfg.mem_mib, cfg.vcpus, cfg.cpu_limit)?;
+            let named = pod.dir.path.join(confine::CGROUP_FILE);
+            fs::write(&named, cg.path.as_os_str().as_encoded_bytes()).map_err(io_err(&named))?;
+            pod.cgroup = Some(cg);
+        }
+        let uid_value = uid.uid;
+        pod.uid = Some(uid);
         if let Some(layers) = &cfg.layers_disk {
             let t = Instant::now();
             let path = pod.dir.path.join("layers.img");
@@ -642,7 +670,7 @@ impl Pod {
         let (reader, writer) = std::io::pipe().map_err(io_err(&log_path))?;
         let writer2 = writer.try_clone().map_err(io_err(&log_path))?;
         let mut cmd = Command::new(&cfg.vmm);
-        cmd.args(cfg.vmm_args(&pod.dir.path))
+        cmd.args(cfg.vmm_args(&pod.dir.path, Some(uid_value)))
             .stdin(Stdio::null())
             .stdout(writer)
             .stderr(writer2);
@@ -660,6 +688,15 @@ impl Pod {
             // and touches no memory of the parent.
             unsafe {
                 cmd.pre_exec(set_pdeathsig);
+            }
+        }
+        if let Some(cg) = &pod.cgroup {
+            let cg = cg.for_child();
+            // SAFETY: the closure runs in the child between fork and exec and only
+            // makes open(2), write(2) and close(2) calls on data prepared before the
+            // fork (`Cgroup::join_self`).
+            unsafe {
+                cmd.pre_exec(move || cg.join_self());
             }
         }
         let child = cmd.spawn().map_err(|source| PodError::Spawn {
@@ -1064,6 +1101,14 @@ impl Pod {
         let vmm = self.vmm.take()?;
         self.control = None;
         self.dir.keep = true;
+        // The new owner removes the cgroup leaf with the directory
+        // (confine::remove_cgroup_of); the uid claim goes stale with it.
+        if let Some(cg) = &mut self.cgroup {
+            cg.keep = true;
+        }
+        if let Some(u) = &mut self.uid {
+            u.keep = true;
+        }
         Some(Detached {
             vmm,
             dir: self.dir.path.clone(),
@@ -1134,6 +1179,9 @@ mod tests {
         let mut c = PodConfig::new("p1", "/k".into(), "/i".into(), vmm);
         c.run_dir = tmp.join("run");
         c.agent_timeout = Duration::from_secs(10);
+        // The host's cgroups are not these tests' to change (the node's end-to-end
+        // tests run pods in real leaves).
+        c.cgroup_root = None;
         c
     }
 
@@ -1146,14 +1194,16 @@ mod tests {
             read_only: true,
         });
         c.mem_mib = 512;
-        let a = c.vmm_args(Path::new("/run/atoll/pods/p")).join(" ");
+        let a = c
+            .vmm_args(Path::new("/run/atoll/pods/p"), Some(2_000_000_007))
+            .join(" ");
         assert!(
             a.contains("--vsock cid=3,uds=/run/atoll/pods/p/vsock.sock"),
             "{a}"
         );
         assert!(a.contains("--disk /s/rootfs.erofs,ro,id=img0"), "{a}");
         assert!(a.contains("--mem 512 --vcpus 1"), "{a}");
-        assert!(a.ends_with("-- /init agent"), "{a}");
+        assert!(a.ends_with("--jail-uid 2000000007 -- /init agent"), "{a}");
     }
 
     #[test]

@@ -694,6 +694,9 @@ pub(crate) mod tests {
         fn interface_by_mac(&mut self, _: &str) -> io::Result<Option<String>> {
             Ok(None)
         }
+        fn set_mac(&mut self, _: &str, _: &str) -> io::Result<()> {
+            Ok(())
+        }
         fn set_address(&mut self, _: &str, _: Cidr) -> io::Result<()> {
             Ok(())
         }

@@ -194,6 +194,8 @@ pub struct IfacePlan {
     pub addresses: Vec<Cidr>,
     /// 0: leave as is.
     pub mtu: u32,
+    /// The lower-case MAC it takes, when given.
+    pub set_mac: Option<String>,
 }
 
 /// One route.
@@ -248,11 +250,17 @@ pub fn plan(req: &v1::ConfigureNetwork) -> Result<NetPlan, NetPlanError> {
             .iter()
             .map(|a| parse_cidr(a))
             .collect::<Result<_, _>>()?;
+        let set_mac = if iface.set_mac.is_empty() {
+            None
+        } else {
+            Some(parse_mac(&iface.set_mac)?)
+        };
         interfaces.push(IfacePlan {
             name: iface.name.clone(),
             mac,
             addresses,
             mtu: iface.mtu,
+            set_mac,
         });
     }
     let mut routes = Vec::new();
@@ -346,6 +354,8 @@ pub fn render_hosts(hostname: Option<&str>, pod_ip: Option<Ipv4Addr>) -> String 
 pub trait PodOps: Send {
     /// The name of the interface whose MAC is `mac` (lower case), if any.
     fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>>;
+    /// SIOCSIFHWADDR: the interface's MAC (`aa:bb:cc:dd:ee:ff`).
+    fn set_mac(&mut self, ifname: &str, mac: &str) -> io::Result<()>;
     /// SIOCSIFADDR + SIOCSIFNETMASK.
     fn set_address(&mut self, ifname: &str, cidr: Cidr) -> io::Result<()>;
     /// SIOCSIFMTU.
@@ -416,6 +426,10 @@ pub fn configure(
                 .ok_or_else(|| ConfigureNetworkError::NoSuchMac(mac.clone()))?,
             None => iface.name.clone(),
         };
+        if let Some(mac) = &iface.set_mac {
+            ops.set_mac(&name, mac)
+                .map_err(apply_err(format!("set MAC {mac} on {name}")))?;
+        }
         for cidr in &iface.addresses {
             ops.set_address(&name, *cidr).map_err(apply_err(format!(
                 "set address {}/{} on {name}",
@@ -561,6 +575,30 @@ impl PodOps for LinuxPodOps {
             }
         }
         Ok(None)
+    }
+
+    fn set_mac(&mut self, ifname: &str, mac: &str) -> io::Result<()> {
+        let mut bytes = [0u8; 6];
+        for (b, part) in bytes.iter_mut().zip(mac.split(':')) {
+            *b = u8::from_str_radix(part, 16)
+                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        }
+        let sock = inet_socket()?;
+        let mut req = ifreq_for(ifname)?;
+        // A sockaddr: the family, then 14 data bytes of which a MAC takes 6.
+        let mut hw = libc::sockaddr {
+            sa_family: libc::ARPHRD_ETHER,
+            sa_data: [0; 14],
+        };
+        for (d, b) in hw.sa_data.iter_mut().zip(bytes) {
+            *d = b as libc::c_char;
+        }
+        req.ifr_ifru.ifru_hwaddr = hw;
+        ioctl(
+            &sock,
+            libc::SIOCSIFHWADDR,
+            (&mut req as *mut libc::ifreq).cast(),
+        )
     }
 
     fn set_address(&mut self, ifname: &str, cidr: Cidr) -> io::Result<()> {
@@ -756,6 +794,7 @@ pub(crate) mod tests {
                 mac: String::new(),
                 addresses: vec!["10.0.0.2/24".into()],
                 mtu: 1400,
+                set_mac: String::new(),
             }],
             routes: vec![v1::Route {
                 destination: "0.0.0.0/0".into(),
@@ -853,6 +892,10 @@ pub(crate) mod tests {
                 .find(|(m, _)| m == mac)
                 .map(|(_, n)| n.clone()))
         }
+        fn set_mac(&mut self, ifname: &str, mac: &str) -> io::Result<()> {
+            self.calls.push(format!("mac {ifname} {mac}"));
+            Ok(())
+        }
         fn set_address(&mut self, ifname: &str, cidr: Cidr) -> io::Result<()> {
             self.calls
                 .push(format!("addr {ifname} {} {}", cidr.addr, cidr.netmask()));
@@ -935,6 +978,15 @@ pub(crate) mod tests {
         };
         configure(&mut ops, &req, dir.path()).unwrap();
         assert_eq!(ops.calls[0], "addr enp0 10.0.0.2 255.255.255.0");
+
+        // A MAC to take comes first (before the link is up), normalised.
+        let mut named = request();
+        named.interfaces[0].set_mac = "0A:58:0A:58:00:07".into();
+        let mut ops = FakeNet::default();
+        configure(&mut ops, &named, dir.path()).unwrap();
+        assert_eq!(ops.calls[0], "mac eth0 0a:58:0a:58:00:07");
+        named.interfaces[0].set_mac = "0A:58".into();
+        assert!(configure(&mut FakeNet::default(), &named, dir.path()).is_err());
 
         let mut ops = FakeNet::default();
         let err = configure(&mut ops, &req, &dir.path().join("x")).unwrap_err();

@@ -46,8 +46,9 @@ pub const NODE_MODULES: [(&str, &str); 4] = [
 
 /// Modules L1 loads only for runs that ask for them ([`crate::Runner::extra_modules`]),
 /// in load order: vhost-vsock (`/dev/vhost-vsock`, the host side of QEMU's
-/// `vhost-vsock-device`) with its dependencies. Decompressed like [`NODE_MODULES`].
-pub const EXTRA_MODULES: [(&str, &str); 5] = [
+/// `vhost-vsock-device`) with its dependencies, and what CNI pods need (a bridge,
+/// veth pairs, tc ingress redirects). Decompressed like [`NODE_MODULES`].
+pub const EXTRA_MODULES: [(&str, &str); 12] = [
     ("vhost_iotlb", "drivers/vhost/vhost_iotlb.ko.xz"),
     ("vhost", "drivers/vhost/vhost.ko.xz"),
     ("vsock", "net/vmw_vsock/vsock.ko.xz"),
@@ -56,6 +57,25 @@ pub const EXTRA_MODULES: [(&str, &str); 5] = [
         "net/vmw_vsock/vmw_vsock_virtio_transport_common.ko.xz",
     ),
     ("vhost_vsock", "drivers/vhost/vhost_vsock.ko.xz"),
+    ("llc", "net/llc/llc.ko.xz"),
+    ("stp", "net/802/stp.ko.xz"),
+    ("bridge", "net/bridge/bridge.ko.xz"),
+    ("veth", "drivers/net/veth.ko.xz"),
+    ("sch_ingress", "net/sched/sch_ingress.ko.xz"),
+    ("cls_u32", "net/sched/cls_u32.ko.xz"),
+    ("act_mirred", "net/sched/act_mirred.ko.xz"),
+];
+
+/// What [`crate::Runner::extra_modules`] loads for CNI pod networks (the bridge
+/// plugin, veth pairs, atoll-cri's tc redirects), in load order.
+pub const CNI_NET: [&str; 7] = [
+    "llc",
+    "stp",
+    "bridge",
+    "veth",
+    "sch_ingress",
+    "cls_u32",
+    "act_mirred",
 ];
 
 /// What [`crate::Runner::extra_modules`] loads for vhost-vsock, in load order.
@@ -583,7 +603,8 @@ mod tests {
     #[test]
     fn vhost_vsock_modules_are_extra_modules_in_load_order() {
         let names: Vec<&str> = EXTRA_MODULES.iter().map(|(n, _)| *n).collect();
-        assert_eq!(names, VHOST_VSOCK);
+        assert_eq!(names[..5], VHOST_VSOCK);
+        assert_eq!(names[5..], CNI_NET);
         let k = NodeKernel {
             dir: PathBuf::from("/nonexistent"),
             version: String::new(),

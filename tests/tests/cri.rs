@@ -5,7 +5,10 @@
 //! the warm pool), create and start two containers of one image, ExecSync (output,
 //! exit code, timeout), the CRI log file, stats, log rotation, stop with a grace
 //! period, remove; a VM killed under a running pod; atoll-cri killed with SIGKILL
-//! and restarted (the pod is still there and answers); bad input.
+//! and restarted (the pod is still there and answers); bad input. Pods are on a
+//! CNI network (Debian's bridge and host-local plugins, a conflist in
+//! /etc/cni/net.d): each gets an address, the node reaches it, pods reach each
+//! other, and nothing of it is left when they go.
 //!
 //! The registry's storage is filled on the host (skopeo) and carried into the node,
 //! where the same docker-registry serves it. One node run serves every scenario.
@@ -52,10 +55,25 @@ until_state() {
   for i in $(seq 200); do $C inspect $1 | grep -qx "state=$2" && return 0; sleep 0.1; done
   return 1
 }
+mkdir -p /etc/cni/net.d
+cat > /etc/cni/net.d/10-pods.conflist <<EOF
+{"cniVersion":"1.0.0","name":"pods","plugins":[
+ {"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":false,
+  "ipam":{"type":"host-local","ranges":[[{"subnet":"10.88.0.0/16"}]],"routes":[{"dst":"0.0.0.0/0"}]}}]}
+EOF
 cat > /tmp/cfg/pod.json <<EOF
 {"metadata":{"name":"web","uid":"uid-1","namespace":"default","attempt":0},
  "hostname":"web","log_directory":"/tmp/logs/web","labels":{"app":"web"},
- "annotations":{"note":"kept as given"}}
+ "annotations":{"note":"kept as given"},
+ "dns_config":{"servers":["10.96.0.10"],"searches":["default.svc.cluster.local"]}}
+EOF
+cat > /tmp/cfg/peer.json <<EOF
+{"metadata":{"name":"peer","uid":"uid-4","namespace":"default","attempt":0},
+ "log_directory":"/tmp/logs/peer"}
+EOF
+cat > /tmp/cfg/httpd.json <<EOF
+{"metadata":{"name":"httpd"},"image":{"image":"$IMAGE"},
+ "command":["sh","-c","mkdir -p /tmp/w; echo peer-says-hi > /tmp/w/index.html; exec httpd -f -p 8080 -h /tmp/w"]}
 EOF
 cat > /tmp/cfg/pod2.json <<EOF
 {"metadata":{"name":"victim","uid":"uid-2","namespace":"default","attempt":0},
@@ -133,6 +151,22 @@ reopen() {
   a=$(wc -l < $L.1); sleep 1.5; b=$(wc -l < $L.1)
   echo "old_grew=$((b - a))"; echo "new_lines=$(wc -l < $L)"
 }
+ip_of() { $C inspectp $1 | sed -n 's/^ip=//p'; }
+network() {
+  IP=$(ip_of $P); echo "ip=$IP"
+  ping -c 1 -W 10 $IP >/dev/null && echo "node_ping=ok"
+  $C exec $CA -- sh -c 'ip addr show eth0; ip route; cat /etc/resolv.conf'
+  Q=$($C runp /tmp/cfg/peer.json) || return 1
+  H=$($C create $Q /tmp/cfg/httpd.json /tmp/cfg/peer.json) && $C start $H || return 1
+  IP2=$(ip_of $Q); echo "peer_ip=$IP2"
+  for i in $(seq 30); do
+    got=$($C exec --timeout 10 $CA -- wget -q -O - http://$IP2:8080/ 2>/dev/null) && break; sleep 1
+  done
+  echo "pod_to_pod=$got"
+  [ -n "$got" ] || { $C exec $H -- netstat -ltn; $C exec $CA -- wget -O - http://$IP2:8080/; }
+  $C stopp $Q; $C rmp $Q
+  echo "netns_left=$(ls /run/atoll/cri/netns | wc -l)"
+}
 kill_server() {
   kill -9 $(pidof atoll-cri); sleep 0.5
   echo "vmms=$(pidof atoll-vmm | wc -w)"
@@ -167,6 +201,9 @@ stopp() {
   echo "vmms=$(pidof atoll-vmm | wc -w)"
   echo "pod_dirs=$(ls /run/atoll/cri/pods | wc -l)"
   echo "records=$(ls /var/lib/atoll/cri/sandboxes /var/lib/atoll/cri/containers | grep -c json)"
+  echo "netns=$(ls /run/atoll/cri/netns | wc -l)"
+  echo "veths=$(ls /sys/class/net | grep -c ^veth)"
+  echo "leases=$(ls /var/lib/cni/networks/pods 2>/dev/null | grep -c '^10\.')"
 }
 rmi() { $C rmi $IMAGE && $C rmi $IMAGE && echo removed; $C inspecti $IMAGE; }
 bad_config() { echo 'sockett = "/x"' > /tmp/cfg/bad.toml; $A/atoll-cri --config /tmp/cfg/bad.toml; }
@@ -194,6 +231,7 @@ scenario exec_timeout exec_timeout
 scenario exec_many exec_many
 scenario log log
 scenario stats stats
+scenario network network
 scenario reopen reopen
 scenario kill_server kill_server
 scenario stop_grace stop_grace
@@ -249,6 +287,10 @@ fn node_output() -> &'static str {
         .unwrap()
         .host_program("/usr/bin/docker-registry")
         .host_program("/usr/bin/mkfs.erofs")
+        .host_program("/usr/lib/cni/bridge")
+        .host_program("/usr/lib/cni/host-local")
+        .host_program("/usr/sbin/tc")
+        .extra_modules(&atoll_node::kernel::CNI_NET)
         .timeout(Duration::from_secs(900));
         let out = run(runner, SCRIPT).output;
         drop(dir);
@@ -272,10 +314,9 @@ fn the_server_starts_and_answers_version_status_and_runtime_config() {
     let (out, st) = sc("info");
     assert_eq!(st, 0, "{out}");
     assert!(value_of(out, "RuntimeReady").starts_with("true"), "{out}");
-    // Honest until CNI lands: pods have loopback only.
     assert!(
-        value_of(out, "NetworkReady").starts_with("false NetworkPluginNotReady"),
-        "{out}"
+        value_of(out, "NetworkReady").starts_with("true"),
+        "a CNI network list is in /etc/cni/net.d: {out}"
     );
     assert_eq!(value_of(out, "handlers"), r#""","atoll""#);
     let (out, st) = sc("runtime_config");
@@ -454,6 +495,32 @@ fn container_stats_come_from_the_guest() {
 }
 
 #[test]
+fn pods_get_cni_addresses_the_node_and_other_pods_reach() {
+    let (out, st) = sc("network");
+    assert_eq!(st, 0, "{out}");
+    let ip = value_of(out, "ip");
+    assert!(
+        ip.starts_with("10.88."),
+        "an address of the network list: {out}"
+    );
+    assert_eq!(value_of(out, "node_ping"), "ok", "{out}");
+    assert!(
+        out.contains(&format!("inet {ip}/16")),
+        "the guest's eth0 has the pod's address: {out}"
+    );
+    assert!(out.contains("default via 10.88.0.1"), "{out}");
+    assert!(
+        out.contains("nameserver 10.96.0.10"),
+        "the pod's DNS: {out}"
+    );
+    assert!(out.contains("search default.svc.cluster.local"), "{out}");
+    let peer = value_of(out, "peer_ip");
+    assert!(peer.starts_with("10.88.") && peer != ip, "{out}");
+    assert_eq!(value_of(out, "pod_to_pod"), "peer-says-hi", "{out}");
+    assert_eq!(value_of(out, "netns_left"), "1", "only web's: {out}");
+}
+
+#[test]
 fn pods_survive_a_killed_server_which_adopts_them_on_restart() {
     let (out, st) = sc("kill_server");
     assert_eq!(st, 0, "{out}");
@@ -514,6 +581,13 @@ fn stopping_and_removing_a_sandbox_leaves_nothing_behind() {
     assert_eq!(value_of(out, "vmms"), "0", "{out}");
     assert_eq!(value_of(out, "pod_dirs"), "0", "{out}");
     assert_eq!(value_of(out, "records"), "0", "{out}");
+    assert_eq!(value_of(out, "netns"), "0", "{out}");
+    assert_eq!(value_of(out, "veths"), "0", "{out}");
+    assert_eq!(
+        value_of(out, "leases"),
+        "0",
+        "every address went back: {out}"
+    );
     assert!(out.lines().any(|l| l.trim() == "0"), "no pod listed: {out}");
 }
 

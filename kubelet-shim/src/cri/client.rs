@@ -93,6 +93,24 @@ pub mod spec {
         pub overhead: Option<Resources>,
     }
 
+    /// A DNSConfig.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Dns {
+        pub servers: Vec<String>,
+        pub searches: Vec<String>,
+    }
+
+    /// A PortMapping (protocol "TCP", "UDP" or "SCTP").
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct Port {
+        pub protocol: String,
+        pub container_port: i32,
+        pub host_port: i32,
+        pub host_ip: String,
+    }
+
     /// A PodSandboxConfig.
     #[derive(Debug, Default, Deserialize)]
     #[serde(deny_unknown_fields, default)]
@@ -103,6 +121,8 @@ pub mod spec {
         pub labels: HashMap<String, String>,
         pub annotations: HashMap<String, String>,
         pub linux: Option<PodLinux>,
+        pub dns_config: Option<Dns>,
+        pub port_mappings: Vec<Port>,
     }
 
     impl Pod {
@@ -124,6 +144,25 @@ pub mod spec {
                     overhead: l.overhead.as_ref().map(Resources::cri),
                     ..Default::default()
                 }),
+                dns_config: self.dns_config.as_ref().map(|d| cri::DnsConfig {
+                    servers: d.servers.clone(),
+                    searches: d.searches.clone(),
+                    options: Vec::new(),
+                }),
+                port_mappings: self
+                    .port_mappings
+                    .iter()
+                    .map(|p| cri::PortMapping {
+                        protocol: match p.protocol.to_ascii_uppercase().as_str() {
+                            "UDP" => cri::Protocol::Udp,
+                            "SCTP" => cri::Protocol::Sctp,
+                            _ => cri::Protocol::Tcp,
+                        } as i32,
+                        container_port: p.container_port,
+                        host_port: p.host_port,
+                        host_ip: p.host_ip.clone(),
+                    })
+                    .collect(),
                 ..Default::default()
             }
         }

@@ -16,6 +16,10 @@
 //!
 //! [registry.mirrors]
 //! "registry.k8s.io" = ["http://127.0.0.1:5000"]
+//!
+//! [cni]
+//! conf_dir = "/etc/cni/net.d"
+//! bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
 //! ```
 
 use std::collections::BTreeMap;
@@ -68,6 +72,29 @@ pub struct Config {
     pub registry: RegistryConfig,
     /// Seconds a sandbox VM may take to answer after it was started.
     pub agent_timeout_secs: u64,
+    /// Pod networks.
+    pub cni: CniConfig,
+}
+
+/// Where the CNI network list and plugins are (containerd's `conf_dir` and
+/// `bin_dir`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CniConfig {
+    /// The network list: the first `*.conflist`, `*.conf` or `*.json` here.
+    pub conf_dir: PathBuf,
+    /// Where the plugins are, searched in order.
+    pub bin_dirs: Vec<PathBuf>,
+}
+
+impl Default for CniConfig {
+    fn default() -> Self {
+        Self {
+            conf_dir: PathBuf::from("/etc/cni/net.d"),
+            // Where upstream installs them, then Debian's containernetworking-plugins.
+            bin_dirs: vec![PathBuf::from("/opt/cni/bin"), PathBuf::from("/usr/lib/cni")],
+        }
+    }
 }
 
 /// The size of sandbox VMs.
@@ -112,6 +139,7 @@ impl Default for Config {
             sandbox: SandboxConfig::default(),
             registry: RegistryConfig::default(),
             agent_timeout_secs: 60,
+            cni: CniConfig::default(),
         }
     }
 }

@@ -6,11 +6,13 @@
 //! - `server`: the operations, blocking, over `store`'s durable records;
 //! - `runtime` and `images`: the gRPC services, mapping CRI types;
 //! - `logs`: container output in the CRI log format;
+//! - `cni`: pod networks through the node's CNI plugins;
 //! - `client`: a connection to a CRI socket (atoll-crictl, the tests).
 //!
 //! The API types come from the `k8s-cri` crate (CRI v1, generated at build time).
 
 pub mod client;
+pub mod cni;
 pub mod config;
 pub mod images;
 pub mod logs;

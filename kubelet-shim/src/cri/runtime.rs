@@ -8,6 +8,7 @@ use std::sync::Arc;
 use k8s_cri::v1 as cri;
 use tonic::{Request, Response, Status};
 
+use super::cni;
 use super::server::{ContainerRequest, CriError, SandboxRequest, Server};
 use super::store::{self, ContainerRecord, ContainerState, Meta, SandboxRecord, SandboxState};
 use atoll_agent_proto::v1;
@@ -211,7 +212,22 @@ fn sandbox_status(s: &SandboxRecord) -> cri::PodSandboxStatus {
         metadata: Some(sandbox_meta(&s.meta)),
         state: sandbox_state(s.state),
         created_at: s.created_ns,
-        network: Some(cri::PodSandboxNetworkStatus::default()),
+        network: Some(cri::PodSandboxNetworkStatus {
+            // Addresses without their prefix, IPv4 first, as kubelet wants them.
+            ip: s
+                .ips
+                .first()
+                .map(|a| a.split('/').next().unwrap_or_default().to_owned())
+                .unwrap_or_default(),
+            additional_ips: s
+                .ips
+                .iter()
+                .skip(1)
+                .map(|a| cri::PodIp {
+                    ip: a.split('/').next().unwrap_or_default().to_owned(),
+                })
+                .collect(),
+        }),
         linux: Some(cri::LinuxPodSandboxStatus {
             namespaces: Some(cri::Namespace {
                 options: Some(cri::NamespaceOption {
@@ -333,8 +349,30 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
             .metadata
             .ok_or_else(|| Status::invalid_argument("config.metadata is required"))?;
         let linux = config.linux.unwrap_or_default();
-        let res = linux.resources.unwrap_or_default();
-        let overhead = linux.overhead.unwrap_or_default();
+        let res = linux.resources.clone().unwrap_or_default();
+        let overhead = linux.overhead.clone().unwrap_or_default();
+        let host_network = linux
+            .security_context
+            .as_ref()
+            .and_then(|c| c.namespace_options.as_ref())
+            .is_some_and(|o| o.network == cri::NamespaceMode::Node as i32);
+        let port_mappings = config
+            .port_mappings
+            .iter()
+            .map(|p| cni::PortMapping {
+                host_port: p.host_port,
+                container_port: p.container_port,
+                protocol: match cri::Protocol::try_from(p.protocol) {
+                    Ok(cri::Protocol::Udp) => "udp",
+                    Ok(cri::Protocol::Sctp) => "sctp",
+                    _ => "tcp",
+                }
+                .into(),
+                host_ip: p.host_ip.clone(),
+            })
+            .filter(|p| p.host_port > 0)
+            .collect();
+        let dns = config.dns_config.clone().unwrap_or_default();
         let req = SandboxRequest {
             meta: Meta {
                 name: md.name,
@@ -352,6 +390,10 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
                 .saturating_add(overhead.memory_limit_in_bytes.max(0)),
             cpu_quota: res.cpu_quota,
             cpu_period: res.cpu_period,
+            host_network,
+            port_mappings,
+            dns_servers: dns.servers,
+            dns_search: dns.searches,
         };
         let server = Arc::clone(&self.server);
         let id = blocking(move || server.run_sandbox(req)).await?;
@@ -696,12 +738,18 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
                 message: why.clone(),
             },
         };
-        let network = cri::RuntimeCondition {
-            r#type: "NetworkReady".into(),
-            status: false,
-            reason: "NetworkPluginNotReady".into(),
-            message: "atoll-cri does not set up pod networks (CNI) yet: pods have loopback only"
-                .into(),
+        let network = match cni::NetworkList::load(&self.server.cfg.cni.conf_dir) {
+            Ok(_) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: true,
+                ..Default::default()
+            },
+            Err(e) => cri::RuntimeCondition {
+                r#type: "NetworkReady".into(),
+                status: false,
+                reason: "NetworkPluginNotReady".into(),
+                message: e.to_string(),
+            },
         };
         let mut info = HashMap::new();
         if verbose {

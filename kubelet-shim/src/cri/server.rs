@@ -23,15 +23,18 @@ use std::time::{Duration, Instant};
 use atoll_agent_proto::v1;
 use atoll_image::oci::store::Store as ImageStore;
 
+use super::cni;
 use super::config::Config;
 use super::logs::{self, LogFile, SharedLog};
 use super::store::{
-    self, ContainerRecord, ContainerState, Meta, SandboxRecord, SandboxState, Slot, Store,
+    self, ContainerRecord, ContainerState, Meta, NetworkRecord, SandboxRecord, SandboxState, Slot,
+    Store,
 };
 use crate::agent::{AgentClient, AgentError};
 use crate::pod::image::{self, ImageRootfs, RootfsFrom};
+use crate::pod::netns::NetNs;
 use crate::pod::template::{self, TemplateSpec, SLOTS};
-use crate::pod::{PodConfig, PodHandle, API_SOCK};
+use crate::pod::{PodConfig, PodHandle, PodNetwork, API_SOCK};
 
 /// How long one agent request may take (create mounts an image; the guest is slow
 /// under emulation).
@@ -244,6 +247,11 @@ pub struct SandboxRequest {
     pub memory_bytes: i64,
     pub cpu_quota: i64,
     pub cpu_period: i64,
+    /// The pod uses the node's network (no CNI network of its own).
+    pub host_network: bool,
+    pub port_mappings: Vec<super::cni::PortMapping>,
+    pub dns_servers: Vec<String>,
+    pub dns_search: Vec<String>,
 }
 
 /// How a container asks to be made.
@@ -331,6 +339,7 @@ impl Server {
                     kill_vmm(&s);
                     kill_unrecorded_vmm(&s.pod_dir);
                     remove_pod_dir(&s.pod_dir);
+                    self.detach_network(&mut s);
                     self.store.delete_sandbox(&s.id);
                     for c in containers.iter().filter(|c| c.sandbox_id == s.id) {
                         self.store.delete_container(&c.id);
@@ -405,6 +414,8 @@ impl Server {
 
     /// The VM of a ready sandbox is gone without being stopped.
     fn vm_ended(&self, id: &str) {
+        let pod_dir = self.state().sandboxes.get(id).map(|s| s.pod_dir.clone());
+        let why = pod_dir.as_deref().and_then(vm_end_reason);
         let (sandbox, lost) = {
             let mut st = self.state();
             let Some(s) = st.sandboxes.get_mut(id) else {
@@ -414,12 +425,19 @@ impl Server {
                 return;
             }
             s.state = SandboxState::NotReady;
-            s.message = "its VM ended without being stopped (killed, or the guest crashed)".into();
+            s.message = match &why {
+                Some(line) => format!("its VM ended without being stopped: {line}"),
+                None => "its VM ended without being stopped (killed, or the guest crashed)".into(),
+            };
             let s = s.clone();
+            let lost_message = match &why {
+                Some(line) => format!("its pod's VM ended: {line}"),
+                None => VM_ENDED.to_owned(),
+            };
             let mut lost = Vec::new();
             for c in st.containers.values_mut().filter(|c| c.sandbox_id == id) {
                 if matches!(c.state, ContainerState::Running | ContainerState::Created) {
-                    mark_lost(c, VM_ENDED);
+                    mark_lost(c, &lost_message);
                     lost.push(c.clone());
                 }
             }
@@ -481,6 +499,8 @@ impl Server {
                 })
                 .collect(),
             message: String::new(),
+            ips: Vec::new(),
+            network: None,
         };
         {
             // The name is taken under the lock, before the slow part: concurrent
@@ -495,10 +515,18 @@ impl Server {
             st.sandboxes.insert(id.clone(), rec.clone());
         }
         self.save_sandbox(&rec);
-        let started = self.start_vm(&rec);
+        let network = if req.host_network {
+            Ok(None)
+        } else {
+            let dns = (req.dns_servers.clone(), req.dns_search.clone());
+            self.attach_network(&mut rec, &req.port_mappings, dns)
+                .map(Some)
+        };
+        let started = network.and_then(|n| self.start_vm(&rec, n));
         let (pid, start) = match started {
             Ok(v) => v,
             Err(e) => {
+                self.detach_network(&mut rec);
                 self.state().sandboxes.remove(&id);
                 self.store.delete_sandbox(&id);
                 remove_pod_dir(&pod_dir);
@@ -522,6 +550,7 @@ impl Server {
             // Removed while it started (RemovePodSandbox on an id it could not
             // know yet cannot happen; a shutdown can): stop what was started.
             kill_vmm(&rec);
+            self.detach_network(&mut rec);
             remove_pod_dir(&pod_dir);
             return Err(CriError::Unavailable("atoll-cri is shutting down".into()));
         }
@@ -534,8 +563,131 @@ impl Server {
         Ok(id)
     }
 
-    /// Starts the sandbox's VM (a template clone); its VMM's pid and start time.
-    fn start_vm(&self, rec: &SandboxRecord) -> CriResult<(u32, Option<u64>)> {
+    /// Gives the sandbox a network namespace attached through CNI, with the VM's
+    /// tap joined to its interface; what the guest's `eth0` gets. The attachment
+    /// is recorded before the plugins run, so that a crash part-way is undone by
+    /// the next start ([`Self::recover`]).
+    fn attach_network(
+        &self,
+        rec: &mut SandboxRecord,
+        port_mappings: &[cni::PortMapping],
+        (dns_servers, dns_search): (Vec<String>, Vec<String>),
+    ) -> CriResult<PodNetwork> {
+        let list = cni::NetworkList::load(&self.cfg.cni.conf_dir).map_err(|e| {
+            CriError::FailedPrecondition(format!(
+                "the pod network is not ready: {e}; install a CNI network list there (or set [cni] conf_dir in the atoll-cri config)"
+            ))
+        })?;
+        let netns = self.cfg.run_dir.join("netns").join(&rec.id);
+        rec.network = Some(NetworkRecord {
+            netns: netns.clone(),
+            result: None,
+            port_mappings: port_mappings.to_vec(),
+        });
+        self.save_sandbox(rec);
+        let fail = |what: &str, e: &dyn std::fmt::Display| {
+            CriError::Internal(clean_message(&format!("{what}: {e}")))
+        };
+        let ns = NetNs::create(&netns).map_err(|e| fail("the pod network", &e))?;
+        let att = self.attachment(rec);
+        let result = cni::add(&self.cfg.cni.bin_dirs, &list, &att)
+            .map_err(|e| fail("the pod network", &e))?;
+        if let Some(n) = rec.network.as_mut() {
+            n.result = Some(result.clone());
+        }
+        let addresses = cni::addresses(&result);
+        rec.ips = addresses.iter().map(|(a, _)| a.clone()).collect();
+        self.save_sandbox(rec);
+        if addresses.is_empty() {
+            return Err(CriError::Internal(format!(
+                "the CNI network {} gave the pod no address",
+                list.name
+            )));
+        }
+        ns.join_tap(cni::IFNAME)
+            .map_err(|e| fail("the pod network", &e))?;
+        let (mtu, mac) = ns
+            .run_in(|| {
+                (
+                    crate::pod::net::link_mtu(cni::IFNAME),
+                    crate::pod::net::link_mac(cni::IFNAME),
+                )
+            })
+            .map_err(|e| fail("the pod network", &e))?;
+        let mtu = mtu.unwrap_or(1500);
+        let mac = mac.map_err(|e| fail("the pod network", &e))?;
+        let mut routes = cni::routes(&result);
+        // A route without a gateway goes through the address's own gateway.
+        let gateway = addresses
+            .iter()
+            .find_map(|(_, g)| g.clone())
+            .unwrap_or_default();
+        for r in &mut routes {
+            if r.1.is_empty() && !r.0.contains(':') {
+                r.1 = gateway.clone();
+            }
+        }
+        Ok(PodNetwork {
+            netns,
+            tap: crate::pod::netns::POD_TAP.into(),
+            mac,
+            addresses: rec.ips.clone(),
+            routes,
+            mtu,
+            dns_servers,
+            dns_search,
+        })
+    }
+
+    /// What the CNI plugins are told about the sandbox.
+    fn attachment(&self, rec: &SandboxRecord) -> cni::Attachment {
+        let n = rec.network.as_ref();
+        cni::Attachment {
+            container_id: rec.id.clone(),
+            netns: n.map(|n| n.netns.clone()).unwrap_or_default(),
+            args: vec![
+                ("K8S_POD_NAMESPACE".into(), rec.meta.namespace.clone()),
+                ("K8S_POD_NAME".into(), rec.meta.name.clone()),
+                ("K8S_POD_INFRA_CONTAINER_ID".into(), rec.id.clone()),
+                ("K8S_POD_UID".into(), rec.meta.uid.clone()),
+            ],
+            port_mappings: n.map(|n| n.port_mappings.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// Detaches the sandbox from its network (CNI DEL, given the ADD result) and
+    /// removes its namespace; idempotent, and a failing plugin is logged, not
+    /// fatal (kubelet retries StopPodSandbox only while it errs).
+    fn detach_network(&self, rec: &mut SandboxRecord) {
+        let Some(n) = rec.network.clone() else {
+            return;
+        };
+        match cni::NetworkList::load(&self.cfg.cni.conf_dir) {
+            Ok(list) => {
+                let att = self.attachment(rec);
+                if let Err(e) = cni::del(&self.cfg.cni.bin_dirs, &list, &att, n.result.as_ref()) {
+                    tracing::warn!("sandbox {}: detaching its network: {e}", rec.id);
+                }
+            }
+            Err(e) => tracing::warn!(
+                "sandbox {}: cannot detach its network through CNI: {e}",
+                rec.id
+            ),
+        }
+        NetNs::remove(&n.netns);
+        rec.network = None;
+        if self.state().sandboxes.contains_key(&rec.id) {
+            self.save_sandbox(rec);
+        }
+    }
+
+    /// Starts the sandbox's VM (a template clone) on `network`; its VMM's pid and
+    /// start time.
+    fn start_vm(
+        &self,
+        rec: &SandboxRecord,
+        network: Option<PodNetwork>,
+    ) -> CriResult<(u32, Option<u64>)> {
         let a = &self.artifacts;
         let mut cfg = PodConfig::new(
             &rec.id,
@@ -551,6 +703,13 @@ impl Server {
         cfg.detached = true;
         cfg.agent_timeout = Duration::from_secs(self.cfg.agent_timeout_secs);
         cfg.hostname = crate::pod::net::valid_hostname(&rec.hostname).then(|| rec.hostname.clone());
+        if let Some(n) = network {
+            cfg.tap = Some(crate::pod::Tap {
+                name: n.tap.clone(),
+                mac: None,
+            });
+            cfg.network = Some(n);
+        }
         let spec = TemplateSpec::for_pod(&cfg);
         let pod = template::start_pod(cfg, &spec)
             .map_err(|e| CriError::Internal(clean_message(&format!("starting the pod VM: {e}"))))?;
@@ -577,16 +736,23 @@ impl Server {
         Ok((pid, start))
     }
 
-    /// StopPodSandbox: idempotent.
+    /// StopPodSandbox: idempotent; the network goes too (also of a sandbox whose
+    /// VM died).
     pub fn stop_sandbox(&self, id: &str) -> CriResult<()> {
         let lock = self.sandbox_lock(id);
         let _held = lock.lock().unwrap_or_else(|p| p.into_inner());
-        let (rec, stopped) = {
+        let (mut rec, stopped) = {
             let mut st = self.state();
             let Some(s) = st.sandboxes.get_mut(id) else {
                 return Ok(());
             };
             if s.state != SandboxState::Ready {
+                let mut rec = s.clone();
+                drop(st);
+                self.detach_network(&mut rec);
+                if let Some(s) = self.state().sandboxes.get_mut(id) {
+                    s.network = None;
+                }
                 return Ok(());
             }
             s.state = SandboxState::NotReady;
@@ -624,6 +790,10 @@ impl Server {
         }
         shutdown_vm(&rec);
         remove_pod_dir(&rec.pod_dir);
+        self.detach_network(&mut rec);
+        if let Some(s) = self.state().sandboxes.get_mut(id) {
+            s.network = None;
+        }
         tracing::info!("sandbox {id} stopped");
         Ok(())
     }
@@ -1469,6 +1639,20 @@ fn shutdown_vm(s: &SandboxRecord) {
     }
 }
 
+/// What the VMM of the pod in `pod_dir` said as it ended (e.g. the thread and
+/// system call that broke its seccomp filter), from its console log, cleaned for a
+/// CRI status. The console copy may lag the VMM's exit by a moment.
+fn vm_end_reason(pod_dir: &Path) -> Option<String> {
+    let log = pod_dir.join("console.log");
+    for _ in 0..5 {
+        if let Some(line) = crate::pod::vmm_error_line(&log) {
+            return Some(clean_message(&line));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    None
+}
+
 fn remove_pod_dir(dir: &Path) {
     crate::pod::confine::remove_cgroup_of(dir);
     if let Err(e) = std::fs::remove_dir_all(dir) {
@@ -1572,6 +1756,8 @@ mod tests {
             vmm_start: pid.and_then(store::process_start),
             slots: Vec::new(),
             message: String::new(),
+            ips: Vec::new(),
+            network: None,
         }
     }
 
@@ -1724,5 +1910,21 @@ mod tests {
         let data = vec![7u8; 100_000];
         assert_eq!(read_bounded(&data[..], 1000).len(), 1000);
         assert_eq!(read_bounded(&data[..10], 1000).len(), 10);
+    }
+
+    #[test]
+    fn a_vm_that_ended_with_a_vmm_error_gives_that_line_as_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(vm_end_reason(dir.path()), None, "no console log");
+        std::fs::write(
+            dir.path().join("console.log"),
+            "ATOLL-READY 1\nsome guest line\natoll-vmm: error: the devices thread made system call 110 (arguments 0, 0, 0), which its seccomp filter does not allow\n",
+        )
+        .unwrap();
+        let why = vm_end_reason(dir.path()).unwrap();
+        assert!(
+            why.starts_with("atoll-vmm: error: the devices thread made system call 110"),
+            "{why}"
+        );
     }
 }

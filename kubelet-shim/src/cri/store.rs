@@ -75,6 +75,22 @@ pub struct SandboxRecord {
     pub slots: Vec<Slot>,
     /// Why it is NotReady when it was not stopped (its VM died).
     pub message: String,
+    /// The pod's addresses (CIDR), IPv4 first; kept after the network goes.
+    #[serde(default)]
+    pub ips: Vec<String>,
+    /// Its CNI attachment while it stands: what teardown needs.
+    #[serde(default)]
+    pub network: Option<NetworkRecord>,
+}
+
+/// A sandbox's CNI attachment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    /// The pinned namespace (`<run dir>/netns/<id>`).
+    pub netns: PathBuf,
+    /// The ADD result, given back to DEL (`None`: ADD did not finish).
+    pub result: Option<serde_json::Value>,
+    pub port_mappings: Vec<super::cni::PortMapping>,
 }
 
 /// One container.
@@ -282,6 +298,12 @@ mod tests {
                 image: None,
             }],
             message: String::new(),
+            ips: vec!["10.88.0.7/16".into()],
+            network: Some(NetworkRecord {
+                netns: "/run/atoll/cri/netns/x".into(),
+                result: Some(serde_json::json!({"ips": [{"address": "10.88.0.7/16"}]})),
+                port_mappings: Vec::new(),
+            }),
         }
     }
 

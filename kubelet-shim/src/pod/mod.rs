@@ -13,11 +13,13 @@
 pub mod confine;
 pub mod image;
 pub mod net;
+pub mod netns;
 pub mod state;
 pub mod template;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -71,6 +73,24 @@ pub struct Tap {
     pub mac: Option<String>,
 }
 
+/// A pod network made outside the pod library (atoll-cri's CNI, [`netns`]): the
+/// namespace the VMM starts in, the tap it opens there, and what the guest's
+/// `eth0` gets.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PodNetwork {
+    pub netns: PathBuf,
+    pub tap: String,
+    /// The MAC the guest's `eth0` takes (its namespace's interface's).
+    pub mac: String,
+    /// CIDR addresses, "10.88.0.7/16".
+    pub addresses: Vec<String>,
+    /// (destination CIDR, gateway or "").
+    pub routes: Vec<(String, String)>,
+    pub mtu: u32,
+    pub dns_servers: Vec<String>,
+    pub dns_search: Vec<String>,
+}
+
 /// How to boot a pod.
 #[derive(Debug, Clone)]
 pub struct PodConfig {
@@ -115,6 +135,9 @@ pub struct PodConfig {
     pub cgroup_root: Option<PathBuf>,
     /// The pod's CPU limit (`cpu.max` of its cgroup).
     pub cpu_limit: Option<confine::CpuLimit>,
+    /// A network namespace (and tap) made for the pod elsewhere; `tap` then names
+    /// its tap and the VMM starts inside the namespace.
+    pub network: Option<PodNetwork>,
 }
 
 /// How a pod's VM comes up.
@@ -153,6 +176,7 @@ impl PodConfig {
             detached: false,
             cgroup_root: confine::default_cgroup_root(),
             cpu_limit: None,
+            network: None,
         }
     }
 
@@ -690,6 +714,24 @@ impl Pod {
                 cmd.pre_exec(set_pdeathsig);
             }
         }
+        let netns = match &cfg.network {
+            Some(n) => Some(
+                netns::NetNs {
+                    path: n.netns.clone(),
+                }
+                .open()
+                .map_err(|e| PodError::VmmFailed(e.to_string()))?,
+            ),
+            None => None,
+        };
+        if let Some(ns) = &netns {
+            let fd = ns.as_raw_fd();
+            // SAFETY: the closure runs in the child between fork and exec and makes
+            // one setns(2) call on a descriptor opened before the fork.
+            unsafe {
+                cmd.pre_exec(move || netns::enter_fd(fd));
+            }
+        }
         if let Some(cg) = &pod.cgroup {
             let cg = cg.for_child();
             // SAFETY: the closure runs in the child between fork and exec and only
@@ -764,6 +806,29 @@ impl Pod {
     /// loopback ones left out).
     fn network_request(&self, cfg: &PodConfig, by_mac: bool) -> Option<v1::ConfigureNetwork> {
         let hostname = cfg.hostname.clone().unwrap_or_default();
+        if let Some(n) = &cfg.network {
+            return Some(v1::ConfigureNetwork {
+                interfaces: vec![v1::Interface {
+                    name: net::GUEST_IFACE.into(),
+                    mac: String::new(),
+                    addresses: n.addresses.clone(),
+                    mtu: n.mtu,
+                    set_mac: n.mac.clone(),
+                }],
+                routes: n
+                    .routes
+                    .iter()
+                    .map(|(dst, gw)| v1::Route {
+                        destination: dst.clone(),
+                        gateway: gw.clone(),
+                        device: net::GUEST_IFACE.into(),
+                    })
+                    .collect(),
+                dns_servers: n.dns_servers.clone(),
+                dns_search: n.dns_search.clone(),
+                hostname,
+            });
+        }
         if self.tap.is_none() && hostname.is_empty() {
             return None;
         }

@@ -188,6 +188,7 @@ pub fn configure_request(
             mac: mac.to_owned(),
             addresses: vec![format!("{}/{LINK_PREFIX}", s.guest())],
             mtu: 0,
+            set_mac: String::new(),
         });
         req.routes.push(v1::Route {
             destination: "0.0.0.0/0".into(),
@@ -337,6 +338,85 @@ impl Drop for HostTap {
             );
         }
     }
+}
+
+/// Makes a persistent tap `name` with no address, `mtu` (when given) and up, in
+/// the calling thread's network namespace: a CNI pod's tap, joined to the pod's
+/// interface by [`super::netns`]. It goes with its namespace.
+pub fn create_link_tap(name: &str, mtu: Option<u32>) -> Result<(), TapError> {
+    let tun = open_tun()?;
+    let mut req = ifreq(name).map_err(|source| TapError::Create {
+        name: name.into(),
+        source,
+    })?;
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
+            as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq that lives across the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } != 0 {
+        return Err(TapError::Create {
+            name: name.into(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    set_persist(&tun, true).map_err(|source| TapError::Persist {
+        name: name.into(),
+        source,
+    })?;
+    drop(tun);
+    let cfg = |action: &str| {
+        let (name, action) = (name.to_owned(), action.to_owned());
+        move |source| TapError::Configure {
+            name,
+            action,
+            source,
+        }
+    };
+    let sock = inet_socket().map_err(cfg("open an AF_INET socket"))?;
+    if let Some(mtu) = mtu {
+        let mut req = ifreq(name).map_err(cfg("set the MTU"))?;
+        req.ifr_ifru.ifru_mtu = libc::c_int::try_from(mtu).unwrap_or(1500);
+        // SAFETY: SIOCSIFMTU reads one ifreq, which lives across the call.
+        if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &mut req) } != 0 {
+            return Err(cfg("set the MTU")(io::Error::last_os_error()));
+        }
+    }
+    link_up(&sock, name).map_err(cfg("bring the link up"))
+}
+
+/// Brings `lo` up in the calling thread's network namespace.
+pub fn loopback_up() -> io::Result<()> {
+    link_up(&inet_socket()?, "lo")
+}
+
+/// The MAC (`aa:bb:cc:dd:ee:ff`) of interface `name` in the calling thread's
+/// network namespace.
+pub fn link_mac(name: &str) -> io::Result<String> {
+    let sock = inet_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: SIOCGIFHWADDR fills one ifreq, which lives across the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFHWADDR wrote the hwaddr member of the union.
+    let data = unsafe { req.ifr_ifru.ifru_hwaddr.sa_data };
+    Ok(data[..6]
+        .iter()
+        .map(|b| format!("{:02x}", *b as u8))
+        .collect::<Vec<_>>()
+        .join(":"))
+}
+
+/// The MTU of interface `name` in the calling thread's network namespace.
+pub fn link_mtu(name: &str) -> io::Result<u32> {
+    let sock = inet_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: SIOCGIFMTU fills one ifreq, which lives across the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: SIOCGIFMTU wrote the mtu member of the union.
+    Ok(u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).unwrap_or(1500))
 }
 
 fn open_tun() -> Result<File, TapError> {

@@ -140,7 +140,9 @@ impl TemplateSpec {
             vmm: cfg.vmm.clone(),
             vcpus: cfg.vcpus,
             mem_mib: cfg.mem_mib,
-            net: cfg.net,
+            // A pod with a tap (its own, or one made for it in a CNI namespace)
+            // needs a template with a net device.
+            net: cfg.net || cfg.network.is_some(),
         }
     }
 

@@ -165,6 +165,7 @@ network() {
   echo "pod_to_pod=$got"
   [ -n "$got" ] || { $C exec $H -- netstat -ltn; $C exec $CA -- wget -O - http://$IP2:8080/; }
   $C stopp $Q; $C rmp $Q
+  echo "veths_after_peer=$(ls /sys/class/net | grep -c ^veth)"
   echo "netns_left=$(ls /run/atoll/cri/netns | wc -l)"
 }
 kill_server() {
@@ -517,6 +518,7 @@ fn pods_get_cni_addresses_the_node_and_other_pods_reach() {
     let peer = value_of(out, "peer_ip");
     assert!(peer.starts_with("10.88.") && peer != ip, "{out}");
     assert_eq!(value_of(out, "pod_to_pod"), "peer-says-hi", "{out}");
+    assert_eq!(value_of(out, "veths_after_peer"), "1", "peer's veth went: {out}");
     assert_eq!(value_of(out, "netns_left"), "1", "only web's: {out}");
 }
 

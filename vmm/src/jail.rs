@@ -264,6 +264,7 @@ fn new_root(dirs: &[(PathBuf, OwnedFd)]) -> Result<(), JailError> {
         // without the capabilities (CAP_SYS_ADMIN, CAP_SYS_CHROOT) dropped below
         // and the mount calls the seccomp filters refuse.
         tracing::debug!("pivot_root refused (initial ramfs root): moving the jail's root over /");
+        detach_host_mounts()?;
         mount(
             Some(Path::new(".")),
             "/",
@@ -292,6 +293,72 @@ fn new_root(dirs: &[(PathBuf, OwnedFd)]) -> Result<(), JailError> {
         libc::MS_REMOUNT | libc::MS_RDONLY | SECURE,
         "making the jail's root read-only",
     )
+}
+
+/// A mount point as `/proc/self/mountinfo` writes it (octal escapes such as
+/// `\040` for a space undone).
+fn unescape_mount_point(field: &str) -> PathBuf {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match (b[i], octal) {
+            (b'\\', Some(d)) => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    PathBuf::from(std::ffi::OsStr::from_bytes(&out))
+}
+
+/// The mount points of this mount namespace (`/proc/self/mountinfo`, field 5).
+fn mount_points() -> std::io::Result<Vec<PathBuf>> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_point)
+        .collect())
+}
+
+/// Where pivot_root cannot detach the host's tree, detaches every host mount but
+/// `/` and the jail's own (under [`STAGING`]) before the move: this namespace's
+/// copies of them would otherwise stay reachable underneath and keep alive what
+/// they pin (other pods' network namespaces among them).
+fn detach_host_mounts() -> Result<(), JailError> {
+    let points = mount_points().map_err(|source| JailError::Step {
+        step: "reading the mount table",
+        source,
+    })?;
+    let staging = Path::new(STAGING);
+    let mut points: Vec<PathBuf> = points
+        .into_iter()
+        .filter(|p| p != Path::new("/") && !p.starts_with(staging))
+        .collect();
+    // Deepest first; a mount already gone with its parent is fine.
+    points.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    points.dedup();
+    for p in points {
+        let c = cstr(&p);
+        // SAFETY: umount2(2) of a NUL-terminated path, lazily.
+        let r = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let e = std::io::Error::last_os_error();
+        if r != 0 && !matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) {
+            return Err(JailError::Step {
+                step: "detaching the host's mounts",
+                source: e,
+            });
+        }
+    }
+    Ok(())
 }
 
 fn limit_resources() -> Result<(), JailError> {
@@ -453,6 +520,14 @@ mod tests {
         // SAFETY: capget(2) writes two 3-word structs into `data`.
         unsafe { libc::syscall(libc::SYS_capget, &header, data.as_mut_ptr()) };
         (data[0] | data[3], data[1] | data[4])
+    }
+
+    #[test]
+    fn mount_points_are_unescaped() {
+        assert_eq!(unescape_mount_point("/run/a\\040b"), Path::new("/run/a b"));
+        assert_eq!(unescape_mount_point("/x\\134y"), Path::new("/x\\y"));
+        assert_eq!(unescape_mount_point("/odd\\9"), Path::new("/odd\\9"));
+        assert!(mount_points().unwrap().contains(&PathBuf::from("/")));
     }
 
     /// Needs root, as CI has.

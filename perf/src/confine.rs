@@ -88,8 +88,11 @@ fn print_table(r: &Value) {
             );
         }
         println!(
-            "{kind}: confined/unconfined median ratio {}, difference {} ms",
-            r[kind]["ratio_median"], r[kind]["difference_median_ms"]
+            "{kind}: confined/unconfined median ratio {}, difference {} ms; entering the jail \
+             itself (the VMM's phases) median {} ms",
+            r[kind]["ratio_median"],
+            r[kind]["difference_median_ms"],
+            r[kind]["confined"]["jail_median_ms"]
         );
     }
 }
@@ -174,22 +177,37 @@ fn make_snapshot() -> anyhow::Result<()> {
 struct Samples {
     ms: Vec<f64>,
     exits: Vec<f64>,
+    jail_ms: Vec<f64>,
 }
 
-fn measure(t: &Timed, metrics: &Path, what: &str) -> anyhow::Result<(f64, f64)> {
+fn measure(t: &Timed, metrics: &Path, what: &str) -> anyhow::Result<(f64, f64, f64)> {
     let Some(ms) = t.marker_ms.filter(|_| t.status == 0) else {
         bail!("{what} failed (status {}):\n{}", t.status, t.output);
     };
     let m: Value = serde_json::from_slice(
         &std::fs::read(metrics).with_context(|| format!("{what}: no metrics"))?,
     )?;
-    Ok((ms, m["exits_total"].as_f64().unwrap_or(0.0)))
+    // The VMM's own time in the jail step: from its last set-up phase to "jailed".
+    let phase = |name: &str| {
+        m["vmm_phases_us"].as_array().and_then(|p| {
+            p.iter()
+                .find(|e| e[0] == name)
+                .and_then(|e| e[1].as_f64())
+        })
+    };
+    let jail_ms = match (phase("vcpus_configured"), phase("jailed")) {
+        (Some(a), Some(b)) => (b - a) / 1000.0,
+        _ => 0.0,
+    };
+    Ok((ms, m["exits_total"].as_f64().unwrap_or(0.0), jail_ms))
 }
 
 fn summary(s: &Samples) -> Value {
     let t = summarize(&s.ms).expect("samples");
     let e = summarize(&s.exits).expect("samples");
+    let j = summarize(&s.jail_ms).expect("samples");
     json!({
+        "jail_median_ms": r1(j.median),
         "median_ms": r1(t.median),
         "min_ms": r1(t.min),
         "max_ms": r1(t.max),
@@ -212,10 +230,12 @@ pub fn inner(a: &InnerArgs) -> anyhow::Result<()> {
         let mut on = Samples {
             ms: Vec::new(),
             exits: Vec::new(),
+            jail_ms: Vec::new(),
         };
         let mut off = Samples {
             ms: Vec::new(),
             exits: Vec::new(),
+            jail_ms: Vec::new(),
         };
         for round in 0..=a.runs {
             let order = if round % 2 == 0 {
@@ -226,13 +246,14 @@ pub fn inner(a: &InnerArgs) -> anyhow::Result<()> {
             for confined in order {
                 let t = run_timed(&mut cmd(confined, &metrics), marker, timeout)?;
                 let what = format!("{kind} (confined: {confined})");
-                let (ms, exits) = measure(&t, &metrics, &what)?;
+                let (ms, exits, jail_ms) = measure(&t, &metrics, &what)?;
                 if round == 0 {
                     continue; // warm-up
                 }
                 let s = if confined { &mut on } else { &mut off };
                 s.ms.push(ms);
                 s.exits.push(exits);
+                s.jail_ms.push(jail_ms);
                 eprintln!("{kind} round {round}: confined={confined} {ms:.1} ms");
             }
         }

@@ -543,7 +543,7 @@ pub fn boot(
         vcpus.push(vcpu);
     }
     a.metrics.record_phase("vcpus_configured");
-    enter_jail(config.jail.as_ref(), &config.devices)?;
+    enter_jail(config.jail.as_ref(), &config.devices, &a.metrics)?;
     a.start(
         vcpus,
         false,
@@ -705,13 +705,17 @@ pub fn restore(
         t.lock().unwrap_or_else(|p| p.into_inner()).restored();
     }
     a.metrics.record_phase("vcpus_configured");
-    enter_jail(cfg.jail.as_ref(), &configs)?;
+    enter_jail(cfg.jail.as_ref(), &configs, &a.metrics)?;
     a.start(vcpus, cfg.paused, cfg.console_input, state.cmdline, None)
 }
 
 /// Enters the jail (when asked to), keeping the directories of the vsock sockets
-/// in reach for the guest's connections to `<uds>_<port>`.
-fn enter_jail(jail: Option<&JailConfig>, devices: &[DeviceConfig]) -> Result<(), StartVmError> {
+/// in reach for the guest's connections to `<uds>_<port>`; records the phase.
+fn enter_jail(
+    jail: Option<&JailConfig>,
+    devices: &[DeviceConfig],
+    metrics: &VmMetrics,
+) -> Result<(), StartVmError> {
     let Some(jail) = jail else {
         return Ok(());
     };
@@ -731,6 +735,7 @@ fn enter_jail(jail: Option<&JailConfig>, devices: &[DeviceConfig]) -> Result<(),
         .filter_map(|p| std::path::absolute(p).ok())
         .collect();
     crate::jail::enter(jail, &reach)?;
+    metrics.record_phase("jailed");
     Ok(())
 }
 

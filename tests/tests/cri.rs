@@ -65,6 +65,7 @@ cat > /tmp/cfg/pod.json <<EOF
 {"metadata":{"name":"web","uid":"uid-1","namespace":"default","attempt":0},
  "hostname":"web","log_directory":"/tmp/logs/web","labels":{"app":"web"},
  "annotations":{"note":"kept as given"},
+ "linux":{"resources":{"cpu_quota":50000,"cpu_period":100000}},
  "dns_config":{"servers":["10.96.0.10"],"searches":["default.svc.cluster.local"]}}
 EOF
 cat > /tmp/cfg/peer.json <<EOF
@@ -119,6 +120,13 @@ bad_handler() { $C runp --runtime runc /tmp/cfg/pod.json; }
 runp() {
   t0=$(now_ms); P=$($C runp /tmp/cfg/pod.json) || return 1
   echo "runp_ms=$(( $(now_ms) - t0 ))"
+  for d in /proc/[0-9]*; do
+    if tr '\0' ' ' < $d/cmdline 2>/dev/null | grep -q "atoll-vmm.*pods/$P/"; then
+      cg=$(cut -d: -f3 $d/cgroup)
+      echo "vmm_uid=$(awk '/^Uid:/ {print $2}' $d/status)"
+      echo "vmm_cpu_max=$(tr ' ' / < /sys/fs/cgroup$cg/cpu.max)"
+    fi
+  done
   $C inspectp $P && $C pods --label app=web
 }
 runp_again() { $C runp /tmp/cfg/pod.json; }
@@ -380,6 +388,11 @@ fn a_sandbox_is_a_ready_microvm_with_its_metadata() {
     );
     let ms: u64 = value_of(out, "runp_ms").parse().unwrap();
     eprintln!("RunPodSandbox took {ms} ms (a clone of the template the early pod built)");
+    // Its VMM: a uid of the pods' range, and the pod's CPU limit (0.5) plus the
+    // VMM's own 10 % in its cgroup leaf.
+    let uid: u32 = value_of(out, "vmm_uid").parse().unwrap();
+    assert!(uid >= 2_000_000_000, "{out}");
+    assert_eq!(value_of(out, "vmm_cpu_max"), "60000/100000", "{out}");
 }
 
 #[test]

@@ -522,7 +522,11 @@ impl Server {
             self.attach_network(&mut rec, &req.port_mappings, dns)
                 .map(Some)
         };
-        let started = network.and_then(|n| self.start_vm(&rec, n));
+        // The VMM's cgroup gets the pod's CPU limit (and its own share on top).
+        let cpu = (req.cpu_quota > 0 && req.cpu_period > 0).then(|| {
+            crate::pod::confine::CpuLimit::for_cpus(req.cpu_quota as f64 / req.cpu_period as f64)
+        });
+        let started = network.and_then(|n| self.start_vm(&rec, n, cpu));
         let (pid, start) = match started {
             Ok(v) => v,
             Err(e) => {
@@ -687,6 +691,7 @@ impl Server {
         &self,
         rec: &SandboxRecord,
         network: Option<PodNetwork>,
+        cpu: Option<crate::pod::confine::CpuLimit>,
     ) -> CriResult<(u32, Option<u64>)> {
         let a = &self.artifacts;
         let mut cfg = PodConfig::new(
@@ -701,6 +706,7 @@ impl Server {
         cfg.run_dir = self.cfg.run_dir.clone();
         cfg.api = true;
         cfg.detached = true;
+        cfg.cpu_limit = cpu;
         cfg.agent_timeout = Duration::from_secs(self.cfg.agent_timeout_secs);
         cfg.hostname = crate::pod::net::valid_hostname(&rec.hostname).then(|| rec.hostname.clone());
         if let Some(n) = network {

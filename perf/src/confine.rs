@@ -189,11 +189,9 @@ fn measure(t: &Timed, metrics: &Path, what: &str) -> anyhow::Result<(f64, f64, f
     )?;
     // The VMM's own time in the jail step: from its last set-up phase to "jailed".
     let phase = |name: &str| {
-        m["vmm_phases_us"].as_array().and_then(|p| {
-            p.iter()
-                .find(|e| e[0] == name)
-                .and_then(|e| e[1].as_f64())
-        })
+        m["vmm_phases_us"]
+            .as_array()
+            .and_then(|p| p.iter().find(|e| e[0] == name).and_then(|e| e[1].as_f64()))
     };
     let jail_ms = match (phase("vcpus_configured"), phase("jailed")) {
         (Some(a), Some(b)) => (b - a) / 1000.0,

@@ -152,6 +152,7 @@ exec_timeout() {
 exec_many() { n=0; for i in $(seq 50); do $C exec $CA -- true && n=$((n+1)); done; echo "ok=$n"; }
 log() { sleep 1; head -3 /tmp/logs/web/ticker/0.log; }
 stats() { $C stats $CA; }
+statsp() { $C statsp $P; $C statsp 0123456789abcdef; echo "missing_rc=$?"; }
 reopen() {
   L=/tmp/logs/web/ticker/0.log
   mv $L $L.1; $C reopen $CA; echo "reopened=$?"
@@ -241,6 +242,7 @@ scenario exec_many exec_many
 scenario log log
 scenario stats stats
 scenario network network
+scenario statsp statsp
 scenario reopen reopen
 scenario kill_server kill_server
 scenario stop_grace stop_grace
@@ -509,6 +511,28 @@ fn container_stats_come_from_the_guest() {
 }
 
 #[test]
+fn pod_sandbox_stats_come_from_the_vmms_cgroup_and_the_pods_interface() {
+    let (out, st) = sc("statsp");
+    assert_eq!(st, 0, "{out}");
+    let n = |k: &str| -> u64 {
+        value_of(out, k)
+            .parse()
+            .unwrap_or_else(|_| panic!("{k}: {out}"))
+    };
+    assert!(n("cpu_ns") > 0, "{out}");
+    // The VMM's leaf holds the guest's memory as the VMM touched it.
+    assert!(n("memory_bytes") > 8 << 20, "{out}");
+    assert!(n("memory_working_set") <= n("memory_bytes"), "{out}");
+    assert!(n("processes") >= 3, "the VMM's threads: {out}");
+    assert!(
+        n("rx_bytes") > 0 && n("tx_bytes") > 0,
+        "the pod's eth0 carried the network test's traffic: {out}"
+    );
+    assert_eq!(n("containers"), 1, "the running ticker: {out}");
+    assert_eq!(value_of(out, "missing_rc"), "1", "{out}");
+}
+
+#[test]
 fn pods_get_cni_addresses_the_node_and_other_pods_reach() {
     let (out, st) = sc("network");
     assert_eq!(st, 0, "{out}");
@@ -531,7 +555,11 @@ fn pods_get_cni_addresses_the_node_and_other_pods_reach() {
     let peer = value_of(out, "peer_ip");
     assert!(peer.starts_with("10.88.") && peer != ip, "{out}");
     assert_eq!(value_of(out, "pod_to_pod"), "peer-says-hi", "{out}");
-    assert_eq!(value_of(out, "veths_after_peer"), "1", "peer's veth went: {out}");
+    assert_eq!(
+        value_of(out, "veths_after_peer"),
+        "1",
+        "peer's veth went: {out}"
+    );
     assert_eq!(value_of(out, "netns_left"), "1", "only web's: {out}");
 }
 

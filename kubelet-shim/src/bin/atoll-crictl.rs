@@ -87,6 +87,8 @@ enum Cmd {
     },
     /// ContainerStats.
     Stats { id: String },
+    /// PodSandboxStats.
+    Statsp { id: String },
     /// ReopenContainerLog.
     Reopen { id: String },
     /// PullImage (`--creds USER:PASSWORD`).
@@ -455,6 +457,48 @@ async fn run(args: Args) -> anyhow::Result<u8> {
                             .map(|v| v.value.to_string())
                             .unwrap_or_default(),
                     ),
+                ],
+            );
+        }
+        Cmd::Statsp { id } => {
+            let r = c
+                .runtime
+                .pod_sandbox_stats(cri::PodSandboxStatsRequest { pod_sandbox_id: id })
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            let l = r.stats.clone().and_then(|s| s.linux).unwrap_or_default();
+            let v =
+                |x: Option<&cri::UInt64Value>| x.map(|v| v.value.to_string()).unwrap_or_default();
+            let net = l
+                .network
+                .as_ref()
+                .and_then(|n| n.default_interface.as_ref());
+            show(
+                json,
+                &r,
+                &[
+                    (
+                        "cpu_ns",
+                        v(l.cpu
+                            .as_ref()
+                            .and_then(|c| c.usage_core_nano_seconds.as_ref())),
+                    ),
+                    (
+                        "memory_bytes",
+                        v(l.memory.as_ref().and_then(|m| m.usage_bytes.as_ref())),
+                    ),
+                    (
+                        "memory_working_set",
+                        v(l.memory.as_ref().and_then(|m| m.working_set_bytes.as_ref())),
+                    ),
+                    (
+                        "processes",
+                        v(l.process.as_ref().and_then(|p| p.process_count.as_ref())),
+                    ),
+                    ("rx_bytes", v(net.and_then(|n| n.rx_bytes.as_ref()))),
+                    ("tx_bytes", v(net.and_then(|n| n.tx_bytes.as_ref()))),
+                    ("containers", l.containers.len().to_string()),
                 ],
             );
         }

@@ -313,6 +313,57 @@ fn container_stats(c: &ContainerRecord, s: Option<&v1::StatsReply>) -> cri::Cont
     }
 }
 
+fn sandbox_stats(s: &super::server::SandboxStats) -> cri::PodSandboxStats {
+    let now = super::server::now_ns();
+    let u64v = |value| Some(cri::UInt64Value { value });
+    let rec = &s.sandbox;
+    cri::PodSandboxStats {
+        attributes: Some(cri::PodSandboxAttributes {
+            id: rec.id.clone(),
+            metadata: Some(sandbox_meta(&rec.meta)),
+            labels: hash(&rec.labels),
+            annotations: hash(&rec.annotations),
+        }),
+        linux: Some(cri::LinuxPodSandboxStats {
+            cpu: s.usage.as_ref().map(|u| cri::CpuUsage {
+                timestamp: now,
+                usage_core_nano_seconds: u64v(u.cpu_ns),
+                usage_nano_cores: None,
+            }),
+            memory: s.usage.as_ref().map(|u| cri::MemoryUsage {
+                timestamp: now,
+                working_set_bytes: u64v(u.working_set_bytes),
+                usage_bytes: u64v(u.memory_bytes),
+                rss_bytes: u64v(u.anon_bytes),
+                page_faults: u64v(u.page_faults),
+                major_page_faults: u64v(u.major_page_faults),
+                available_bytes: None,
+            }),
+            network: s.network.map(|n| cri::NetworkUsage {
+                timestamp: now,
+                default_interface: Some(cri::NetworkInterfaceUsage {
+                    name: cni::IFNAME.into(),
+                    rx_bytes: u64v(n.rx_bytes),
+                    rx_errors: u64v(n.rx_errors),
+                    tx_bytes: u64v(n.tx_bytes),
+                    tx_errors: u64v(n.tx_errors),
+                }),
+                interfaces: Vec::new(),
+            }),
+            process: s.usage.as_ref().map(|u| cri::ProcessUsage {
+                timestamp: now,
+                process_count: u64v(u.tasks),
+            }),
+            containers: s
+                .containers
+                .iter()
+                .map(|(c, st)| container_stats(c, st.as_ref()))
+                .collect(),
+        }),
+        windows: None,
+    }
+}
+
 /// The RuntimeService.
 #[derive(Debug, Clone)]
 pub struct Runtime {
@@ -698,16 +749,40 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
 
     async fn pod_sandbox_stats(
         &self,
-        _: Request<cri::PodSandboxStatsRequest>,
+        request: Request<cri::PodSandboxStatsRequest>,
     ) -> Result<Response<cri::PodSandboxStatsResponse>, Status> {
-        Err(unimplemented("PodSandboxStats"))
+        let id = request.into_inner().pod_sandbox_id;
+        let server = Arc::clone(&self.server);
+        let s = blocking(move || server.sandbox_stats(&id)).await?;
+        Ok(Response::new(cri::PodSandboxStatsResponse {
+            stats: Some(sandbox_stats(&s)),
+        }))
     }
 
     async fn list_pod_sandbox_stats(
         &self,
-        _: Request<cri::ListPodSandboxStatsRequest>,
+        request: Request<cri::ListPodSandboxStatsRequest>,
     ) -> Result<Response<cri::ListPodSandboxStatsResponse>, Status> {
-        Err(unimplemented("ListPodSandboxStats"))
+        let f = request.into_inner().filter.unwrap_or_default();
+        let ids: Vec<String> = self
+            .server
+            .sandboxes()
+            .into_iter()
+            .filter(|s| s.state == SandboxState::Ready)
+            .filter(|s| f.id.is_empty() || s.id == f.id)
+            .filter(|s| store::matches_labels(&s.labels, &f.label_selector))
+            .map(|s| s.id)
+            .collect();
+        let server = Arc::clone(&self.server);
+        let stats = blocking(move || {
+            Ok(ids
+                .iter()
+                .filter_map(|id| server.sandbox_stats(id).ok())
+                .map(|s| sandbox_stats(&s))
+                .collect())
+        })
+        .await?;
+        Ok(Response::new(cri::ListPodSandboxStatsResponse { stats }))
     }
 
     async fn update_runtime_config(

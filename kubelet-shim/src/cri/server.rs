@@ -254,6 +254,17 @@ pub struct SandboxRequest {
     pub dns_search: Vec<String>,
 }
 
+/// What PodSandboxStats reports.
+#[derive(Debug)]
+pub struct SandboxStats {
+    pub sandbox: SandboxRecord,
+    /// The VMM's cgroup leaf (none without cgroups).
+    pub usage: Option<crate::pod::confine::CgroupUsage>,
+    /// The pod's `eth0` in its network namespace (none without a CNI network).
+    pub network: Option<crate::pod::netns::IfaceCounters>,
+    pub containers: Vec<(ContainerRecord, Option<v1::StatsReply>)>,
+}
+
 /// How a container asks to be made.
 #[derive(Debug, Clone, Default)]
 pub struct ContainerRequest {
@@ -1511,6 +1522,41 @@ impl Server {
             .stats(id)
             .map_err(|e| agent_error("reading the container's counters", &e))?;
         Ok((c, Some(s)))
+    }
+
+    /// A ready sandbox's usage: its VMM's cgroup leaf (the pod's cost on the node:
+    /// guest memory and CPU included), its network interface's counters, and its
+    /// running containers' own counters from the guest.
+    pub fn sandbox_stats(&self, id: &str) -> CriResult<SandboxStats> {
+        let sandbox = self.sandbox(id)?;
+        if sandbox.state != SandboxState::Ready {
+            return Err(CriError::NotFound(format!(
+                "sandbox {id} is not ready: it has no stats"
+            )));
+        }
+        let usage = crate::pod::confine::cgroup_of(&sandbox.pod_dir)
+            .and_then(|cg| crate::pod::confine::usage(&cg).ok());
+        let network = sandbox.network.as_ref().and_then(|n| {
+            NetNs {
+                path: n.netns.clone(),
+            }
+            .counters(cni::IFNAME)
+            .ok()
+            .flatten()
+        });
+        let ids: Vec<String> = self
+            .containers()
+            .into_iter()
+            .filter(|c| c.sandbox_id == id && c.state == ContainerState::Running)
+            .map(|c| c.id)
+            .collect();
+        let containers = ids.iter().filter_map(|c| self.stats(c).ok()).collect();
+        Ok(SandboxStats {
+            sandbox,
+            usage,
+            network,
+            containers,
+        })
     }
 
     /// Whether the VMM and guest artefacts are there.

@@ -308,20 +308,73 @@ impl Drop for Cgroup {
     }
 }
 
+/// What a pod's VMM has used, from its cgroup leaf: the pod's cost on the node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CgroupUsage {
+    /// `cpu.stat` usage_usec, in ns.
+    pub cpu_ns: u64,
+    /// `memory.current`.
+    pub memory_bytes: u64,
+    /// `memory.current` less `inactive_file` (what kubelet calls the working set).
+    pub working_set_bytes: u64,
+    /// `memory.stat` anon.
+    pub anon_bytes: u64,
+    pub page_faults: u64,
+    pub major_page_faults: u64,
+    /// `pids.current`.
+    pub tasks: u64,
+}
+
+/// The `key value` lines of a cgroup stat file.
+fn stat_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        (k == key).then(|| v.trim().parse().ok()).flatten()
+    })
+}
+
+/// Reads the usage of the cgroup leaf at `dir`.
+pub fn usage(dir: &Path) -> io::Result<CgroupUsage> {
+    let read = |f: &str| fs::read_to_string(dir.join(f));
+    let number = |f: &str| -> io::Result<u64> {
+        read(f)?
+            .trim()
+            .parse()
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, format!("{f} is not a number")))
+    };
+    let cpu = read("cpu.stat")?;
+    let mem = read("memory.stat")?;
+    let memory_bytes = number("memory.current")?;
+    let inactive = stat_value(&mem, "inactive_file").unwrap_or(0);
+    Ok(CgroupUsage {
+        cpu_ns: stat_value(&cpu, "usage_usec")
+            .unwrap_or(0)
+            .saturating_mul(1000),
+        memory_bytes,
+        working_set_bytes: memory_bytes.saturating_sub(inactive),
+        anon_bytes: stat_value(&mem, "anon").unwrap_or(0),
+        page_faults: stat_value(&mem, "pgfault").unwrap_or(0),
+        major_page_faults: stat_value(&mem, "pgmajfault").unwrap_or(0),
+        tasks: number("pids.current").unwrap_or(0),
+    })
+}
+
+/// The cgroup leaf a pod directory names (see [`CGROUP_FILE`]).
+pub fn cgroup_of(pod_dir: &Path) -> Option<PathBuf> {
+    let path = PathBuf::from(fs::read_to_string(pod_dir.join(CGROUP_FILE)).ok()?.trim());
+    (path.is_absolute() && path.file_name() == pod_dir.file_name()).then_some(path)
+}
+
 /// The file in a pod directory that names the pod's cgroup leaf.
 pub const CGROUP_FILE: &str = "cgroup";
 
 /// Removes the cgroup leaf named in `pod_dir` (a pod whose VMM is gone and which
 /// no [`Cgroup`] value holds any more: a CRI sandbox being removed).
 pub fn remove_cgroup_of(pod_dir: &Path) {
-    let Ok(path) = fs::read_to_string(pod_dir.join(CGROUP_FILE)) else {
+    // Only a leaf a pod library made: `<root>/<this pod's id>`.
+    let Some(path) = cgroup_of(pod_dir) else {
         return;
     };
-    let path = PathBuf::from(path.trim());
-    // Only a leaf a pod library made: `<root>/<this pod's id>`.
-    if path.file_name() != pod_dir.file_name() || !path.is_absolute() {
-        return;
-    }
     drop(Cgroup {
         path,
         procs: CString::default(),
@@ -362,6 +415,38 @@ mod tests {
         );
         drop(a);
         assert_eq!(fs::read_dir(run.path().join("uids")).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn usage_is_read_from_the_leafs_stat_files() {
+        let d = tempfile::tempdir().unwrap();
+        fs::write(
+            d.path().join("cpu.stat"),
+            "usage_usec 1500\nuser_usec 1000\n",
+        )
+        .unwrap();
+        fs::write(d.path().join("memory.current"), "10485760\n").unwrap();
+        fs::write(
+            d.path().join("memory.stat"),
+            "anon 4096\nfile 8192\ninactive_file 1048576\npgfault 77\npgmajfault 3\n",
+        )
+        .unwrap();
+        fs::write(d.path().join("pids.current"), "6\n").unwrap();
+        let u = usage(d.path()).unwrap();
+        assert_eq!(
+            u,
+            CgroupUsage {
+                cpu_ns: 1_500_000,
+                memory_bytes: 10 << 20,
+                working_set_bytes: 9 << 20,
+                anon_bytes: 4096,
+                page_faults: 77,
+                major_page_faults: 3,
+                tasks: 6,
+            }
+        );
+        fs::write(d.path().join("memory.current"), "max\n").unwrap();
+        assert!(usage(d.path()).is_err());
     }
 
     /// Against a directory shaped like cgroupfs (files stand in for the knobs).

@@ -222,6 +222,47 @@ impl NetNs {
     }
 }
 
+/// An interface's counters (`/proc/net/dev`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IfaceCounters {
+    pub rx_bytes: u64,
+    pub rx_errors: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+}
+
+/// `iface`'s counters in a `/proc/net/dev` text.
+pub fn parse_net_dev(text: &str, iface: &str) -> Option<IfaceCounters> {
+    text.lines().find_map(|l| {
+        let (name, rest) = l.split_once(':')?;
+        if name.trim() != iface {
+            return None;
+        }
+        let v: Vec<u64> = rest
+            .split_whitespace()
+            .map(|x| x.parse().unwrap_or(0))
+            .collect();
+        (v.len() >= 11).then(|| IfaceCounters {
+            rx_bytes: v[0],
+            rx_errors: v[2],
+            tx_bytes: v[8],
+            tx_errors: v[10],
+        })
+    })
+}
+
+impl NetNs {
+    /// `iface`'s counters inside the namespace.
+    pub fn counters(&self, iface: &str) -> Result<Option<IfaceCounters>, NetNsError> {
+        // /proc/thread-self/net is the reading thread's namespace.
+        self.run_in(|| {
+            std::fs::read_to_string("/proc/thread-self/net/dev")
+                .ok()
+                .and_then(|t| parse_net_dev(&t, iface))
+        })
+    }
+}
+
 /// Moves the calling process (a child between fork and exec) into the network
 /// namespace open at `fd`. Async-signal-safe: one setns(2).
 pub fn enter_fd(fd: std::os::fd::RawFd) -> io::Result<()> {
@@ -235,6 +276,21 @@ pub fn enter_fd(fd: std::os::fd::RawFd) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn net_dev_counters_are_parsed_by_interface() {
+        let text = "Inter-|   Receive                            |  Transmit\n face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n    lo:     100       1    0    0    0     0          0         0      100       1    0    0    0     0       0          0\n  eth0: 5000      40    2    0    0     0          0         0     7000      50    3    0    0     0       0          0\n";
+        assert_eq!(
+            parse_net_dev(text, "eth0"),
+            Some(IfaceCounters {
+                rx_bytes: 5000,
+                rx_errors: 2,
+                tx_bytes: 7000,
+                tx_errors: 3
+            })
+        );
+        assert_eq!(parse_net_dev(text, "tap0"), None);
+    }
 
     /// Needs root (CI has it) and iproute2's tc.
     #[test]

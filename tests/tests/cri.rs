@@ -90,6 +90,10 @@ cat > /tmp/cfg/b.json <<EOF
 {"metadata":{"name":"once"},"image":{"image":"$IMAGE"},
  "args":["sh","-c","echo done; exit 3"],"log_path":"once/0.log"}
 EOF
+cat > /tmp/cfg/quick.json <<EOF
+{"metadata":{"name":"quick"},"image":{"image":"$IMAGE"},
+ "args":["sh","-c","exit 0"],"log_path":"quick/0.log"}
+EOF
 cat > /tmp/cfg/pod3.json <<EOF
 {"metadata":{"name":"early","uid":"uid-3","namespace":"default","attempt":0}}
 EOF
@@ -152,6 +156,14 @@ exec_timeout() {
 exec_many() { n=0; for i in $(seq 50); do $C exec $CA -- true && n=$((n+1)); done; echo "ok=$n"; }
 log() { sleep 1; head -3 /tmp/logs/web/ticker/0.log; }
 stats() { $C stats $CA; }
+events() {
+  $C events --count 4 --for 90 > /tmp/events.txt 2>&1 & ev=$!
+  sleep 1
+  E=$($C create $P /tmp/cfg/quick.json /tmp/cfg/pod.json) || return 1
+  $C start $E && until_state $E CONTAINER_EXITED && $C rm $E
+  wait $ev; echo "events_rc=$?"
+  echo "E=$E"; cat /tmp/events.txt
+}
 statsp() { $C statsp $P; $C statsp 0123456789abcdef; echo "missing_rc=$?"; }
 reopen() {
   L=/tmp/logs/web/ticker/0.log
@@ -243,6 +255,7 @@ scenario log log
 scenario stats stats
 scenario network network
 scenario statsp statsp
+scenario events events
 scenario reopen reopen
 scenario kill_server kill_server
 scenario stop_grace stop_grace
@@ -508,6 +521,36 @@ fn container_stats_come_from_the_guest() {
     let mem: u64 = value_of(out, "memory_working_set").parse().unwrap();
     let cpu: u64 = value_of(out, "cpu_ns").parse().unwrap();
     assert!(mem > 0 && cpu > 0, "{out}");
+}
+
+#[test]
+fn container_events_stream_created_started_stopped_deleted_with_the_pods_status() {
+    let (out, st) = sc("events");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "events_rc"), "0", "{out}");
+    let id = value_of(out, "E");
+    let events: Vec<&str> = out
+        .lines()
+        .filter(|l| l.starts_with("CONTAINER_"))
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|l| l.split_whitespace().next().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "CONTAINER_CREATED_EVENT",
+            "CONTAINER_STARTED_EVENT",
+            "CONTAINER_STOPPED_EVENT",
+            "CONTAINER_DELETED_EVENT"
+        ],
+        "{out}"
+    );
+    for l in &events {
+        assert!(l.contains(id), "every event names the container: {out}");
+        assert!(!l.contains("pod= "), "and carries its pod's status: {out}");
+    }
 }
 
 #[test]

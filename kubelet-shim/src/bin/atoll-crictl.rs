@@ -31,6 +31,13 @@ struct Args {
 enum Cmd {
     /// Version.
     Version,
+    /// GetContainerEvents: prints events until COUNT arrived or SECS passed.
+    Events {
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[arg(long = "for", default_value_t = 10)]
+        secs: u64,
+    },
     /// Status (runtime and network conditions).
     Info,
     /// RunPodSandbox with a PodSandboxConfig JSON file.
@@ -157,6 +164,34 @@ async fn run(args: Args) -> anyhow::Result<u8> {
     let mut c = Client::connect(&args.runtime_endpoint, Duration::from_secs(args.timeout)).await?;
     let json = args.json;
     match args.cmd {
+        Cmd::Events { count, secs } => {
+            let mut stream = c
+                .runtime
+                .get_container_events(cri::GetEventsRequest {})
+                .await
+                .map_err(status_line)?
+                .into_inner();
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(secs);
+            let mut seen = 0;
+            while seen < count {
+                let next = tokio::time::timeout_at(deadline, stream.message()).await;
+                let ev = match next {
+                    Err(_) => anyhow::bail!("{seen} of {count} events in {secs} s"),
+                    Ok(Err(s)) => return Err(status_line(s)),
+                    Ok(Ok(None)) => anyhow::bail!("the event stream ended"),
+                    Ok(Ok(Some(ev))) => ev,
+                };
+                let kind = cri::ContainerEventType::try_from(ev.container_event_type)
+                    .map_or("UNKNOWN", |k| k.as_str_name());
+                println!(
+                    "{kind} {} pod={} containers={}",
+                    ev.container_id,
+                    ev.pod_sandbox_status.map(|s| s.id).unwrap_or_default(),
+                    ev.containers_statuses.len()
+                );
+                seen += 1;
+            }
+        }
         Cmd::Version => {
             let v = c
                 .runtime

@@ -7,6 +7,7 @@
 //! - `runtime` and `images`: the gRPC services, mapping CRI types;
 //! - `logs`: container output in the CRI log format;
 //! - `cni`: pod networks through the node's CNI plugins;
+//! - `events`: container events for GetContainerEvents;
 //! - `client`: a connection to a CRI socket (atoll-crictl, the tests).
 //!
 //! The API types come from the `k8s-cri` crate (CRI v1, generated at build time).
@@ -14,6 +15,7 @@
 pub mod client;
 pub mod cni;
 pub mod config;
+pub mod events;
 pub mod images;
 pub mod logs;
 pub mod runtime;

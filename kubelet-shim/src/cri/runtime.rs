@@ -364,6 +364,36 @@ fn sandbox_stats(s: &super::server::SandboxStats) -> cri::PodSandboxStats {
     }
 }
 
+/// An event as kubelet's evented PLEG wants it: with the pod's status and every
+/// container of the pod as they are now.
+fn event_response(
+    server: &Server,
+    ev: &super::events::ContainerEvent,
+) -> cri::ContainerEventResponse {
+    use super::events::EventKind;
+    let kind = match ev.kind {
+        EventKind::Created => cri::ContainerEventType::ContainerCreatedEvent,
+        EventKind::Started => cri::ContainerEventType::ContainerStartedEvent,
+        EventKind::Stopped => cri::ContainerEventType::ContainerStoppedEvent,
+        EventKind::Deleted => cri::ContainerEventType::ContainerDeletedEvent,
+    };
+    cri::ContainerEventResponse {
+        container_id: ev.container_id.clone(),
+        container_event_type: kind as i32,
+        created_at: ev.at_ns,
+        pod_sandbox_status: server
+            .sandbox(&ev.sandbox_id)
+            .ok()
+            .map(|s| sandbox_status(&s)),
+        containers_statuses: server
+            .containers()
+            .iter()
+            .filter(|c| c.sandbox_id == ev.sandbox_id)
+            .map(container_status)
+            .collect(),
+    }
+}
+
 /// The RuntimeService.
 #[derive(Debug, Clone)]
 pub struct Runtime {
@@ -874,7 +904,25 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
         &self,
         _: Request<cri::GetEventsRequest>,
     ) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-        Err(unimplemented("GetContainerEvents"))
+        let events = self.server.events.subscribe();
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let server = Arc::clone(&self.server);
+        // A thread per subscriber bridges the server's (blocking) bus to the
+        // stream; it ends when the client goes (checked at least every second).
+        std::thread::spawn(move || loop {
+            match events.recv_timeout(std::time::Duration::from_secs(1)) {
+                Ok(ev) => {
+                    if tx.blocking_send(Ok(event_response(&server, &ev))).is_err() {
+                        return;
+                    }
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !tx.is_closed() => {}
+                Err(_) => return,
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 
     async fn list_metric_descriptors(

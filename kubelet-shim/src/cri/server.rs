@@ -156,6 +156,8 @@ pub struct Server {
     pub image_store: PathBuf,
     store: Store,
     state: Mutex<State>,
+    /// Container events (GetContainerEvents).
+    pub events: super::events::EventBus,
     /// Held for the server's life: one server per state directory.
     _lock: std::fs::File,
 }
@@ -314,6 +316,7 @@ impl Server {
             image_store,
             store,
             state: Mutex::new(State::default()),
+            events: super::events::EventBus::default(),
             _lock: lock,
         })
     }
@@ -336,6 +339,13 @@ impl Server {
         if let Err(e) = self.store.put_container(r) {
             tracing::error!("{e}");
         }
+        self.events.record(r, now_ns());
+    }
+
+    /// Removes a container's record, and says so to event subscribers.
+    fn forget_container(&self, id: &str, sandbox_id: &str) {
+        self.store.delete_container(id);
+        self.events.deleted(id, sandbox_id, now_ns());
     }
 
     /// Takes over what an earlier server left: half-made sandboxes are removed,
@@ -837,7 +847,7 @@ impl Server {
             ids
         };
         for c in &containers {
-            self.store.delete_container(c);
+            self.forget_container(c, id);
         }
         self.store.delete_sandbox(id);
         Ok(())
@@ -1373,7 +1383,7 @@ impl Server {
                 if let Some(n) = sandbox.slots.iter().position(|s| s.drive_id == c.serial) {
                     self.release_slot(&c.sandbox_id, n);
                 }
-                self.store.delete_container(id);
+                self.forget_container(id, &c.sandbox_id);
                 return Ok(());
             }
         }
@@ -1382,7 +1392,7 @@ impl Server {
             st.containers.remove(id);
             st.logs.remove(id);
         }
-        self.store.delete_container(id);
+        self.forget_container(id, &c.sandbox_id);
         Ok(())
     }
 

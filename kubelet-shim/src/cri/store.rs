@@ -26,8 +26,9 @@ pub enum SandboxState {
 }
 
 /// Where a container is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ContainerState {
+    #[default]
     Created,
     Running,
     Exited,
@@ -94,7 +95,7 @@ pub struct NetworkRecord {
 }
 
 /// One container.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ContainerRecord {
     pub id: String,
     pub sandbox_id: String,

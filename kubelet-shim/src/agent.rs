@@ -429,6 +429,19 @@ impl AgentClient {
         })
     }
 
+    /// New limits for a container (0 lifts one).
+    pub fn update_resources(
+        &mut self,
+        container_id: &str,
+        resources: v1::Resources,
+    ) -> Result<(), AgentError> {
+        let req = Op::Update(v1::UpdateResources {
+            container_id: container_id.to_owned(),
+            resources: Some(resources),
+        });
+        self.call_ok("UpdateResources", req)
+    }
+
     pub fn configure_network(&mut self, req: v1::ConfigureNetwork) -> Result<(), AgentError> {
         self.call_ok("ConfigureNetwork", Op::Network(req))
     }

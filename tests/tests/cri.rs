@@ -156,6 +156,14 @@ exec_timeout() {
 exec_many() { n=0; for i in $(seq 50); do $C exec $CA -- true && n=$((n+1)); done; echo "ok=$n"; }
 log() { sleep 1; head -3 /tmp/logs/web/ticker/0.log; }
 stats() { $C stats $CA; }
+update() {
+  $C update --memory 67108864 --cpu-quota 50000 --cpu-period 100000 $CA; echo "update_rc=$?"
+  $C exec $CA -- sh -c 'echo "mem=$(cat /sys/fs/cgroup/memory.max)"; echo "cpu=$(cat /sys/fs/cgroup/cpu.max)"'
+  $C update --cpu-quota 10 $CA; echo "bad_rc=$?"
+  $C update $CA; echo "lift_rc=$?"
+  $C exec $CA -- sh -c 'echo "mem_after=$(cat /sys/fs/cgroup/memory.max)"'
+  $C update --memory 67108864 $CB; echo "exited_rc=$?"
+}
 events() {
   $C events --count 4 --for 90 > /tmp/events.txt 2>&1 & ev=$!
   sleep 1
@@ -256,6 +264,7 @@ scenario stats stats
 scenario network network
 scenario statsp statsp
 scenario events events
+scenario update update
 scenario reopen reopen
 scenario kill_server kill_server
 scenario stop_grace stop_grace
@@ -521,6 +530,33 @@ fn container_stats_come_from_the_guest() {
     let mem: u64 = value_of(out, "memory_working_set").parse().unwrap();
     let cpu: u64 = value_of(out, "cpu_ns").parse().unwrap();
     assert!(mem > 0 && cpu > 0, "{out}");
+}
+
+#[test]
+fn update_container_resources_reaches_the_containers_cgroup_in_the_guest() {
+    let (out, st) = sc("update");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "update_rc"), "0", "{out}");
+    assert_eq!(value_of(out, "mem"), "67108864", "{out}");
+    assert_eq!(value_of(out, "cpu"), "50000 100000", "{out}");
+    assert_eq!(
+        value_of(out, "bad_rc"),
+        "1",
+        "a 10 µs quota is refused: {out}"
+    );
+    assert!(out.contains("InvalidArgument"), "{out}");
+    assert_eq!(value_of(out, "lift_rc"), "0", "{out}");
+    assert_eq!(
+        value_of(out, "mem_after"),
+        "max",
+        "0 lifts the limit: {out}"
+    );
+    assert_eq!(
+        value_of(out, "exited_rc"),
+        "1",
+        "an exited container: {out}"
+    );
+    assert!(out.contains("FailedPrecondition"), "{out}");
 }
 
 #[test]

@@ -197,6 +197,7 @@ impl<R: ContainerRuntime> Agent<R> {
             Op::Signal(req) => self.signal(&req),
             Op::Resize(req) => self.resize(&req),
             Op::Stats(req) => self.stats(&req),
+            Op::Update(req) => self.update(&req),
             Op::Network(req) => self.network(&req),
             Op::Remove(req) => self.remove(&req),
             Op::Quiesce(_) => self.quiesce(),
@@ -389,6 +390,13 @@ impl<R: ContainerRuntime> Agent<R> {
     fn stats(&self, req: &v1::GetStats) -> Result<Reply, RequestError> {
         check_id("container_id", &req.container_id)?;
         Ok(Reply::Stats(self.runtime().stats(&req.container_id)?))
+    }
+
+    fn update(&self, req: &v1::UpdateResources) -> Result<Reply, RequestError> {
+        check_id("container_id", &req.container_id)?;
+        let r = req.resources.unwrap_or_default();
+        self.runtime().update(&req.container_id, &r)?;
+        Ok(Reply::Ok(v1::Empty {}))
     }
 
     fn network(&self, req: &v1::ConfigureNetwork) -> Result<Reply, RequestError> {
@@ -649,6 +657,14 @@ pub(crate) mod tests {
                     ..v1::StatsReply::default()
                 })
                 .ok_or_else(|| RuntimeError::NotFound(format!("no container {id:?}")))
+        }
+        fn update(&self, id: &str, r: &v1::Resources) -> Result<(), RuntimeError> {
+            if !self.ids.iter().any(|i| i == id) {
+                return Err(RuntimeError::NotFound(format!("no container {id:?}")));
+            }
+            crate::container::spec::cgroup_limits(r)
+                .map(|_| ())
+                .map_err(|e| RuntimeError::InvalidArgument(e.to_string()))
         }
         fn oom_kills(&self, id: &str) -> Result<u64, RuntimeError> {
             Ok(u64::from(id == "oom"))

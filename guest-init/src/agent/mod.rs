@@ -49,6 +49,8 @@ pub trait ContainerRuntime: Send + 'static {
     fn signal(&mut self, id: &str, signal: i32, all: bool) -> Result<(), RuntimeError>;
     /// See [`container::Runtime::stats`].
     fn stats(&self, id: &str) -> Result<v1::StatsReply, RuntimeError>;
+    /// See [`container::Runtime::update`].
+    fn update(&self, id: &str, r: &v1::Resources) -> Result<(), RuntimeError>;
     /// See [`container::Runtime::oom_kills`].
     fn oom_kills(&self, id: &str) -> Result<u64, RuntimeError>;
     /// See [`container::Runtime::remove`].
@@ -81,6 +83,9 @@ impl ContainerRuntime for container::Runtime {
     }
     fn stats(&self, id: &str) -> Result<v1::StatsReply, RuntimeError> {
         container::Runtime::stats(self, id)
+    }
+    fn update(&self, id: &str, r: &v1::Resources) -> Result<(), RuntimeError> {
+        container::Runtime::update(self, id, r)
     }
     fn oom_kills(&self, id: &str) -> Result<u64, RuntimeError> {
         container::Runtime::oom_kills(self, id)

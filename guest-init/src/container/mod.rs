@@ -402,6 +402,28 @@ impl Runtime {
         self.engine.kill(id, signal, all)
     }
 
+    /// Gives the container new limits (its cgroup's files).
+    pub fn update(&self, id: &str, r: &v1::Resources) -> Result<(), RuntimeError> {
+        self.record(id)?;
+        let limits =
+            spec::cgroup_limits(r).map_err(|e| RuntimeError::InvalidArgument(e.to_string()))?;
+        let dir = self.cgroup_dir(id);
+        for (file, value) in limits {
+            let path = dir.join(file);
+            // A controller the guest kernel lacks has no file: nothing to limit.
+            if file == "memory.swap.max" && !path.exists() {
+                continue;
+            }
+            std::fs::write(&path, &value).map_err(|e| {
+                RuntimeError::Internal(self::libcontainer::chain(
+                    &format!("cannot write {value} to {}", path.display()),
+                    &e,
+                ))
+            })?;
+        }
+        Ok(())
+    }
+
     /// The container's cgroup v2 counters.
     pub fn stats(&self, id: &str) -> Result<v1::StatsReply, RuntimeError> {
         self.record(id)?;

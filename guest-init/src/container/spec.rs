@@ -613,6 +613,39 @@ fn resources(r: Option<&v1::Resources>) -> Result<oci_spec::runtime::LinuxResour
     b.build().map_err(|e| invalid("resources", e.to_string()))
 }
 
+/// The cgroup v2 files (and values) that give a running container the limits
+/// `r`, checked as at creation; 0 lifts a limit.
+pub fn cgroup_limits(r: &v1::Resources) -> Result<Vec<(&'static str, String)>, SpecError> {
+    // The same checks as a new container's.
+    resources(Some(r))?;
+    let max = |v: u64| {
+        if v == 0 {
+            "max".to_owned()
+        } else {
+            v.to_string()
+        }
+    };
+    let period = if r.cpu_period_us == 0 {
+        100_000
+    } else {
+        r.cpu_period_us
+    };
+    Ok(vec![
+        ("memory.max", max(r.memory_limit_bytes)),
+        // As at creation: memory and swap together are the limit (no swap).
+        (
+            "memory.swap.max",
+            if r.memory_limit_bytes == 0 {
+                "max".into()
+            } else {
+                "0".into()
+            },
+        ),
+        ("cpu.max", format!("{} {period}", max(r.cpu_quota_us))),
+        ("pids.max", max(r.pids_limit)),
+    ])
+}
+
 /// The whole spec of the container `req`, its process run as `user`.
 pub fn build_spec(
     req: &v1::CreateContainer,
@@ -1255,5 +1288,34 @@ mod tests {
         assert!(!is_plain_name("a/b"));
         assert!(!is_plain_name(".."));
         assert!(!is_plain_name("/a"));
+    }
+
+    #[test]
+    fn cgroup_limits_are_written_as_cgroup_v2_wants_them_and_checked() {
+        let r = v1::Resources {
+            memory_limit_bytes: 64 << 20,
+            cpu_quota_us: 50_000,
+            cpu_period_us: 0,
+            pids_limit: 0,
+        };
+        assert_eq!(
+            cgroup_limits(&r).unwrap(),
+            vec![
+                ("memory.max", (64u64 << 20).to_string()),
+                ("memory.swap.max", "0".into()),
+                ("cpu.max", "50000 100000".into()),
+                ("pids.max", "max".into()),
+            ]
+        );
+        let lifted = cgroup_limits(&v1::Resources::default()).unwrap();
+        assert!(
+            lifted.iter().all(|(_, v)| v.starts_with("max")),
+            "{lifted:?}"
+        );
+        let bad = v1::Resources {
+            cpu_quota_us: 10,
+            ..v1::Resources::default()
+        };
+        assert!(cgroup_limits(&bad).is_err());
     }
 }

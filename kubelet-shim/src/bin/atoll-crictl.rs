@@ -96,6 +96,16 @@ enum Cmd {
     Stats { id: String },
     /// PodSandboxStats.
     Statsp { id: String },
+    /// UpdateContainerResources (0: no limit).
+    Update {
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        memory: i64,
+        #[arg(long, default_value_t = 0)]
+        cpu_quota: i64,
+        #[arg(long, default_value_t = 0)]
+        cpu_period: i64,
+    },
     /// ReopenContainerLog.
     Reopen { id: String },
     /// PullImage (`--creds USER:PASSWORD`).
@@ -494,6 +504,26 @@ async fn run(args: Args) -> anyhow::Result<u8> {
                     ),
                 ],
             );
+        }
+        Cmd::Update {
+            id,
+            memory,
+            cpu_quota,
+            cpu_period,
+        } => {
+            c.runtime
+                .update_container_resources(cri::UpdateContainerResourcesRequest {
+                    container_id: id,
+                    linux: Some(cri::LinuxContainerResources {
+                        memory_limit_in_bytes: memory,
+                        cpu_quota,
+                        cpu_period,
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .await
+                .map_err(status_line)?;
         }
         Cmd::Statsp { id } => {
             let r = c

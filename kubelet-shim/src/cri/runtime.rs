@@ -687,9 +687,20 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
 
     async fn update_container_resources(
         &self,
-        _: Request<cri::UpdateContainerResourcesRequest>,
+        request: Request<cri::UpdateContainerResourcesRequest>,
     ) -> Result<Response<cri::UpdateContainerResourcesResponse>, Status> {
-        Err(unimplemented("UpdateContainerResources"))
+        let r = request.into_inner();
+        let l = r.linux.unwrap_or_default();
+        // What the guest's cgroup can carry: memory, CPU bandwidth (0: no limit).
+        let resources = v1::Resources {
+            memory_limit_bytes: u64::try_from(l.memory_limit_in_bytes).unwrap_or(0),
+            cpu_quota_us: u64::try_from(l.cpu_quota).unwrap_or(0),
+            cpu_period_us: u64::try_from(l.cpu_period).unwrap_or(0),
+            pids_limit: 0,
+        };
+        let server = Arc::clone(&self.server);
+        blocking(move || server.update_resources(&r.container_id, resources)).await?;
+        Ok(Response::new(cri::UpdateContainerResourcesResponse {}))
     }
 
     async fn reopen_container_log(

@@ -1310,6 +1310,21 @@ impl Server {
 
     /// StopContainer: SIGTERM, SIGKILL after `timeout` seconds (0: at once);
     /// idempotent.
+    /// UpdateContainerResources: new limits for a created or running container,
+    /// written into its cgroup in the guest.
+    pub fn update_resources(&self, id: &str, resources: v1::Resources) -> CriResult<()> {
+        let c = self.container(id)?;
+        if !matches!(c.state, ContainerState::Created | ContainerState::Running) {
+            return Err(CriError::FailedPrecondition(format!(
+                "container {id} has exited: its resources cannot change"
+            )));
+        }
+        let sandbox = self.sandbox(&c.sandbox_id)?;
+        agent(&sandbox)?
+            .update_resources(id, resources)
+            .map_err(|e| agent_error("updating the container's resources", &e))
+    }
+
     pub fn stop_container(&self, id: &str, timeout: i64) -> CriResult<()> {
         let Ok(c) = self.container(id) else {
             return Ok(());

@@ -715,13 +715,7 @@ impl Pod {
             }
         }
         let netns = match &cfg.network {
-            Some(n) => Some(
-                netns::NetNs {
-                    path: n.netns.clone(),
-                }
-                .open()
-                .map_err(|e| PodError::VmmFailed(e.to_string()))?,
-            ),
+            Some(n) => Some(File::open(&n.netns).map_err(io_err(&n.netns))?),
             None => None,
         };
         if let Some(ns) = &netns {

@@ -252,26 +252,7 @@ impl HostTap {
     /// Makes tap `name` (refused if an interface of that name exists) and gives it
     /// `subnet`'s host address.
     pub fn create_named(name: &str, subnet: Subnet, mac: &str) -> Result<Self, TapError> {
-        let tun = open_tun()?;
-        let mut req = ifreq(name).map_err(|source| TapError::Create {
-            name: name.into(),
-            source,
-        })?;
-        // IFF_TUN_EXCL: never take over an existing interface (another pod's).
-        req.ifr_ifru.ifru_flags =
-            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
-                as libc::c_short;
-        // SAFETY: TUNSETIFF reads and writes one ifreq that lives across the call.
-        if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } != 0 {
-            return Err(TapError::Create {
-                name: name.into(),
-                source: io::Error::last_os_error(),
-            });
-        }
-        set_persist(&tun, true).map_err(|source| TapError::Persist {
-            name: name.into(),
-            source,
-        })?;
+        let tun = make_persistent_tap(name)?;
         // From here on, dropping `tap` deletes the interface.
         let tap = Self {
             name: name.into(),
@@ -344,26 +325,7 @@ impl Drop for HostTap {
 /// the calling thread's network namespace: a CNI pod's tap, joined to the pod's
 /// interface by [`super::netns`]. It goes with its namespace.
 pub fn create_link_tap(name: &str, mtu: Option<u32>) -> Result<(), TapError> {
-    let tun = open_tun()?;
-    let mut req = ifreq(name).map_err(|source| TapError::Create {
-        name: name.into(),
-        source,
-    })?;
-    req.ifr_ifru.ifru_flags =
-        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
-            as libc::c_short;
-    // SAFETY: TUNSETIFF reads and writes one ifreq that lives across the call.
-    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } != 0 {
-        return Err(TapError::Create {
-            name: name.into(),
-            source: io::Error::last_os_error(),
-        });
-    }
-    set_persist(&tun, true).map_err(|source| TapError::Persist {
-        name: name.into(),
-        source,
-    })?;
-    drop(tun);
+    drop(make_persistent_tap(name)?);
     let cfg = |action: &str| {
         let (name, action) = (name.to_owned(), action.to_owned());
         move |source| TapError::Configure {
@@ -417,6 +379,32 @@ pub fn link_mtu(name: &str) -> io::Result<u32> {
     }
     // SAFETY: SIOCGIFMTU wrote the mtu member of the union.
     Ok(u32::try_from(unsafe { req.ifr_ifru.ifru_mtu }).unwrap_or(1500))
+}
+
+/// Makes tap `name` in the calling thread's network namespace (refused if an
+/// interface of that name exists: IFF_TUN_EXCL never takes over another pod's) and
+/// makes it persistent; the open queue is returned to be closed.
+fn make_persistent_tap(name: &str) -> Result<File, TapError> {
+    let tun = open_tun()?;
+    let mut req = ifreq(name).map_err(|source| TapError::Create {
+        name: name.into(),
+        source,
+    })?;
+    req.ifr_ifru.ifru_flags =
+        (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR | libc::IFF_TUN_EXCL)
+            as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq that lives across the call.
+    if unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut req) } != 0 {
+        return Err(TapError::Create {
+            name: name.into(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    set_persist(&tun, true).map_err(|source| TapError::Persist {
+        name: name.into(),
+        source,
+    })?;
+    Ok(tun)
 }
 
 fn open_tun() -> Result<File, TapError> {

@@ -11,7 +11,7 @@ export ATOLL_CACHE ?= /var/cache/atoll
 STATIC_ENV := RUSTFLAGS='-C target-feature=+crt-static' LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
 STATIC_PKGS := -p atoll-vmm -p atoll-init -p atoll-image -p atoll-tests -p atoll-bench -p atoll-cri
 
-.PHONY: fuzz-smoke all deps static kernel initramfs artifacts demo test unit e2e bench bench-image clean
+.PHONY: fuzz-smoke all deps static kernel initramfs artifacts go-peers demo test unit e2e bench bench-image clean
 
 all: artifacts
 
@@ -31,6 +31,13 @@ initramfs: static
 
 artifacts: kernel initramfs
 
+# The Go peer of the streaming server's tests: kubelet's SPDY library (spdystream)
+# from Debian's packages, built offline (GOPATH mode, no module downloads).
+go-peers: deps
+	@mkdir -p target/go
+	GO111MODULE=off GOPATH=/usr/share/gocode GOCACHE=$(CURDIR)/target/go/cache GOFLAGS=-buildvcs=false \
+	  CGO_ENABLED=0 go build -o target/go/spdy-peer ./tests/go/spdy-peer/main.go
+
 # Runs the built-in busybox image with `atoll run` where a real KVM is (the host's, or
 # the nested node's: the first line says which and why) and prints the container's
 # output and the time from the command to the container's start. The image store is
@@ -48,14 +55,14 @@ demo: artifacts
 fuzz-smoke:
 	scripts/fuzz-smoke.sh
 
-unit: deps
+unit: deps go-peers
 	cargo test --workspace --locked --lib --bins
 
 e2e: artifacts
 	ATOLL_BUILD_DIR=$(CURDIR)/$(BUILD) ATOLL_STATIC_DIR=$(CURDIR)/$(STATIC) \
 	  cargo test --locked -p atoll-tests --test '*' -- --test-threads=1
 
-test: artifacts
+test: artifacts go-peers
 	cargo test --workspace --locked --lib --bins
 	scripts/fuzz-smoke.sh
 	cargo test --locked -p atoll-image --test '*' -- --test-threads=2

@@ -17,6 +17,8 @@ packages=(
   # atoll-cri: the CRI API bindings (k8s-cri) are generated at build time by protoc;
   # containerd is the CRI peer of its benchmark, the CNI plugins its pod network
   protobuf-compiler containerd containernetworking-plugins
+  # the streaming server's test peer: kubelet's SPDY library, built with Debian's Go
+  golang-go golang-github-docker-spdystream-dev
 )
 
 missing=()

@@ -142,6 +142,7 @@ fn stream_name(s: v1::attach::Stream) -> &'static str {
         v1::attach::Stream::Stdout => "stdout",
         v1::attach::Stream::Stderr => "stderr",
         v1::attach::Stream::Tty => "the tty",
+        v1::attach::Stream::Tcp => "a TCP connection",
     }
 }
 
@@ -521,6 +522,33 @@ pub fn attach_with_timeout(
     stream: v1::attach::Stream,
     timeout: Duration,
 ) -> Result<UnixStream, AttachError> {
+    let req = v1::Attach {
+        container_id: container_id.to_owned(),
+        exec_id: exec_id.to_owned(),
+        stream: stream as i32,
+        port: 0,
+    };
+    stream_connection(vsock_uds, req, timeout)
+}
+
+/// A TCP connection to `port` on the guest's loopback, made by the agent
+/// (port-forward): the returned socket carries both directions.
+pub fn forward(vsock_uds: &Path, port: u16, timeout: Duration) -> Result<UnixStream, AttachError> {
+    let req = v1::Attach {
+        stream: v1::attach::Stream::Tcp as i32,
+        port: u32::from(port),
+        ..Default::default()
+    };
+    stream_connection(vsock_uds, req, timeout)
+}
+
+fn stream_connection(
+    vsock_uds: &Path,
+    req: v1::Attach,
+    timeout: Duration,
+) -> Result<UnixStream, AttachError> {
+    let stream = v1::attach::Stream::try_from(req.stream).unwrap_or_default();
+    let container_id = req.container_id.as_str();
     let name = stream_name(stream);
     let frame_err = |source| AttachError::Frame {
         stream: name,
@@ -528,11 +556,6 @@ pub fn attach_with_timeout(
         source,
     };
     let mut s = connect_port(vsock_uds, STREAM_PORT, timeout)?;
-    let req = v1::Attach {
-        container_id: container_id.to_owned(),
-        exec_id: exec_id.to_owned(),
-        stream: stream as i32,
-    };
     // The reply must come promptly; the raw stream after it may idle forever.
     let _ = s.set_read_timeout(Some(timeout.max(Duration::from_secs(1))));
     write_frame(&mut s, &req).map_err(frame_err)?;

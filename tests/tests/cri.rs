@@ -100,6 +100,10 @@ EOF
 cat > /tmp/cfg/never.json <<EOF
 {"metadata":{"name":"x"},"image":{"image":"registry.k8s.io/never/pulled:1"}}
 EOF
+cat > /tmp/cfg/cat.json <<EOF
+{"metadata":{"name":"cat"},"image":{"image":"$IMAGE"},"command":["sh","-c","echo ready; while read l; do echo \"echo:\$l\"; echo \"err:\$l\" >&2; done; echo bye"],
+ "stdin":true,"stdin_once":true,"log_path":"cat/0.log"}
+EOF
 cat > /tmp/cfg/s.json <<EOF
 {"metadata":{"name":"sleeper"},"image":{"image":"$IMAGE"},"command":["sleep","3600"]}
 EOF
@@ -154,7 +158,37 @@ exec_timeout() {
   $C exec $CA -- sh -c 'pgrep -f "sleep 432[1]" || echo no-sleep-left'
 }
 exec_many() { n=0; for i in $(seq 50); do $C exec $CA -- true && n=$((n+1)); done; echo "ok=$n"; }
+# Exec through the streaming server: stdin in, stdout and stderr apart, the exit
+# code on the error channel; over SPDY and WebSocket, and with the Go SPDY library.
+exec_stream() {
+  for t in spdy websocket; do
+    echo "line-$t" | $C exec -i --transport $t $CA -- sh -c 'read l; echo "got $l $GREETING"; echo e-$l >&2; exit 5' 2>/tmp/err.$t
+    echo "rc_$t=$?"; echo "err_$t=$(cat /tmp/err.$t)"
+  done
+  $C exec --stream --transport websocket $CA -- sh -c 'exit 0'; echo "rc_zero=$?"
+  $C exec -t --size 100x30 $CA -- sh -c 'sleep 1; stty size; tty'; echo "rc_tty=$?"
+  U=$($C exec -i --print-url $CA -- sh -c 'cat; echo " seen" >&2; exit 4') || return 1
+  echo from-go | $A/spdy-peer exec $U 2>/tmp/err.go; echo "rc_go=$?"; echo "err_go=$(cat /tmp/err.go)"
+  echo "again=$(echo x | $A/spdy-peer exec $U 2>&1)"
+  $C exec -i $CA -- sh -c 'cat >/dev/null' </dev/zero & ex=$!
+  sleep 2; kill -9 $ex; sleep 1
+  echo "cat=$($C exec $CA -- sh -c 'pgrep -f "cat$" >/dev/null && echo cat-left || echo no-cat-left')"
+  echo "big_bytes=$(head -c 3000000 /dev/urandom | $C exec -i $CA -- sh -c 'cat | wc -c')"
+}
 log() { sleep 1; head -3 /tmp/logs/web/ticker/0.log; }
+# Attach to a container created with stdin (stdin_once): its output from the
+# moment of attaching, our stdin to it; closing stdin ends it.
+attach() {
+  K=$($C create $P /tmp/cfg/cat.json /tmp/cfg/pod.json) && $C start $K || return 1
+  until_state $K CONTAINER_RUNNING || return 1
+  $C attach -i $CA; echo "attach_i_rc=$?"
+  (echo one; sleep 1; echo two) | $C attach -i --transport websocket $K 2>/tmp/attach.err
+  echo "attach_rc=$?"; echo "attach_err=$(tr '\n' ' ' </tmp/attach.err)"
+  until_state $K CONTAINER_EXITED && $C inspect $K | grep -E '^(exit_code|reason)='
+  echo "log_has_two=$(grep -c 'stdout F echo:two' /tmp/logs/web/cat/0.log)"
+  $C attach $K; echo "exited_rc=$?"
+  $C rm $K
+}
 stats() { $C stats $CA; }
 update() {
   $C update --memory 67108864 --cpu-quota 50000 --cpu-period 100000 $CA; echo "update_rc=$?"
@@ -193,6 +227,23 @@ network() {
   done
   echo "pod_to_pod=$got"
   [ -n "$got" ] || { $C exec $H -- netstat -ltn; $C exec $CA -- wget -O - http://$IP2:8080/; }
+  # Port-forward to the peer's httpd: through atoll-crictl's listener (SPDY and
+  # WebSocket) and with the Go SPDY library; a port nothing listens on.
+  for t in spdy websocket; do
+    $C port-forward --transport $t $Q 0:8080 > /tmp/pf.$t 2>&1 & pf=$!
+    for i in $(seq 100); do grep -q listening= /tmp/pf.$t && break; sleep 0.1; done
+    LP=$(sed -n 's/^listening=//p' /tmp/pf.$t)
+    echo "pf_$t=$(wget -q -O - http://127.0.0.1:$LP/)"
+    echo "pf2_$t=$(wget -q -O - http://127.0.0.1:$LP/)"
+    kill $pf
+  done
+  U=$($C port-forward --print-url $Q 0:8080) || return 1
+  printf 'GET / HTTP/1.0\r\n\r\n' | $A/spdy-peer portforward $U 8080 > /tmp/pf.go; echo "pf_go_rc=$?"
+  echo "pf_go=$(tail -1 /tmp/pf.go)"
+  U=$($C port-forward --print-url $Q 0:9) || return 1
+  echo "pf_closed=$($A/spdy-peer portforward $U 9 </dev/null 2>&1)"
+  U=$($C port-forward --print-url $Q 0:8080) || return 1
+  echo "pf_other=$($A/spdy-peer portforward $U 9 </dev/null 2>&1)"
   $C stopp $Q; $C rmp $Q
   echo "veths_after_peer=$(ls /sys/class/net | grep -c ^veth)"
   echo "netns_left=$(ls /run/atoll/cri/netns | wc -l)"
@@ -259,7 +310,9 @@ scenario exec exec_
 scenario exec_stdout_only exec_stdout_only
 scenario exec_timeout exec_timeout
 scenario exec_many exec_many
+scenario exec_stream exec_stream
 scenario log log
+scenario attach attach
 scenario stats stats
 scenario network network
 scenario statsp statsp
@@ -297,6 +350,11 @@ fn registry_storage(dir: &Path) -> std::path::PathBuf {
     storage
 }
 
+/// kubelet's SPDY library (spdystream) in a Go client, built by `make go-peers`.
+fn go_peer() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/go/spdy-peer")
+}
+
 fn node_output() -> &'static str {
     static OUT: OnceLock<String> = OnceLock::new();
     OUT.get_or_init(|| {
@@ -312,6 +370,8 @@ fn node_output() -> &'static str {
         .file(artefact(static_dir().join("atoll-crictl")), "atoll-crictl")
         .unwrap()
         .file(storage, "registry")
+        .unwrap()
+        .file(artefact(go_peer()), "spdy-peer")
         .unwrap()
         .file(
             atoll_node::oci::node_registry_config(dir.path()),
@@ -486,6 +546,75 @@ fn exec_sync_returns_output_and_exit_code_and_kills_at_its_timeout() {
     assert_eq!(value_of(out, "ok"), "50", "{out}");
 }
 
+#[test]
+fn exec_streams_stdio_and_exit_codes_over_spdy_websocket_a_terminal_and_the_go_library() {
+    let (out, st) = sc("exec_stream");
+    assert_eq!(st, 0, "{out}");
+    for t in ["spdy", "websocket"] {
+        assert!(
+            out.lines().any(|l| l == format!("got line-{t} hi")),
+            "stdin reached the command and its env is the container's ({t}): {out}"
+        );
+        assert_eq!(value_of(out, &format!("rc_{t}")), "5", "{out}");
+        assert_eq!(
+            value_of(out, &format!("err_{t}")),
+            format!("e-line-{t}"),
+            "stderr apart from stdout: {out}"
+        );
+    }
+    assert_eq!(value_of(out, "rc_zero"), "0", "{out}");
+    assert!(
+        out.lines().any(|l| l.trim_end_matches('\r') == "30 100"),
+        "the terminal took the client's size: {out}"
+    );
+    assert!(out.contains("/dev/pts/"), "a terminal: {out}");
+    assert_eq!(value_of(out, "rc_tty"), "0", "{out}");
+    assert!(out.lines().any(|l| l == "from-go"), "{out}");
+    assert_eq!(value_of(out, "rc_go"), "4", "{out}");
+    assert_eq!(value_of(out, "err_go"), " seen", "{out}");
+    assert!(
+        value_of(out, "again").contains("HTTP 404"),
+        "a URL is good once: {out}"
+    );
+    assert_eq!(
+        value_of(out, "big_bytes"),
+        "3000000",
+        "3 MB of stdin arrive whole: {out}"
+    );
+    assert_eq!(
+        value_of(out, "cat"),
+        "no-cat-left",
+        "a client killed mid-stream kills its command: {out}"
+    );
+}
+
+#[test]
+fn attach_joins_a_running_containers_stdio_and_stdin_once_ends_it() {
+    let (out, st) = sc("attach");
+    assert_eq!(st, 0, "{out}");
+    assert!(
+        out.contains("was not created with stdin"),
+        "stdin to a container without it is refused: {out}"
+    );
+    assert_eq!(value_of(out, "attach_i_rc"), "1", "{out}");
+    assert!(out.lines().any(|l| l == "echo:one"), "{out}");
+    assert!(out.lines().any(|l| l == "echo:two"), "{out}");
+    assert!(out.lines().any(|l| l == "bye"), "{out}");
+    assert!(
+        !out.lines().any(|l| l == "ready"),
+        "output before the attach is in the log, not replayed: {out}"
+    );
+    assert_eq!(value_of(out, "attach_err"), "err:one err:two ", "{out}");
+    assert_eq!(value_of(out, "attach_rc"), "0", "{out}");
+    assert_eq!(
+        value_of(out, "exit_code"),
+        "0",
+        "closing stdin (stdin_once) ended it: {out}"
+    );
+    assert_eq!(value_of(out, "log_has_two"), "1", "{out}");
+    assert_eq!(value_of(out, "exited_rc"), "1", "{out}");
+}
+
 /// `<RFC 3339 ns>Z <stream> <F|P> <text>`
 fn is_cri_record(l: &str, stream: &str, text: &str) -> bool {
     let mut f = l.splitn(4, ' ');
@@ -640,6 +769,32 @@ fn pods_get_cni_addresses_the_node_and_other_pods_reach() {
         "peer's veth went: {out}"
     );
     assert_eq!(value_of(out, "netns_left"), "1", "only web's: {out}");
+}
+
+#[test]
+fn port_forward_reaches_a_pods_port_over_spdy_websocket_and_the_go_library() {
+    let (out, st) = sc("network");
+    assert_eq!(st, 0, "{out}");
+    for t in ["spdy", "websocket"] {
+        assert_eq!(value_of(out, &format!("pf_{t}")), "peer-says-hi", "{out}");
+        assert_eq!(
+            value_of(out, &format!("pf2_{t}")),
+            "peer-says-hi",
+            "a second connection through the same listener: {out}"
+        );
+    }
+    assert_eq!(value_of(out, "pf_go_rc"), "0", "{out}");
+    assert_eq!(value_of(out, "pf_go"), "peer-says-hi", "{out}");
+    let closed = value_of(out, "pf_closed");
+    assert!(
+        closed.contains("nothing accepts connections on port 9"),
+        "a closed port is reported on the error stream: {out}"
+    );
+    let other = value_of(out, "pf_other");
+    assert!(
+        other.contains("port 9 was not among the ports"),
+        "a URL serves only the ports it was asked for: {out}"
+    );
 }
 
 #[test]

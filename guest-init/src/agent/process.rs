@@ -224,7 +224,9 @@ impl Process {
             Stream::Stdout => (1, "STDOUT"),
             Stream::Stderr => (2, "STDERR"),
             Stream::Tty => (3, "TTY"),
-            Stream::Unspecified => return Err(AttachError::UnknownStream(stream as i32)),
+            Stream::Unspecified | Stream::Tcp => {
+                return Err(AttachError::UnknownStream(stream as i32))
+            }
         };
         let mut state = self.state();
         let state = &mut *state;

@@ -5,13 +5,16 @@
 //! pipe closed), then the socket is shut down so the host sees EOF. STDIN: the socket
 //! to the pipe's write end until the host half-closes, then the pipe is closed so the
 //! process sees EOF. TTY: both directions with the pty master, one thread each; the
-//! master reading EIO (the terminal's last user is gone) is its end.
+//! master reading EIO (the terminal's last user is gone) is its end. TCP: a
+//! connection to a port on the guest's loopback (port-forward), both directions,
+//! each half-closed at its end.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::{Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::thread;
+use std::time::Duration;
 
 use atoll_agent_proto::v1::{self, attach::Stream};
 use atoll_agent_proto::{read_frame, validate_id, write_frame, FrameError};
@@ -64,6 +67,9 @@ pub fn serve_stream<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream)
         }
         Err(_) => return,
     };
+    if attach.stream == Stream::Tcp as i32 {
+        return forward(conn, attach.port);
+    }
     let (stream, end) = match find_end(agent, &attach) {
         Ok(found) => found,
         Err(err) => {
@@ -84,6 +90,74 @@ pub fn serve_stream<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream)
         Stream::Tty => pump_tty(conn, end),
         _ => pump_out(end, conn),
     }
+}
+
+/// How long a connection to a guest port may take.
+const TCP_CONNECT: Duration = Duration::from_secs(5);
+
+/// Connects to `port` on the guest's loopback (IPv4, then IPv6), answers, and
+/// carries both directions until each ends.
+fn forward(mut conn: UnixStream, port: u32) {
+    let reply = |conn: &mut UnixStream, error: Option<RequestError>| {
+        write_frame(
+            conn,
+            &v1::AttachReply {
+                error: error.map(|e| e.to_proto()),
+            },
+        )
+        .is_ok()
+    };
+    let Some(port) = u16::try_from(port).ok().filter(|&p| p != 0) else {
+        reply(
+            &mut conn,
+            Some(RequestError::InvalidArgument(format!(
+                "port {port} is not between 1 and 65535"
+            ))),
+        );
+        return;
+    };
+    let mut tcp = None;
+    let mut failure = None;
+    for addr in [
+        SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        SocketAddr::from((Ipv6Addr::LOCALHOST, port)),
+    ] {
+        match TcpStream::connect_timeout(&addr, TCP_CONNECT) {
+            Ok(t) => {
+                tcp = Some(t);
+                break;
+            }
+            Err(e) => failure = Some(e),
+        }
+    }
+    let Some(tcp) = tcp else {
+        let why = failure.map(|e| e.to_string()).unwrap_or_default();
+        reply(
+            &mut conn,
+            Some(RequestError::FailedPrecondition(format!(
+                "nothing accepts connections on port {port} in the pod: {why}"
+            ))),
+        );
+        return;
+    };
+    if !reply(&mut conn, None) {
+        return;
+    }
+    let (Ok(conn_in), Ok(mut tcp_out)) = (conn.try_clone(), tcp.try_clone()) else {
+        return;
+    };
+    let inbound = thread::Builder::new().name("tcp-in".into()).spawn(move || {
+        let mut conn_in = conn_in;
+        let _ = copy_until_end(&mut conn_in, &mut tcp_out);
+        let _ = tcp_out.shutdown(Shutdown::Write);
+    });
+    let (mut tcp, mut conn) = (tcp, conn);
+    let _ = copy_until_end(&mut tcp, &mut conn);
+    let _ = conn.shutdown(Shutdown::Write);
+    if let Ok(inbound) = inbound {
+        let _ = inbound.join();
+    }
+    let _ = conn.shutdown(Shutdown::Both);
 }
 
 /// Copies until EOF; a pty master's EIO counts as EOF. Returns on any other error of
@@ -157,6 +231,7 @@ mod tests {
                 container_id: container.into(),
                 exec_id: String::new(),
                 stream: stream as i32,
+                port: 0,
             },
         )
         .unwrap();
@@ -231,6 +306,64 @@ mod tests {
             reply.error.map(|e| e.code),
             Some(Code::InvalidArgument as i32)
         );
+    }
+
+    fn forward_to(agent: &Arc<Agent<FakeRuntime>>, port: u32) -> (UnixStream, v1::AttachReply) {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let agent = Arc::clone(agent);
+        thread::spawn(move || serve_stream(&*agent, guest));
+        write_frame(
+            &mut host,
+            &v1::Attach {
+                stream: Stream::Tcp as i32,
+                port,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let reply: v1::AttachReply = read_frame(&mut host).unwrap();
+        (host, reply)
+    }
+
+    #[test]
+    fn tcp_streams_reach_a_loopback_port_both_ways() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let echo = thread::spawn(move || {
+            let (mut c, _) = listener.accept().unwrap();
+            let mut got = Vec::new();
+            c.read_to_end(&mut got).unwrap();
+            c.write_all(&got).unwrap();
+            c.write_all(b" back").unwrap();
+        });
+        let (mut host, reply) = forward_to(&agent, u32::from(port));
+        assert_eq!(reply.error, None);
+        host.write_all(b"ping").unwrap();
+        host.shutdown(Shutdown::Write).unwrap();
+        let mut text = String::new();
+        host.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "ping back");
+        echo.join().unwrap();
+    }
+
+    #[test]
+    fn tcp_streams_to_nothing_or_nowhere_are_refused() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = closed.local_addr().unwrap().port();
+        drop(closed);
+        let (_, reply) = forward_to(&agent, u32::from(port));
+        let e = reply.error.unwrap();
+        assert_eq!(e.code, Code::FailedPrecondition as i32);
+        assert!(e.message.contains(&format!("port {port}")), "{}", e.message);
+        for bad in [0, 65536, u32::MAX] {
+            let (_, reply) = forward_to(&agent, bad);
+            assert_eq!(
+                reply.error.map(|e| e.code),
+                Some(Code::InvalidArgument as i32)
+            );
+        }
     }
 
     #[test]

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use atoll_cri::cri::client::{spec, Client};
+use atoll_cri::cri::stream::client::{self as streaming, Transport};
+use atoll_cri::cri::stream::{Outcome, TerminalSize};
 use clap::{Parser, Subcommand};
 use k8s_cri::v1 as cri;
 
@@ -85,12 +87,57 @@ enum Cmd {
         state: Option<String>,
     },
     /// ExecSync: exits with the command's status.
+    /// ExecSync; with -i, -t or --stream, Exec through the streaming server
+    /// (stdin from ours with -i, a terminal with -t).
     Exec {
         #[arg(long, default_value_t = 0)]
         timeout: i64,
+        /// Send our stdin to the command.
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        /// Give the command a terminal (its stdout and stderr are one stream).
+        #[arg(short = 't', long)]
+        tty: bool,
+        /// Exec through the streaming server even without -i or -t.
+        #[arg(long)]
+        stream: bool,
+        /// The framing of the streaming connection.
+        #[arg(long, value_enum, default_value = "spdy")]
+        transport: Transport,
+        /// The terminal size sent with -t (default: ours, or 80x24).
+        #[arg(long, value_name = "COLSxROWS")]
+        size: Option<String>,
+        /// Print the streaming URL instead of using it.
+        #[arg(long)]
+        print_url: bool,
         id: String,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
+    },
+    /// Attach to a running container's stdio (stdin with -i).
+    Attach {
+        #[arg(short = 'i', long)]
+        stdin: bool,
+        #[arg(short = 't', long)]
+        tty: bool,
+        #[arg(long, value_enum, default_value = "spdy")]
+        transport: Transport,
+        #[arg(long, value_name = "COLSxROWS")]
+        size: Option<String>,
+        #[arg(long)]
+        print_url: bool,
+        id: String,
+    },
+    /// PortForward: listens on 127.0.0.1:LOCAL and carries every connection to
+    /// REMOTE in the sandbox, until killed.
+    PortForward {
+        #[arg(long, value_enum, default_value = "spdy")]
+        transport: Transport,
+        #[arg(long)]
+        print_url: bool,
+        pod: String,
+        /// LOCAL:REMOTE (LOCAL 0: any free port, printed as `listening=PORT`).
+        ports: String,
     },
     /// ContainerStats.
     Stats { id: String },
@@ -163,6 +210,58 @@ fn show<T: serde::Serialize>(json: bool, v: &T, lines: &[(&str, String)]) {
         for (k, v) in lines {
             println!("{k}={v}");
         }
+    }
+}
+
+/// Runs a remotecommand session with our stdio; the command's exit code is ours.
+fn remote_command(
+    url: &str,
+    transport: Transport,
+    stdin: bool,
+    tty: bool,
+    size: Option<&str>,
+) -> anyhow::Result<u8> {
+    let mut out = std::io::stdout();
+    let mut err = std::io::stderr();
+    let given = size
+        .map(|s| {
+            s.split_once('x')
+                .and_then(|(w, h)| Some((w.parse().ok()?, h.parse().ok()?)))
+                .map(|(width, height)| TerminalSize { width, height })
+                .ok_or_else(|| anyhow::anyhow!("--size {s}: give COLSxROWS, as 120x40"))
+        })
+        .transpose()?;
+    let size = tty.then(|| {
+        rustix::termios::tcgetwinsize(std::io::stdin())
+            .ok()
+            .filter(|w| w.ws_col > 0)
+            .map_or(
+                TerminalSize {
+                    width: 80,
+                    height: 24,
+                },
+                |w| TerminalSize {
+                    width: w.ws_col,
+                    height: w.ws_row,
+                },
+            )
+    });
+    let size = given.or(size);
+    let outcome = streaming::remote_command(
+        url,
+        transport,
+        streaming::Stdio {
+            stdin: stdin.then(|| Box::new(std::io::stdin()) as Box<dyn std::io::Read + Send>),
+            stdout: Some(&mut out),
+            stderr: (!tty).then_some(&mut err as &mut (dyn std::io::Write + Send)),
+            tty,
+            size,
+        },
+    )?;
+    match outcome {
+        Outcome::Success => Ok(0),
+        Outcome::Exited(code) => Ok(u8::try_from(code.clamp(0, 255)).unwrap_or(255)),
+        Outcome::Failed(m) => Err(anyhow::anyhow!("{m}")),
     }
 }
 
@@ -458,7 +557,130 @@ async fn run(args: Args) -> anyhow::Result<u8> {
                 }
             }
         }
-        Cmd::Exec { timeout, id, cmd } => {
+        Cmd::Exec {
+            timeout,
+            stdin,
+            tty,
+            stream,
+            transport,
+            size,
+            print_url,
+            id,
+            cmd,
+        } if stdin || tty || stream || print_url => {
+            let _ = timeout;
+            let url = c
+                .runtime
+                .exec(cri::ExecRequest {
+                    container_id: id,
+                    cmd,
+                    tty,
+                    stdin,
+                    stdout: true,
+                    stderr: !tty,
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .url;
+            if print_url {
+                println!("{url}");
+                return Ok(0);
+            }
+            return remote_command(&url, transport, stdin, tty, size.as_deref());
+        }
+        Cmd::Attach {
+            stdin,
+            tty,
+            transport,
+            size,
+            print_url,
+            id,
+        } => {
+            let url = c
+                .runtime
+                .attach(cri::AttachRequest {
+                    container_id: id,
+                    stdin,
+                    tty,
+                    stdout: true,
+                    stderr: !tty,
+                })
+                .await
+                .map_err(status_line)?
+                .into_inner()
+                .url;
+            if print_url {
+                println!("{url}");
+                return Ok(0);
+            }
+            return remote_command(&url, transport, stdin, tty, size.as_deref());
+        }
+        Cmd::PortForward {
+            transport,
+            print_url,
+            pod,
+            ports,
+        } => {
+            let (local, remote) = ports
+                .split_once(':')
+                .and_then(|(l, r)| Some((l.parse::<u16>().ok()?, r.parse::<u16>().ok()?)))
+                .ok_or_else(|| anyhow::anyhow!("ports: give LOCAL:REMOTE, as 8080:80"))?;
+            let request = cri::PortForwardRequest {
+                pod_sandbox_id: pod,
+                port: vec![i32::from(remote)],
+            };
+            if print_url {
+                let r = c
+                    .runtime
+                    .port_forward(request)
+                    .await
+                    .map_err(status_line)?
+                    .into_inner();
+                println!("{}", r.url);
+                return Ok(0);
+            }
+            let listener = std::net::TcpListener::bind(("127.0.0.1", local))?;
+            let url = |r: cri::PortForwardResponse| r.url;
+            let mut spdy = None;
+            if transport == Transport::Spdy {
+                let u = url(c
+                    .runtime
+                    .port_forward(request.clone())
+                    .await
+                    .map_err(status_line)?
+                    .into_inner());
+                spdy = Some(streaming::SpdyForwarder::connect(&u)?);
+            }
+            println!("listening={}", listener.local_addr()?.port());
+            use std::io::Write;
+            std::io::stdout().flush()?;
+            for conn in listener.incoming() {
+                let conn = conn?;
+                match &spdy {
+                    Some(f) => f.forward(conn, remote)?,
+                    None => {
+                        // A WebSocket carries one connection: a new URL for each.
+                        let u = url(c
+                            .runtime
+                            .port_forward(request.clone())
+                            .await
+                            .map_err(status_line)?
+                            .into_inner());
+                        let u = format!("{u}?port={remote}");
+                        std::thread::spawn(move || {
+                            if let Err(e) = streaming::ws_forward(&u, conn) {
+                                eprintln!("atoll-crictl: port-forward: {e}");
+                            }
+                        });
+                    }
+                }
+            }
+            return Ok(0);
+        }
+        Cmd::Exec {
+            timeout, id, cmd, ..
+        } => {
             let r = c
                 .runtime
                 .exec_sync(cri::ExecSyncRequest {

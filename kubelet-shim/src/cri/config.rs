@@ -20,6 +20,9 @@
 //! [cni]
 //! conf_dir = "/etc/cni/net.d"
 //! bin_dirs = ["/opt/cni/bin", "/usr/lib/cni"]
+//!
+//! [streaming]
+//! address = "127.0.0.1:0"
 //! ```
 
 use std::collections::BTreeMap;
@@ -74,6 +77,25 @@ pub struct Config {
     pub agent_timeout_secs: u64,
     /// Pod networks.
     pub cni: CniConfig,
+    /// The server Exec, Attach and PortForward URLs lead to.
+    pub streaming: StreamingConfig,
+}
+
+/// The streaming server (containerd's `stream_server_address` and `_port`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamingConfig {
+    /// `host:port` it listens on; port 0 lets the kernel choose. Only kubelet
+    /// (on this node) needs to reach it: the default is the loopback.
+    pub address: String,
+}
+
+impl Default for StreamingConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:0".into(),
+        }
+    }
 }
 
 /// Where the CNI network list and plugins are (containerd's `conf_dir` and
@@ -140,6 +162,7 @@ impl Default for Config {
             registry: RegistryConfig::default(),
             agent_timeout_secs: 60,
             cni: CniConfig::default(),
+            streaming: StreamingConfig::default(),
         }
     }
 }
@@ -226,6 +249,17 @@ impl Config {
             return Err(format!(
                 "socket = {:?}: a Unix socket path has at most 100 bytes",
                 self.socket
+            ));
+        }
+        if self
+            .streaming
+            .address
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+        {
+            return Err(format!(
+                "streaming.address = {:?}: give an IP address and a port, as \"127.0.0.1:0\"",
+                self.streaming.address
             ));
         }
         let s = &self.sandbox;
@@ -351,6 +385,8 @@ mod tests {
                 "http://",
             ),
             ("agent_timeout_secs = \"x\"", "agent_timeout_secs"),
+            ("[streaming]\naddress = \"localhost\"", "streaming.address"),
+            ("[streaming]\nport = 1", "unknown field `port`"),
         ] {
             let e = Config::parse(Path::new("/c.toml"), text)
                 .unwrap_err()

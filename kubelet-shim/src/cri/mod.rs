@@ -8,6 +8,7 @@
 //! - `logs`: container output in the CRI log format;
 //! - `cni`: pod networks through the node's CNI plugins;
 //! - `events`: container events for GetContainerEvents;
+//! - `stream`: the streaming server of Exec, Attach and PortForward;
 //! - `client`: a connection to a CRI socket (atoll-crictl, the tests).
 //!
 //! The API types come from the `k8s-cri` crate (CRI v1, generated at build time).
@@ -21,6 +22,7 @@ pub mod logs;
 pub mod runtime;
 pub mod server;
 pub mod store;
+pub mod stream;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -38,6 +40,12 @@ pub enum ServeError {
     #[error("cannot listen on {path}: {source}")]
     Bind {
         path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the streaming server cannot listen on {address}: {source}; set [streaming] address")]
+    Streaming {
+        address: String,
         #[source]
         source: std::io::Error,
     },
@@ -72,16 +80,22 @@ pub fn bind(socket: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     Ok(l)
 }
 
-/// Serves the RuntimeService and the ImageService on `listener` until `shutdown`.
+/// Serves the RuntimeService and the ImageService on `listener` until `shutdown`,
+/// with the streaming server on `cfg.streaming.address`.
 pub async fn serve(
     server: Arc<server::Server>,
     listener: tokio::net::UnixListener,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ServeError> {
+    let address = server.cfg.streaming.address.clone();
+    let streaming = stream::server::Streaming::start(&address, Arc::clone(&server))
+        .map_err(|source| ServeError::Streaming { address, source })?;
+    tracing::info!("streaming server on http://{}", streaming.address());
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
         .add_service(RuntimeServiceServer::new(runtime::Runtime {
             server: Arc::clone(&server),
+            streaming,
         }))
         .add_service(ImageServiceServer::new(images::Images { server }))
         .serve_with_incoming_shutdown(incoming, shutdown)

@@ -11,6 +11,10 @@ use tonic::{Request, Response, Status};
 use super::cni;
 use super::server::{ContainerRequest, CriError, SandboxRequest, Server};
 use super::store::{self, ContainerRecord, ContainerState, Meta, SandboxRecord, SandboxState};
+use super::stream::attach::AttachSpec;
+use super::stream::exec::ExecSpec;
+use super::stream::portforward::PortForwardSpec;
+use super::stream::server::{Request as StreamRequest, Streaming};
 use atoll_agent_proto::v1;
 
 /// The CRI version kubelet asks for and we answer.
@@ -398,6 +402,7 @@ fn event_response(
 #[derive(Debug, Clone)]
 pub struct Runtime {
     pub server: Arc<Server>,
+    pub streaming: Arc<Streaming>,
 }
 
 fn unimplemented(what: &str) -> Status {
@@ -610,6 +615,7 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
             log_path: config.log_path,
             tty: config.tty,
             stdin: config.stdin,
+            stdin_once: config.stdin_once,
             readonly_rootfs: sc.is_some_and(|s| s.readonly_rootfs),
             resources: resources(linux.resources.as_ref()),
             security: security(sc).map_err(status)?,
@@ -730,23 +736,84 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
 
     async fn exec(
         &self,
-        _: Request<cri::ExecRequest>,
+        request: Request<cri::ExecRequest>,
     ) -> Result<Response<cri::ExecResponse>, Status> {
-        Err(unimplemented("Exec (the streaming server)"))
+        let r = request.into_inner();
+        let spec = ExecSpec {
+            container_id: r.container_id,
+            cmd: r.cmd,
+            tty: r.tty,
+            stdin: r.stdin,
+            stdout: r.stdout,
+            stderr: r.stderr,
+        };
+        spec.validate().map_err(status)?;
+        let server = Arc::clone(&self.server);
+        let id = spec.container_id.clone();
+        blocking(move || server.exec_target(&id).map(|_| ())).await?;
+        let url = self
+            .streaming
+            .url(StreamRequest::Exec(spec))
+            .map_err(status)?;
+        Ok(Response::new(cri::ExecResponse { url }))
     }
 
     async fn attach(
         &self,
-        _: Request<cri::AttachRequest>,
+        request: Request<cri::AttachRequest>,
     ) -> Result<Response<cri::AttachResponse>, Status> {
-        Err(unimplemented("Attach (the streaming server)"))
+        let r = request.into_inner();
+        let spec = AttachSpec {
+            container_id: r.container_id,
+            stdin: r.stdin,
+            tty: r.tty,
+            stdout: r.stdout,
+            stderr: r.stderr,
+        };
+        spec.validate().map_err(status)?;
+        let server = Arc::clone(&self.server);
+        let id = spec.container_id.clone();
+        let want_stdin = spec.stdin;
+        blocking(move || {
+            let c = server.container(&id)?;
+            server.attach_hub(&id)?;
+            if want_stdin && !c.stdin {
+                return Err(CriError::InvalidArgument(format!(
+                    "container {id} was not created with stdin: attach without it"
+                )));
+            }
+            Ok(())
+        })
+        .await?;
+        let url = self
+            .streaming
+            .url(StreamRequest::Attach(spec))
+            .map_err(status)?;
+        Ok(Response::new(cri::AttachResponse { url }))
     }
 
     async fn port_forward(
         &self,
-        _: Request<cri::PortForwardRequest>,
+        request: Request<cri::PortForwardRequest>,
     ) -> Result<Response<cri::PortForwardResponse>, Status> {
-        Err(unimplemented("PortForward (the streaming server)"))
+        let r = request.into_inner();
+        let ports = r
+            .port
+            .iter()
+            .map(|&p| u16::try_from(p).ok().filter(|&p| p != 0))
+            .collect::<Option<Vec<u16>>>()
+            .ok_or_else(|| Status::invalid_argument("a port is not between 1 and 65535"))?;
+        let server = Arc::clone(&self.server);
+        let id = r.pod_sandbox_id.clone();
+        blocking(move || server.ready_sandbox(&id).map(|_| ())).await?;
+        let url = self
+            .streaming
+            .url(StreamRequest::PortForward(PortForwardSpec {
+                sandbox_id: r.pod_sandbox_id,
+                ports,
+            }))
+            .map_err(status)?;
+        Ok(Response::new(cri::PortForwardResponse { url }))
     }
 
     async fn container_stats(

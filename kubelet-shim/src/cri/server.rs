@@ -30,6 +30,7 @@ use super::store::{
     self, ContainerRecord, ContainerState, Meta, NetworkRecord, SandboxRecord, SandboxState, Slot,
     Store,
 };
+use super::stream::attach::{Hub, Tee};
 use crate::agent::{AgentClient, AgentError};
 use crate::pod::image::{self, ImageRootfs, RootfsFrom};
 use crate::pod::netns::NetNs;
@@ -102,7 +103,7 @@ pub fn clean_message(s: &str) -> String {
     out
 }
 
-fn agent_error(what: &str, e: &AgentError) -> CriError {
+pub(crate) fn agent_error(what: &str, e: &AgentError) -> CriError {
     let m = clean_message(&format!("{what}: {e}"));
     match e.code() {
         Some(v1::error::Code::InvalidArgument) => CriError::InvalidArgument(m),
@@ -145,6 +146,8 @@ struct State {
     containers: HashMap<String, ContainerRecord>,
     /// Log files of running containers (ReopenContainerLog).
     logs: HashMap<String, SharedLog>,
+    /// The stdio of running containers, for Attach.
+    hubs: HashMap<String, Arc<Hub>>,
     /// One lock per sandbox for its slots and its start/stop.
     locks: HashMap<String, Arc<Mutex<()>>>,
 }
@@ -283,6 +286,7 @@ pub struct ContainerRequest {
     pub log_path: String,
     pub tty: bool,
     pub stdin: bool,
+    pub stdin_once: bool,
     pub readonly_rootfs: bool,
     pub resources: v1::Resources,
     pub security: v1::Security,
@@ -1003,6 +1007,7 @@ impl Server {
             log_path,
             tty: req.tty,
             stdin: req.stdin,
+            stdin_once: req.stdin_once,
             env: process.env,
             cwd: process.cwd,
             user: process.user,
@@ -1187,18 +1192,41 @@ impl Server {
                 (v1::attach::Stream::Stderr, logs::Stream::Stderr),
             ]
         };
-        let mut pumps = Vec::new();
+        let attach_err = |e: crate::agent::AttachError| {
+            CriError::Unavailable(clean_message(&format!(
+                "attaching to the container's stdio: {e}"
+            )))
+        };
+        let mut outputs = Vec::new();
         for (s, out) in streams {
-            let stream = handle.attach(id, "", s).map_err(|e| {
-                CriError::Unavailable(clean_message(&format!(
-                    "attaching to the container's output: {e}"
-                )))
-            })?;
+            outputs.push((handle.attach(id, "", s).map_err(attach_err)?, out));
+        }
+        // Its stdin is held from the start: attach sessions come and go.
+        let stdin =
+            match (c.stdin, c.tty) {
+                (false, _) => None,
+                (true, true) => Some(outputs[0].0.try_clone().map_err(|e| {
+                    CriError::Internal(format!("cloning the terminal's socket: {e}"))
+                })?),
+                (true, false) => Some(
+                    handle
+                        .attach(id, "", v1::attach::Stream::Stdin)
+                        .map_err(attach_err)?,
+                ),
+            };
+        let hub = Arc::new(Hub::new(stdin, c.stdin_once, c.tty));
+        let mut pumps = Vec::new();
+        for (stream, out) in outputs {
             let log = log.clone();
+            let mut tee = Tee {
+                inner: stream,
+                hub: Arc::clone(&hub),
+                stream: out,
+            };
             pumps.push(std::thread::spawn(move || match log {
-                Some(l) => logs::copy(stream, out, &l),
+                Some(l) => logs::copy(tee, out, &l),
                 None => {
-                    let _ = std::io::copy(&mut &stream, &mut std::io::sink());
+                    let _ = std::io::copy(&mut tee, &mut std::io::sink());
                 }
             }));
         }
@@ -1224,6 +1252,7 @@ impl Server {
         if let Some(l) = log {
             self.state().logs.insert(id.to_owned(), l);
         }
+        self.state().hubs.insert(id.to_owned(), Arc::clone(&hub));
         let me = Arc::clone(self);
         let cid = id.to_owned();
         std::thread::spawn(move || me.wait_exit(&cid, pumps));
@@ -1263,6 +1292,9 @@ impl Server {
             }
         }
         self.state().logs.remove(id);
+        if let Some(hub) = self.state().hubs.remove(id) {
+            hub.end();
+        }
         // The agent's connection failing usually means the VM is gone: say that.
         let vm_gone = waited.is_err() && {
             let deadline = Instant::now() + Duration::from_millis(500);
@@ -1430,6 +1462,39 @@ impl Server {
                 "container {id} has no log file"
             ))),
         }
+    }
+
+    /// A running container and its sandbox, for a new process in it.
+    pub fn exec_target(&self, id: &str) -> CriResult<(ContainerRecord, SandboxRecord)> {
+        let c = self.container(id)?;
+        if c.state != ContainerState::Running {
+            return Err(CriError::FailedPrecondition(format!(
+                "container {id} is not running"
+            )));
+        }
+        let sandbox = self.sandbox(&c.sandbox_id)?;
+        Ok((c, sandbox))
+    }
+
+    /// A ready sandbox (port-forward).
+    pub fn ready_sandbox(&self, id: &str) -> CriResult<SandboxRecord> {
+        let s = self.sandbox(id)?;
+        if s.state != SandboxState::Ready {
+            return Err(CriError::FailedPrecondition(format!(
+                "sandbox {id} is not ready"
+            )));
+        }
+        Ok(s)
+    }
+
+    /// A running container's stdio, for Attach.
+    pub fn attach_hub(&self, id: &str) -> CriResult<Arc<Hub>> {
+        self.container(id)?;
+        self.state()
+            .hubs
+            .get(id)
+            .cloned()
+            .ok_or_else(|| CriError::FailedPrecondition(format!("container {id} is not running")))
     }
 
     /// ExecSync: runs `cmd` in the container, returns its output and exit code;
@@ -1615,7 +1680,7 @@ fn is_timeout(e: &AgentError) -> bool {
 }
 
 /// A control connection to the sandbox's agent, with a deadline per call.
-fn agent(sandbox: &SandboxRecord) -> CriResult<AgentClient> {
+pub(crate) fn agent(sandbox: &SandboxRecord) -> CriResult<AgentClient> {
     let c =
         AgentClient::connect(&sandbox.pod_dir.join("vsock.sock"), AGENT_CONNECT).map_err(|e| {
             CriError::Unavailable(clean_message(&format!(
@@ -1740,7 +1805,19 @@ fn remove_pod_dir(dir: &Path) {
 }
 
 #[cfg(test)]
-mod tests {
+impl Server {
+    /// Puts records in place as if they had been made (streaming tests).
+    pub(crate) fn adopt_for_test(&self, s: SandboxRecord, cs: Vec<ContainerRecord>) {
+        let mut st = self.state();
+        st.sandboxes.insert(s.id.clone(), s);
+        for c in cs {
+            st.containers.insert(c.id.clone(), c);
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
     use super::*;
     use atoll_image::oci::convert::GuestConfig;
 
@@ -1795,7 +1872,7 @@ mod tests {
         ));
     }
 
-    fn server(dir: &Path) -> Server {
+    pub(crate) fn server(dir: &Path) -> Server {
         let cfg = Config {
             state_dir: dir.join("state"),
             run_dir: dir.join("run"),
@@ -1809,7 +1886,7 @@ mod tests {
         Server::new(cfg, a, dir.join("images")).unwrap()
     }
 
-    fn sandbox(id: &str, state: SandboxState, pid: Option<u32>) -> SandboxRecord {
+    pub(crate) fn sandbox(id: &str, state: SandboxState, pid: Option<u32>) -> SandboxRecord {
         SandboxRecord {
             id: id.into(),
             meta: Meta {
@@ -1838,7 +1915,7 @@ mod tests {
         }
     }
 
-    fn container(id: &str, sandbox: &str, state: ContainerState) -> ContainerRecord {
+    pub(crate) fn container(id: &str, sandbox: &str, state: ContainerState) -> ContainerRecord {
         ContainerRecord {
             id: id.into(),
             sandbox_id: sandbox.into(),
@@ -1852,6 +1929,7 @@ mod tests {
             log_path: String::new(),
             tty: false,
             stdin: false,
+            stdin_once: false,
             env: Vec::new(),
             cwd: "/".into(),
             user: String::new(),

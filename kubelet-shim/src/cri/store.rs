@@ -114,6 +114,9 @@ pub struct ContainerRecord {
     pub log_path: String,
     pub tty: bool,
     pub stdin: bool,
+    /// Stdin closes when the first attach session that had it ends.
+    #[serde(default)]
+    pub stdin_once: bool,
     /// What exec processes start from.
     pub env: Vec<String>,
     pub cwd: String,

@@ -526,9 +526,26 @@ pub fn attach_with_timeout(
         container_id: container_id.to_owned(),
         exec_id: exec_id.to_owned(),
         stream: stream as i32,
-        port: 0,
+        ..Default::default()
     };
     stream_connection(vsock_uds, req, timeout)
+}
+
+/// Takes over the output `stream` (STDOUT, STDERR or TTY) of a container's init
+/// from the host that attached it before (a restarted atoll-cri): the guest kept
+/// what that host did not take.
+pub fn reattach(
+    vsock_uds: &Path,
+    container_id: &str,
+    stream: v1::attach::Stream,
+) -> Result<UnixStream, AttachError> {
+    let req = v1::Attach {
+        container_id: container_id.to_owned(),
+        stream: stream as i32,
+        take_over: true,
+        ..Default::default()
+    };
+    stream_connection(vsock_uds, req, ATTACH_TIMEOUT)
 }
 
 /// A TCP connection to `port` on the guest's loopback, made by the agent

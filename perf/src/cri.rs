@@ -16,12 +16,21 @@
 //! containerd runs chrooted in a bind mount of it; and it uses the `native`
 //! snapshotter (a copy of the image per container instead of an overlay mount, which
 //! the node has no module for; busybox is 1 MB). Both are said in the JSON.
+//!
+//! Then exec, on one running pod of each: ExecSync of `true`; streaming Exec of
+//! `true` over SPDY and over WebSocket (the RPC, the connection to the runtime's
+//! streaming server, the command, its status); and 8 MiB of stdout through a
+//! streaming Exec. The same Rust client talks to both streaming servers
+//! (containerd's is kubelet's own streaming library), so the exit codes and byte
+//! counts checked here are an interoperability test too.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use atoll_cri::cri::client::Client;
+use atoll_cri::cri::stream::client as streaming;
+use atoll_cri::cri::stream::Outcome;
 use atoll_node::Runner;
 use k8s_cri::v1 as cri;
 use serde_json::{json, Value};
@@ -191,7 +200,7 @@ fn outer_in(args: &Args, work: &Path) -> anyhow::Result<Value> {
         // oops in kvm's apic_has_pending_timer, three boots in a row with 2 CPUs).
         .node_size(4096, 1)
         .timeout(Duration::from_secs(
-            300 + u64::from(args.runs) * 40 + u64::from(args.parallel * args.parallel_rounds) * 30,
+            300 + u64::from(args.runs) * 70 + u64::from(args.parallel * args.parallel_rounds) * 30,
         ))
         .on_line(|_, line| {
             if !line.starts_with(JSON_PREFIX) {
@@ -243,6 +252,214 @@ fn print_table(r: &Value) {
         r["parallel"]["containerd_median_ms"],
         r["parallel"]["ratio_median"]
     );
+    let e = &r["exec"];
+    println!(
+        "exec on a running pod, median (min..max) of {} runs:",
+        e["runs"]
+    );
+    for (what, key, unit) in [
+        ("ExecSync true", "exec_sync_true_ms", "ms"),
+        ("Exec true, SPDY", "exec_spdy_true_ms", "ms"),
+        ("Exec true, WebSocket", "exec_websocket_true_ms", "ms"),
+        ("8 MiB stdout, SPDY", "stdout_mb_per_s", "MB/s"),
+    ] {
+        let cell = |rt: &str| {
+            let v = &e[rt][key];
+            format!("{} {unit} ({}..{})", v["median"], v["min"], v["max"])
+        };
+        println!(
+            "  {what:<24} atoll-cri {:<26} containerd {}",
+            cell("atoll"),
+            cell("containerd")
+        );
+    }
+}
+
+/// Bytes of stdout the throughput exec writes.
+const EXEC_BYTES: u64 = 8 << 20;
+
+/// Counts what is written to it.
+struct Count(u64);
+
+impl std::io::Write for Count {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0 += b.len() as u64;
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A streaming Exec of `cmd` through `transport`: the RPC, then the session on a
+/// blocking thread. Returns its outcome and the stdout bytes.
+async fn exec_stream(
+    c: &mut Client,
+    ctr: &str,
+    cmd: &[&str],
+    transport: streaming::Transport,
+) -> anyhow::Result<(Outcome, u64)> {
+    let url = c
+        .runtime
+        .exec(cri::ExecRequest {
+            container_id: ctr.to_owned(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            tty: false,
+            stdin: false,
+            stdout: true,
+            stderr: true,
+        })
+        .await
+        .context("Exec")?
+        .into_inner()
+        .url;
+    tokio::task::spawn_blocking(move || {
+        let (mut out, mut err) = (Count(0), Count(0));
+        let o = streaming::remote_command(
+            &url,
+            transport,
+            streaming::Stdio {
+                stdin: None,
+                stdout: Some(&mut out),
+                stderr: Some(&mut err),
+                tty: false,
+                size: None,
+            },
+        )?;
+        Ok((o, out.0))
+    })
+    .await?
+}
+
+/// Exec latency and throughput on one running pod of each runtime, alternating.
+async fn exec_bench(
+    atoll: &mut Client,
+    containerd: &mut Client,
+    runs: u32,
+) -> anyhow::Result<Value> {
+    let mut pods = Vec::new();
+    for (r, c) in [(Rt::Atoll, &mut *atoll), (Rt::Containerd, &mut *containerd)] {
+        let s = start_pod(c, &format!("{}-exec", r.name())).await?;
+        let ctr = c
+            .runtime
+            .list_containers(cri::ListContainersRequest {
+                filter: Some(cri::ContainerFilter {
+                    pod_sandbox_id: s.pod.clone(),
+                    ..Default::default()
+                }),
+            })
+            .await?
+            .into_inner()
+            .containers
+            .into_iter()
+            .next()
+            .map(|c| c.id)
+            .context("the exec pod's container")?;
+        pods.push((s.pod, ctr));
+    }
+    // [runtime][sync, spdy, websocket, throughput MB/s]
+    let mut v: [[Vec<f64>; 4]; 2] = Default::default();
+    for round in 0..=runs {
+        let order = if round % 2 == 0 {
+            [Rt::Atoll, Rt::Containerd]
+        } else {
+            [Rt::Containerd, Rt::Atoll]
+        };
+        for r in order {
+            let i = r as usize;
+            let c = match r {
+                Rt::Atoll => &mut *atoll,
+                Rt::Containerd => &mut *containerd,
+            };
+            let ctr = pods[i].1.clone();
+            let t = Instant::now();
+            let e = c
+                .runtime
+                .exec_sync(cri::ExecSyncRequest {
+                    container_id: ctr.clone(),
+                    cmd: vec!["true".into()],
+                    timeout: 30,
+                })
+                .await
+                .with_context(|| format!("{} ExecSync", r.name()))?
+                .into_inner();
+            let sync_ms = ms(t);
+            if e.exit_code != 0 {
+                bail!("{}: ExecSync true exited {}", r.name(), e.exit_code);
+            }
+            let mut stream_ms = [0.0; 2];
+            for (k, tr) in [streaming::Transport::Spdy, streaming::Transport::Websocket]
+                .into_iter()
+                .enumerate()
+            {
+                let t = Instant::now();
+                let (o, _) = exec_stream(c, &ctr, &["true"], tr)
+                    .await
+                    .with_context(|| format!("{} Exec over {tr:?}", r.name()))?;
+                stream_ms[k] = ms(t);
+                if o != Outcome::Success {
+                    bail!("{}: Exec true over {tr:?} ended {o:?}", r.name());
+                }
+            }
+            let n = EXEC_BYTES.to_string();
+            let t = Instant::now();
+            let (o, bytes) = exec_stream(
+                c,
+                &ctr,
+                &["head", "-c", &n, "/dev/zero"],
+                streaming::Transport::Spdy,
+            )
+            .await?;
+            let secs = t.elapsed().as_secs_f64();
+            if o != Outcome::Success || bytes != EXEC_BYTES {
+                bail!(
+                    "{}: the 8 MiB exec ended {o:?} with {bytes} bytes",
+                    r.name()
+                );
+            }
+            if round == 0 {
+                continue;
+            }
+            v[i][0].push(sync_ms);
+            v[i][1].push(stream_ms[0]);
+            v[i][2].push(stream_ms[1]);
+            v[i][3].push(EXEC_BYTES as f64 / secs / 1e6);
+        }
+    }
+    // The exit code travels on the error channel; both servers must say 3.
+    let mut codes = Vec::new();
+    for (r, c) in [(Rt::Atoll, &mut *atoll), (Rt::Containerd, &mut *containerd)] {
+        let (o, _) = exec_stream(
+            c,
+            &pods[r as usize].1,
+            &["sh", "-c", "exit 3"],
+            streaming::Transport::Spdy,
+        )
+        .await?;
+        if o != Outcome::Exited(3) {
+            bail!("{}: exit 3 came back as {o:?}", r.name());
+        }
+        codes.push(3);
+        remove_pod(c, &pods[r as usize].0).await?;
+    }
+    let stat = |x: &[f64]| -> Value {
+        match summarize(x) {
+            Some(s) => json!({"median": r1(s.median), "min": r1(s.min), "max": r1(s.max),
+                              "spread": r1(s.max - s.min)}),
+            None => Value::Null,
+        }
+    };
+    let mut out = json!({"runs": runs, "stdout_bytes": EXEC_BYTES, "exit_code_seen": codes});
+    for r in [Rt::Atoll, Rt::Containerd] {
+        let i = r as usize;
+        out[r.name()] = json!({
+            "exec_sync_true_ms": stat(&v[i][0]),
+            "exec_spdy_true_ms": stat(&v[i][1]),
+            "exec_websocket_true_ms": stat(&v[i][2]),
+            "stdout_mb_per_s": stat(&v[i][3]),
+        });
+    }
+    Ok(out)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -510,6 +727,7 @@ async fn inner_async(a: &InnerArgs) -> anyhow::Result<()> {
             }
         }
     }
+    let exec = exec_bench(&mut atoll, &mut containerd, a.runs).await?;
     let summary = |v: &[f64]| -> anyhow::Result<Value> {
         let s = summarize(v).context("no samples")?;
         Ok(json!({
@@ -544,6 +762,7 @@ async fn inner_async(a: &InnerArgs) -> anyhow::Result<()> {
         "containerd_samples_ms": wall[1].iter().map(|x| r1(*x)).collect::<Vec<_>>(),
         "ratio_median": ratio(median(&wall[0]), median(&wall[1])),
     });
+    out["exec"] = exec;
     out["containerd"]["version"] = json!(version.runtime_version);
     out["containerd"]["load_median_ms"] = json!({
         "runc --version": median(&load[0]),

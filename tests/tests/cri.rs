@@ -248,11 +248,19 @@ network() {
   echo "veths_after_peer=$(ls /sys/class/net | grep -c ^veth)"
   echo "netns_left=$(ls /run/atoll/cri/netns | wc -l)"
 }
+# The ticker writes a numbered line every 0.2 s: none may be lost while no server
+# runs (the guest holds them) and the log goes on after the restart.
 kill_server() {
-  kill -9 $(pidof atoll-cri); sleep 0.5
+  L=/tmp/logs/web/ticker/0.log
+  kill -9 $(pidof atoll-cri); sleep 2
   echo "vmms=$(pidof atoll-vmm | wc -w)"
+  last_before=$(sed -n 's/.* stdout F tick //p' $L | tail -1)
   start_cri || return 1
   $C pods; $C inspect $CA | grep state=; $C exec $CA -- echo still-here
+  sleep 2
+  last_after=$(sed -n 's/.* stdout F tick //p' $L | tail -1)
+  echo "ticks_while_down_and_after=$((last_after - last_before))"
+  echo "tick_gaps=$(sed -n 's/.* stdout F tick //p' $L | awk 'p && $1 != p+1 {g++} {p=$1} END {print g+0}')"
 }
 stop_grace() {
   t0=$(now_ms); $C stop -t 2 $CA; echo "rc=$?"; echo "stop_ms=$(( $(now_ms) - t0 ))"
@@ -809,6 +817,16 @@ fn pods_survive_a_killed_server_which_adopts_them_on_restart() {
     assert!(out.contains(" web SANDBOX_READY"), "{out}");
     assert_eq!(value_of(out, "state"), "CONTAINER_RUNNING");
     assert!(out.contains("still-here"), "{out}");
+    let more: u32 = value_of(out, "ticks_while_down_and_after").parse().unwrap();
+    assert!(
+        more >= 10,
+        "the container's output reaches its log again after the restart: {out}"
+    );
+    assert_eq!(
+        value_of(out, "tick_gaps"),
+        "0",
+        "no line written while no server ran was lost: {out}"
+    );
 }
 
 #[test]

@@ -14,8 +14,10 @@
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::io;
+use std::io::{self, Write};
+use std::net::Shutdown;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::Duration;
@@ -102,6 +104,124 @@ pub enum AttachError {
     },
 }
 
+/// Where the pump of a container init's output stream writes: the host
+/// connection attached now. A host that goes away (a restarting atoll-cri) leaves
+/// the pump holding its chunk and waiting: the process blocks once its pipe is
+/// full, nothing is lost, and a host that attaches again with `take_over` gets
+/// the rest.
+#[derive(Debug, Default)]
+pub struct OutputSink {
+    state: Mutex<SinkState>,
+    changed: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SinkState {
+    conn: Option<UnixStream>,
+    /// Bumped at every take-over, so that a failed write only drops the
+    /// connection it was made on.
+    generation: u64,
+    /// The process was removed: nobody will attach again.
+    closed: bool,
+    /// The output ended: a host attaching now gets its end at once.
+    finished: bool,
+}
+
+impl OutputSink {
+    fn state(&self) -> MutexGuard<'_, SinkState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Makes `conn` the host connection, closing the one it replaces (or `conn`
+    /// itself when the output has ended already).
+    pub fn attach(&self, conn: UnixStream) {
+        let old = {
+            let mut st = self.state();
+            st.generation += 1;
+            if st.finished || st.closed {
+                Some(conn)
+            } else {
+                st.conn.replace(conn)
+            }
+        };
+        if let Some(old) = old {
+            let _ = old.shutdown(Shutdown::Both);
+        }
+        self.changed.notify_all();
+    }
+
+    /// Writes `data` to the host, waiting for one while none is attached;
+    /// `false` once the sink is closed.
+    pub fn deliver(&self, data: &[u8]) -> bool {
+        loop {
+            let (conn, generation) = {
+                let mut st = self.state();
+                loop {
+                    if st.closed {
+                        return false;
+                    }
+                    if let Some(c) = st.conn.as_ref().and_then(|c| c.try_clone().ok()) {
+                        break (c, st.generation);
+                    }
+                    st = self
+                        .changed
+                        .wait(st)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            };
+            // A host that went away has closed its side; writing would still
+            // succeed once (the bytes would sit in the dead connection), so look
+            // first.
+            if !peer_closed(&conn) && (&conn).write_all(data).is_ok() {
+                return true;
+            }
+            let mut st = self.state();
+            if st.generation == generation {
+                if let Some(c) = st.conn.take() {
+                    let _ = c.shutdown(Shutdown::Both);
+                }
+            }
+        }
+    }
+
+    /// The output ended: the host sees EOF.
+    pub fn finish(&self) {
+        let mut st = self.state();
+        st.finished = true;
+        if let Some(c) = st.conn.take() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Nobody will attach again (the process is forgotten): a waiting pump ends.
+    pub fn close(&self) {
+        let mut st = self.state();
+        st.closed = true;
+        if let Some(c) = st.conn.take() {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        drop(st);
+        self.changed.notify_all();
+    }
+}
+
+/// Whether the peer of `conn` closed its side: a non-blocking peek reads end of
+/// file. Data waiting (a terminal's input) or nothing yet means it is there.
+fn peer_closed(conn: &UnixStream) -> bool {
+    let mut byte = 0u8;
+    // SAFETY: recv writes at most 1 byte into `byte`, which outlives the call; the
+    // fd is open for the duration (borrowed from `conn`).
+    let n = unsafe {
+        libc::recv(
+            conn.as_raw_fd(),
+            std::ptr::addr_of_mut!(byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n == 0
+}
+
 /// One registered process.
 #[derive(Debug)]
 pub struct Process {
@@ -118,6 +238,8 @@ pub struct Process {
     pty: Option<File>,
     state: Mutex<State>,
     ended: Condvar,
+    /// The output sinks of STDOUT, STDERR and TTY (used for a container's init).
+    sinks: [OutputSink; 3],
 }
 
 #[derive(Debug)]
@@ -149,6 +271,36 @@ impl Process {
                 attached: [false; 4],
             }),
             ended: Condvar::new(),
+            sinks: Default::default(),
+        }
+    }
+
+    /// The output sink of `stream` (STDOUT, STDERR or TTY).
+    pub fn sink(&self, stream: Stream) -> Option<&OutputSink> {
+        match stream {
+            Stream::Stdout => self.sinks.first(),
+            Stream::Stderr => self.sinks.get(1),
+            Stream::Tty => self.sinks.get(2),
+            _ => None,
+        }
+    }
+
+    /// Whether `stream` was attached once already.
+    pub fn was_attached(&self, stream: Stream) -> bool {
+        let slot = match stream {
+            Stream::Stdin => 0,
+            Stream::Stdout => 1,
+            Stream::Stderr => 2,
+            Stream::Tty => 3,
+            _ => return false,
+        };
+        self.state().attached.get(slot).copied().unwrap_or(false)
+    }
+
+    /// Closes every output sink (the process is forgotten).
+    pub fn close_sinks(&self) {
+        for s in &self.sinks {
+            s.close();
         }
     }
 
@@ -435,9 +587,13 @@ impl ProcessTable {
     /// Forgets every process of a container. Waiters keep their `Arc` and still get
     /// the status; unreaped ones stay with the reaper.
     pub fn remove_container(&self, container_id: &str) {
-        self.table()
-            .by_id
-            .retain(|(container, _), _| container != container_id);
+        self.table().by_id.retain(|(container, _), p| {
+            let keep = container != container_id;
+            if !keep {
+                p.close_sinks();
+            }
+            keep
+        });
     }
 
     /// Number of processes known by id.

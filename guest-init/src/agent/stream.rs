@@ -20,7 +20,7 @@ use atoll_agent_proto::v1::{self, attach::Stream};
 use atoll_agent_proto::{read_frame, validate_id, write_frame, FrameError};
 
 use super::conn::{Agent, RequestError};
-use super::process::{stream_of, AttachError};
+use super::process::{stream_of, AttachError, OutputSink};
 use super::ContainerRuntime;
 
 fn find_end<R: ContainerRuntime>(
@@ -70,6 +70,12 @@ pub fn serve_stream<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream)
     if attach.stream == Stream::Tcp as i32 {
         return forward(conn, attach.port);
     }
+    if attach.take_over {
+        match take_over(agent, &attach, conn) {
+            Ok(()) => return,
+            Err(c) => conn = c,
+        }
+    }
     let (stream, end) = match find_end(agent, &attach) {
         Ok(found) => found,
         Err(err) => {
@@ -85,11 +91,65 @@ pub fn serve_stream<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream)
     if write_frame(&mut conn, &v1::AttachReply { error: None }).is_err() {
         return;
     }
+    // A container's init keeps its output for a host that comes back; an exec
+    // process's output goes with its host.
+    let process = attach
+        .exec_id
+        .is_empty()
+        .then(|| agent.processes.get(&attach.container_id, ""))
+        .flatten();
+    let sink = process.as_ref().and_then(|p| p.sink(stream));
     match stream {
         Stream::Stdin => pump_in(conn, end),
-        Stream::Tty => pump_tty(conn, end),
-        _ => pump_out(end, conn),
+        Stream::Tty => pump_tty(conn, end, sink),
+        _ => pump_out(end, conn, sink),
     }
+}
+
+/// Moves an init's output stream that is attached already to `conn` (a host that
+/// restarted). Gives `conn` back when this is not such a stream, for the usual
+/// attach to answer.
+fn take_over<R: ContainerRuntime>(
+    agent: &Agent<R>,
+    attach: &v1::Attach,
+    mut conn: UnixStream,
+) -> Result<(), UnixStream> {
+    let Ok(stream) = stream_of(attach.stream) else {
+        return Err(conn);
+    };
+    if !attach.exec_id.is_empty() || validate_id(&attach.container_id).is_err() {
+        return Err(conn);
+    }
+    let Some(process) = agent.processes.get(&attach.container_id, "") else {
+        return Err(conn);
+    };
+    let Some(sink) = process.sink(stream) else {
+        return Err(conn);
+    };
+    if !process.was_attached(stream) {
+        return Err(conn);
+    }
+    // A terminal's input direction needs its own copy of the master.
+    let input = match stream {
+        Stream::Tty => match (
+            conn.try_clone(),
+            process.pty().and_then(|p| p.try_clone().ok()),
+        ) {
+            (Ok(c), Some(m)) => Some((c, m)),
+            _ => return Err(conn),
+        },
+        _ => None,
+    };
+    if write_frame(&mut conn, &v1::AttachReply { error: None }).is_err() {
+        return Ok(());
+    }
+    if let Some((mut from, mut master)) = input {
+        let _ = thread::Builder::new().name("tty-in".into()).spawn(move || {
+            let _ = copy_until_end(&mut from, &mut master);
+        });
+    }
+    sink.attach(conn);
+    Ok(())
 }
 
 /// How long a connection to a guest port may take.
@@ -176,10 +236,29 @@ fn copy_until_end(from: &mut impl Read, to: &mut impl Write) -> io::Result<()> {
     }
 }
 
-/// Process output to the host, then EOF.
-fn pump_out(mut end: File, mut conn: UnixStream) {
-    let _ = copy_until_end(&mut end, &mut conn);
-    let _ = conn.shutdown(Shutdown::Both);
+/// Process output to the host, then EOF. With a sink (a container's init), to
+/// whichever host is attached, waiting for one while none is.
+fn pump_out(mut end: File, mut conn: UnixStream, sink: Option<&OutputSink>) {
+    let Some(sink) = sink else {
+        let _ = copy_until_end(&mut end, &mut conn);
+        let _ = conn.shutdown(Shutdown::Both);
+        return;
+    };
+    sink.attach(conn);
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match end.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+            Err(_) => break,
+        };
+        if !sink.deliver(buf.get(..n).unwrap_or_default()) {
+            return;
+        }
+    }
+    sink.finish();
 }
 
 /// Host input to the process until the host half-closes; dropping `end` closes the
@@ -192,7 +271,7 @@ fn pump_in(mut conn: UnixStream, mut end: File) {
 
 /// Both directions of a terminal. When the terminal's output ends the socket is shut
 /// down both ways, which also ends the input direction.
-fn pump_tty(conn: UnixStream, master: File) {
+fn pump_tty(conn: UnixStream, master: File, sink: Option<&OutputSink>) {
     let (Ok(conn_in), Ok(master_in)) = (conn.try_clone(), master.try_clone()) else {
         let _ = conn.shutdown(Shutdown::Both);
         return;
@@ -201,7 +280,7 @@ fn pump_tty(conn: UnixStream, master: File) {
         let (mut conn, mut master) = (conn_in, master_in);
         let _ = copy_until_end(&mut conn, &mut master);
     });
-    pump_out(master, conn);
+    pump_out(master, conn, sink);
     if let Ok(input) = input {
         let _ = input.join();
     }
@@ -231,7 +310,7 @@ mod tests {
                 container_id: container.into(),
                 exec_id: String::new(),
                 stream: stream as i32,
-                port: 0,
+                ..Default::default()
             },
         )
         .unwrap();
@@ -306,6 +385,104 @@ mod tests {
             reply.error.map(|e| e.code),
             Some(Code::InvalidArgument as i32)
         );
+    }
+
+    fn take_over_attach(
+        agent: &Arc<Agent<FakeRuntime>>,
+        container: &str,
+        stream: Stream,
+    ) -> (UnixStream, v1::AttachReply) {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let agent = Arc::clone(agent);
+        thread::spawn(move || serve_stream(&*agent, guest));
+        write_frame(
+            &mut host,
+            &v1::Attach {
+                container_id: container.into(),
+                stream: stream as i32,
+                take_over: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let reply: v1::AttachReply = read_frame(&mut host).unwrap();
+        (host, reply)
+    }
+
+    #[test]
+    fn an_inits_output_waits_for_a_host_that_went_away_and_takes_over() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let mut session = Session { greeted: true };
+        agent.handle(
+            &mut session,
+            create_req("c", "echo one; read x; echo two; echo three", true),
+        );
+        let (mut out, reply, _) = attach(&agent, "c", Stream::Stdout);
+        assert_eq!(reply.error, None);
+        let mut first = [0u8; 4];
+        out.read_exact(&mut first).unwrap();
+        assert_eq!(&first, b"one\n");
+        // The host goes away. As the VMM tells it to the guest, its side is only
+        // half-closed (a write would still be accepted, and lost): the process
+        // writes more.
+        out.shutdown(Shutdown::Write).unwrap();
+        let (mut input, reply, _) = attach(&agent, "c", Stream::Stdin);
+        assert_eq!(reply.error, None);
+        input.write_all(b"go\n").unwrap();
+        input.shutdown(Shutdown::Write).unwrap();
+        thread::sleep(std::time::Duration::from_millis(200));
+        // An attach without take_over is still refused ...
+        let (_, reply, _) = attach(&agent, "c", Stream::Stdout);
+        assert_eq!(
+            reply.error.map(|e| e.code),
+            Some(Code::FailedPrecondition as i32)
+        );
+        // ... and one with it gets everything the old host missed, then EOF.
+        let (mut again, reply) = take_over_attach(&agent, "c", Stream::Stdout);
+        assert_eq!(reply.error, None);
+        let mut rest = String::new();
+        again.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "two\nthree\n");
+        let mut stale = Vec::new();
+        out.read_to_end(&mut stale).unwrap();
+        assert!(stale.is_empty(), "nothing went to the old host: {stale:?}");
+        // take_over of a stream never attached is an ordinary attach.
+        let (mut err, reply) = take_over_attach(&agent, "c", Stream::Stderr);
+        assert_eq!(reply.error, None);
+        let mut nothing = String::new();
+        err.read_to_string(&mut nothing).unwrap();
+        assert_eq!(nothing, "");
+    }
+
+    #[test]
+    fn taking_over_an_ended_output_gets_its_end_at_once() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let mut session = Session { greeted: true };
+        agent.handle(&mut session, create_req("c", "echo only", false));
+        let (mut out, reply, server) = attach(&agent, "c", Stream::Stdout);
+        assert_eq!(reply.error, None);
+        let mut all = String::new();
+        out.read_to_string(&mut all).unwrap();
+        assert_eq!(all, "only\n");
+        server.join().unwrap();
+        let (mut again, reply) = take_over_attach(&agent, "c", Stream::Stdout);
+        assert_eq!(reply.error, None);
+        let mut nothing = Vec::new();
+        again.read_to_end(&mut nothing).unwrap();
+        assert!(nothing.is_empty());
+    }
+
+    #[test]
+    fn a_removed_containers_waiting_output_pump_ends() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let mut session = Session { greeted: true };
+        agent.handle(&mut session, create_req("c", "echo one; echo two", false));
+        let (out, reply, server) = attach(&agent, "c", Stream::Stdout);
+        assert_eq!(reply.error, None);
+        drop(out);
+        thread::sleep(std::time::Duration::from_millis(200));
+        agent.processes.remove_container("c");
+        server.join().unwrap();
     }
 
     fn forward_to(agent: &Arc<Agent<FakeRuntime>>, port: u32) -> (UnixStream, v1::AttachReply) {

@@ -57,6 +57,9 @@ const VM_ENDED: &str = "its pod's VM ended (killed, or the guest crashed)";
 /// The empty file a released slot goes back to.
 const EMPTY_DISK: &str = "empty.img";
 
+/// A running container's output copiers, its log and its attach hub.
+type CopiedStdio = (Vec<JoinHandle<()>>, Option<SharedLog>, Arc<Hub>);
+
 /// An operation's failure, as gRPC will report it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CriError {
@@ -405,10 +408,10 @@ impl Server {
             let id = c.id.clone();
             self.state().containers.insert(id.clone(), c);
             if running {
-                // Its output was copied by the server that is gone: only the exit
-                // is watched again.
+                // The guest kept what the server that is gone did not take: take
+                // its output over, then watch the exit again.
                 let me = Arc::clone(self);
-                std::thread::spawn(move || me.wait_exit(&id, Vec::new()));
+                std::thread::spawn(move || me.readopt_container(&id));
             }
         }
         if !adopted.is_empty() {
@@ -1176,60 +1179,7 @@ impl Server {
                 c.sandbox_id
             )));
         }
-        let log = if c.log_path.is_empty() {
-            None
-        } else {
-            let f = LogFile::open(Path::new(&c.log_path))
-                .map_err(|e| CriError::Internal(format!("opening the container log: {e}")))?;
-            Some(Arc::new(Mutex::new(f)))
-        };
-        let handle = PodHandle::for_dir(&sandbox.pod_dir);
-        let streams: Vec<(v1::attach::Stream, logs::Stream)> = if c.tty {
-            vec![(v1::attach::Stream::Tty, logs::Stream::Stdout)]
-        } else {
-            vec![
-                (v1::attach::Stream::Stdout, logs::Stream::Stdout),
-                (v1::attach::Stream::Stderr, logs::Stream::Stderr),
-            ]
-        };
-        let attach_err = |e: crate::agent::AttachError| {
-            CriError::Unavailable(clean_message(&format!(
-                "attaching to the container's stdio: {e}"
-            )))
-        };
-        let mut outputs = Vec::new();
-        for (s, out) in streams {
-            outputs.push((handle.attach(id, "", s).map_err(attach_err)?, out));
-        }
-        // Its stdin is held from the start: attach sessions come and go.
-        let stdin =
-            match (c.stdin, c.tty) {
-                (false, _) => None,
-                (true, true) => Some(outputs[0].0.try_clone().map_err(|e| {
-                    CriError::Internal(format!("cloning the terminal's socket: {e}"))
-                })?),
-                (true, false) => Some(
-                    handle
-                        .attach(id, "", v1::attach::Stream::Stdin)
-                        .map_err(attach_err)?,
-                ),
-            };
-        let hub = Arc::new(Hub::new(stdin, c.stdin_once, c.tty));
-        let mut pumps = Vec::new();
-        for (stream, out) in outputs {
-            let log = log.clone();
-            let mut tee = Tee {
-                inner: stream,
-                hub: Arc::clone(&hub),
-                stream: out,
-            };
-            pumps.push(std::thread::spawn(move || match log {
-                Some(l) => logs::copy(tee, out, &l),
-                None => {
-                    let _ = std::io::copy(&mut tee, &mut std::io::sink());
-                }
-            }));
-        }
+        let (pumps, log, hub) = self.copy_stdio(&c, &sandbox, false)?;
         let started = agent(&sandbox).and_then(|mut a| {
             a.start(id)
                 .map_err(|e| agent_error("starting the container in the guest", &e))
@@ -1257,6 +1207,104 @@ impl Server {
         let cid = id.to_owned();
         std::thread::spawn(move || me.wait_exit(&cid, pumps));
         Ok(())
+    }
+
+    /// Attaches the container's output (and holds its stdin) and copies the
+    /// output to its CRI log and its attach hub. `again`: a restarted server
+    /// taking over from the one that attached at start (the guest kept the output
+    /// it could not deliver; the stdin went with that server).
+    fn copy_stdio(
+        &self,
+        c: &ContainerRecord,
+        sandbox: &SandboxRecord,
+        again: bool,
+    ) -> CriResult<CopiedStdio> {
+        let id = c.id.as_str();
+        let log = if c.log_path.is_empty() {
+            None
+        } else {
+            let f = LogFile::open(Path::new(&c.log_path))
+                .map_err(|e| CriError::Internal(format!("opening the container log: {e}")))?;
+            Some(Arc::new(Mutex::new(f)))
+        };
+        let handle = PodHandle::for_dir(&sandbox.pod_dir);
+        let streams: Vec<(v1::attach::Stream, logs::Stream)> = if c.tty {
+            vec![(v1::attach::Stream::Tty, logs::Stream::Stdout)]
+        } else {
+            vec![
+                (v1::attach::Stream::Stdout, logs::Stream::Stdout),
+                (v1::attach::Stream::Stderr, logs::Stream::Stderr),
+            ]
+        };
+        let attach_err = |e: crate::agent::AttachError| {
+            CriError::Unavailable(clean_message(&format!(
+                "attaching to the container's stdio: {e}"
+            )))
+        };
+        let mut outputs = Vec::new();
+        for (s, out) in streams {
+            let attached = if again {
+                crate::agent::reattach(handle.vsock_path(), id, s)
+            } else {
+                handle.attach(id, "", s)
+            };
+            outputs.push((attached.map_err(attach_err)?, out));
+        }
+        // Its stdin is held from the start: attach sessions come and go.
+        let stdin =
+            match (c.stdin, c.tty) {
+                (false, _) => None,
+                (true, true) => Some(outputs[0].0.try_clone().map_err(|e| {
+                    CriError::Internal(format!("cloning the terminal's socket: {e}"))
+                })?),
+                // A stdin pipe closed with the server that held it.
+                (true, false) if again => None,
+                (true, false) => Some(
+                    handle
+                        .attach(id, "", v1::attach::Stream::Stdin)
+                        .map_err(attach_err)?,
+                ),
+            };
+        let hub = Arc::new(Hub::new(stdin, c.stdin_once, c.tty));
+        let mut pumps = Vec::new();
+        for (stream, out) in outputs {
+            let log = log.clone();
+            let mut tee = Tee {
+                inner: stream,
+                hub: Arc::clone(&hub),
+                stream: out,
+            };
+            pumps.push(std::thread::spawn(move || match log {
+                Some(l) => logs::copy(tee, out, &l),
+                None => {
+                    let _ = std::io::copy(&mut tee, &mut std::io::sink());
+                }
+            }));
+        }
+        Ok((pumps, log, hub))
+    }
+
+    /// A running container of an adopted sandbox: its output taken over (a
+    /// container whose output cannot be is still watched for its exit).
+    fn readopt_container(&self, id: &str) {
+        let pumps = match self.container(id).and_then(|c| {
+            let sandbox = self.sandbox(&c.sandbox_id)?;
+            self.copy_stdio(&c, &sandbox, true)
+        }) {
+            Ok((pumps, log, hub)) => {
+                let mut st = self.state();
+                if let Some(l) = log {
+                    st.logs.insert(id.to_owned(), l);
+                }
+                st.hubs.insert(id.to_owned(), hub);
+                pumps
+            }
+            Err(e) => {
+                tracing::warn!(container = id, "its output is lost after the restart: {e}");
+                Vec::new()
+            }
+        };
+        self.wait_exit(id, pumps);
     }
 
     /// Waits for the container's init to end, then for its output to be in the

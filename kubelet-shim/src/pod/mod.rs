@@ -549,6 +549,11 @@ impl PodHandle {
         }
     }
 
+    /// The pod's vsock socket.
+    pub fn vsock_path(&self) -> &Path {
+        &self.vsock
+    }
+
     /// A new control connection (the guest is up: a short deadline).
     pub fn client(&self) -> Result<AgentClient, AgentError> {
         AgentClient::connect(&self.vsock, Duration::from_secs(10))

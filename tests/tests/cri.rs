@@ -43,6 +43,8 @@ initramfs = "$A/initramfs.cpio"
 vmm = "$A/atoll-vmm"
 [registry.mirrors]
 "registry.k8s.io" = ["http://127.0.0.1:5000"]
+[metrics]
+address = "127.0.0.1:1338"
 EOF
 export ATOLL_CACHE=/tmp/cache
 start_cri() {
@@ -190,6 +192,13 @@ attach() {
   $C rm $K
 }
 stats() { $C stats $CA; }
+metrics() {
+  wget -q -O - http://127.0.0.1:1338/metrics > /tmp/metrics.txt; echo "metrics_rc=$?"
+  grep -E '^atoll_cri_(sandboxes|containers|streaming|build_info)' /tmp/metrics.txt
+  grep -E '^atoll_cri_rpc_duration_seconds_count\{method="(RunPodSandbox|ExecSync|Exec|PullImage)"' /tmp/metrics.txt
+  tail -1 /tmp/metrics.txt
+  wget -q -O - http://127.0.0.1:1338/other; echo "other_rc=$?"
+}
 update() {
   $C update --memory 67108864 --cpu-quota 50000 --cpu-period 100000 $CA; echo "update_rc=$?"
   $C exec $CA -- sh -c 'echo "mem=$(cat /sys/fs/cgroup/memory.max)"; echo "cpu=$(cat /sys/fs/cgroup/cpu.max)"'
@@ -322,6 +331,7 @@ scenario exec_stream exec_stream
 scenario log log
 scenario attach attach
 scenario stats stats
+scenario metrics metrics
 scenario network network
 scenario statsp statsp
 scenario events events
@@ -552,6 +562,39 @@ fn exec_sync_returns_output_and_exit_code_and_kills_at_its_timeout() {
     );
     let (out, _) = sc("exec_many");
     assert_eq!(value_of(out, "ok"), "50", "{out}");
+}
+
+#[test]
+fn prometheus_metrics_count_rpcs_by_method_and_code_and_pods_by_state() {
+    let (out, st) = sc("metrics");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "metrics_rc"), "0", "{out}");
+    let line = |prefix: &str| -> u64 {
+        out.lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .map(|v| v as u64)
+            .unwrap_or_else(|| panic!("no {prefix}... in:\n{out}"))
+    };
+    assert_eq!(line("atoll_cri_sandboxes{state=\"ready\"} "), 1, "{out}");
+    assert!(line("atoll_cri_containers{state=\"running\"} ") >= 1, "{out}");
+    assert!(
+        line("atoll_cri_rpc_duration_seconds_count{method=\"RunPodSandbox\",code=\"OK\"} ") >= 1,
+        "{out}"
+    );
+    assert!(
+        line("atoll_cri_rpc_duration_seconds_count{method=\"ExecSync\",code=\"OK\"} ") >= 50,
+        "{out}"
+    );
+    assert!(
+        out.lines().any(|l| l.starts_with(
+            "atoll_cri_rpc_duration_seconds_count{method=\"RunPodSandbox\",code=\"AlreadyExists\"}"
+        )),
+        "a refused call is counted by its code: {out}"
+    );
+    assert!(out.contains("atoll_cri_build_info{version="), "{out}");
+    assert!(out.lines().any(|l| l == "# EOF"), "{out}");
+    assert_eq!(value_of(out, "other_rc"), "1", "{out}");
 }
 
 #[test]

@@ -23,6 +23,9 @@
 //!
 //! [streaming]
 //! address = "127.0.0.1:0"
+//!
+//! [metrics]
+//! address = ""   # off; "127.0.0.1:1338" serves /metrics there
 //! ```
 
 use std::collections::BTreeMap;
@@ -79,6 +82,16 @@ pub struct Config {
     pub cni: CniConfig,
     /// The server Exec, Attach and PortForward URLs lead to.
     pub streaming: StreamingConfig,
+    /// Prometheus metrics.
+    pub metrics: MetricsConfig,
+}
+
+/// Where Prometheus scrapes `/metrics` (containerd's `[metrics] address`).
+#[derive(Debug, Clone, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `host:port`; empty (the default) serves no metrics.
+    pub address: String,
 }
 
 /// The streaming server (containerd's `stream_server_address` and `_port`).
@@ -163,6 +176,7 @@ impl Default for Config {
             agent_timeout_secs: 60,
             cni: CniConfig::default(),
             streaming: StreamingConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -260,6 +274,18 @@ impl Config {
             return Err(format!(
                 "streaming.address = {:?}: give an IP address and a port, as \"127.0.0.1:0\"",
                 self.streaming.address
+            ));
+        }
+        if !self.metrics.address.is_empty()
+            && self
+                .metrics
+                .address
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(format!(
+                "metrics.address = {:?}: give an IP address and a port, as \"127.0.0.1:1338\", or nothing",
+                self.metrics.address
             ));
         }
         let s = &self.sandbox;
@@ -387,6 +413,7 @@ mod tests {
             ("agent_timeout_secs = \"x\"", "agent_timeout_secs"),
             ("[streaming]\naddress = \"localhost\"", "streaming.address"),
             ("[streaming]\nport = 1", "unknown field `port`"),
+            ("[metrics]\naddress = \":1338\"", "metrics.address"),
         ] {
             let e = Config::parse(Path::new("/c.toml"), text)
                 .unwrap_err()

@@ -8,6 +8,7 @@
 //! - `logs`: container output in the CRI log format;
 //! - `cni`: pod networks through the node's CNI plugins;
 //! - `events`: container events for GetContainerEvents;
+//! - `metrics`: Prometheus metrics (RPC durations, sandboxes and containers);
 //! - `stream`: the streaming server of Exec, Attach and PortForward;
 //! - `client`: a connection to a CRI socket (atoll-crictl, the tests).
 //!
@@ -19,6 +20,7 @@ pub mod config;
 pub mod events;
 pub mod images;
 pub mod logs;
+pub mod metrics;
 pub mod runtime;
 pub mod server;
 pub mod store;
@@ -45,6 +47,12 @@ pub enum ServeError {
     },
     #[error("the streaming server cannot listen on {address}: {source}; set [streaming] address")]
     Streaming {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the metrics endpoint cannot listen on {address}: {source}; set [metrics] address")]
+    Metrics {
         address: String,
         #[source]
         source: std::io::Error,
@@ -91,8 +99,21 @@ pub async fn serve(
     let streaming = stream::server::Streaming::start(&address, Arc::clone(&server))
         .map_err(|source| ServeError::Streaming { address, source })?;
     tracing::info!("streaming server on http://{}", streaming.address());
+    let metrics_address = server.cfg.metrics.address.clone();
+    if !metrics_address.is_empty() {
+        let at = metrics::serve(&metrics_address, Arc::clone(&server)).map_err(|source| {
+            ServeError::Metrics {
+                address: metrics_address,
+                source,
+            }
+        })?;
+        tracing::info!("metrics on http://{at}/metrics");
+    }
     let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
     tonic::transport::Server::builder()
+        .layer(metrics::RpcMetricsLayer {
+            metrics: Arc::clone(&server.metrics),
+        })
         .add_service(RuntimeServiceServer::new(runtime::Runtime {
             server: Arc::clone(&server),
             streaming,

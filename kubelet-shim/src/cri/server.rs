@@ -162,6 +162,8 @@ pub struct Server {
     pub image_store: PathBuf,
     store: Store,
     state: Mutex<State>,
+    /// Prometheus metrics.
+    pub metrics: Arc<super::metrics::Metrics>,
     /// Container events (GetContainerEvents).
     pub events: super::events::EventBus,
     /// Held for the server's life: one server per state directory.
@@ -323,6 +325,7 @@ impl Server {
             image_store,
             store,
             state: Mutex::new(State::default()),
+            metrics: Arc::default(),
             events: super::events::EventBus::default(),
             _lock: lock,
         })
@@ -330,6 +333,15 @@ impl Server {
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state of every sandbox and container (metrics).
+    pub fn counts_by_state(&self) -> (Vec<SandboxState>, Vec<ContainerState>) {
+        let st = self.state();
+        (
+            st.sandboxes.values().map(|s| s.state).collect(),
+            st.containers.values().map(|c| c.state).collect(),
+        )
     }
 
     fn sandbox_lock(&self, id: &str) -> Arc<Mutex<()>> {

@@ -95,14 +95,17 @@ impl Streaming {
                         );
                         continue;
                     }
+                    me.server.metrics.streaming_connections.inc();
                     let spawned = std::thread::Builder::new()
                         .name("stream-conn".into())
                         .spawn(move || {
                             me.connection(conn);
                             me.active.fetch_sub(1, Ordering::SeqCst);
+                            me.server.metrics.streaming_connections.dec();
                         });
                     if spawned.is_err() {
                         serving.active.fetch_sub(1, Ordering::SeqCst);
+                        serving.server.metrics.streaming_connections.dec();
                     }
                 }
             })?;
@@ -128,12 +131,21 @@ impl Streaming {
             )));
         }
         pending.insert(token.clone(), (req, Instant::now()));
+        self.server
+            .metrics
+            .streaming_urls
+            .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
         Ok(format!("http://{}/{path}/{token}", self.addr))
     }
 
     fn take(&self, path: &str, token: &str) -> Option<Request> {
         let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-        let (req, at) = pending.remove(token)?;
+        let removed = pending.remove(token);
+        self.server
+            .metrics
+            .streaming_urls
+            .set(i64::try_from(pending.len()).unwrap_or(i64::MAX));
+        let (req, at) = removed?;
         (at.elapsed() < TOKEN_TTL && req.path() == path).then_some(req)
     }
 

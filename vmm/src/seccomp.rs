@@ -110,6 +110,7 @@ pub fn init(enforce: bool) -> Result<(), SeccompError> {
         let _ = FILTERS.set(None);
         return Ok(());
     }
+    quiet_allocator();
     let mut programs = BTreeMap::new();
     for t in Thread::ALL {
         programs.insert(t, compile(t)?);
@@ -117,6 +118,36 @@ pub fn init(enforce: bool) -> Result<(), SeccompError> {
     install_sigsys_handler()?;
     let _ = FILTERS.set(Some(programs));
     Ok(())
+}
+
+/// Keeps glibc's malloc from opening files once the filters are on.
+///
+/// The first time malloc gives a thread arena's memory back to the kernel
+/// (`shrink_heap`, when a large buffer at the top of the arena is freed), glibc
+/// reads `/proc/sys/vm/overcommit_memory`: an `openat` no filter allows, in
+/// whichever thread frees first. The devices thread did, after buffering a burst
+/// of guest output for a slow host socket, and the VMM died by SIGSYS in the
+/// middle of a stream (a "10 MiB stdout" run cut short). Trimming is switched off
+/// (what a VMM allocates is bounded; it stays with the process until it ends), and
+/// the arena count is fixed so that making an arena never asks the kernel for the
+/// CPU count either.
+pub fn quiet_allocator() {
+    // SAFETY: mallopt only sets an allocator parameter; the value is in range.
+    unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, libc::c_int::MAX) };
+    // SAFETY: as above.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 8) };
+}
+
+/// Makes the calling thread allocate and free enough to make glibc trim its arena
+/// (`--test-malloc-trim`): under the devices filter, this is what killed the VMM
+/// before [`quiet_allocator`].
+pub fn exercise_allocator() -> usize {
+    let blocks: Vec<Vec<u8>> = (0..400).map(|i| vec![i as u8; 100 << 10]).collect();
+    let total = blocks.iter().map(Vec::len).sum();
+    for b in blocks.into_iter().rev() {
+        drop(std::hint::black_box(b));
+    }
+    total
 }
 
 /// Installs the filter of `thread` on the calling thread (nothing when filters are
@@ -458,10 +489,24 @@ fn hex(n: u64, buf: &mut [u8; 18]) -> &[u8] {
 /// The message of a violation, built without allocating (it runs in a signal
 /// handler): `atoll-vmm: error: the <thread> thread made system call <nr>
 /// (arguments <a0>, <a1>, <a2>) ...`.
-fn violation_message(thread: &str, nr: u64, args: [u64; 3], out: &mut [u8; 320]) -> usize {
+/// The most bytes of a path shown in a violation message.
+const MAX_SHOWN_PATH: usize = 96;
+
+fn violation_message(
+    thread: &str,
+    nr: u64,
+    args: [u64; 3],
+    path: &[u8],
+    out: &mut [u8; 448],
+) -> usize {
     let mut digits = [0u8; 20];
     let (mut h0, mut h1, mut h2) = ([0u8; 18], [0u8; 18], [0u8; 18]);
-    let parts: [&[u8]; 11] = [
+    let (on, quote): (&[u8], &[u8]) = if path.is_empty() {
+        (b"", b"")
+    } else {
+        (b" on \"", b"\"")
+    };
+    let parts: [&[u8]; 14] = [
         b"atoll-vmm: error: the ",
         thread.as_bytes(),
         b" thread made system call ",
@@ -472,13 +517,48 @@ fn violation_message(thread: &str, nr: u64, args: [u64; 3], out: &mut [u8; 320])
         hex(args[1], &mut h1),
         b", ",
         hex(args[2], &mut h2),
-        b"), which its seccomp filter does not allow; the VMM stops (a bug in atoll-vmm, or an attack from the guest: please report it)\n",
+        b")",
+        on,
+        path,
+        quote,
     ];
+    let tail: &[u8] = b", which its seccomp filter does not allow; the VMM stops (a bug in atoll-vmm, or an attack from the guest: please report it)\n";
     let mut n = 0;
-    for p in parts {
+    for p in parts.iter().copied().chain([tail]) {
         let take = p.len().min(out.len() - n);
         out[n..n + take].copy_from_slice(&p[..take]);
         n += take;
+    }
+    n
+}
+
+/// The path an open or openat names, printable bytes only, at most
+/// [`MAX_SHOWN_PATH`] of them.
+///
+/// # Safety
+/// `ptr` must be the path argument the process itself passed to the call (the
+/// kernel was about to read it): a readable NUL-terminated string.
+unsafe fn shown_path(ptr: u64, out: &mut [u8; MAX_SHOWN_PATH]) -> usize {
+    let p = ptr as *const u8;
+    if p.is_null() {
+        return 0;
+    }
+    let mut n = 0;
+    while n < out.len() {
+        // SAFETY: per the caller, every byte up to the NUL is readable: `n` stays
+        // within the string, so the offset pointer is in bounds and readable.
+        let at = unsafe { p.add(n) };
+        // SAFETY: as above.
+        let b = unsafe { at.read() };
+        if b == 0 {
+            break;
+        }
+        out[n] = if b.is_ascii_graphic() || b == b' ' {
+            b
+        } else {
+            b'?'
+        };
+        n += 1;
     }
     n
 }
@@ -502,11 +582,25 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut li
         g[libc::REG_RDX as usize] as u64,
     ];
     let thread = THREAD.with(|t| t.get());
-    let mut msg = [0u8; 320];
+    // A file opened where none should be: name it, it says what went wrong.
+    let mut path = [0u8; MAX_SHOWN_PATH];
+    let path_len = match i64::from(nr) {
+        libc::SYS_open => {
+            // SAFETY: rdi of open(2) is the path the process passed.
+            unsafe { shown_path(args[0], &mut path) }
+        }
+        libc::SYS_openat => {
+            // SAFETY: rsi of openat(2) is the path the process passed.
+            unsafe { shown_path(args[1], &mut path) }
+        }
+        _ => 0,
+    };
+    let mut msg = [0u8; 448];
     let n = violation_message(
         thread,
         u64::try_from(nr).unwrap_or(u64::MAX),
         args,
+        &path[..path_len],
         &mut msg,
     );
     // SAFETY: write(2) is async-signal-safe and allowed by every filter; `msg[..n]`
@@ -530,11 +624,21 @@ mod tests {
 
     #[test]
     fn violation_message_names_thread_and_call() {
-        let mut out = [0u8; 320];
-        let n = violation_message("vcpu", 133, [0, 0xae80, u64::MAX], &mut out);
+        let mut out = [0u8; 448];
+        let n = violation_message("vcpu", 133, [0, 0xae80, u64::MAX], &[], &mut out);
         let s = std::str::from_utf8(&out[..n]).unwrap();
         assert!(
             s.starts_with("atoll-vmm: error: the vcpu thread made system call 133 (arguments 0x0, 0xae80, 0xffffffffffffffff), which its seccomp filter does not allow"),
+            "{s}"
+        );
+        let path = c"/etc/local\x01time";
+        let mut shown = [0u8; MAX_SHOWN_PATH];
+        // SAFETY: a NUL-terminated string that outlives the call.
+        let k = unsafe { shown_path(path.as_ptr() as u64, &mut shown) };
+        let n = violation_message("devices", 257, [0, 1, 2], &shown[..k], &mut out);
+        let s = std::str::from_utf8(&out[..n]).unwrap();
+        assert!(
+            s.contains("call 257 (arguments 0x0, 0x1, 0x2) on \"/etc/local?time\", which"),
             "{s}"
         );
         assert!(s.ends_with('\n'));

@@ -67,7 +67,7 @@ pub enum AgentError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
     /// The connection broke or the agent sent something that is not a frame.
-    #[error("{op} over {uds}: the guest agent connection failed")]
+    #[error("{op} over {uds}: the guest agent connection failed: {source}")]
     Frame {
         op: &'static str,
         uds: PathBuf,
@@ -107,7 +107,7 @@ impl AgentError {
 pub enum AttachError {
     #[error(transparent)]
     Connect(#[from] ConnectError),
-    #[error("attaching {stream} of {container}: the guest agent connection failed")]
+    #[error("attaching {stream} of {container}: the guest agent connection failed: {source}")]
     Frame {
         stream: &'static str,
         container: String,

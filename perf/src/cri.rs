@@ -138,7 +138,11 @@ done
 set +e
 ./atoll-bench cri-inner --runs $RUNS --parallel $PARALLEL --parallel-rounds $PROUNDS
 st=$?
-if [ $st != 0 ]; then echo "--- atoll-cri"; tail -20 /tmp/atoll-cri.log; echo "--- containerd"; tail -30 /tmp/containerd.log; fi
+if [ $st != 0 ]; then
+  echo "--- atoll-cri"; tail -20 /tmp/atoll-cri.log
+  for d in /run/atoll/cri/pods/*/; do echo "--- $d console"; tail -15 $d/console.log; done
+  echo "--- containerd"; tail -30 /tmp/containerd.log
+fi
 exit $st
 "#;
 
@@ -406,7 +410,7 @@ async fn exec_bench(
             let (o, bytes) = exec_stream(
                 c,
                 &ctr,
-                &["head", "-c", &n, "/dev/zero"],
+                &["/bin/busybox", "head", "-c", &n, "/dev/zero"],
                 streaming::Transport::Spdy,
             )
             .await?;

@@ -176,6 +176,10 @@ exec_stream() {
   sleep 2; kill -9 $ex; sleep 1
   echo "cat=$($C exec $CA -- sh -c 'pgrep -f "cat$" >/dev/null && echo cat-left || echo no-cat-left')"
   echo "big_bytes=$(head -c 3000000 /dev/urandom | $C exec -i $CA -- sh -c 'cat | wc -c')"
+  for i in 1 2 3 4 5 6; do
+    n=$($C exec --stream $CA -- /bin/busybox head -c 8388608 /dev/zero 2>/tmp/big.err | wc -c)
+    echo "big_out_$i=$n"; [ "$n" = 8388608 ] || { cat /tmp/big.err; tail -20 /run/atoll/cri/pods/$P/console.log; }
+  done
 }
 log() { sleep 1; head -3 /tmp/logs/web/ticker/0.log; }
 # Attach to a container created with stdin (stdin_once): its output from the
@@ -577,7 +581,10 @@ fn prometheus_metrics_count_rpcs_by_method_and_code_and_pods_by_state() {
             .unwrap_or_else(|| panic!("no {prefix}... in:\n{out}"))
     };
     assert_eq!(line("atoll_cri_sandboxes{state=\"ready\"} "), 1, "{out}");
-    assert!(line("atoll_cri_containers{state=\"running\"} ") >= 1, "{out}");
+    assert!(
+        line("atoll_cri_containers{state=\"running\"} ") >= 1,
+        "{out}"
+    );
     assert!(
         line("atoll_cri_rpc_duration_seconds_count{method=\"RunPodSandbox\",code=\"OK\"} ") >= 1,
         "{out}"
@@ -632,6 +639,13 @@ fn exec_streams_stdio_and_exit_codes_over_spdy_websocket_a_terminal_and_the_go_l
         "3000000",
         "3 MB of stdin arrive whole: {out}"
     );
+    for i in 1..=6 {
+        assert_eq!(
+            value_of(out, &format!("big_out_{i}")),
+            "8388608",
+            "8 MiB of stdout arrive whole: {out}"
+        );
+    }
     assert_eq!(
         value_of(out, "cat"),
         "no-cat-left",

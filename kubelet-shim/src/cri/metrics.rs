@@ -165,7 +165,11 @@ pub fn serve(address: &str, server: Arc<Server>) -> io::Result<SocketAddr> {
         .spawn(move || {
             // One scrape at a time is plenty; a slow scraper waits its turn.
             let busy = Mutex::new(());
-            for conn in listener.incoming().flatten() {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else {
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                };
                 let _g = busy.lock().unwrap_or_else(|p| p.into_inner());
                 let _ = answer(conn, &server);
             }

@@ -84,7 +84,11 @@ impl Streaming {
             .name("streaming".into())
             .spawn(move || {
                 for conn in listener.incoming() {
-                    let Ok(conn) = conn else { continue };
+                    let Ok(conn) = conn else {
+                        // Out of descriptors, say: do not spin.
+                        std::thread::sleep(Duration::from_millis(50));
+                        continue;
+                    };
                     let me = Arc::clone(&serving);
                     if me.active.fetch_add(1, Ordering::SeqCst) >= MAX_ACTIVE {
                         me.active.fetch_sub(1, Ordering::SeqCst);
@@ -294,9 +298,16 @@ impl Head {
 pub fn read_head(mut conn: &TcpStream) -> Result<Head, String> {
     let mut buf = Vec::with_capacity(1024);
     let mut byte = [0u8; 1];
+    let deadline = Instant::now() + HEAD_DEADLINE;
     while !buf.ends_with(b"\r\n\r\n") {
         if buf.len() >= MAX_HEAD {
             return Err(format!("the request head is larger than {MAX_HEAD} bytes"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "the request head took more than {} s",
+                HEAD_DEADLINE.as_secs()
+            ));
         }
         match conn.read(&mut byte) {
             Ok(0) => return Err("the connection closed inside the request head".into()),

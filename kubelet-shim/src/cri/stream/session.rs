@@ -210,7 +210,9 @@ fn spdy_reader(conn: TcpStream, out: &SpdyOutput, post: &SyncSender<Event>) {
                 stream, headers, ..
             } => {
                 let kind = spdy::header(&headers, "streamtype").unwrap_or("");
-                let Some(ch) = Channel::from_stream_type(kind) else {
+                // A session has five channels; more streams are refused.
+                let Some(ch) = Channel::from_stream_type(kind).filter(|_| channels.len() < 8)
+                else {
                     let _ = lock(&out.writer).rst_stream(stream, spdy::RST_REFUSED_STREAM);
                     continue;
                 };

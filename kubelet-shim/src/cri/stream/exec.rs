@@ -202,6 +202,11 @@ fn run(server: &Server, spec: &ExecSpec, session: Session) -> Result<Outcome, Cr
     })();
     if let Err(e) = attached {
         kill(&mut control);
+        // Reaped and waited for, the agent forgets it (its table is bounded).
+        if let Ok(mut w) = server::agent(&sandbox) {
+            let _ = w.set_timeout(Some(Duration::from_secs(5)));
+            let _ = w.wait(id, &exec_id);
+        }
         drain(pumps, &sockets, Duration::ZERO);
         return Err(CriError::Unavailable(clean_message(&format!(
             "attaching to the command: {e}"

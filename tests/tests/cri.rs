@@ -382,32 +382,46 @@ fn node_output() -> &'static str {
     OUT.get_or_init(|| {
         let dir = tempfile::tempdir().unwrap();
         let storage = registry_storage(dir.path());
-        let runner = with(
-            kvm_runner(),
-            &build_dir().join("initramfs.cpio"),
-            "initramfs.cpio",
-        )
-        .file(artefact(static_dir().join("atoll-cri")), "atoll-cri")
-        .unwrap()
-        .file(artefact(static_dir().join("atoll-crictl")), "atoll-crictl")
-        .unwrap()
-        .file(storage, "registry")
-        .unwrap()
-        .file(artefact(go_peer()), "spdy-peer")
-        .unwrap()
-        .file(
-            atoll_node::oci::node_registry_config(dir.path()),
-            "registry.yml",
-        )
-        .unwrap()
-        .host_program("/usr/bin/docker-registry")
-        .host_program("/usr/bin/mkfs.erofs")
-        .host_program("/usr/lib/cni/bridge")
-        .host_program("/usr/lib/cni/host-local")
-        .host_program("/usr/sbin/tc")
-        .extra_modules(&atoll_node::kernel::CNI_NET)
-        .timeout(Duration::from_secs(900));
-        let out = run(runner, SCRIPT).output;
+        let runner = || {
+            with(
+                kvm_runner(),
+                &build_dir().join("initramfs.cpio"),
+                "initramfs.cpio",
+            )
+            .file(artefact(static_dir().join("atoll-cri")), "atoll-cri")
+            .unwrap()
+            .file(artefact(static_dir().join("atoll-crictl")), "atoll-crictl")
+            .unwrap()
+            .file(storage.clone(), "registry")
+            .unwrap()
+            .file(artefact(go_peer()), "spdy-peer")
+            .unwrap()
+            .file(
+                atoll_node::oci::node_registry_config(dir.path()),
+                "registry.yml",
+            )
+            .unwrap()
+            .host_program("/usr/bin/docker-registry")
+            .host_program("/usr/bin/mkfs.erofs")
+            .host_program("/usr/lib/cni/bridge")
+            .host_program("/usr/lib/cni/host-local")
+            .host_program("/usr/sbin/tc")
+            .extra_modules(&atoll_node::kernel::CNI_NET)
+            .timeout(Duration::from_secs(900))
+        };
+        let mut out = run(runner(), SCRIPT).output;
+        // Every scenario shares one pod VM: one whose guest triple-faulted (the
+        // nested node's emulation does that to a few percent of long runs, as the
+        // containers tests see) would fail all that follow. The node run is
+        // repeated once, said past the harness's capture; a second fault fails.
+        if out.contains("the guest triple-faulted") {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "cri: a pod's guest VM triple-faulted in the node run; running it once more"
+            );
+            out = run(runner(), SCRIPT).output;
+        }
         drop(dir);
         out
     })

@@ -220,6 +220,8 @@ fn run(server: &Server, spec: &ExecSpec, session: Session) -> Result<Outcome, Cr
         let sandbox = sandbox.clone();
         let (id, exec_id) = (id.to_owned(), exec_id.clone());
         std::thread::spawn(move || {
+            // No deadline on purpose: an interactive exec may run for hours. What
+            // bounds it is the client: gone, the command is killed (below).
             let waited = server::agent(&sandbox).and_then(|mut a| {
                 let _ = a.set_timeout(None);
                 a.wait(&id, &exec_id)

@@ -125,11 +125,18 @@ struct SinkState {
     closed: bool,
     /// The output ended: a host attaching now gets its end at once.
     finished: bool,
+    /// A pump writes through this sink (the stream was attached with `keep`).
+    kept: bool,
 }
 
 impl OutputSink {
     fn state(&self) -> MutexGuard<'_, SinkState> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Whether a pump writes through this sink.
+    pub fn is_kept(&self) -> bool {
+        self.state().kept
     }
 
     /// Makes `conn` the host connection, closing the one it replaces (or `conn`
@@ -138,6 +145,7 @@ impl OutputSink {
         let old = {
             let mut st = self.state();
             st.generation += 1;
+            st.kept = true;
             if st.finished || st.closed {
                 Some(conn)
             } else {

@@ -93,9 +93,7 @@ pub fn serve_stream<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream)
     }
     // A container's init keeps its output for a host that comes back; an exec
     // process's output goes with its host.
-    let process = attach
-        .exec_id
-        .is_empty()
+    let process = (attach.keep && attach.exec_id.is_empty())
         .then(|| agent.processes.get(&attach.container_id, ""))
         .flatten();
     let sink = process.as_ref().and_then(|p| p.sink(stream));
@@ -126,7 +124,7 @@ fn take_over<R: ContainerRuntime>(
     let Some(sink) = process.sink(stream) else {
         return Err(conn);
     };
-    if !process.was_attached(stream) {
+    if !process.was_attached(stream) || !sink.is_kept() {
         return Err(conn);
     }
     // A terminal's input direction needs its own copy of the master.
@@ -387,6 +385,28 @@ mod tests {
         );
     }
 
+    fn kept_attach(
+        agent: &Arc<Agent<FakeRuntime>>,
+        container: &str,
+        stream: Stream,
+    ) -> (UnixStream, v1::AttachReply) {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let agent = Arc::clone(agent);
+        thread::spawn(move || serve_stream(&*agent, guest));
+        write_frame(
+            &mut host,
+            &v1::Attach {
+                container_id: container.into(),
+                stream: stream as i32,
+                keep: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let reply: v1::AttachReply = read_frame(&mut host).unwrap();
+        (host, reply)
+    }
+
     fn take_over_attach(
         agent: &Arc<Agent<FakeRuntime>>,
         container: &str,
@@ -417,7 +437,7 @@ mod tests {
             &mut session,
             create_req("c", "echo one; read x; echo two; echo three", true),
         );
-        let (mut out, reply, _) = attach(&agent, "c", Stream::Stdout);
+        let (mut out, reply) = kept_attach(&agent, "c", Stream::Stdout);
         assert_eq!(reply.error, None);
         let mut first = [0u8; 4];
         out.read_exact(&mut first).unwrap();
@@ -459,12 +479,11 @@ mod tests {
         let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
         let mut session = Session { greeted: true };
         agent.handle(&mut session, create_req("c", "echo only", false));
-        let (mut out, reply, server) = attach(&agent, "c", Stream::Stdout);
+        let (mut out, reply) = kept_attach(&agent, "c", Stream::Stdout);
         assert_eq!(reply.error, None);
         let mut all = String::new();
         out.read_to_string(&mut all).unwrap();
         assert_eq!(all, "only\n");
-        server.join().unwrap();
         let (mut again, reply) = take_over_attach(&agent, "c", Stream::Stdout);
         assert_eq!(reply.error, None);
         let mut nothing = Vec::new();
@@ -477,12 +496,11 @@ mod tests {
         let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
         let mut session = Session { greeted: true };
         agent.handle(&mut session, create_req("c", "echo one; echo two", false));
-        let (out, reply, server) = attach(&agent, "c", Stream::Stdout);
+        let (out, reply) = kept_attach(&agent, "c", Stream::Stdout);
         assert_eq!(reply.error, None);
         drop(out);
         thread::sleep(std::time::Duration::from_millis(200));
         agent.processes.remove_container("c");
-        server.join().unwrap();
     }
 
     fn forward_to(agent: &Arc<Agent<FakeRuntime>>, port: u32) -> (UnixStream, v1::AttachReply) {

@@ -1258,7 +1258,7 @@ impl Server {
             let attached = if again {
                 crate::agent::reattach(handle.vsock_path(), id, s)
             } else {
-                handle.attach(id, "", s)
+                crate::agent::attach_kept(handle.vsock_path(), id, s)
             };
             outputs.push((attached.map_err(attach_err)?, out));
         }

@@ -531,35 +531,21 @@ pub fn attach_with_timeout(
     stream_connection(vsock_uds, req, timeout)
 }
 
-/// Attaches the output `stream` of a container's init so that it waits for this
-/// host when the connection goes away (see [`reattach`]).
+/// Attaches the output `stream` (STDOUT, STDERR or TTY) of a container's init so
+/// that it waits for a host when this connection goes away. `take_over`: from a
+/// host that attached it before (a restarted atoll-cri); the guest kept what that
+/// host did not take.
 pub fn attach_kept(
     vsock_uds: &Path,
     container_id: &str,
     stream: v1::attach::Stream,
+    take_over: bool,
 ) -> Result<UnixStream, AttachError> {
     let req = v1::Attach {
         container_id: container_id.to_owned(),
         stream: stream as i32,
         keep: true,
-        ..Default::default()
-    };
-    stream_connection(vsock_uds, req, ATTACH_TIMEOUT)
-}
-
-/// Takes over the output `stream` (STDOUT, STDERR or TTY) of a container's init
-/// from the host that attached it before (a restarted atoll-cri): the guest kept
-/// what that host did not take.
-pub fn reattach(
-    vsock_uds: &Path,
-    container_id: &str,
-    stream: v1::attach::Stream,
-) -> Result<UnixStream, AttachError> {
-    let req = v1::Attach {
-        container_id: container_id.to_owned(),
-        stream: stream as i32,
-        take_over: true,
-        keep: true,
+        take_over,
         ..Default::default()
     };
     stream_connection(vsock_uds, req, ATTACH_TIMEOUT)

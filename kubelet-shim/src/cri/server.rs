@@ -1255,11 +1255,7 @@ impl Server {
         };
         let mut outputs = Vec::new();
         for (s, out) in streams {
-            let attached = if again {
-                crate::agent::reattach(handle.vsock_path(), id, s)
-            } else {
-                crate::agent::attach_kept(handle.vsock_path(), id, s)
-            };
+            let attached = crate::agent::attach_kept(handle.vsock_path(), id, s, again);
             outputs.push((attached.map_err(attach_err)?, out));
         }
         // Its stdin is held from the start: attach sessions come and go.

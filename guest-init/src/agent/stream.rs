@@ -385,26 +385,28 @@ mod tests {
         );
     }
 
+    /// Sends `req` on a new stream connection; the socket and the reply.
+    fn send(agent: &Arc<Agent<FakeRuntime>>, req: v1::Attach) -> (UnixStream, v1::AttachReply) {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let agent = Arc::clone(agent);
+        thread::spawn(move || serve_stream(&*agent, guest));
+        write_frame(&mut host, &req).unwrap();
+        let reply: v1::AttachReply = read_frame(&mut host).unwrap();
+        (host, reply)
+    }
+
     fn kept_attach(
         agent: &Arc<Agent<FakeRuntime>>,
         container: &str,
         stream: Stream,
     ) -> (UnixStream, v1::AttachReply) {
-        let (mut host, guest) = UnixStream::pair().unwrap();
-        let agent = Arc::clone(agent);
-        thread::spawn(move || serve_stream(&*agent, guest));
-        write_frame(
-            &mut host,
-            &v1::Attach {
-                container_id: container.into(),
-                stream: stream as i32,
-                keep: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let reply: v1::AttachReply = read_frame(&mut host).unwrap();
-        (host, reply)
+        let req = v1::Attach {
+            container_id: container.into(),
+            stream: stream as i32,
+            keep: true,
+            ..Default::default()
+        };
+        send(agent, req)
     }
 
     fn take_over_attach(
@@ -412,21 +414,13 @@ mod tests {
         container: &str,
         stream: Stream,
     ) -> (UnixStream, v1::AttachReply) {
-        let (mut host, guest) = UnixStream::pair().unwrap();
-        let agent = Arc::clone(agent);
-        thread::spawn(move || serve_stream(&*agent, guest));
-        write_frame(
-            &mut host,
-            &v1::Attach {
-                container_id: container.into(),
-                stream: stream as i32,
-                take_over: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let reply: v1::AttachReply = read_frame(&mut host).unwrap();
-        (host, reply)
+        let req = v1::Attach {
+            container_id: container.into(),
+            stream: stream as i32,
+            take_over: true,
+            ..Default::default()
+        };
+        send(agent, req)
     }
 
     #[test]
@@ -504,20 +498,12 @@ mod tests {
     }
 
     fn forward_to(agent: &Arc<Agent<FakeRuntime>>, port: u32) -> (UnixStream, v1::AttachReply) {
-        let (mut host, guest) = UnixStream::pair().unwrap();
-        let agent = Arc::clone(agent);
-        thread::spawn(move || serve_stream(&*agent, guest));
-        write_frame(
-            &mut host,
-            &v1::Attach {
-                stream: Stream::Tcp as i32,
-                port,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let reply: v1::AttachReply = read_frame(&mut host).unwrap();
-        (host, reply)
+        let req = v1::Attach {
+            stream: Stream::Tcp as i32,
+            port,
+            ..Default::default()
+        };
+        send(agent, req)
     }
 
     #[test]

@@ -213,6 +213,22 @@ fn show<T: serde::Serialize>(json: bool, v: &T, lines: &[(&str, String)]) {
     }
 }
 
+/// Prints `url` (`--print-url`) or runs the session it leads to.
+fn streaming_or_url(
+    url: &str,
+    print_url: bool,
+    transport: Transport,
+    stdin: bool,
+    tty: bool,
+    size: Option<&str>,
+) -> anyhow::Result<u8> {
+    if print_url {
+        println!("{url}");
+        return Ok(0);
+    }
+    remote_command(url, transport, stdin, tty, size)
+}
+
 /// Runs a remotecommand session with our stdio; the command's exit code is ours.
 fn remote_command(
     url: &str,
@@ -583,11 +599,7 @@ async fn run(args: Args) -> anyhow::Result<u8> {
                 .map_err(status_line)?
                 .into_inner()
                 .url;
-            if print_url {
-                println!("{url}");
-                return Ok(0);
-            }
-            return remote_command(&url, transport, stdin, tty, size.as_deref());
+            return streaming_or_url(&url, print_url, transport, stdin, tty, size.as_deref());
         }
         Cmd::Attach {
             stdin,
@@ -610,11 +622,7 @@ async fn run(args: Args) -> anyhow::Result<u8> {
                 .map_err(status_line)?
                 .into_inner()
                 .url;
-            if print_url {
-                println!("{url}");
-                return Ok(0);
-            }
-            return remote_command(&url, transport, stdin, tty, size.as_deref());
+            return streaming_or_url(&url, print_url, transport, stdin, tty, size.as_deref());
         }
         Cmd::PortForward {
             transport,

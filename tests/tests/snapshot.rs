@@ -86,11 +86,34 @@ bad_snapshots() {
   ls *.tmp-* bad.sock 2>/dev/null | sed 's/^/left: /'
   true
 }
+# A VMM started with --standby (jailed, no VM) takes the snapshot over the API.
+standby_load() {
+  waitsock() { for _ in $(seq 1 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1"; return 1; }
+  call() { k=$1; shift; api "$@"; r=$?; echo; echo "$k=$r"; }
+  ./atoll-vmm --standby --api-sock sb.sock --timeout 120 > out3.txt 2>&1 &
+  sb=$!
+  waitsock sb.sock || return 1
+  call describe sb.sock GET /vm
+  call pause-before-load sb.sock PATCH /vm '{"state":"Paused"}'
+  call bad-load sb.sock PUT /snapshot/load '{"snapshot_path":"trunc.state","mem_file_path":"s1.mem"}'
+  call mismatched-load sb.sock PUT /snapshot/load '{"snapshot_path":"s1.state","mem_file_path":"s2.mem"}'
+  call load sb.sock PUT /snapshot/load '{"snapshot_path":"s1.state","mem_file_path":"s1.mem","resume_vm":true}'
+  call second-load sb.sock PUT /snapshot/load '{"snapshot_path":"s1.state","mem_file_path":"s1.mem"}'
+  wait $sb; echo "standby-exit=$?"
+  grep '^sum1\|^ticka 40' out3.txt
+  ./atoll-vmm --standby --api-sock sb2.sock > out4.txt 2>&1 &
+  sb2=$!
+  waitsock sb2.sock || return 1
+  call stop-answer sb2.sock PUT /actions '{"action_type":"Stop"}'
+  wait $sb2; echo "stopped-exit=$?"
+  true
+}
 printf '%s' "$GUEST" > guest.sh
 scenario one_vcpu continue_after_restore 1
 scenario two_vcpus continue_after_restore 2
 scenario pause_resume pause_resume_and_refusals
 scenario bad bad_snapshots
+scenario standby standby_load
 "#;
 
 fn node_output() -> &'static str {
@@ -222,4 +245,35 @@ fn bad_snapshots_are_refused_with_one_line_and_leave_nothing() {
         assert!(out.contains(says), "{name}: expected {says:?} in\n{out}");
     }
     assert!(!out.contains("left: "), "{out}");
+}
+
+#[test]
+fn a_standby_vmm_loads_a_snapshot_over_the_api_and_survives_bad_ones() {
+    let (out, status) = scenario("standby");
+    assert_eq!(status, 0, "{out}");
+    assert!(out.contains(r#"{"state":"Standby"}"#), "{out}");
+    assert_eq!(value_of(out, "describe"), "0", "{out}");
+    // Before a load nothing but a load, a description and a stop is served.
+    assert_eq!(value_of(out, "pause-before-load"), "1", "{out}");
+    assert!(out.contains("no VM yet"), "{out}");
+    // Bad snapshots are refused with why, and the VMM keeps waiting.
+    assert_eq!(value_of(out, "bad-load"), "1", "{out}");
+    assert!(out.contains("not a usable Atoll snapshot state file"), "{out}");
+    assert_eq!(value_of(out, "mismatched-load"), "1", "{out}");
+    assert!(out.contains("written for another snapshot"), "{out}");
+    assert!(out.contains("this VMM still waits for a snapshot"), "{out}");
+    // The good one runs the guest on from where the snapshot left it.
+    assert_eq!(value_of(out, "load"), "0", "{out}");
+    assert!(out.contains(r#""state":"Running""#), "{out}");
+    assert_eq!(value_of(out, "second-load"), "1", "{out}");
+    assert!(out.contains("runs a VM already"), "{out}");
+    assert_eq!(value_of(out, "standby-exit"), "9", "the guest's own status\n{out}");
+    let (one, _) = scenario("one_vcpu");
+    let sum = checksum(one, "sum0");
+    assert_eq!(checksum(out, "sum1"), sum, "memory survived the load\n{out}");
+    assert!(out.contains("ticka 40"), "{out}");
+    // Stopped before any load: the answer arrives, the VMM exits 0.
+    assert_eq!(value_of(out, "stop-answer"), "0", "{out}");
+    assert!(out.contains(r#"{"state":"Stopped"}"#), "{out}");
+    assert_eq!(value_of(out, "stopped-exit"), "0", "{out}");
 }

@@ -10,6 +10,7 @@
 //! | `PUT /snapshot/create`   | `{"snapshot_path": P, "mem_file_path": M}`        | full snapshot of a paused VM |
 //! | `PUT /snapshot/working-set` | `{"path": P}`                                | record the guest pages resident now |
 //! | `PATCH /drives/{id}`      | `{"path_on_host": P, "id": NEW?}`                 | new backing file (and id) for a disk |
+//! | `PUT /snapshot/load`     | `{"snapshot_path", "mem_file_path", ...}` ([`LoadSnapshot`]) | restore into a VMM started with `--standby` |
 //! | `GET /metrics`           | —                                                 | exits, stages, device counters |
 //! | `PUT /actions`           | `{"action_type": "Stop"}`                         | stop the VM, exit 0 |
 //!
@@ -50,8 +51,52 @@ const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the VMM may take to answer (a snapshot writes all of RAM).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(300);
 
-/// The most file descriptors one request carries.
-pub const MAX_REQUEST_FILES: usize = 2;
+/// The most file descriptors one request carries (a load: state, memory, working
+/// set, [`MAX_LOAD_DRIVES`] disks, a tap).
+pub const MAX_REQUEST_FILES: usize = 8;
+
+/// The most disks one load hands over.
+pub const MAX_LOAD_DRIVES: usize = 4;
+
+/// `PUT /snapshot/load`: what a VMM started with `--standby` restores, and what
+/// the clone changes. Its files travel in this order: state, memory, working set
+/// (if named), each drive's file, the tap (if named).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadSnapshot {
+    /// The state file.
+    pub snapshot_path: PathBuf,
+    /// The memory file.
+    pub mem_file_path: PathBuf,
+    /// Prefetch the pages this working-set file lists before the guest runs.
+    #[serde(default)]
+    pub working_set_path: Option<PathBuf>,
+    /// Disks of the snapshot given another backing file (and id).
+    #[serde(default)]
+    pub drives: Vec<LoadDrive>,
+    /// The tap for the snapshot's net device.
+    #[serde(default)]
+    pub net_tap: Option<String>,
+    /// The guest's new vsock CID.
+    #[serde(default)]
+    pub vsock_cid: Option<u64>,
+    /// Run the VM once loaded (default: leave it paused).
+    #[serde(default)]
+    pub resume_vm: bool,
+}
+
+/// One disk of a [`LoadSnapshot`].
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadDrive {
+    /// The disk's id in the snapshot.
+    pub drive_id: String,
+    /// Its new backing file (handed over read-only).
+    pub path_on_host: PathBuf,
+    /// The id the guest sees from now on.
+    #[serde(default)]
+    pub id: Option<String>,
+}
 
 /// A control request to the VMM's main thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -84,6 +129,8 @@ pub enum Request {
         /// The id the guest sees from now on (default: unchanged).
         new_id: Option<String>,
     },
+    /// Restore a snapshot (only into a VMM that waits for one).
+    Load(Box<LoadSnapshot>),
     /// Counters.
     Metrics,
     /// Stop the VM.
@@ -96,6 +143,11 @@ impl Request {
         match self {
             Request::Snapshot { .. } => 2,
             Request::WorkingSet { .. } | Request::UpdateDrive { .. } => 1,
+            Request::Load(l) => {
+                2 + usize::from(l.working_set_path.is_some())
+                    + l.drives.len()
+                    + usize::from(l.net_tap.is_some())
+            }
             _ => 0,
         }
     }
@@ -226,6 +278,39 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
             "PUT" => Ok(Request::WorkingSet {
                 path: json::<WorkingSetCreate>(body)?.path,
             }),
+            _ => Err(not_allowed()),
+        },
+        "/snapshot/load" => match method {
+            "PUT" => {
+                let l: LoadSnapshot = json(body)?;
+                if l.drives.len() > MAX_LOAD_DRIVES {
+                    return Err(ApiError::bad_request(format!(
+                        "a load hands over at most {MAX_LOAD_DRIVES} drives"
+                    )));
+                }
+                for d in &l.drives {
+                    for id in std::iter::once(&d.drive_id).chain(&d.id) {
+                        if !valid_drive_id(id) {
+                            return Err(ApiError::bad_request(format!(
+                                "drive id {id:?}: give 1 to {MAX_DRIVE_ID} of [A-Za-z0-9_.-]"
+                            )));
+                        }
+                    }
+                }
+                if let Some(t) = l.net_tap.as_deref().filter(|t| {
+                    !crate::devices::virtio::net::tap::valid_name(t)
+                }) {
+                    return Err(ApiError::bad_request(format!(
+                        "net_tap {t:?}: give 1 to 15 characters without '/', ':', '%' or spaces"
+                    )));
+                }
+                if let Some(c) = l.vsock_cid.filter(|c| !(3..=u64::from(u32::MAX)).contains(c)) {
+                    return Err(ApiError::bad_request(format!(
+                        "vsock_cid {c}: give 3 to 4294967295"
+                    )));
+                }
+                Ok(Request::Load(Box::new(l)))
+            }
             _ => Err(not_allowed()),
         },
         "/metrics" => match method {
@@ -409,13 +494,25 @@ fn check_files(req: &Request, handed: usize, jailed: bool) -> Result<(), ApiErro
     }
 }
 
-fn serve(mut stream: UnixStream, vmm: &Sender<VmMessage>) {
+/// Where the API thread sends requests: the VMM's main thread, whichever channel
+/// it serves now (a VMM that waited for a snapshot moves to the VM's own once
+/// loaded, before it answers the load, so no request is sent to the old one).
+pub type Target = std::sync::Arc<std::sync::Mutex<Sender<VmMessage>>>;
+
+/// A [`Target`] that stays `tx`.
+pub fn target(tx: Sender<VmMessage>) -> Target {
+    std::sync::Arc::new(std::sync::Mutex::new(tx))
+}
+
+fn serve(mut stream: UnixStream, target: &Target) {
     let _ = stream.set_read_timeout(Some(IO_TIMEOUT));
     let _ = stream.set_write_timeout(Some(IO_TIMEOUT));
     let response = read_request(&mut stream).and_then(|raw| {
         let req = route(&raw.method, &raw.path, &raw.body)?;
         check_files(&req, raw.files.len(), crate::jail::entered())?;
         let (tx, rx) = mpsc::channel();
+        let vmm = target.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        PENDING.store(true, std::sync::atomic::Ordering::Release);
         vmm.send(VmMessage::Api(req, raw.files, tx))
             .map_err(|_| ApiError::internal("the VM has ended"))?;
         rx.recv_timeout(ANSWER_TIMEOUT).map_err(|_| ApiError {
@@ -427,6 +524,23 @@ fn serve(mut stream: UnixStream, vmm: &Sender<VmMessage>) {
         tracing::info!("API request failed: {} {}", e.status, e.message);
     }
     let _ = write_response(&mut stream, &response);
+    PENDING.store(false, std::sync::atomic::Ordering::Release);
+}
+
+/// Whether a request has gone to the main thread and its answer is not written
+/// yet.
+static PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Waits (up to `timeout`) until the API thread has written the answer to the
+/// request in hand: the VMM's main thread, about to exit after a Stop, lets the
+/// answer reach its client first.
+pub fn wait_answered(timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while PENDING.load(std::sync::atomic::Ordering::Acquire)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// Binds the API socket at `path` (replacing a stale socket, never another file).
@@ -446,7 +560,7 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 }
 
 /// Serves `listener` on a thread of its own until the process ends.
-pub fn spawn(listener: UnixListener, vmm: Sender<VmMessage>) -> io::Result<()> {
+pub fn spawn(listener: UnixListener, vmm: Target) -> io::Result<()> {
     std::thread::Builder::new()
         .name("api".into())
         .spawn(move || {
@@ -496,6 +610,28 @@ impl Handover {
             Request::WorkingSet { path } => {
                 let f = create(&mut h, path)?;
                 h.files = vec![f];
+            }
+            Request::Load(l) => {
+                let open = |path: &Path| {
+                    File::open(path).map_err(|e| {
+                        io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
+                    })
+                };
+                h.files.push(open(&l.snapshot_path)?);
+                h.files.push(open(&l.mem_file_path)?);
+                if let Some(ws) = &l.working_set_path {
+                    h.files.push(open(ws)?);
+                }
+                for d in &l.drives {
+                    // Read-only, as for a drive update below.
+                    h.files.push(open(&d.path_on_host)?);
+                }
+                if let Some(t) = &l.net_tap {
+                    // Opened here, in the caller's network namespace (the pod's),
+                    // which a jailed VMM has left.
+                    let tap = crate::devices::virtio::net::tap::open(t).map_err(io::Error::from)?;
+                    h.files.push(tap.file);
+                }
             }
             Request::UpdateDrive { path, .. } => {
                 // Read-only: a template's spare slots, where images arrive, are,
@@ -701,6 +837,47 @@ mod tests {
                 "{path} {body}"
             );
         }
+        let load = route(
+            "PUT",
+            "/snapshot/load",
+            br#"{"snapshot_path":"/s","mem_file_path":"/m","working_set_path":"/w",
+                 "drives":[{"drive_id":"slot0","path_on_host":"/i","id":"img0"}],
+                 "net_tap":"tap0","vsock_cid":7,"resume_vm":true}"#,
+        )
+        .unwrap();
+        assert_eq!(load.files(), 5, "state, memory, working set, one drive, the tap");
+        let Request::Load(l) = load else {
+            panic!("not a load: {load:?}")
+        };
+        assert_eq!(l.drives[0].id.as_deref(), Some("img0"));
+        assert!(l.resume_vm);
+        let bare = route(
+            "PUT",
+            "/snapshot/load",
+            br#"{"snapshot_path":"/s","mem_file_path":"/m"}"#,
+        )
+        .unwrap();
+        assert_eq!(bare.files(), 2);
+        assert!(matches!(bare, Request::Load(ref l) if !l.resume_vm), "paused by default");
+        let five_drives = format!(
+            r#"{{"snapshot_path":"/s","mem_file_path":"/m","drives":[{}]}}"#,
+            vec![r#"{"drive_id":"a","path_on_host":"/i"}"#; 5].join(",")
+        );
+        for body in [
+            five_drives.as_str(),
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","net_tap":"a/b"}"#,
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","vsock_cid":2}"#,
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","drives":[{"drive_id":"a b","path_on_host":"/i"}]}"#,
+            r#"{"snapshot_path":"/s","mem_file_path":"/m","mem_backend":{}}"#,
+            r#"{"snapshot_path":"/s"}"#,
+        ] {
+            assert_eq!(
+                route("PUT", "/snapshot/load", body.as_bytes()).unwrap_err().status,
+                400,
+                "{body}"
+            );
+        }
+        assert_eq!(route("GET", "/snapshot/load", b"").unwrap_err().status, 405);
         assert_eq!(route("GET", "/drives/slot0", b"").unwrap_err().status, 405);
         assert_eq!(route("DELETE", "/vm", b"").unwrap_err().status, 405);
         assert_eq!(route("GET", "/nope", b"").unwrap_err().status, 404);
@@ -717,7 +894,7 @@ mod tests {
         let path = dir.path().join("api.sock");
         let listener = bind(&path).unwrap();
         let (tx, rx) = mpsc::channel();
-        spawn(listener, tx).unwrap();
+        spawn(listener, target(tx)).unwrap();
         let vmm = std::thread::spawn(move || {
             if let Ok(VmMessage::Api(_, _, reply)) = rx.recv_timeout(Duration::from_secs(5)) {
                 let _ = reply.send(answer);
@@ -770,7 +947,7 @@ mod tests {
     ) -> std::thread::JoinHandle<Option<(Request, Vec<i32>)>> {
         let listener = bind(path).unwrap();
         let (tx, rx) = mpsc::channel();
-        spawn(listener, tx).unwrap();
+        spawn(listener, target(tx)).unwrap();
         std::thread::spawn(move || {
             let Ok(VmMessage::Api(req, files, reply)) = rx.recv_timeout(Duration::from_secs(5))
             else {

@@ -2,7 +2,9 @@
 //! kernel, vCPUs, booted fresh) or from a snapshot (the same pieces, their state
 //! read back). The result is a [`Vmm`](crate::vmm::Vmm), which runs and drives it.
 
+use std::fs::File;
 use std::io::{Read, Write};
+use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
@@ -236,34 +238,50 @@ pub(crate) struct VirtioSetup {
 /// (a net device's random MAC filled in, so a snapshot keeps it).
 fn build_device(
     cfg: &DeviceConfig,
+    backing: Option<Backing>,
 ) -> Result<(Arc<Mutex<dyn VirtioDevice>>, DeviceConfig), StartVmError> {
     let err = |what| move |source| StartVmError::Device { what, source };
-    Ok(match cfg {
-        DeviceConfig::Rng => (Arc::new(Mutex::new(Rng::new())), cfg.clone()),
-        DeviceConfig::Block {
-            path,
-            read_only,
-            id,
-        } => (
-            Arc::new(Mutex::new(
-                Block::new(path, *read_only, id.clone()).map_err(err("a virtio-blk disk"))?,
-            )),
-            cfg.clone(),
-        ),
-        DeviceConfig::Net { tap, mac } => {
-            let net = Net::new(tap, *mac).map_err(err("a virtio-net device"))?;
+    Ok(match (cfg, backing) {
+        (DeviceConfig::Rng, _) => (Arc::new(Mutex::new(Rng::new())), cfg.clone()),
+        (
+            DeviceConfig::Block {
+                path,
+                read_only,
+                id,
+            },
+            backing,
+        ) => {
+            let block = match backing {
+                Some(Backing::Disk(f)) => Block::with_file(f, *read_only, id.clone()),
+                _ => Block::new(path, *read_only, id.clone()),
+            };
+            (
+                Arc::new(Mutex::new(block.map_err(err("a virtio-blk disk"))?)),
+                cfg.clone(),
+            )
+        }
+        (DeviceConfig::Net { tap, mac }, backing) => {
+            let net = match backing {
+                Some(Backing::Tap(f)) => Net::over_tap(f, tap, *mac),
+                _ => Net::new(tap, *mac),
+            }
+            .map_err(err("a virtio-net device"))?;
             let built = DeviceConfig::Net {
                 tap: tap.clone(),
                 mac: Some(net.mac()),
             };
             (Arc::new(Mutex::new(net)), built)
         }
-        DeviceConfig::Vsock { cid, uds } => (
-            Arc::new(Mutex::new(
-                Vsock::new(*cid, uds).map_err(err("a virtio-vsock device"))?,
-            )),
-            cfg.clone(),
-        ),
+        (DeviceConfig::Vsock { cid, uds }, backing) => {
+            let vsock = match backing {
+                Some(Backing::Vsock(l)) => Vsock::with_listener(*cid, uds, l),
+                _ => Vsock::new(*cid, uds),
+            };
+            (
+                Arc::new(Mutex::new(vsock.map_err(err("a virtio-vsock device"))?)),
+                cfg.clone(),
+            )
+        }
     })
 }
 
@@ -272,6 +290,7 @@ fn build_device(
 fn attach_virtio(
     vm: &Vm,
     configs: &[DeviceConfig],
+    backings: Vec<Option<Backing>>,
     mmio_bus: &mut Bus,
 ) -> Result<VirtioSetup, StartVmError> {
     let max = VIRTIO_GSIS.clone().count();
@@ -291,9 +310,10 @@ fn attach_virtio(
         dsdt: Vec::new(),
         cmdline: Vec::new(),
     };
+    let mut backings = backings.into_iter();
     for (i, (cfg, gsi)) in configs.iter().zip(VIRTIO_GSIS).enumerate() {
         let base = VIRTIO_MMIO_BASE + i as u64 * MMIO_WINDOW;
-        let (device, built) = build_device(cfg)?;
+        let (device, built) = build_device(cfg, backings.next().flatten())?;
         let irqfd =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| dev_err("a virtio interrupt", e))?;
         vm.fd
@@ -373,6 +393,7 @@ fn assemble(
     vm: Vm,
     serial: SerialDevice,
     devices: &[DeviceConfig],
+    backings: Vec<Option<Backing>>,
     metrics: Arc<VmMetrics>,
 ) -> Result<Assembly, StartVmError> {
     let (tx, rx) = channel();
@@ -392,7 +413,7 @@ fn assemble(
         1,
     )?;
     let mut mmio_bus = Bus::new();
-    let virtio = attach_virtio(&vm, devices, &mut mmio_bus)?;
+    let virtio = attach_virtio(&vm, devices, backings, &mut mmio_bus)?;
     Ok(Assembly {
         kvm,
         vm,
@@ -501,7 +522,7 @@ pub fn boot(
     let vm = Vm::new(&kvm, ram)?;
     metrics.record_phase("vm_created");
     let serial = SerialDevice::new(serial_irq(&vm)?, console);
-    let a = assemble(kvm, vm, serial, &config.devices, metrics)?;
+    let a = assemble(kvm, vm, serial, &config.devices, Vec::new(), metrics)?;
 
     // The guest finds virtio devices in the DSDT; a guest booted with acpi=off
     // gets them on its command line instead (never both: it would probe twice).
@@ -554,20 +575,24 @@ pub fn boot(
 }
 
 /// What to restore, and what a clone changes.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RestoreConfig {
-    /// Confine the process ([`crate::jail`]) before the vCPUs start.
+    /// Confine the process ([`crate::jail`]) before the vCPUs start (`None` also
+    /// when it is confined already: a VMM that waited for its snapshot).
     pub jail: Option<JailConfig>,
     /// The state file.
-    pub state: PathBuf,
+    pub state: persist::Input,
     /// The memory file written with it.
-    pub mem: PathBuf,
+    pub mem: persist::Input,
     /// Stay paused after the restore (resume through the API).
     pub paused: bool,
     /// Feed the VMM's stdin to the guest console.
     pub console_input: bool,
     /// A new host socket path for the vsock device (each clone needs its own).
     pub vsock_uds: Option<PathBuf>,
+    /// That socket, bound already (a VMM that waited for its snapshot bound it
+    /// before its jail, which leaves no directory to bind in).
+    pub vsock_listener: Option<Arc<UnixListener>>,
     /// A new guest CID for the vsock device (the guest re-reads it with the
     /// transport reset every restore sends).
     pub vsock_cid: Option<u64>,
@@ -575,13 +600,36 @@ pub struct RestoreConfig {
     pub disks: Vec<DiskSwap>,
     /// A new tap for the net device (each clone needs its own).
     pub tap: Option<String>,
+    /// That tap, opened already (by the API client, in the pod's network
+    /// namespace: a jailed VMM has a network namespace of its own).
+    pub tap_file: Option<Arc<File>>,
     /// Prefetch these pages of the memory file before the guest runs.
-    pub working_set: Option<PathBuf>,
+    pub working_set: Option<persist::Input>,
+}
+
+impl RestoreConfig {
+    /// Restore the snapshot `state` + `mem`, changing nothing.
+    pub fn new(state: persist::Input, mem: persist::Input) -> Self {
+        Self {
+            jail: None,
+            state,
+            mem,
+            paused: false,
+            console_input: false,
+            vsock_uds: None,
+            vsock_listener: None,
+            vsock_cid: None,
+            disks: Vec::new(),
+            tap: None,
+            tap_file: None,
+            working_set: None,
+        }
+    }
 }
 
 /// A block device of a snapshot given another backing file (and serial) at restore:
 /// how a pod template's spare slot receives the pod's image.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct DiskSwap {
     /// The id the disk had in the snapshot.
     pub slot: String,
@@ -589,21 +637,60 @@ pub struct DiskSwap {
     pub path: PathBuf,
     /// The id the guest sees from now on (default: unchanged).
     pub id: Option<String>,
+    /// The file, opened by the API client (read-only: template slots are).
+    pub handed: Option<Arc<File>>,
 }
 
-/// Applies a clone's changes to the saved device configurations.
+impl PartialEq for DiskSwap {
+    fn eq(&self, other: &Self) -> bool {
+        self.slot == other.slot
+            && self.path == other.path
+            && self.id == other.id
+            && self.handed.is_some() == other.handed.is_some()
+    }
+}
+
+impl Eq for DiskSwap {}
+
+/// What a device is built over when the VMM cannot open it by name itself.
+enum Backing {
+    Disk(File),
+    Tap(File),
+    Vsock(UnixListener),
+}
+
+/// Applies a clone's changes to the saved device configurations; with each, what
+/// it is built over when that came open (`None`: by its configuration).
 fn override_devices(
     saved: &[VirtioDeviceState],
     cfg: &RestoreConfig,
-) -> Result<Vec<DeviceConfig>, StartVmError> {
+) -> Result<Vec<(DeviceConfig, Option<Backing>)>, StartVmError> {
     let mut used_disks = vec![false; cfg.disks.len()];
-    let out: Vec<DeviceConfig> = saved
-        .iter()
-        .map(|d| match &d.config {
-            DeviceConfig::Vsock { cid, uds } => DeviceConfig::Vsock {
-                cid: cfg.vsock_cid.unwrap_or(*cid),
-                uds: cfg.vsock_uds.clone().unwrap_or_else(|| uds.clone()),
-            },
+    let dup = |f: &Arc<File>| {
+        f.try_clone().map_err(|source| StartVmError::Device {
+            what: "a handed-over file",
+            source,
+        })
+    };
+    let mut out = Vec::with_capacity(saved.len());
+    for d in saved {
+        out.push(match &d.config {
+            DeviceConfig::Vsock { cid, uds } => {
+                let backing = match &cfg.vsock_listener {
+                    Some(l) => Some(Backing::Vsock(l.try_clone().map_err(|source| {
+                        StartVmError::Device {
+                            what: "the vsock socket",
+                            source,
+                        }
+                    })?)),
+                    None => None,
+                };
+                let config = DeviceConfig::Vsock {
+                    cid: cfg.vsock_cid.unwrap_or(*cid),
+                    uds: cfg.vsock_uds.clone().unwrap_or_else(|| uds.clone()),
+                };
+                (config, backing)
+            }
             DeviceConfig::Block {
                 path,
                 read_only,
@@ -611,34 +698,57 @@ fn override_devices(
             } => match cfg.disks.iter().position(|s| Some(&s.slot) == id.as_ref()) {
                 Some(i) => {
                     used_disks[i] = true;
-                    DeviceConfig::Block {
-                        path: cfg.disks[i].path.clone(),
+                    let swap = &cfg.disks[i];
+                    let backing = match &swap.handed {
+                        Some(f) if !*read_only && !crate::vmm::open_for_writing(f) => {
+                            return Err(StartVmError::Incompatible(format!(
+                                "disk {:?} is writable: hand over {} open for reading and writing",
+                                swap.slot,
+                                swap.path.display()
+                            )))
+                        }
+                        Some(f) => Some(Backing::Disk(dup(f)?)),
+                        None => None,
+                    };
+                    let config = DeviceConfig::Block {
+                        path: swap.path.clone(),
                         read_only: *read_only,
-                        id: cfg.disks[i].id.clone().or_else(|| id.clone()),
-                    }
+                        id: swap.id.clone().or_else(|| id.clone()),
+                    };
+                    (config, backing)
                 }
-                None => DeviceConfig::Block {
-                    path: path.clone(),
-                    read_only: *read_only,
-                    id: id.clone(),
-                },
+                None => (
+                    DeviceConfig::Block {
+                        path: path.clone(),
+                        read_only: *read_only,
+                        id: id.clone(),
+                    },
+                    None,
+                ),
             },
-            DeviceConfig::Net { tap, mac } => DeviceConfig::Net {
-                tap: cfg.tap.clone().unwrap_or_else(|| tap.clone()),
-                mac: *mac,
-            },
-            DeviceConfig::Rng => DeviceConfig::Rng,
-        })
-        .collect();
+            DeviceConfig::Net { tap, mac } => {
+                let backing = match &cfg.tap_file {
+                    Some(f) => Some(Backing::Tap(dup(f)?)),
+                    None => None,
+                };
+                let config = DeviceConfig::Net {
+                    tap: cfg.tap.clone().unwrap_or_else(|| tap.clone()),
+                    mac: *mac,
+                };
+                (config, backing)
+            }
+            DeviceConfig::Rng => (DeviceConfig::Rng, None),
+        });
+    }
     if let Some(i) = used_disks.iter().position(|u| !u) {
         return Err(StartVmError::Incompatible(format!(
             "the snapshot has no disk with id {:?}",
             cfg.disks[i].slot
         )));
     }
-    if cfg.tap.is_some() && !out.iter().any(|d| matches!(d, DeviceConfig::Net { .. })) {
+    if cfg.tap.is_some() && !out.iter().any(|(d, _)| matches!(d, DeviceConfig::Net { .. })) {
         return Err(StartVmError::Incompatible(
-            "--net-tap was given but the snapshot has no net device".into(),
+            "a tap was given but the snapshot has no net device".into(),
         ));
     }
     Ok(out)
@@ -650,18 +760,32 @@ pub fn restore(
     start: Instant,
     console: Box<dyn Write + Send>,
 ) -> Result<Vmm, StartVmError> {
+    restore_with(None, cfg, start, console)
+}
+
+/// [`restore`] with `/dev/kvm` opened already (`kvm`; `None` opens it), as a VMM
+/// that waited for its snapshot has it. Times count from `start`.
+pub fn restore_with(
+    kvm: Option<kvm_ioctls::Kvm>,
+    cfg: &RestoreConfig,
+    start: Instant,
+    console: Box<dyn Write + Send>,
+) -> Result<Vmm, StartVmError> {
     let metrics = Arc::new(VmMetrics::new(start));
     metrics.record_phase("process_ready");
-    let state: MicrovmState = persist::read_state(&cfg.state)?;
+    let state: MicrovmState = persist::read_state_from(&cfg.state)?;
     metrics.record_phase("state_read");
-    let kvm = kvm::open()?;
+    let kvm = match kvm {
+        Some(k) => k,
+        None => kvm::open()?,
+    };
     metrics.record_phase("kvm_open");
     let vcpu_count = u8::try_from(state.vcpus.len())
         .map_err(|_| StartVmError::Incompatible("more vCPUs than this VMM runs".into()))?;
     check_vcpus(&kvm, vcpu_count)?;
     let ram = memory::restore(&cfg.mem, state.mem_size, &state.id)?;
     let working_set = match &cfg.working_set {
-        Some(p) => Some(memory::WorkingSet::read(p, state.mem_size)?),
+        Some(input) => Some(memory::WorkingSet::read(input, state.mem_size)?),
         None => None,
     };
     let vm = Vm::new(&kvm, ram)?;
@@ -674,8 +798,9 @@ pub fn restore(
                 source,
             }
         })?;
-    let configs = override_devices(&state.devices, cfg)?;
-    let a = assemble(kvm, vm, serial, &configs, metrics)?;
+    let (configs, backings): (Vec<_>, Vec<_>) =
+        override_devices(&state.devices, cfg)?.into_iter().unzip();
+    let a = assemble(kvm, vm, serial, &configs, backings, metrics)?;
     for (index, (t, d)) in a.virtio.transports.iter().zip(&state.devices).enumerate() {
         t.lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -707,6 +832,24 @@ pub fn restore(
     a.metrics.record_phase("vcpus_configured");
     enter_jail(cfg.jail.as_ref(), &configs, &a.metrics)?;
     a.start(vcpus, cfg.paused, cfg.console_input, state.cmdline, None)
+}
+
+/// Confines a VMM that waits for its snapshot (`--standby`), before any VM
+/// exists: the directory of its vsock socket `vsock_uds` (bound already) stays in
+/// reach for the guest's connections to `<uds>_<port>`.
+pub fn confine_standby(
+    jail: &JailConfig,
+    vsock_uds: Option<&Path>,
+    metrics: &VmMetrics,
+) -> Result<(), StartVmError> {
+    let devices: Vec<DeviceConfig> = vsock_uds
+        .map(|uds| DeviceConfig::Vsock {
+            cid: 3,
+            uds: uds.to_path_buf(),
+        })
+        .into_iter()
+        .collect();
+    enter_jail(Some(jail), &devices, metrics)
 }
 
 /// Enters the jail (when asked to), keeping the directories of the vsock sockets

@@ -6,8 +6,17 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use std::os::unix::net::UnixListener;
+use std::sync::Arc;
+
+use atoll_vmm::api::{self, ApiError, Request};
 use atoll_vmm::builder::{self, DeviceConfig, DiskSwap, Outcome, RestoreConfig, VmConfig};
+use atoll_vmm::devices::virtio::vsock;
 use atoll_vmm::jail::JailConfig;
+use atoll_vmm::metrics::VmMetrics;
+use atoll_vmm::persist;
+use atoll_vmm::vmm::Vmm;
+use atoll_vmm::vstate::VmMessage;
 use clap::Parser;
 
 /// The command line every guest gets unless `--cmdline` replaces it.
@@ -34,11 +43,12 @@ kernel command line after `--`).
 
 With --api-sock, the VM is driven over HTTP+JSON on that Unix socket while it runs
 (docs/vmm-api.md): pause, resume, snapshot, stop, metrics. --restore starts from a
-snapshot instead of a kernel."
+snapshot instead of a kernel; --standby starts no VM and waits, jailed, for a
+snapshot to arrive as `PUT /snapshot/load` (a pre-started VMM of a pool)."
 )]
 struct Args {
     /// Kernel image: an ELF vmlinux (booted through its PVH entry) or a bzImage.
-    #[arg(long, required_unless_present_any = ["restore", "test_malloc_trim"])]
+    #[arg(long, required_unless_present_any = ["restore", "standby", "test_malloc_trim"])]
     kernel: Option<PathBuf>,
     /// Restore the VM from this snapshot state file instead of booting a kernel.
     #[arg(long, requires = "mem_file", conflicts_with_all = ["kernel", "initrd", "vcpus", "mem", "rng", "disk", "net", "vsock"])]
@@ -46,11 +56,17 @@ struct Args {
     /// The snapshot memory file written together with the state file.
     #[arg(long, requires = "restore")]
     mem_file: Option<PathBuf>,
+    /// Start no VM: open KVM, bind the API and vsock sockets, enter the jail and
+    /// wait for `PUT /snapshot/load` (the snapshot and what the clone changes
+    /// arrive with it). --timeout counts from the load.
+    #[arg(long, requires = "api_sock", conflicts_with_all = ["kernel", "restore", "initrd", "vcpus", "mem", "rng", "disk", "net", "vsock"])]
+    standby: bool,
     /// With --restore: stay paused until resumed through the API.
     #[arg(long, requires = "restore")]
     paused: bool,
-    /// With --restore: this clone's vsock socket path (each clone needs its own).
-    #[arg(long, requires = "restore")]
+    /// With --restore or --standby: this clone's vsock socket path (each clone
+    /// needs its own).
+    #[arg(long)]
     vsock_uds: Option<PathBuf>,
     /// With --restore: this clone's guest CID (3..=4294967295).
     #[arg(long, requires = "restore", value_parser = parse_cid)]
@@ -230,56 +246,72 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
     let jail = (!args.no_jail).then(|| JailConfig {
         user: args.jail_uid.map(|u| (u, args.jail_gid.unwrap_or(u))),
     });
-    let mut vmm = match (&args.restore, &args.mem_file) {
-        (Some(state), Some(mem)) => builder::restore(
-            &RestoreConfig {
-                jail: jail.clone(),
-                state: state.clone(),
-                mem: mem.clone(),
-                paused: args.paused,
-                console_input,
-                vsock_uds: args.vsock_uds.clone(),
-                vsock_cid: args.vsock_cid,
-                disks: args.disk_path.clone(),
-                tap: args.net_tap.clone(),
-                working_set: args.working_set.clone(),
-            },
-            start,
-            console,
-        )?,
-        _ => {
-            let config = VmConfig {
-                jail,
-                cmdline: cmdline_with_init_args(&args.cmdline, &args.init_args)?,
-                kernel: args.kernel.clone().context("--kernel is required")?,
-                initrd: args.initrd.clone(),
-                vcpus: args.vcpus,
-                mem_mib: args.mem,
-                timeout,
-                console_input,
-                devices: args
-                    .rng
-                    .then_some(DeviceConfig::Rng)
-                    .into_iter()
-                    .chain(args.disk)
-                    .chain(args.net)
-                    .chain(args.vsock)
-                    .collect(),
-            };
-            builder::boot(&config, start, console)?
+    if args.vsock_uds.is_some() && args.restore.is_none() && !args.standby {
+        bail!("--vsock-uds goes with --restore or --standby (a booted VM takes --vsock cid=N,uds=PATH)");
+    }
+    let (mut vmm, clock, _api_sock) = if args.standby {
+        let Some((listener, file)) = api else {
+            bail!("--standby needs --api-sock: the snapshot arrives through the API");
+        };
+        match standby(&args, listener, jail.as_ref(), console_input, start)? {
+            Some((vmm, loaded)) => (vmm, loaded, Some(file)),
+            None => return Ok(0),
         }
+    } else {
+        let vmm = match (&args.restore, &args.mem_file) {
+            (Some(state), Some(mem)) => builder::restore(
+                &RestoreConfig {
+                    jail: jail.clone(),
+                    paused: args.paused,
+                    console_input,
+                    vsock_uds: args.vsock_uds.clone(),
+                    vsock_cid: args.vsock_cid,
+                    disks: args.disk_path.clone(),
+                    tap: args.net_tap.clone(),
+                    working_set: args.working_set.clone().map(persist::Input::path),
+                    ..RestoreConfig::new(
+                        persist::Input::path(state.clone()),
+                        persist::Input::path(mem.clone()),
+                    )
+                },
+                start,
+                console,
+            )?,
+            _ => {
+                let config = VmConfig {
+                    jail,
+                    cmdline: cmdline_with_init_args(&args.cmdline, &args.init_args)?,
+                    kernel: args.kernel.clone().context("--kernel is required")?,
+                    initrd: args.initrd.clone(),
+                    vcpus: args.vcpus,
+                    mem_mib: args.mem,
+                    timeout,
+                    console_input,
+                    devices: args
+                        .rng
+                        .then_some(DeviceConfig::Rng)
+                        .into_iter()
+                        .chain(args.disk.clone())
+                        .chain(args.net.clone())
+                        .chain(args.vsock.clone())
+                        .collect(),
+                };
+                builder::boot(&config, start, console)?
+            }
+        };
+        let file = match api {
+            Some((listener, file)) => {
+                atoll_vmm::api::spawn(listener, atoll_vmm::api::target(vmm.requests()))
+                    .context("cannot start the API thread")?;
+                Some(file)
+            }
+            None => None,
+        };
+        (vmm, start, file)
     };
     for p in &args.test_jail_probe {
         eprintln!("atoll-vmm: jail probe {}: {}", p.display(), probe(p));
     }
-    let _api_sock = match api {
-        Some((listener, file)) => {
-            atoll_vmm::api::spawn(listener, vmm.requests())
-                .context("cannot start the API thread")?;
-            Some(file)
-        }
-        None => None,
-    };
     // Every other thread exists now (each filtered itself as it started): the
     // main thread is filtered last, so no thread inherits its filter.
     if let Some(secs) = args.test_seccomp_trip_after {
@@ -293,7 +325,11 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             .context("cannot start the test trip thread")?;
     }
     atoll_vmm::seccomp::apply(atoll_vmm::seccomp::Thread::Main)?;
-    let outcome = vmm.run(start, timeout);
+    let outcome = vmm.run(clock, timeout);
+    if matches!(outcome, Outcome::Stopped) {
+        // The API thread writes the answer to the Stop; exiting first would cut it.
+        atoll_vmm::api::wait_answered(Duration::from_secs(1));
+    }
     let report = vmm.report(Some(outcome));
     drop(vmm);
     if let (Some(path), Some(mut out)) = (&args.metrics, metrics_out) {
@@ -326,6 +362,120 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             EXIT_TIMED_OUT
         }
     })
+}
+
+/// `--standby`: opens KVM, binds the vsock socket, enters the jail, then serves
+/// the API until a snapshot loads (the VM and the instant its load began) or a
+/// Stop arrives (`None`). A load that fails is answered with why, and the VMM
+/// waits for the next one: nothing of the failed VM is left.
+fn standby(
+    args: &Args,
+    listener: UnixListener,
+    jail: Option<&JailConfig>,
+    console_input: bool,
+    start: Instant,
+) -> anyhow::Result<Option<(Vmm, Instant)>> {
+    let kvm = atoll_vmm::vstate::kvm::open()?;
+    let vsock = match &args.vsock_uds {
+        Some(p) => Some(Arc::new(vsock::device::bind(p).with_context(|| {
+            format!("cannot listen on the vsock socket {}", p.display())
+        })?)),
+        None => None,
+    };
+    if let Some(j) = jail {
+        builder::confine_standby(j, args.vsock_uds.as_deref(), &VmMetrics::new(start))?;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let target = api::target(tx);
+    api::spawn(listener, target.clone()).context("cannot start the API thread")?;
+    tracing::info!("standing by for PUT /snapshot/load");
+    for msg in rx {
+        let VmMessage::Api(req, files, reply) = msg else {
+            continue;
+        };
+        let answer = match req {
+            Request::Load(load) => {
+                let loaded = Instant::now();
+                let cfg = load_config(*load, files, args, vsock.clone(), console_input);
+                let console = Box::new(LineWriter::new(std::io::stdout()));
+                let vmm = atoll_vmm::vstate::kvm::duplicate(&kvm)
+                    .map_err(|e| anyhow::anyhow!("cannot use /dev/kvm again: {e}"))
+                    .and_then(|kvm| {
+                        builder::restore_with(Some(kvm), &cfg, loaded, console)
+                            .map_err(anyhow::Error::from)
+                    });
+                match vmm {
+                    Ok(vmm) => {
+                        // Requests go to the VM from now on; the load's answer
+                        // goes out only then.
+                        *target.lock().unwrap_or_else(|p| p.into_inner()) = vmm.requests();
+                        let _ = reply.send(Ok(serde_json::json!({
+                            "state": vmm.state(),
+                            "ms": loaded.elapsed().as_millis() as u64,
+                        })));
+                        return Ok(Some((vmm, loaded)));
+                    }
+                    Err(e) => {
+                        tracing::warn!("snapshot load failed: {e:#}");
+                        Err(ApiError::bad_request(format!(
+                            "{e:#}; this VMM still waits for a snapshot"
+                        )))
+                    }
+                }
+            }
+            Request::Describe => Ok(serde_json::json!({"state": "Standby"})),
+            Request::Stop => {
+                let _ = reply.send(Ok(serde_json::json!({"state": "Stopped"})));
+                api::wait_answered(Duration::from_secs(1));
+                return Ok(None);
+            }
+            _ => Err(ApiError::conflict(
+                "no VM yet: this VMM waits for PUT /snapshot/load",
+            )),
+        };
+        let _ = reply.send(answer);
+    }
+    bail!("the API thread ended")
+}
+
+/// The restore a `PUT /snapshot/load` asks for, with the files it carried (none,
+/// or one for each file it names, in [`api::LoadSnapshot`]'s order).
+fn load_config(
+    load: api::LoadSnapshot,
+    files: Vec<std::fs::File>,
+    args: &Args,
+    vsock: Option<Arc<std::os::unix::net::UnixListener>>,
+    console_input: bool,
+) -> RestoreConfig {
+    let mut files = files.into_iter();
+    let state = persist::Input::new(load.snapshot_path, files.next());
+    let mem = persist::Input::new(load.mem_file_path, files.next());
+    let working_set = load
+        .working_set_path
+        .map(|p| persist::Input::new(p, files.next()));
+    let disks = load
+        .drives
+        .into_iter()
+        .map(|d| DiskSwap {
+            slot: d.drive_id,
+            path: d.path_on_host,
+            id: d.id,
+            handed: files.next().map(Arc::new),
+        })
+        .collect();
+    let tap_file = load.net_tap.as_ref().and_then(|_| files.next()).map(Arc::new);
+    RestoreConfig {
+        paused: !load.resume_vm,
+        console_input,
+        vsock_uds: args.vsock_uds.clone(),
+        vsock_listener: vsock,
+        vsock_cid: load.vsock_cid,
+        disks,
+        tap: load.net_tap,
+        tap_file,
+        working_set,
+        ..RestoreConfig::new(state, mem)
+    }
 }
 
 /// What `path` gives this process: the jail test's probe.
@@ -484,6 +634,7 @@ fn parse_disk_swap(s: &str) -> Result<DiskSwap, String> {
         }
     }
     Ok(DiskSwap {
+        handed: None,
         slot: slot.to_string(),
         path: PathBuf::from(path),
         id,

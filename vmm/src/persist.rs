@@ -202,8 +202,50 @@ pub fn tmp_path(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// A file the VMM reads: a host path it opens, or a file an API client opened and
+/// handed over (a jailed VMM's only way to read one).
+#[derive(Debug, Clone)]
+pub struct Input {
+    /// The path, for messages (and to open when nothing was handed over).
+    pub path: PathBuf,
+    /// The file handed over for it.
+    pub handed: Option<std::sync::Arc<File>>,
+}
+
+impl Input {
+    /// A path the VMM opens itself.
+    pub fn path(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            handed: None,
+        }
+    }
+
+    /// `path`, or the file handed over for it.
+    pub fn new(path: PathBuf, handed: Option<File>) -> Self {
+        Self {
+            path,
+            handed: handed.map(std::sync::Arc::new),
+        }
+    }
+
+    /// An open file of its own (a duplicate of a handed-over one).
+    pub fn open(&self) -> io::Result<File> {
+        match &self.handed {
+            Some(f) => f.try_clone(),
+            None => File::open(&self.path),
+        }
+    }
+}
+
 /// Reads and checks the state file at `path`.
 pub fn read_state(path: &Path) -> Result<MicrovmState, SnapshotFileError> {
+    read_state_from(&Input::path(path))
+}
+
+/// Reads and checks the state file `input`.
+pub fn read_state_from(input: &Input) -> Result<MicrovmState, SnapshotFileError> {
+    let path = input.path.as_path();
     let corrupt = |why: String| SnapshotFileError::Corrupt {
         path: path.to_path_buf(),
         why,
@@ -213,7 +255,7 @@ pub fn read_state(path: &Path) -> Result<MicrovmState, SnapshotFileError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut f = File::open(path).map_err(io_err)?;
+    let mut f = input.open().map_err(io_err)?;
     let mut header = [0u8; HEADER];
     f.read_exact(&mut header)
         .map_err(|_| corrupt("it is shorter than the header".into()))?;

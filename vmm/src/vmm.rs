@@ -270,6 +270,10 @@ impl Vmm {
                 path,
                 new_id,
             } => self.update_drive(&drive_id, path, new_id, files.next()),
+            Request::Load(_) => Err(ApiError::conflict(
+                "this VMM runs a VM already: a snapshot loads only into a VMM started with \
+                 --standby, before any VM",
+            )),
             Request::Metrics => serde_json::to_value(self.report(None)).map_err(ApiError::internal),
             Request::Stop => Ok(serde_json::json!({"state": "Stopped"})),
         }
@@ -408,7 +412,7 @@ impl Drop for Vmm {
 }
 
 /// Whether `f` was opened for writing.
-fn open_for_writing(f: &File) -> bool {
+pub(crate) fn open_for_writing(f: &File) -> bool {
     use std::os::fd::AsRawFd;
     // SAFETY: fcntl(2) F_GETFL on a descriptor we own reads its flags only.
     let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };

@@ -91,6 +91,25 @@ pub fn open() -> Result<Kvm, KvmError> {
     Ok(kvm)
 }
 
+/// Another handle on the same `/dev/kvm` open file: how a VMM that waits for a
+/// snapshot (jailed, so it cannot open `/dev/kvm` again) tries a second load after
+/// a first one failed.
+pub fn duplicate(kvm: &Kvm) -> std::io::Result<Kvm> {
+    use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+    // SAFETY: `kvm` owns an open fd for the duration of the call; dup does not
+    // touch memory.
+    let fd = unsafe { libc::dup(kvm.as_raw_fd()) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by dup, is open on /dev/kvm and owned by
+    // nothing else; the OwnedFd takes it.
+    let owned = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: the fd is an open /dev/kvm file whose ownership passes to the Kvm,
+    // which closes it when dropped.
+    Ok(unsafe { Kvm::from_raw_fd(owned.into_raw_fd()) })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,10 +9,9 @@
 //! to, so a state file cannot be paired with another snapshot's memory.
 
 use std::fs::File;
-use std::io::{self, Write as _};
+use std::io::{self, Read as _, Write as _};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, FromRawFd};
-use std::path::Path;
 use std::sync::Arc;
 
 use vm_memory::mmap::{MmapRegionBuilder, MmapRegionError};
@@ -169,9 +168,13 @@ fn trailer(mem_size: u64, id: &[u8; 16]) -> Vec<u8> {
 
 /// Maps the memory file at `path` copy-on-write as guest RAM of `mem_size` bytes,
 /// after checking that it was written for snapshot `id` with that size.
-pub fn restore(path: &Path, mem_size: u64, id: &[u8; 16]) -> Result<GuestRam, MemoryError> {
-    let shown = path.display().to_string();
-    let file = File::open(path).map_err(|source| MemoryError::Open {
+pub fn restore(
+    input: &crate::persist::Input,
+    mem_size: u64,
+    id: &[u8; 16],
+) -> Result<GuestRam, MemoryError> {
+    let shown = input.path.display().to_string();
+    let file = input.open().map_err(|source| MemoryError::Open {
         path: shown.clone(),
         source,
     })?;
@@ -384,17 +387,21 @@ impl WorkingSet {
     }
 
     /// Reads a set from `path`, checking it against RAM of `mem_size` bytes.
-    pub fn read(path: &Path, mem_size: u64) -> Result<Self, WorkingSetError> {
-        let shown = path.display().to_string();
+    pub fn read(input: &crate::persist::Input, mem_size: u64) -> Result<Self, WorkingSetError> {
+        let shown = input.path.display().to_string();
         let corrupt = |why: String| WorkingSetError::Corrupt {
             path: shown.clone(),
             why,
         };
-        let bytes = std::fs::read(path).map_err(|source| WorkingSetError::Io {
-            what: "read",
-            path: shown.clone(),
-            source,
-        })?;
+        let mut bytes = Vec::new();
+        input
+            .open()
+            .and_then(|f| f.take(16 + WS_MAX_RANGES * 16 + 1).read_to_end(&mut bytes))
+            .map_err(|source| WorkingSetError::Io {
+                what: "read",
+                path: shown.clone(),
+                source,
+            })?;
         if bytes.len() < 16 || &bytes[..8] != WS_MAGIC {
             return Err(corrupt("no ATOLLWS1 header".into()));
         }
@@ -558,7 +565,7 @@ mod tests {
         assert_eq!(meta.len(), (64 << 20) + TRAILER_SIZE);
         assert!(meta.blocks() * 512 < 1 << 20, "the file is sparse");
 
-        let back = restore(&path, 64 << 20, &id).unwrap();
+        let back = restore(&crate::persist::Input::path(&path), 64 << 20, &id).unwrap();
         assert_eq!(
             back.memory.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
             0xdead_beef
@@ -571,7 +578,7 @@ mod tests {
         );
         // Copy-on-write: the clone's writes never reach the file.
         back.memory.write_obj(1u32, GuestAddress(0x1000)).unwrap();
-        let again = restore(&path, 64 << 20, &id).unwrap();
+        let again = restore(&crate::persist::Input::path(&path), 64 << 20, &id).unwrap();
         assert_eq!(
             again.memory.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
             0xdead_beef
@@ -590,12 +597,12 @@ mod tests {
         let path = dir.path().join("ws");
         ws.write(&crate::persist::Output::Path(path.clone()))
             .unwrap();
-        assert_eq!(WorkingSet::read(&path, 32 << 20).unwrap(), ws);
-        let err = WorkingSet::read(&path, 1 << 20).unwrap_err().to_string();
+        assert_eq!(WorkingSet::read(&crate::persist::Input::path(&path), 32 << 20).unwrap(), ws);
+        let err = WorkingSet::read(&crate::persist::Input::path(&path), 1 << 20).unwrap_err().to_string();
         assert!(err.contains("outside 1 MiB"), "{err}");
         std::fs::write(&path, b"ATOLLWS1\x01\0\0\0\0\0\0\0").unwrap();
         assert!(
-            WorkingSet::read(&path, 32 << 20).is_err(),
+            WorkingSet::read(&crate::persist::Input::path(&path), 32 << 20).is_err(),
             "count without ranges"
         );
         // Populating a fresh mapping makes exactly those pages resident.
@@ -612,14 +619,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mem");
         ram.dump(&File::create(&path).unwrap(), &[1; 16]).unwrap();
-        let err = restore(&path, 32 << 20, &[2; 16]).unwrap_err().to_string();
+        let err = restore(&crate::persist::Input::path(&path), 32 << 20, &[2; 16]).unwrap_err().to_string();
         assert!(err.contains("another snapshot"), "{err}");
-        let err = restore(&path, 64 << 20, &[1; 16]).unwrap_err().to_string();
+        let err = restore(&crate::persist::Input::path(&path), 64 << 20, &[1; 16]).unwrap_err().to_string();
         assert!(err.contains("need"), "{err}");
         std::fs::write(&path, vec![0u8; (32 << 20) + 4096]).unwrap();
-        let err = restore(&path, 32 << 20, &[1; 16]).unwrap_err().to_string();
+        let err = restore(&crate::persist::Input::path(&path), 32 << 20, &[1; 16]).unwrap_err().to_string();
         assert!(err.contains("no Atoll memory trailer"), "{err}");
-        let err = restore(&dir.path().join("none"), 32 << 20, &[1; 16]).unwrap_err();
+        let err = restore(&crate::persist::Input::path(dir.path().join("none")), 32 << 20, &[1; 16]).unwrap_err();
         assert!(matches!(err, MemoryError::Open { .. }));
     }
 }

@@ -190,6 +190,18 @@ impl Net {
         Ok(Self::with_backend(tap.file.into(), tap.name, mac))
     }
 
+    /// A device over tap `name` opened elsewhere and handed over (`file`, attached
+    /// with `TUNSETIFF`): how a jailed VMM, in a network namespace of its own,
+    /// gets the pod's tap.
+    pub fn over_tap(file: std::fs::File, name: &str, mac: Option<[u8; 6]>) -> io::Result<Self> {
+        tap::configure(&file, name)?;
+        let mac = match mac {
+            Some(m) => m,
+            None => random_mac()?,
+        };
+        Ok(Self::with_backend(file.into(), name.to_owned(), mac))
+    }
+
     /// A device over `backend`, any fd that keeps frame boundaries and carries the
     /// 12-byte virtio header: a tap, or a `SOCK_SEQPACKET` socket. It must be
     /// non-blocking.

@@ -34,7 +34,16 @@ pub enum OpenTapError {
         #[source]
         source: io::Error,
     },
-    /// `TUNSETVNETHDRSZ` failed.
+    /// A tap handed over could not be made non-blocking.
+    #[error("cannot make tap {name} non-blocking")]
+    NonBlocking {
+        /// The interface name.
+        name: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// `TUNSETVNETHDRSZ` failed (for a file handed over: it is not a tap).
     #[error("cannot set the virtio header size of tap {name} (TUNSETVNETHDRSZ)")]
     VnetHdrSize {
         /// The interface name.
@@ -60,6 +69,7 @@ impl From<OpenTapError> for io::Error {
             OpenTapError::BadName(_) => io::ErrorKind::InvalidInput,
             OpenTapError::OpenTun(s)
             | OpenTapError::SetIff { source: s, .. }
+            | OpenTapError::NonBlocking { source: s, .. }
             | OpenTapError::VnetHdrSize { source: s, .. }
             | OpenTapError::Offload { source: s, .. } => s.kind(),
         };
@@ -120,6 +130,33 @@ pub fn open(name: &str) -> Result<Tap, OpenTapError> {
         });
     }
 
+    configure(&file, name)?;
+    Ok(Tap {
+        file,
+        name: name.to_owned(),
+    })
+}
+
+/// Sets up a tap opened elsewhere (attached with `TUNSETIFF`, `IFF_TAP |
+/// IFF_NO_PI | IFF_VNET_HDR`), as [`open`] does its own: non-blocking, a 12-byte
+/// virtio header, no offloads. `name` is for messages.
+pub fn configure(file: &File, name: &str) -> Result<(), OpenTapError> {
+    let fd = file.as_raw_fd();
+    // SAFETY: F_GETFL/F_SETFL on an fd we hold; no memory is passed.
+    let rc = unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 {
+            flags
+        } else {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
+        }
+    };
+    if rc < 0 {
+        return Err(OpenTapError::NonBlocking {
+            name: name.to_owned(),
+            source: io::Error::last_os_error(),
+        });
+    }
     let hdr_len = VNET_HDR_LEN as libc::c_int;
     // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, valid for the call.
     let rc = unsafe { libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &hdr_len as *const libc::c_int) };
@@ -138,10 +175,7 @@ pub fn open(name: &str) -> Result<Tap, OpenTapError> {
             source: io::Error::last_os_error(),
         });
     }
-    Ok(Tap {
-        file,
-        name: name.to_owned(),
-    })
+    Ok(())
 }
 
 #[cfg(test)]

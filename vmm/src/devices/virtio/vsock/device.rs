@@ -182,23 +182,33 @@ fn parse_connect_line(line: &[u8]) -> Option<u32> {
     port.trim().parse().ok()
 }
 
+/// Binds the host socket `uds` (replacing a stale socket, never another file).
+pub fn bind(uds: &Path) -> io::Result<UnixListener> {
+    match std::fs::symlink_metadata(uds) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(uds)?,
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!("{} exists and is not a socket", uds.display()),
+            ))
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(uds)
+}
+
 impl Vsock {
     /// A device with guest CID `cid` whose host side listens on `uds` (host-initiated
     /// `CONNECT <port>`) and connects to `<uds>_<port>` (guest-initiated). A stale
     /// socket file at `uds` is removed first; any other file there is an error.
     pub fn new(cid: u64, uds: &Path) -> io::Result<Self> {
-        match std::fs::symlink_metadata(uds) {
-            Ok(m) if m.file_type().is_socket() => std::fs::remove_file(uds)?,
-            Ok(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::AlreadyExists,
-                    format!("{} exists and is not a socket", uds.display()),
-                ))
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
-        let listener = UnixListener::bind(uds)?;
+        Self::with_listener(cid, uds, bind(uds)?)
+    }
+
+    /// A device whose host socket `uds` is `listener`, bound already (by a VMM
+    /// before its jail, which leaves it no directory to bind in).
+    pub fn with_listener(cid: u64, uds: &Path, listener: UnixListener) -> io::Result<Self> {
         listener.set_nonblocking(true)?;
         Ok(Self {
             cid,

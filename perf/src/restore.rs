@@ -6,6 +6,9 @@
 //!   plus what each touched: resident KiB of guest RAM (the memfd of a boot, the
 //!   memory file's mapping of a restore, split into pages read from the page cache and
 //!   pages copied on write) and VM exits, both at the moment the agent answered.
+//!   A fourth mode, `standby`, is the pool's: atoll-vmm started with `--standby`
+//!   (jailed, KVM open, sockets bound) before the clock starts, then timed from its
+//!   `PUT /snapshot/load` to the agent's answer; the pre-start is reported apart.
 //! - `density`: N idle clones of one template at once: the rate they come up at, and
 //!   each one's proportional set size (PSS) beyond the snapshot pages all of them
 //!   share, until N or until one fails (the closing line says how far it got).
@@ -205,6 +208,64 @@ fn spawn(s: &Setup, id: &str, boot: Boot, mem: u64, lazy: bool) -> anyhow::Resul
     Ok(Vm { child, dir })
 }
 
+/// A VMM started with `--standby` for a clone in its own directory, once it
+/// answers on its API socket.
+fn spawn_standby(s: &Setup, id: &str) -> anyhow::Result<Vm> {
+    let dir = s.run_dir.join(id);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let child = Command::new(&s.vmm)
+        .args(Template::standby_args(&dir))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {}", s.vmm.display()))?;
+    let mut vm = Vm { child, dir };
+    let start = Instant::now();
+    loop {
+        if let Some(status) = vm.child.try_wait()? {
+            bail!("atoll-vmm --standby exited ({status})");
+        }
+        if template::api_call(&vm.dir.join(API_SOCK), "GET", "/vm", "").is_ok() {
+            return Ok(vm);
+        }
+        if start.elapsed() > Duration::from_secs(30) {
+            bail!("atoll-vmm --standby did not answer within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// A clone loaded into a standby VMM: the clock runs from the load request.
+/// Returns the sample and how long the pre-start took (not on the clock).
+fn measure_standby(s: &Setup, id: &str) -> anyhow::Result<(Sample, f64)> {
+    let pre = Instant::now();
+    let mut vm = spawn_standby(s, id)?;
+    let prestart_ms = pre.elapsed().as_secs_f64() * 1000.0;
+    let t0 = Instant::now();
+    template::api_call(
+        &vm.dir.join(API_SOCK),
+        "PUT",
+        "/snapshot/load",
+        &s.template.load_body(&[], None, true),
+    )?;
+    let client = agent(&mut vm, Duration::from_secs(120))?;
+    let ms = t0.elapsed().as_secs_f64() * 1000.0;
+    let (ram_rss_kib, ram_private_kib) = guest_ram_kib(vm.child.id());
+    let exits = exits(&vm);
+    drop(client);
+    Ok((
+        Sample {
+            ms,
+            ram_rss_kib,
+            ram_private_kib,
+            exits,
+        },
+        prestart_ms,
+    ))
+}
+
 /// Connects to the agent (retrying until it listens) and says Hello.
 fn agent(vm: &mut Vm, timeout: Duration) -> anyhow::Result<AgentClient> {
     let start = Instant::now();
@@ -314,20 +375,30 @@ fn summary(samples: &[Sample]) -> Value {
 /// `restore-inner`: alternating cold boots and restores; one JSON line.
 pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
     let s = setup(a.mem)?;
-    let (mut cold, mut restored, mut lazy) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut cold, mut restored, mut lazy, mut standby) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut prestart = Vec::new();
     for round in 0..=a.runs {
-        // 0 cold, 1 restore with the working set prefetched, 2 restore without.
-        let mut order = [0, 1, 2];
-        order.rotate_left(round as usize % 3);
+        // 0 cold, 1 restore with the working set prefetched, 2 restore without,
+        // 3 a standby VMM loading it (with the working set).
+        let mut order = [0, 1, 2, 3];
+        order.rotate_left(round as usize % 4);
         for mode in order {
             let boot = || Boot::Template(s.template.clone());
             let sample = match mode {
                 0 => measure(&s, &format!("c{round}"), Boot::Cold, a.mem, false)?,
                 1 => measure(&s, &format!("r{round}"), boot(), a.mem, false)?,
-                _ => measure(&s, &format!("l{round}"), boot(), a.mem, true)?,
+                2 => measure(&s, &format!("l{round}"), boot(), a.mem, true)?,
+                _ => {
+                    let (sample, pre) = measure_standby(&s, &format!("s{round}"))?;
+                    if round > 0 {
+                        prestart.push(pre);
+                    }
+                    sample
+                }
             };
             if round > 0 {
-                [&mut cold, &mut restored, &mut lazy][mode].push(sample);
+                [&mut cold, &mut restored, &mut lazy, &mut standby][mode].push(sample);
             }
         }
     }
@@ -335,7 +406,13 @@ pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(Value::Null);
-    let (c, r, l) = (summary(&cold), summary(&restored), summary(&lazy));
+    let (c, r, l, sb) = (
+        summary(&cold),
+        summary(&restored),
+        summary(&lazy),
+        summary(&standby),
+    );
+    let pre = summarize(&prestart);
     let ratio = |x: &Value| {
         let v = x["median_ms"].as_f64().unwrap_or(0.0) / c["median_ms"].as_f64().unwrap_or(1.0);
         (v * 1000.0).round() / 1000.0
@@ -345,9 +422,16 @@ pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
         "mem_mib": a.mem,
         "ratio_median": ratio(&r),
         "ratio_median_lazy": ratio(&l),
+        "ratio_median_standby": ratio(&sb),
         "cold": c,
         "restore": r,
         "restore_lazy": l,
+        "standby": sb,
+        "standby_prestart_ms": {
+            "median": pre.as_ref().map(|p| r1(p.median)),
+            "min": pre.as_ref().map(|p| r1(p.min)),
+            "max": pre.as_ref().map(|p| r1(p.max)),
+        },
         "template": {
             "build_ms": s.template_build_ms,
             "snapshot": meta["snapshot"],
@@ -356,7 +440,9 @@ pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
         "restore_mode": "MAP_PRIVATE of the memory file (page cache shared by clones); \
             restore: the recorded working set populated (MADV_POPULATE_READ) and \
             prefaulted into KVM (KVM_PRE_FAULT_MEMORY) first; restore_lazy: every page on \
-            first touch",
+            first touch; standby: a VMM started with --standby (exec, KVM, sockets, jail \
+            done before the clock) loads the snapshot as PUT /snapshot/load, working set \
+            prefetched",
     });
     println!("{JSON_PREFIX}{result}");
     Ok(())
@@ -450,7 +536,7 @@ fn print_restore(r: &Value) {
         "{:<13} {:>10} {:>10} {:>10} {:>14} {:>14} {:>8}",
         "", "median", "min", "max", "RAM touched", "RAM copied", "exits"
     );
-    for key in ["cold", "restore", "restore_lazy"] {
+    for key in ["cold", "restore", "restore_lazy", "standby"] {
         let v = &r[key];
         println!(
             "{key:<13} {:>10} {:>10} {:>10} {:>14} {:>14} {:>8}",
@@ -463,8 +549,12 @@ fn print_restore(r: &Value) {
         );
     }
     println!(
-        "ratio_median (restore/cold): {}; without the working set: {}",
-        r["ratio_median"], r["ratio_median_lazy"]
+        "ratio_median (restore/cold): {}; without the working set: {}; standby VMM: {}",
+        r["ratio_median"], r["ratio_median_lazy"], r["ratio_median_standby"]
+    );
+    println!(
+        "standby pre-start (spawn to API answering, off the clock): median {} ms, min {} ms",
+        r["standby_prestart_ms"]["median"], r["standby_prestart_ms"]["min"]
     );
 }
 

@@ -223,6 +223,55 @@ impl Template {
         a
     }
 
+    /// atoll-vmm's arguments for a VMM that waits, jailed, for a clone of this
+    /// template for the pod in `pod_dir` ([`Template::load_body`]).
+    pub fn standby_args(pod_dir: &Path) -> Vec<String> {
+        vec![
+            "--standby".into(),
+            "--api-sock".into(),
+            pod_dir.join(super::API_SOCK).display().to_string(),
+            "--vsock-uds".into(),
+            pod_dir.join("vsock.sock").display().to_string(),
+            "--metrics".into(),
+            pod_dir.join("vmm-metrics.json").display().to_string(),
+        ]
+    }
+
+    /// The body of the `PUT /snapshot/load` that makes a VMM started with
+    /// [`Template::standby_args`] a clone: the pod's disks in the first slots (the
+    /// rest get the empty disk, handed over like the others: a jailed VMM opens no
+    /// path), its tap, the working set; running at once when `resume`.
+    pub fn load_body(&self, disks: &[Disk], tap: Option<&str>, resume: bool) -> String {
+        let empty = self.dir.join("slot.img");
+        let drives: Vec<serde_json::Value> = (0..SLOTS)
+            .map(|slot| match disks.get(slot) {
+                Some(d) => serde_json::json!({
+                    "drive_id": format!("slot{slot}"),
+                    "path_on_host": d.path,
+                    "id": d.serial,
+                }),
+                None => serde_json::json!({
+                    "drive_id": format!("slot{slot}"),
+                    "path_on_host": empty,
+                }),
+            })
+            .collect();
+        let mut body = serde_json::json!({
+            "snapshot_path": self.state(),
+            "mem_file_path": self.memory(),
+            "drives": drives,
+            "resume_vm": resume,
+        });
+        let ws = self.working_set();
+        if ws.is_file() {
+            body["working_set_path"] = serde_json::json!(ws);
+        }
+        if let Some(t) = tap {
+            body["net_tap"] = serde_json::json!(t);
+        }
+        body.to_string()
+    }
+
     /// Removes the template (it could not be restored).
     pub fn discard(&self) {
         let _ = fs::remove_dir_all(&self.dir);

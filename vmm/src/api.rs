@@ -861,7 +861,7 @@ mod tests {
         assert!(matches!(bare, Request::Load(ref l) if !l.resume_vm), "paused by default");
         let five_drives = format!(
             r#"{{"snapshot_path":"/s","mem_file_path":"/m","drives":[{}]}}"#,
-            vec![r#"{"drive_id":"a","path_on_host":"/i"}"#; 5].join(",")
+            [r#"{"drive_id":"a","path_on_host":"/i"}"#; 5].join(",")
         );
         for body in [
             five_drives.as_str(),

@@ -693,7 +693,8 @@ mod tests {
             DiskSwap {
                 slot: "slot0".into(),
                 path: "/img.erofs".into(),
-                id: Some("img0".into())
+                id: Some("img0".into()),
+                handed: None,
             }
         );
         assert_eq!(parse_disk_swap("slot1=/x").unwrap().id, None);

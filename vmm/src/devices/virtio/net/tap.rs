@@ -142,14 +142,13 @@ pub fn open(name: &str) -> Result<Tap, OpenTapError> {
 /// virtio header, no offloads. `name` is for messages.
 pub fn configure(file: &File, name: &str) -> Result<(), OpenTapError> {
     let fd = file.as_raw_fd();
-    // SAFETY: F_GETFL/F_SETFL on an fd we hold; no memory is passed.
-    let rc = unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 {
-            flags
-        } else {
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
-        }
+    // SAFETY: F_GETFL on an fd we hold; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    let rc = if flags < 0 {
+        flags
+    } else {
+        // SAFETY: F_SETFL on an fd we hold, flags by value; no memory is passed.
+        unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) }
     };
     if rc < 0 {
         return Err(OpenTapError::NonBlocking {

@@ -111,6 +111,12 @@ cat > /tmp/cfg/s.json <<EOF
 EOF
 
 now_ms() { awk '{printf "%d", $1*1000}' /proc/uptime; }
+# The VMM of sandbox $1 (its pod directory's state names it).
+vmm_of() { sed -n 's/.*"vmm_pid": *\([0-9]*\).*/\1/p' /run/atoll/cri/pods/$1/state.json; }
+# atoll-vmm processes waiting in the pool (their cgroup leaf is a standby one) and
+# the others (a sandbox's).
+waiting_vmms() { n=0; for p in $(pidof atoll-vmm); do grep -q 'atoll/standby-' /proc/$p/cgroup && n=$((n+1)); done; echo $n; }
+pod_vmms() { n=0; for p in $(pidof atoll-vmm); do grep -q 'atoll/standby-' /proc/$p/cgroup || n=$((n+1)); done; echo $n; }
 version() { $C version; }
 info() { $C info; }
 runtime_config() { $C runtime-config; }
@@ -130,13 +136,14 @@ bad_handler() { $C runp --runtime runc /tmp/cfg/pod.json; }
 runp() {
   t0=$(now_ms); P=$($C runp /tmp/cfg/pod.json) || return 1
   echo "runp_ms=$(( $(now_ms) - t0 ))"
-  for d in /proc/[0-9]*; do
-    if tr '\0' ' ' < $d/cmdline 2>/dev/null | grep -q "atoll-vmm.*pods/$P/"; then
-      cg=$(cut -d: -f3 $d/cgroup)
-      echo "vmm_uid=$(awk '/^Uid:/ {print $2}' $d/status)"
-      echo "vmm_cpu_max=$(tr ' ' / < /sys/fs/cgroup$cg/cpu.max)"
-    fi
-  done
+  d=/proc/$(vmm_of $P)
+  cg=$(cut -d: -f3 $d/cgroup)
+  echo "vmm_uid=$(awk '/^Uid:/ {print $2}' $d/status)"
+  echo "vmm_cpu_max=$(tr ' ' / < /sys/fs/cgroup$cg/cpu.max)"
+  echo "vmm_cgroup=$cg"
+  echo "vmm_from_pool=$(tr '\0' ' ' < $d/cmdline | grep -c -- --standby)"
+  echo "uid_claim=$(readlink /run/atoll/cri/uids/$(awk '/^Uid:/ {print $2}' $d/status))"
+  echo "pool_waiting=$(waiting_vmms)"
   $C inspectp $P && $C pods --label app=web
 }
 runp_again() { $C runp /tmp/cfg/pod.json; }
@@ -265,10 +272,13 @@ network() {
 # runs (the guest holds them) and the log goes on after the restart.
 kill_server() {
   L=/tmp/logs/web/ticker/0.log
+  waiting=""; for p in $(pidof atoll-vmm); do grep -q 'atoll/standby-' /proc/$p/cgroup && waiting="$waiting $p"; done
   kill -9 $(pidof atoll-cri); sleep 2
-  echo "vmms=$(pidof atoll-vmm | wc -w)"
+  echo "vmms=$(pod_vmms)"
+  echo "waiting_left=$(echo $waiting | wc -w)"
   last_before=$(sed -n 's/.* stdout F tick //p' $L | tail -1)
   start_cri || return 1
+  n=0; for p in $waiting; do [ -d /proc/$p ] && n=$((n+1)); done; echo "waiting_alive_after_restart=$n"
   $C pods; $C inspect $CA | grep state=; $C exec $CA -- echo still-here
   sleep 2
   last_after=$(sed -n 's/.* stdout F tick //p' $L | tail -1)
@@ -288,9 +298,7 @@ remove() {
 vm_killed() {
   Q=$($C runp /tmp/cfg/pod2.json) || return 1
   S=$($C create $Q /tmp/cfg/s.json /tmp/cfg/pod2.json) && $C start $S || return 1
-  for d in /proc/[0-9]*; do
-    tr '\0' ' ' < $d/cmdline 2>/dev/null | grep -q "atoll-vmm.*pods/$Q/" && kill -9 ${d#/proc/}
-  done
+  kill -9 $(vmm_of $Q)
   sleep 1
   $C inspectp $Q | grep state=; $C inspect $S
   $C rmp $Q; echo "rmp=$?"
@@ -300,8 +308,9 @@ stopp() {
   $C inspectp $P | grep state=
   $C rmp $P && $C rmp $P && echo removed
   $C pods | wc -l
-  echo "vmms=$(pidof atoll-vmm | wc -w)"
-  echo "pod_dirs=$(ls /run/atoll/cri/pods | wc -l)"
+  echo "vmms=$(pod_vmms)"
+  echo "pod_dirs=$(ls /run/atoll/cri/pods | grep -vc ^standby-)"
+  echo "pool_waiting=$(waiting_vmms)"
   echo "records=$(ls /var/lib/atoll/cri/sandboxes /var/lib/atoll/cri/containers | grep -c json)"
   echo "netns=$(ls /run/atoll/cri/netns | wc -l)"
   echo "veths=$(ls /sys/class/net | grep -c ^veth)"
@@ -513,6 +522,11 @@ fn a_sandbox_is_a_ready_microvm_with_its_metadata() {
     let uid: u32 = value_of(out, "vmm_uid").parse().unwrap();
     assert!(uid >= 2_000_000_000, "{out}");
     assert_eq!(value_of(out, "vmm_cpu_max"), "60000/100000", "{out}");
+    // It was a pre-started VMM of the pool: it now runs in the pod's own cgroup
+    // leaf, and its uid is claimed by the pod.
+    assert_eq!(value_of(out, "vmm_from_pool"), "1", "{out}");
+    assert!(value_of(out, "vmm_cgroup").ends_with(&format!("/atoll/{id}")), "{out}");
+    assert_eq!(value_of(out, "uid_claim"), id, "{out}");
 }
 
 #[test]
@@ -885,6 +899,9 @@ fn pods_survive_a_killed_server_which_adopts_them_on_restart() {
         "1",
         "the VM outlived the server: {out}"
     );
+    // The pool's waiting VMMs outlived it too, and the next server swept them.
+    assert_ne!(value_of(out, "waiting_left"), "0", "{out}");
+    assert_eq!(value_of(out, "waiting_alive_after_restart"), "0", "{out}");
     assert!(out.contains(" web SANDBOX_READY"), "{out}");
     assert_eq!(value_of(out, "state"), "CONTAINER_RUNNING");
     assert!(out.contains("still-here"), "{out}");
@@ -946,6 +963,7 @@ fn stopping_and_removing_a_sandbox_leaves_nothing_behind() {
     assert!(out.contains("removed"), "{out}");
     assert_eq!(value_of(out, "vmms"), "0", "{out}");
     assert_eq!(value_of(out, "pod_dirs"), "0", "{out}");
+    assert_eq!(value_of(out, "pool_waiting"), "2", "the pool is full again: {out}");
     assert_eq!(value_of(out, "records"), "0", "{out}");
     assert_eq!(value_of(out, "netns"), "0", "{out}");
     assert_eq!(value_of(out, "veths"), "0", "{out}");

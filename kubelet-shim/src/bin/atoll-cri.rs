@@ -87,6 +87,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         server.recover();
         server.spawn_watcher();
+        let pool = Arc::clone(&server.pool);
         tracing::info!("serving CRI v1 on {}", socket.display());
         let shutdown = async {
             let mut term =
@@ -98,7 +99,10 @@ fn run(args: Args) -> anyhow::Result<()> {
             }
             tracing::info!("stopping: running pods keep running");
         };
-        cri::serve(server, listener, shutdown).await?;
+        let served = cri::serve(server, listener, shutdown).await;
+        // The VMMs waiting for sandboxes go; the sandboxes' own keep running.
+        pool.close();
+        served?;
         let _ = std::fs::remove_file(&socket);
         Ok::<_, anyhow::Error>(())
     })

@@ -146,6 +146,10 @@ pub struct SandboxConfig {
     pub overhead_mib: u64,
     /// The most guest memory a sandbox gets.
     pub max_memory_mib: u64,
+    /// VMMs started ahead of sandboxes (`atoll-vmm --standby`: jailed, KVM open,
+    /// waiting for a snapshot), so a sandbox's start is only the restore; 0 turns
+    /// the pool off.
+    pub standby_vmms: usize,
 }
 
 /// How images are pulled, as containerd's `registry.mirrors` and CRI-O's
@@ -189,6 +193,7 @@ impl Default for SandboxConfig {
             memory_mib: 256,
             overhead_mib: 64,
             max_memory_mib: 16 << 10,
+            standby_vmms: 2,
         }
     }
 }
@@ -289,6 +294,12 @@ impl Config {
             ));
         }
         let s = &self.sandbox;
+        if s.standby_vmms > 64 {
+            return Err(format!(
+                "sandbox.standby_vmms = {}: give 0 (no pool) to 64",
+                s.standby_vmms
+            ));
+        }
         if s.vcpus == 0 || s.max_vcpus < s.vcpus || s.max_vcpus > 32 {
             return Err(format!(
                 "sandbox.vcpus = {}, sandbox.max_vcpus = {}: give 1 <= vcpus <= max_vcpus <= 32",

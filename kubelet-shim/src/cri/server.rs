@@ -166,6 +166,8 @@ pub struct Server {
     pub metrics: Arc<super::metrics::Metrics>,
     /// Container events (GetContainerEvents).
     pub events: super::events::EventBus,
+    /// VMMs started ahead of sandboxes (`[sandbox] standby_vmms`).
+    pub pool: Arc<crate::pod::pool::Pool>,
     /// Held for the server's life: one server per state directory.
     _lock: std::fs::File,
 }
@@ -319,7 +321,14 @@ impl Server {
             }
             Err(e) => return Err(io(&lock_path)(e.into())),
         }
+        let pool = crate::pod::pool::Pool::new(
+            cfg.sandbox.standby_vmms,
+            cfg.run_dir.clone(),
+            artifacts.vmm.clone(),
+            crate::pod::confine::default_cgroup_root(),
+        );
         Ok(Self {
+            pool,
             cfg,
             artifacts,
             image_store,
@@ -370,6 +379,10 @@ impl Server {
     /// Takes over what an earlier server left: half-made sandboxes are removed,
     /// running VMs adopted (their containers watched again), dead ones marked.
     pub fn recover(self: &Arc<Self>) {
+        let swept = crate::pod::pool::sweep(&self.cfg.run_dir);
+        if swept > 0 {
+            tracing::info!("removed {swept} standby VMM(s) a previous server left");
+        }
         let (sandboxes, containers) = self.store.load();
         let mut adopted = Vec::new();
         for mut s in sandboxes {
@@ -429,6 +442,7 @@ impl Server {
         if !adopted.is_empty() {
             tracing::info!("adopted {} running sandbox(es)", adopted.len());
         }
+        self.pool.fill();
     }
 
     /// Watches every ready sandbox's VMM; one that is gone turns its sandbox
@@ -747,6 +761,7 @@ impl Server {
         cfg.api = true;
         cfg.detached = true;
         cfg.cpu_limit = cpu;
+        cfg.pool = Some(Arc::clone(&self.pool));
         cfg.agent_timeout = Duration::from_secs(self.cfg.agent_timeout_secs);
         cfg.hostname = crate::pod::net::valid_hostname(&rec.hostname).then(|| rec.hostname.clone());
         if let Some(n) = network {
@@ -1932,6 +1947,10 @@ pub(crate) mod tests {
         let cfg = Config {
             state_dir: dir.join("state"),
             run_dir: dir.join("run"),
+            sandbox: crate::cri::config::SandboxConfig {
+                standby_vmms: 0,
+                ..Default::default()
+            },
             ..Config::default()
         };
         let a = Artifacts {

@@ -243,18 +243,7 @@ impl Store {
     }
 }
 
-/// The start time of process `pid` (field 22 of `/proc/PID/stat`), if it runs.
-pub fn process_start(pid: u32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // `rest` starts at field 3 (state): field 22 is index 19. A zombie does not run.
-    if fields.first() == Some(&"Z") {
-        return None;
-    }
-    fields.get(19)?.parse().ok()
-}
+pub use crate::pod::state::process_start;
 
 /// Whether the sandbox's VMM is the process it was (not a recycled pid).
 pub fn vmm_alive(r: &SandboxRecord) -> bool {

@@ -111,6 +111,24 @@ impl Drop for UidClaim {
     }
 }
 
+impl UidClaim {
+    /// Hands the uid to pod `pod_id` (a pre-started VMM that becomes that pod's):
+    /// the claim names it from now on, replaced atomically under the claims' lock,
+    /// so the uid is never free in between.
+    pub fn transfer(&mut self, run_dir: &Path, pod_id: &str) -> Result<(), ConfineError> {
+        let lock_path = run_dir.join("uids.lock");
+        let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+        rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+            .map_err(|e| io_err(&lock_path)(e.into()))?;
+        let mut tmp = self.link.clone().into_os_string();
+        tmp.push(".new");
+        let tmp = PathBuf::from(tmp);
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(pod_id, &tmp).map_err(io_err(&tmp))?;
+        fs::rename(&tmp, &self.link).map_err(io_err(&self.link))
+    }
+}
+
 /// The slot a pod tries first: spread by its id, so that ids map to stable uids
 /// where they can.
 fn first_slot(pod_id: &str) -> u32 {
@@ -268,6 +286,18 @@ impl Cgroup {
         Ok(())
     }
 
+    /// Moves process `pid` (every thread of it) into the cgroup: a pre-started VMM
+    /// joins its pod's leaf. What it has allocated so far stays charged where it
+    /// was; everything from now on (guest memory comes with the snapshot) is
+    /// charged here.
+    pub fn adopt(&self, pid: u32) -> Result<(), ConfineError> {
+        let procs = self.path.join("cgroup.procs");
+        fs::write(&procs, pid.to_string()).map_err(|source| ConfineError::Cgroup {
+            path: procs,
+            source,
+        })
+    }
+
     /// A copy for the child's `pre_exec` (never removes the leaf).
     pub fn for_child(&self) -> Cgroup {
         Cgroup {
@@ -385,6 +415,22 @@ pub fn remove_cgroup_of(pod_dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_transferred_uid_claim_names_the_new_pod_and_stays_taken() {
+        let run = tempfile::tempdir().unwrap();
+        let pods = super::super::state::pods_dir(run.path());
+        fs::create_dir_all(pods.join("standby-1")).unwrap();
+        let mut claim = claim_uid(run.path(), "standby-1").unwrap();
+        fs::rename(pods.join("standby-1"), pods.join("pod")).unwrap();
+        claim.transfer(run.path(), "pod").unwrap();
+        assert_eq!(fs::read_link(&claim.link).unwrap(), Path::new("pod"));
+        // The renamed directory still holds it: nobody else gets the uid.
+        fs::create_dir_all(pods.join("other")).unwrap();
+        let other = claim_uid(run.path(), "other").unwrap();
+        assert_ne!(other.uid, claim.uid);
+        drop(claim);
+    }
 
     #[test]
     fn uids_are_distinct_per_pod_and_taken_back_when_the_pod_is_gone() {

@@ -14,6 +14,7 @@ pub mod confine;
 pub mod image;
 pub mod net;
 pub mod netns;
+pub mod pool;
 pub mod state;
 pub mod template;
 
@@ -138,6 +139,9 @@ pub struct PodConfig {
     /// A network namespace (and tap) made for the pod elsewhere; `tap` then names
     /// its tap and the VMM starts inside the namespace.
     pub network: Option<PodNetwork>,
+    /// Pre-started VMMs: a template boot takes one when one waits, and loads the
+    /// snapshot into it instead of spawning a VMM ([`pool`]).
+    pub pool: Option<Arc<pool::Pool>>,
 }
 
 /// How a pod's VM comes up.
@@ -177,6 +181,7 @@ impl PodConfig {
             cgroup_root: confine::default_cgroup_root(),
             cpu_limit: None,
             network: None,
+            pool: None,
         }
     }
 
@@ -632,7 +637,15 @@ impl Pod {
     /// Call it from a thread that lives as long as the pod: the VMM is killed when
     /// the thread that spawned it ends (`PR_SET_PDEATHSIG`).
     pub fn start(mut cfg: PodConfig) -> Result<Pod, PodError> {
-        let dir = Self::make_dir(&cfg)?;
+        let standby = match (&cfg.boot, &cfg.pool) {
+            (Boot::Template(_), Some(pool)) => pool.take(),
+            _ => None,
+        };
+        let mut standby = standby;
+        let dir = match &standby {
+            Some(s) => Self::adopt_dir(&cfg, s)?,
+            None => Self::make_dir(&cfg)?,
+        };
         let log_path = dir.path.join("console.log");
         let vsock = dir.path.join("vsock.sock");
         let mut pod = Pod {
@@ -665,12 +678,28 @@ impl Pod {
             uid: None,
             dir,
         };
+        if let Some(s) = standby.as_mut() {
+            // The directory is the pod's now: so is the VMM waiting in it.
+            pod.vmm = s.child.take();
+            pod.console = s.console.take();
+            pod.state.vmm_pid = pod.vmm.as_ref().map(Child::id);
+        }
         pod.write_state();
-        let uid = confine::claim_uid(&cfg.run_dir, &cfg.id)?;
+        let uid = match standby.as_mut().and_then(|s| s.uid.take()) {
+            Some(mut claim) => {
+                claim.transfer(&cfg.run_dir, &cfg.id)?;
+                claim
+            }
+            None => confine::claim_uid(&cfg.run_dir, &cfg.id)?,
+        };
         if let Some(root) = &cfg.cgroup_root {
             let cg = confine::Cgroup::create(root, &cfg.id, cfg.mem_mib, cfg.vcpus, cfg.cpu_limit)?;
             let named = pod.dir.path.join(confine::CGROUP_FILE);
             fs::write(&named, cg.path.as_os_str().as_encoded_bytes()).map_err(io_err(&named))?;
+            if let Some(pid) = pod.state.vmm_pid {
+                // Before the load: guest memory is charged to the pod's leaf.
+                cg.adopt(pid)?;
+            }
             pod.cgroup = Some(cg);
         }
         let uid_value = uid.uid;
@@ -695,11 +724,43 @@ impl Pod {
             pod.state.address = Some(tap.subnet().guest().to_string());
             pod.tap = Some(tap);
         }
-        let log = File::create(&log_path).map_err(io_err(&log_path))?;
-        let (reader, writer) = std::io::pipe().map_err(io_err(&log_path))?;
-        let writer2 = writer.try_clone().map_err(io_err(&log_path))?;
+        match (standby, &cfg.boot) {
+            (Some(s), Boot::Template(t)) => {
+                // The waiting VMM's own cgroup leaf and directory name go with it.
+                drop(s);
+                pod.load_snapshot(&cfg, t)?;
+            }
+            _ => pod.spawn_vmm(&cfg, uid_value, &log_path)?,
+        }
+        pod.timings.vmm_spawned_ms = Some(ms_since(pod.t0));
+        pod.write_state();
+
+        let control = pod.connect_agent(&log_path, cfg.agent_timeout, cfg.cancel.as_deref())?;
+        pod.timings.agent_connected_ms = Some(ms_since(pod.t0));
+        pod.timings.guest_agent_ready_us = Some(control.hello().agent_ready_us);
+        pod.control = Some(control);
+        match &cfg.boot {
+            Boot::Cold => {
+                pod.timings.boot = Some("cold");
+                pod.configure_network(&cfg)?;
+            }
+            Boot::Template(_) => {
+                pod.timings.boot = Some("template");
+                pod.send_restored(&cfg)?;
+                pod.timings.restored_ms = Some(ms_since(pod.t0));
+            }
+        }
+        Ok(pod)
+    }
+
+    /// Spawns the pod's VMM (a boot, or a restore by its command line), its output
+    /// copied into `log_path`.
+    fn spawn_vmm(&mut self, cfg: &PodConfig, uid: u32, log_path: &Path) -> Result<(), PodError> {
+        let log = File::create(log_path).map_err(io_err(log_path))?;
+        let (reader, writer) = std::io::pipe().map_err(io_err(log_path))?;
+        let writer2 = writer.try_clone().map_err(io_err(log_path))?;
         let mut cmd = Command::new(&cfg.vmm);
-        cmd.args(cfg.vmm_args(&pod.dir.path, Some(uid_value)))
+        cmd.args(cfg.vmm_args(&self.dir.path, Some(uid)))
             .stdin(Stdio::null())
             .stdout(writer)
             .stderr(writer2);
@@ -731,7 +792,7 @@ impl Pod {
                 cmd.pre_exec(move || netns::enter_fd(fd));
             }
         }
-        if let Some(cg) = &pod.cgroup {
+        if let Some(cg) = &self.cgroup {
             let cg = cg.for_child();
             // SAFETY: the closure runs in the child between fork and exec and only
             // makes open(2), write(2) and close(2) calls on data prepared before the
@@ -746,30 +807,33 @@ impl Pod {
         })?;
         // Our copies of the write end go with `cmd`: the pipe ends when the VMM does.
         drop(cmd);
-        pod.console = Some(std::thread::spawn(move || {
+        self.console = Some(std::thread::spawn(move || {
             copy_bounded(reader, log, CONSOLE_LOG_MAX)
         }));
-        pod.state.vmm_pid = Some(child.id());
-        pod.vmm = Some(child);
-        pod.timings.vmm_spawned_ms = Some(ms_since(pod.t0));
-        pod.write_state();
+        self.state.vmm_pid = Some(child.id());
+        self.vmm = Some(child);
+        Ok(())
+    }
 
-        let control = pod.connect_agent(&log_path, cfg.agent_timeout, cfg.cancel.as_deref())?;
-        pod.timings.agent_connected_ms = Some(ms_since(pod.t0));
-        pod.timings.guest_agent_ready_us = Some(control.hello().agent_ready_us);
-        pod.control = Some(control);
-        match &cfg.boot {
-            Boot::Cold => {
-                pod.timings.boot = Some("cold");
-                pod.configure_network(&cfg)?;
-            }
-            Boot::Template(_) => {
-                pod.timings.boot = Some("template");
-                pod.send_restored(&cfg)?;
-                pod.timings.restored_ms = Some(ms_since(pod.t0));
-            }
-        }
-        Ok(pod)
+    /// Sends template `t`'s snapshot to the pre-started VMM the pod took: the
+    /// pod's disks in its slots, its tap (opened in the pod's network namespace:
+    /// the jailed VMM has left the host's), running at once.
+    fn load_snapshot(&mut self, cfg: &PodConfig, t: &template::Template) -> Result<(), PodError> {
+        let tap = cfg.tap.as_ref().map(|t| t.name.as_str());
+        let body = t.load_body(&cfg.disks, tap, true);
+        let sock = self.dir.path.join(API_SOCK);
+        let load = || template::api_call(&sock, "PUT", "/snapshot/load", &body);
+        let answer = match &cfg.network {
+            Some(n) => netns::NetNs::at(&n.netns)
+                .run_in(load)
+                .map_err(|e| PodError::VmmFailed(e.to_string()))?,
+            None => load(),
+        };
+        answer.map(drop).map_err(|e| {
+            // Kept whole: a snapshot error in it makes the caller rebuild the
+            // template (template::is_snapshot_error).
+            PodError::VmmFailed(e.to_string())
+        })
     }
 
     /// Gives a restored clone its own identity: fresh entropy, the clock, its
@@ -857,6 +921,34 @@ impl Pod {
         self.control()
             .and_then(|c| c.configure_network(req))
             .map_err(PodError::Network)
+    }
+
+    /// Makes a pre-started VMM's directory the pod's, by a rename that never
+    /// replaces anything.
+    fn adopt_dir(cfg: &PodConfig, standby: &pool::Standby) -> Result<PodDir, PodError> {
+        validate_id(&cfg.id).map_err(|source| PodError::InvalidId {
+            id: cfg.id.clone(),
+            source,
+        })?;
+        let path = state::pods_dir(&cfg.run_dir).join(&cfg.id);
+        match rustix::fs::renameat_with(
+            rustix::fs::CWD,
+            &standby.dir,
+            rustix::fs::CWD,
+            &path,
+            rustix::fs::RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {}
+            Err(rustix::io::Errno::EXIST) => return Err(PodError::AlreadyExists(path)),
+            Err(e) => return Err(io_err(&path)(e.into())),
+        }
+        let _ = fs::remove_file(path.join(pool::PID_FILE));
+        Ok(PodDir {
+            path,
+            run_dir: cfg.run_dir.clone(),
+            id: cfg.id.clone(),
+            keep: false,
+        })
     }
 
     fn make_dir(cfg: &PodConfig) -> Result<PodDir, PodError> {

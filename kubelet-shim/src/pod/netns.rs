@@ -108,6 +108,13 @@ impl NetNs {
         Ok(ns)
     }
 
+    /// The namespace pinned at `path` already (made by [`NetNs::create`]).
+    pub fn at(path: &Path) -> Self {
+        NetNs {
+            path: path.to_owned(),
+        }
+    }
+
     /// Unpins and removes the namespace file; the namespace goes with its last
     /// user. Removing one that is gone is fine.
     pub fn remove(path: &Path) {

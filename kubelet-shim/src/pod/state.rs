@@ -161,6 +161,20 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// The start time of process `pid` (field 22 of `/proc/PID/stat`), if it runs:
+/// with the pid, it names one process even after the pid is recycled.
+pub fn process_start(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): field 22 is index 19. A zombie does not run.
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
 /// Whether a process of that pid exists (signal 0).
 pub fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {

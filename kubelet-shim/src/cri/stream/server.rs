@@ -403,6 +403,8 @@ pub(crate) mod tests {
                         while !*d {
                             d = cv.wait(d).unwrap();
                         }
+                        // The next exec (the other framing) waits for its own.
+                        *d = false;
                         v1::Response {
                             result: Some(Reply::Wait(v1::WaitReply {
                                 status: 3,
@@ -430,7 +432,17 @@ pub(crate) mod tests {
                     v1::attach::Stream::Stdin => {
                         let mut got = Vec::new();
                         c.read_to_end(&mut got).unwrap();
-                        let mut out = stdout.lock().unwrap().take().unwrap();
+                        // The client attaches its streams in any order: wait
+                        // for stdout's connection.
+                        let mut out = (0..500)
+                            .find_map(|_| {
+                                let taken = stdout.lock().unwrap().take();
+                                if taken.is_none() {
+                                    std::thread::sleep(std::time::Duration::from_millis(10));
+                                }
+                                taken
+                            })
+                            .expect("stdout attached within 5 s");
                         out.write_all(b"got:").unwrap();
                         out.write_all(&got).unwrap();
                         drop(out);

@@ -1,0 +1,389 @@
+//! Pre-started VMMs: `atoll-vmm --standby` processes that have paid for
+//! everything a VMM costs before a guest can run (exec, the jail's namespaces and
+//! mounts, KVM opened, the API and vsock sockets bound) before any pod asks. A pod
+//! that starts from a template takes one and sends it the template's snapshot as
+//! `PUT /snapshot/load` ([`super::Pod::start`]), instead of spawning a VMM.
+//!
+//! Each waits in a directory of its own, `<pods dir>/standby-<n>`, which becomes the
+//! pod's directory by a rename when a pod takes it (its sockets and files keep
+//! working: the VMM's jail holds the directory, not its name). It runs under a uid
+//! of its own (handed to the pod with it) and in a cgroup leaf of its own; the pod
+//! makes its own leaf, sized for its VM, and moves the VMM there before the load.
+//!
+//! The VMMs run in sessions of their own, as pods' VMMs do, so a pod that took one
+//! outlives the server. The pool kills the ones still waiting when it is dropped;
+//! those a killed server left behind are found by [`sweep`] (a pid file with the
+//! process's start time, so a recycled pid is never killed).
+
+use std::collections::VecDeque;
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use super::{confine, state, template::Template, PodError, API_SOCK, CONSOLE_LOG_MAX};
+
+/// Directory names of waiting VMMs start with this.
+pub const PREFIX: &str = "standby-";
+/// The file in a waiting VMM's directory with its pid and start time.
+pub(super) const PID_FILE: &str = "standby.pid";
+/// How long a fresh standby VMM may take to answer on its API socket.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One VMM waiting for a snapshot. Dropping it kills the VMM and removes its
+/// directory, cgroup leaf and uid claim.
+#[derive(Debug)]
+pub struct Standby {
+    /// Its directory (a pod's once taken).
+    pub(super) dir: PathBuf,
+    pub(super) child: Option<Child>,
+    /// Copies the VMM's output into `console.log` in the directory.
+    pub(super) console: Option<JoinHandle<()>>,
+    // Dropped after the VMM is gone.
+    pub(super) cgroup: Option<confine::Cgroup>,
+    pub(super) uid: Option<confine::UidClaim>,
+    /// Spawn to the API's first answer.
+    pub ready_ms: f64,
+}
+
+impl Standby {
+    /// Starts one in a new directory under `run_dir`'s pods directory, and waits
+    /// until it answers on its API socket.
+    pub fn start(
+        run_dir: &Path,
+        vmm: &Path,
+        cgroup_root: Option<&Path>,
+    ) -> Result<Standby, PodError> {
+        let t0 = Instant::now();
+        let pods = state::pods_dir(run_dir);
+        fs::create_dir_all(&pods).map_err(super::io_err(&pods))?;
+        let (id, dir) = new_dir(&pods)?;
+        let mut s = Standby {
+            dir,
+            child: None,
+            console: None,
+            cgroup: None,
+            uid: None,
+            ready_ms: 0.0,
+        };
+        let uid = confine::claim_uid(run_dir, &id)?;
+        let uid_value = uid.uid;
+        s.uid = Some(uid);
+        if let Some(root) = cgroup_root {
+            // Sized for a VMM without a VM; the pod's own leaf has the pod's limits.
+            let cg = confine::Cgroup::create(root, &id, 0, 0, None)?;
+            let named = s.dir.join(confine::CGROUP_FILE);
+            fs::write(&named, cg.path.as_os_str().as_encoded_bytes())
+                .map_err(super::io_err(&named))?;
+            s.cgroup = Some(cg);
+        }
+        let log_path = s.dir.join("console.log");
+        let log = File::create(&log_path).map_err(super::io_err(&log_path))?;
+        let (reader, writer) = std::io::pipe().map_err(super::io_err(&log_path))?;
+        let writer2 = writer.try_clone().map_err(super::io_err(&log_path))?;
+        let mut cmd = Command::new(vmm);
+        cmd.args(Template::standby_args(&s.dir))
+            .args(["--jail-uid".to_string(), uid_value.to_string()])
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(writer2);
+        // SAFETY: the closure runs in the child between fork and exec and only
+        // calls setsid(2), which is async-signal-safe and touches no memory of the
+        // parent.
+        unsafe {
+            cmd.pre_exec(super::new_session);
+        }
+        if let Some(cg) = &s.cgroup {
+            let cg = cg.for_child();
+            // SAFETY: the closure runs in the child between fork and exec and only
+            // makes open(2), write(2) and close(2) calls on data prepared before
+            // the fork (`Cgroup::join_self`).
+            unsafe {
+                cmd.pre_exec(move || cg.join_self());
+            }
+        }
+        let child = cmd.spawn().map_err(|source| PodError::Spawn {
+            vmm: vmm.to_owned(),
+            source,
+        })?;
+        drop(cmd);
+        s.console = Some(std::thread::spawn(move || {
+            super::copy_bounded(reader, log, CONSOLE_LOG_MAX)
+        }));
+        let pid = child.id();
+        s.child = Some(child);
+        let pid_file = s.dir.join(PID_FILE);
+        let start = state::process_start(pid).unwrap_or(0);
+        fs::write(&pid_file, format!("{pid} {start}\n")).map_err(super::io_err(&pid_file))?;
+        s.wait_ready(&log_path)?;
+        s.ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        Ok(s)
+    }
+
+    /// Waits until the VMM answers `GET /vm` (it is jailed and listening).
+    fn wait_ready(&mut self, log: &Path) -> Result<(), PodError> {
+        let sock = self.dir.join(API_SOCK);
+        let start = Instant::now();
+        loop {
+            if !self.alive() {
+                let tail = fs::read_to_string(log).unwrap_or_default();
+                let line = tail.lines().last().unwrap_or("no message").to_owned();
+                return Err(PodError::VmmFailed(format!(
+                    "a standby atoll-vmm ended before it was ready: {line}"
+                )));
+            }
+            if super::template::api_call(&sock, "GET", "/vm", "").is_ok() {
+                return Ok(());
+            }
+            if start.elapsed() > READY_TIMEOUT {
+                return Err(PodError::VmmFailed(format!(
+                    "a standby atoll-vmm did not answer on {} within {READY_TIMEOUT:?}",
+                    sock.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether its VMM still runs.
+    pub fn alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The VMM's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+}
+
+impl Drop for Standby {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if let Some(t) = self.console.take() {
+            let _ = t.join();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+        // The cgroup leaf and the uid claim go as the fields drop.
+    }
+}
+
+/// A fresh `standby-<n>` directory under `pods`.
+fn new_dir(pods: &Path) -> Result<(String, PathBuf), PodError> {
+    let mut bytes = [0u8; 6];
+    for _ in 0..16 {
+        super::getrandom(&mut bytes).map_err(super::io_err(Path::new("getrandom")))?;
+        let id = format!(
+            "{PREFIX}{}",
+            bytes.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let dir = pods.join(&id);
+        match fs::create_dir(&dir) {
+            Ok(()) => return Ok((id, dir)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(super::io_err(&dir)(e)),
+        }
+    }
+    Err(PodError::AlreadyExists(pods.join(PREFIX)))
+}
+
+/// Keeps up to `size` standby VMMs ready.
+#[derive(Debug)]
+pub struct Pool {
+    size: usize,
+    run_dir: PathBuf,
+    vmm: PathBuf,
+    cgroup_root: Option<PathBuf>,
+    ready: Mutex<VecDeque<Standby>>,
+    /// Whether a thread is filling the pool now.
+    filling: AtomicBool,
+    /// Set when the pool is being dropped: fillers stop.
+    closed: AtomicBool,
+}
+
+impl Pool {
+    /// A pool of `size` VMMs (none start until [`Pool::fill`]).
+    pub fn new(
+        size: usize,
+        run_dir: PathBuf,
+        vmm: PathBuf,
+        cgroup_root: Option<PathBuf>,
+    ) -> Arc<Pool> {
+        Arc::new(Pool {
+            size,
+            run_dir,
+            vmm,
+            cgroup_root,
+            ready: Mutex::new(VecDeque::new()),
+            filling: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        })
+    }
+
+    fn ready(&self) -> std::sync::MutexGuard<'_, VecDeque<Standby>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many wait now.
+    pub fn len(&self) -> usize {
+        self.ready().len()
+    }
+
+    /// Whether none waits now.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A waiting VMM that still runs, if there is one; the pool fills up again
+    /// behind it.
+    pub fn take(self: &Arc<Self>) -> Option<Standby> {
+        let taken = {
+            let mut ready = self.ready();
+            loop {
+                match ready.pop_front() {
+                    Some(mut s) => {
+                        if s.alive() {
+                            break Some(s);
+                        }
+                        // One that died waiting (killed, out of memory) goes.
+                    }
+                    None => break None,
+                }
+            }
+        };
+        self.fill();
+        taken
+    }
+
+    /// Starts VMMs in the background until `size` wait (one filler at a time;
+    /// a failure is logged and ends this round, the next take tries again).
+    pub fn fill(self: &Arc<Self>) {
+        if self.size == 0 || self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let me = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("standby-pool".into())
+            .spawn(move || {
+                while !me.closed.load(Ordering::Acquire) && me.len() < me.size {
+                    match Standby::start(&me.run_dir, &me.vmm, me.cgroup_root.as_deref()) {
+                        Ok(s) => {
+                            tracing::debug!("standby VMM ready in {:.1} ms", s.ready_ms);
+                            me.ready().push_back(s);
+                        }
+                        Err(e) => {
+                            tracing::warn!("cannot pre-start a standby VMM: {e}");
+                            break;
+                        }
+                    }
+                }
+                me.filling.store(false, Ordering::Release);
+            });
+        if spawned.is_err() {
+            self.filling.store(false, Ordering::Release);
+        }
+    }
+
+    /// Stops filling and kills every waiting VMM.
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.ready().clear();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+/// Kills the standby VMMs a previous process left under `run_dir` (a killed
+/// server) and removes their directories, cgroup leaves and uid claims. A pid is
+/// killed only if its start time is the one recorded.
+pub fn sweep(run_dir: &Path) -> usize {
+    let pods = state::pods_dir(run_dir);
+    let Ok(entries) = fs::read_dir(&pods) else {
+        return 0;
+    };
+    let mut swept = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().starts_with(PREFIX) {
+            continue;
+        }
+        let dir = e.path();
+        let recorded = fs::read_to_string(dir.join(PID_FILE)).unwrap_or_default();
+        let mut it = recorded.split_whitespace().map(str::parse::<u64>);
+        if let (Some(Ok(pid)), Some(Ok(start))) = (it.next(), it.next()) {
+            if let Ok(pid) = u32::try_from(pid) {
+                if start != 0 && state::process_start(pid) == Some(start) {
+                    // SAFETY: kill(2) with a pid whose start time we just checked.
+                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                    for _ in 0..100 {
+                        if state::process_start(pid).is_none() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                }
+            }
+        }
+        confine::remove_cgroup_of(&dir);
+        let _ = fs::remove_dir_all(&dir);
+        swept += 1;
+    }
+    swept
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sweep_kills_only_the_recorded_process_and_removes_standby_directories() {
+        let run = tempfile::tempdir().unwrap();
+        let pods = state::pods_dir(run.path());
+        // A waiting VMM left by a killed server (a sleep stands in for it).
+        let mut child = Command::new("sleep").arg("60").spawn().unwrap();
+        let pid = child.id();
+        let start = state::process_start(pid).unwrap();
+        fs::create_dir_all(pods.join("standby-aa")).unwrap();
+        fs::write(pods.join("standby-aa").join(PID_FILE), format!("{pid} {start}\n")).unwrap();
+        // One whose pid was recycled: the recorded start time does not match.
+        let mut other = Command::new("sleep").arg("60").spawn().unwrap();
+        fs::create_dir_all(pods.join("standby-bb")).unwrap();
+        fs::write(
+            pods.join("standby-bb").join(PID_FILE),
+            format!("{} {}\n", other.id(), start.wrapping_add(12345)),
+        )
+        .unwrap();
+        // A pod's directory is none of its business.
+        fs::create_dir_all(pods.join("pod-1")).unwrap();
+        assert_eq!(sweep(run.path()), 2);
+        let status = child.wait().unwrap();
+        assert!(!status.success(), "the recorded process was killed");
+        assert!(other.try_wait().unwrap().is_none(), "a recycled pid is spared");
+        other.kill().unwrap();
+        other.wait().unwrap();
+        assert!(!pods.join("standby-aa").exists());
+        assert!(!pods.join("standby-bb").exists());
+        assert!(pods.join("pod-1").is_dir());
+    }
+
+    #[test]
+    fn an_empty_pool_gives_nothing_and_a_pool_of_none_never_fills() {
+        let run = tempfile::tempdir().unwrap();
+        let pool = Pool::new(0, run.path().to_owned(), "/nonexistent/atoll-vmm".into(), None);
+        pool.fill();
+        assert!(pool.take().is_none());
+        assert!(pool.is_empty());
+    }
+}

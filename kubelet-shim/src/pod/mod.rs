@@ -48,6 +48,10 @@ pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(60);
 pub const VMM_EXIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Logs of ended pods kept in `<run dir>/logs` (the oldest go first).
 pub const KEPT_LOGS: usize = 100;
+/// The most bytes those logs (container logs and consoles) may take together:
+/// `<run dir>` is usually tmpfs, host RAM, and each log may hold up to
+/// `CONTAINER_LOG_MAX`. The oldest go first; the newest is always kept.
+pub const KEPT_LOGS_BYTES: u64 = 256 << 20;
 /// Lines of `console.log` quoted when the VMM ends early.
 const CONSOLE_TAIL_LINES: usize = 12;
 /// Lines of `console.log` quoted when the guest crashed (an oops is longer).
@@ -503,7 +507,7 @@ impl Drop for PodDir {
                 s.status = PodStatus::Exited;
                 let _ = s.write(&logs.join(format!("{}.json", self.id)));
             }
-            prune_logs(&logs, KEPT_LOGS);
+            prune_logs(&logs, KEPT_LOGS, KEPT_LOGS_BYTES);
         }
         if let Err(e) = fs::remove_dir_all(&self.path) {
             if e.kind() != io::ErrorKind::NotFound {
@@ -514,9 +518,10 @@ impl Drop for PodDir {
 }
 
 /// Removes all but the newest `keep` logs (and their state files) of `logs`.
-pub fn prune_logs(logs: &Path, keep: usize) {
+pub fn prune_logs(logs: &Path, keep: usize, keep_bytes: u64) {
     let Ok(rd) = fs::read_dir(logs) else { return };
-    let mut found: Vec<(std::time::SystemTime, PathBuf)> = rd
+    let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let mut found: Vec<(std::time::SystemTime, PathBuf, u64)> = rd
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "log"))
@@ -524,15 +529,18 @@ pub fn prune_logs(logs: &Path, keep: usize) {
             let t = fs::metadata(&p)
                 .and_then(|m| m.modified())
                 .unwrap_or(std::time::UNIX_EPOCH);
-            (t, p)
+            let bytes = size(&p) + size(&p.with_extension("console")) + size(&p.with_extension("json"));
+            (t, p, bytes)
         })
         .collect();
-    if found.len() <= keep {
-        return;
-    }
-    found.sort();
-    let excess = found.len() - keep;
-    for (_, p) in found.into_iter().take(excess) {
+    // Newest first: keep while both bounds allow (the newest always).
+    found.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut total = 0u64;
+    for (i, (_, p, bytes)) in found.into_iter().enumerate() {
+        total = total.saturating_add(bytes);
+        if i == 0 || (i < keep && total <= keep_bytes) {
+            continue;
+        }
         let _ = fs::remove_file(p.with_extension("json"));
         let _ = fs::remove_file(p.with_extension("console"));
         let _ = fs::remove_file(p);
@@ -1596,13 +1604,22 @@ mod tests {
                 .set_modified(t)
                 .unwrap();
         }
-        prune_logs(tmp.path(), 2);
-        let mut left: Vec<_> = fs::read_dir(tmp.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        left.sort();
-        assert_eq!(left, ["p3.json", "p3.log", "p4.json", "p4.log"]);
+        prune_logs(tmp.path(), 2, u64::MAX);
+        let left = || {
+            let mut left: Vec<_> = fs::read_dir(tmp.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .collect();
+            left.sort();
+            left
+        };
+        assert_eq!(left(), ["p3.json", "p3.log", "p4.json", "p4.log"]);
+        // By bytes: 3 bytes a pod here (log and record), 5 allowed: only the newest.
+        prune_logs(tmp.path(), 100, 5);
+        assert_eq!(left(), ["p4.json", "p4.log"]);
+        // The newest stays even when it alone is over the bound.
+        prune_logs(tmp.path(), 100, 0);
+        assert_eq!(left(), ["p4.json", "p4.log"]);
     }
 
     #[test]

@@ -52,7 +52,26 @@ cold() {
   ./atoll run --cold --timings cold.json busybox -- echo cold-pod; echo "status=$?"
   grep -o '"boot": *"[a-z]*"' cold.json
 }
+# A clone loaded into a standby VMM (jailed before the snapshot arrived) with
+# another guest CID: the device drops packets from any other source CID, so the
+# agent answers only if the guest took the new CID at the restore.
+standby_cid() {
+  t=$(ls -d $T/*/ | head -1)
+  mkdir -p /tmp/sb
+  ./atoll-vmm --standby --api-sock /tmp/sb/api.sock --vsock-uds /tmp/sb/v.sock > /tmp/sb/out 2>&1 &
+  sb=$!
+  for i in $(seq 100); do [ -S /tmp/sb/api.sock ] && break; sleep 0.1; done
+  drives=""
+  for n in 0 1 2 3; do drives="$drives{\"drive_id\":\"slot$n\",\"path_on_host\":\"${t}slot.img\"},"; done
+  body="{\"snapshot_path\":\"${t}state\",\"mem_file_path\":\"${t}memory\",\"working_set_path\":\"${t}working-set\",\"drives\":[${drives%,}],\"vsock_cid\":9,\"resume_vm\":true}"
+  ./atoll-vmm-api /tmp/sb/api.sock PUT /snapshot/load "$body"; r=$?; echo; echo "load=$r"
+  ./atoll-vsock-probe host-dial /tmp/sb/v.sock 1024 --seconds 30; echo "dial=$?"
+  ./atoll-vmm-api /tmp/sb/api.sock GET /metrics | grep -o '"malformed":[0-9]*' | sort -u
+  ./atoll-vmm-api /tmp/sb/api.sock PUT /actions '{"action_type":"Stop"}' >/dev/null
+  wait $sb; echo "vmm=$?"
+}
 scenario first first
+scenario standby_cid standby_cid
 scenario clones clones
 scenario damaged damaged
 scenario other_inputs other_inputs
@@ -84,6 +103,10 @@ fn node_output() -> &'static str {
             "initramfs.cpio",
         )
         .file(artefact(bin.join("atoll")), "atoll")
+        .unwrap()
+        .file(artefact(bin.join("atoll-vmm-api")), "atoll-vmm-api")
+        .unwrap()
+        .file(artefact(bin.join("atoll-vsock-probe")), "atoll-vsock-probe")
         .unwrap()
         .file(PathBuf::from(&store), "store")
         .unwrap()
@@ -194,4 +217,19 @@ fn cold_flag_boots_the_kernel() {
     assert_eq!(status, 0, "{out}");
     assert!(out.lines().any(|l| l == "cold-pod"), "{out}");
     assert_eq!(boots(out), ["cold"]);
+}
+
+#[test]
+fn a_standby_vmm_restores_a_template_clone_under_another_guest_cid() {
+    let (out, st) = scenario("standby_cid");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "load"), "0", "{out}");
+    assert!(out.contains(r#""state":"Running""#), "{out}");
+    assert_eq!(
+        value_of(out, "dial"),
+        "0",
+        "the agent answers as CID 9: {out}"
+    );
+    assert!(out.contains("probe: dialed guest port 1024"), "{out}");
+    assert_eq!(value_of(out, "vmm"), "0", "stopped through the API: {out}");
 }

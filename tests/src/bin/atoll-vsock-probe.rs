@@ -11,6 +11,7 @@
 //!        connect PORT MSG [--count N]      N parallel echoes through CID 2 (host)
 //! host:  serve PATH                        echo every connection on a Unix listener
 //!        host-connect UDS PORT MSG [--count N]  N parallel echoes via the device
+//!        host-dial UDS PORT [--seconds S]  one connection to the guest's PORT, retried S s
 //!        flood UDS PORT --seconds S        write without pause; print bytes taken
 //!        bench UDS PORT --rtt N --bytes B  latency and throughput as one JSON line
 //!        vsock-bench CID PORT --rtt N --bytes B  the same over AF_VSOCK (vhost-vsock)
@@ -336,6 +337,13 @@ fn main() -> anyhow::Result<()> {
                 echo_check(s, format!("{msg}-{i}").as_bytes())
             })?;
             println!("probe: host-echo-ok {count}");
+        }
+        "host-dial" => {
+            let uds = Path::new(arg(&args, 1, "UDS")?);
+            let port: u32 = arg(&args, 2, "PORT")?.parse()?;
+            let secs = flag(&args, "--seconds", 30)?;
+            host_dial(uds, port, Duration::from_secs(secs))?;
+            println!("probe: dialed guest port {port}");
         }
         "flood" => {
             let uds = Path::new(arg(&args, 1, "UDS")?);

@@ -1,6 +1,6 @@
 //! End-to-end: the warm pool. `atoll run` starts pods as restored clones of a pod
-//! template; clones are independent (randomness, boot id, vsock socket, the image
-//! attached after the restore); a damaged template is rebuilt with one line; other
+//! template; clones are independent (randomness, boot id, a new VM generation ID
+//! notified to the guest, vsock socket, the image attached after the restore); a damaged template is rebuilt with one line; other
 //! inputs make another template; `--cold` still boots the kernel.
 //!
 //! One node run serves every scenario, as in containers.rs.
@@ -29,7 +29,7 @@ first() {
 clones() {
   for n in 0 1 2 3 4 5 6 7 8 9; do
     ./atoll run --timings c$n.json busybox -- sh -c \
-      'echo "clone boot_id=$(cat /proc/sys/kernel/random/boot_id) random=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n")"' \
+      'echo "clone boot_id=$(cat /proc/sys/kernel/random/boot_id) random=$(head -c 16 /dev/urandom | od -An -tx1 | tr -d " \n") vmgenid=$(ls /sys/bus/platform/drivers/vmgenid | grep -c VMGENCTR) ged=$(for d in /sys/kernel/irq/*; do grep -q Ged $d/actions && cat $d/per_cpu_count; done)"' \
       > c$n.out 2>&1 &
   done
   wait
@@ -170,6 +170,13 @@ fn ten_clones_of_one_template_are_independent() {
         replaced <= 2,
         "{replaced} clones had to be replaced:\n{out}"
     );
+    // The generation ID device is bound in every clone, and its event device
+    // interrupted each one once the restore changed the ID.
+    for l in &lines {
+        assert_eq!(field(l, "vmgenid="), "1", "vmgenid driver bound: {l}");
+        let ged: u32 = field(l, "ged=").parse().unwrap_or(0);
+        assert!(ged >= 1, "the GED interrupt reached the guest: {l}");
+    }
     assert_eq!(
         value_of(out, "templates"),
         "1",

@@ -18,7 +18,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::arch::x86_64::acpi::{self, DsdtDevice};
 use crate::arch::x86_64::boot::{self, BootSpec, KernelFormat, LoadKernelError};
-use crate::arch::x86_64::layout::{SERIAL_IRQ, SERIAL_PORT, VIRTIO_GSIS, VIRTIO_MMIO_BASE};
+use crate::arch::x86_64::layout::{
+    GED_GSI, SERIAL_IRQ, SERIAL_PORT, VIRTIO_GSIS, VIRTIO_MMIO_BASE, VMGENID_ADDR,
+};
 use crate::devices::bus::{Bus, BusError};
 use crate::devices::legacy::debug_port::{ExitPort, StagePort, EXIT_PORT, STAGE_PORT};
 use crate::devices::legacy::i8042::I8042;
@@ -377,14 +379,34 @@ fn check_vcpus(kvm: &kvm_ioctls::Kvm, given: u8) -> Result<(), StartVmError> {
     Ok(())
 }
 
-/// The serial console's interrupt line, wired to KVM.
-fn serial_irq(vm: &Vm) -> Result<EventFd, StartVmError> {
-    let err = |what, source| StartVmError::Device { what, source };
-    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| err("the serial console", e))?;
+/// An interrupt line on `gsi`, wired to KVM.
+fn irq_line(vm: &Vm, gsi: u32, what: &'static str) -> Result<EventFd, StartVmError> {
+    let err = |source| StartVmError::Device { what, source };
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(err)?;
     vm.fd
-        .register_irqfd(&irq, SERIAL_IRQ)
-        .map_err(|e| err("the serial console interrupt", io_err(e)))?;
+        .register_irqfd(&irq, gsi)
+        .map_err(|e| err(io_err(e)))?;
     Ok(irq)
+}
+
+/// The serial console's interrupt line.
+fn serial_irq(vm: &Vm) -> Result<EventFd, StartVmError> {
+    irq_line(vm, SERIAL_IRQ, "the serial console interrupt")
+}
+
+/// Writes a fresh random VM generation ID into guest memory.
+fn new_generation_id(vm: &Vm) -> Result<(), StartVmError> {
+    use vm_memory::Bytes;
+    let err = |source| StartVmError::Device {
+        what: "the VM generation ID",
+        source,
+    };
+    let mut id = [0u8; 16];
+    crate::vmm::getrandom(&mut id).map_err(err)?;
+    vm.ram
+        .memory
+        .write_slice(&id, vm_memory::GuestAddress(VMGENID_ADDR))
+        .map_err(|e| err(std::io::Error::other(e.to_string())))
 }
 
 /// Puts the legacy devices and the virtio devices on their buses.
@@ -452,6 +474,7 @@ impl Assembly {
         console_input: bool,
         cmdline: String,
         format: Option<KernelFormat>,
+        generation: Option<EventFd>,
     ) -> Result<Vmm, StartVmError> {
         let (event_loop, handle) = EventLoop::new(
             self.virtio.epoll.clone(),
@@ -490,6 +513,7 @@ impl Assembly {
             paused,
             cmdline,
             format,
+            generation,
         }))
     }
 }
@@ -543,6 +567,10 @@ pub fn boot(
             + &init_args;
     } else {
         dsdt_devices.extend(a.virtio.dsdt.iter().copied());
+        dsdt_devices.push(DsdtDevice::VmGenId {
+            addr: VMGENID_ADDR,
+            gsi: GED_GSI,
+        });
     }
     let spec = BootSpec {
         kernel: config.kernel.clone(),
@@ -553,6 +581,12 @@ pub fn boot(
         dsdt_devices,
     };
     let boot = boot::load(&a.vm.ram.memory, &spec)?;
+    let generation = if acpi_off {
+        None
+    } else {
+        new_generation_id(&a.vm)?;
+        Some(irq_line(&a.vm, GED_GSI, "the VM generation ID interrupt")?)
+    };
     a.metrics.record_phase("kernel_loaded");
     tracing::debug!(?boot, "kernel loaded");
 
@@ -571,6 +605,7 @@ pub fn boot(
         config.console_input,
         cmdline,
         Some(boot.format),
+        generation,
     )
 }
 
@@ -829,9 +864,26 @@ pub fn restore_with(
     for t in &a.virtio.transports {
         t.lock().unwrap_or_else(|p| p.into_inner()).restored();
     }
+    // A clone is a new generation: a new ID, and the GED's interrupt, whose _EVT
+    // notifies the ID device; the guest's vmgenid driver reseeds its CRNG from it.
+    let generation = if state.vmgenid {
+        new_generation_id(&a.vm)?;
+        let irq = irq_line(&a.vm, GED_GSI, "the VM generation ID interrupt")?;
+        let _ = irq.write(1);
+        Some(irq)
+    } else {
+        None
+    };
     a.metrics.record_phase("vcpus_configured");
     enter_jail(cfg.jail.as_ref(), &configs, &a.metrics)?;
-    a.start(vcpus, cfg.paused, cfg.console_input, state.cmdline, None)
+    a.start(
+        vcpus,
+        cfg.paused,
+        cfg.console_input,
+        state.cmdline,
+        None,
+        generation,
+    )
 }
 
 /// Confines a VMM that waits for its snapshot (`--standby`), before any VM

@@ -21,7 +21,7 @@ use crate::vstate::vm::VmState;
 /// First bytes of a state file.
 pub const MAGIC: &[u8; 8] = b"ATOLLSNP";
 /// Version of the state encoding this VMM reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER: usize = 32;
 /// Largest state file we read (a few vCPUs and devices need well under 1 MiB).
 const MAX_PAYLOAD: u64 = 16 << 20;
@@ -43,6 +43,9 @@ pub struct MicrovmState {
     pub serial: SerialSnapshot,
     /// Every virtio device, in bus order.
     pub devices: Vec<VirtioDeviceState>,
+    /// The VM has the generation ID device (booted with ACPI): a restore writes a
+    /// new ID and tells the guest.
+    pub vmgenid: bool,
 }
 
 /// Why a state file could not be written or read.

@@ -54,6 +54,8 @@ pub(crate) struct VmmParts {
     pub paused: bool,
     pub cmdline: String,
     pub format: Option<KernelFormat>,
+    /// The generation ID device's interrupt, when the VM has one.
+    pub generation: Option<vmm_sys_util::eventfd::EventFd>,
 }
 
 /// What taking a snapshot did.
@@ -88,6 +90,7 @@ pub struct Vmm {
     state: RunState,
     cmdline: String,
     format: Option<KernelFormat>,
+    generation: Option<vmm_sys_util::eventfd::EventFd>,
 }
 
 impl std::fmt::Debug for Vmm {
@@ -120,6 +123,7 @@ impl Vmm {
             },
             cmdline: p.cmdline,
             format: p.format,
+            generation: p.generation,
         }
     }
 
@@ -207,6 +211,7 @@ impl Vmm {
             vcpus,
             serial,
             devices,
+            vmgenid: self.generation.is_some(),
         };
         // Memory first: a state file never names a memory file that is not whole.
         let memory = mem_out
@@ -430,7 +435,8 @@ fn outcome(ev: VmEvent) -> Outcome {
     }
 }
 
-fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
+/// Fills `buf` from the host's CSPRNG.
+pub(crate) fn getrandom(buf: &mut [u8]) -> std::io::Result<()> {
     // SAFETY: `buf` is a valid writable buffer of `buf.len()` bytes.
     let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n < 0 || n as usize != buf.len() {

@@ -57,6 +57,15 @@ pub enum DsdtDevice {
         /// Index, for the device name and `_UID`.
         index: u8,
     },
+    /// The VM generation ID (`_HID` VMGENCTR; `ADDR` names the 16 bytes at `addr`)
+    /// and the generic event device (ACPI0013) whose interrupt `gsi` makes the guest
+    /// re-read it (its `_EVT` notifies the ID device, 0x80).
+    VmGenId {
+        /// Guest-physical address of the 16-byte ID.
+        addr: u64,
+        /// The GED's interrupt.
+        gsi: u32,
+    },
     /// A 16550 UART at an I/O port with an ISA IRQ.
     Serial {
         /// First port.
@@ -93,6 +102,28 @@ pub fn dsdt(devices: &[DsdtDevice]) -> Vec<u8> {
                 let crs = aml::Name::new("_CRS".into(), &crs_tmpl);
                 let device = aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]);
                 device.to_aml_bytes(&mut body);
+            }
+            DsdtDevice::VmGenId { addr, gsi } => {
+                let hid = aml::Name::new("_HID".into(), &"VMGENCTR");
+                let cid = aml::Name::new("_CID".into(), &"VM_Gen_Counter");
+                let ddn = aml::Name::new("_DDN".into(), &"VM_Gen_Counter");
+                let (lo, hi) = ((addr & 0xffff_ffff) as u32, (addr >> 32) as u32);
+                let pkg = aml::Package::new(vec![&lo, &hi]);
+                let addr = aml::Name::new("ADDR".into(), &pkg);
+                let vgen = aml::Device::new("VGEN".into(), vec![&hid, &cid, &ddn, &addr]);
+                vgen.to_aml_bytes(&mut body);
+                let hid = aml::Name::new("_HID".into(), &"ACPI0013");
+                let uid = aml::Name::new("_UID".into(), &aml::ZERO);
+                let int = aml::Interrupt::new(true, true, false, false, gsi);
+                let crs_tmpl = aml::ResourceTemplate::new(vec![&int]);
+                let crs = aml::Name::new("_CRS".into(), &crs_tmpl);
+                let target = aml::Path::new("\\_SB_.VGEN");
+                let notify = aml::Notify::new(&target, &0x80u8);
+                let is_ours = aml::Equal::new(&aml::Arg(0), &gsi);
+                let when = aml::If::new(&is_ours, vec![&notify]);
+                let evt = aml::Method::new("_EVT".into(), 1, true, vec![&when]);
+                let ged = aml::Device::new("GED0".into(), vec![&hid, &uid, &crs, &evt]);
+                ged.to_aml_bytes(&mut body);
             }
             DsdtDevice::VirtioMmio {
                 base,
@@ -293,6 +324,29 @@ mod tests {
         }
         assert_eq!(lapic_ids, vec![0, 1, 2]);
         assert_eq!(ioapics, 1);
+    }
+
+    #[test]
+    fn dsdt_announces_the_generation_id_and_the_event_device_that_notifies_it() {
+        let d = dsdt(&[DsdtDevice::VmGenId {
+            addr: 0xf_f000,
+            gsi: 3,
+        }]);
+        let has = |s: &[u8]| d.windows(s.len()).any(|w| w == s);
+        assert!(has(b"VGEN") && has(b"VMGENCTR\0") && has(b"VM_Gen_Counter\0"));
+        // ADDR = Package(2) { 0xff000, 0 } (DWordConst 0x0c, ZeroOp).
+        assert!(has(b"ADDR"));
+        assert!(
+            has(&[0x0c, 0x00, 0xf0, 0x0f, 0x00]),
+            "the low word of the address"
+        );
+        assert!(has(b"GED0") && has(b"ACPI0013\0") && has(b"_EVT"));
+        // Notify (NotifyOp 0x86) of \_SB_.VGEN (root, DualNamePrefix, two segments).
+        assert!(has(&[
+            0x86, b'\\', 0x2e, b'_', b'S', b'B', b'_', b'V', b'G', b'E', b'N'
+        ]));
+        let sum = d.iter().fold(0u8, |a, b| a.wrapping_add(*b));
+        assert_eq!(sum, 0, "checksum");
     }
 
     #[test]

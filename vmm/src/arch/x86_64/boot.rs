@@ -17,8 +17,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::acpi::{self, AcpiError};
 use super::layout::{
-    self, ACPI_START, BIOS_END, CMDLINE_ADDR, CMDLINE_MAX_SIZE, EBDA_START, HIMEM_START,
-    PVH_INFO_ADDR, PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
+    self, ACPI_START, CMDLINE_ADDR, CMDLINE_MAX_SIZE, EBDA_START, HIMEM_START, PVH_INFO_ADDR,
+    PVH_MEMMAP_ADDR, PVH_MEMMAP_MAX_ENTRIES, PVH_MODLIST_ADDR, ZERO_PAGE_ADDR,
 };
 use super::mptable::{self, MpTableError};
 use super::regs::EntryMode;
@@ -271,7 +271,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &BootSpec) -> Result<BootInfo, LoadKern
     write(mem, &mp, EBDA_START, "the MP table")?;
     let tables = acpi::build(
         ACPI_START,
-        (BIOS_END - ACPI_START) as usize,
+        (layout::VMGENID_ADDR - ACPI_START) as usize,
         spec.num_cpus,
         &spec.dsdt_devices,
     )?;

@@ -9,6 +9,7 @@
 //! 0x0002_0000  kernel command line
 //! 0x0009_fc00  EBDA: the MP table
 //! 0x000e_0000  ACPI tables (RSDP first, inside the BIOS scan area)
+//! 0x000f_f000  the VM generation ID (16 bytes, reserved)
 //! 0x0010_0000  high memory: the kernel, later the initrd at the top of low RAM
 //! 0xc000_0000  start of the 32-bit MMIO gap (devices, IOAPIC, LAPIC) up to 4 GiB
 //! 0x1_0000_0000 RAM above the gap, when the guest has more than 3 GiB
@@ -49,6 +50,12 @@ pub const EBDA_END: u64 = 0xa0000;
 pub const ACPI_START: u64 = 0xe0000;
 /// End of the BIOS area.
 pub const BIOS_END: u64 = 0x10_0000;
+/// The VM generation ID: 16 bytes in the last page of the (reserved) BIOS area; the
+/// ACPI tables end before it.
+pub const VMGENID_ADDR: u64 = 0xf_f000;
+/// The GSI of the ACPI generic event device that tells the guest the generation ID
+/// changed (ISA range, edge-triggered, unused by anything else).
+pub const GED_GSI: u32 = 3;
 /// Start of high memory, where kernels load.
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO gap.
@@ -83,6 +90,7 @@ const _: () = {
     assert!(ZERO_PAGE_ADDR + 4096 <= BOOT_STACK_POINTER + 16);
     assert!(PD_ADDR + 4096 <= CMDLINE_ADDR);
     assert!(CMDLINE_ADDR + CMDLINE_MAX_SIZE as u64 <= EBDA_START);
+    assert!(ACPI_START < VMGENID_ADDR && VMGENID_ADDR + 16 <= BIOS_END);
 };
 
 /// One entry of the E820 map given to the guest.

@@ -144,6 +144,8 @@ runp() {
   echo "vmm_from_pool=$(tr '\0' ' ' < $d/cmdline | grep -c -- --standby)"
   echo "uid_claim=$(readlink /run/atoll/cri/uids/$(awk '/^Uid:/ {print $2}' $d/status))"
   echo "pool_waiting=$(waiting_vmms)"
+  echo "vmm_nice=$(cut -d' ' -f19 $d/stat)"
+  for p in $(pidof atoll-vmm); do grep -q 'atoll/standby-' /proc/$p/cgroup && echo "waiting_nice=$(cut -d' ' -f19 /proc/$p/stat)"; done
   $C inspectp $P && $C pods --label app=web
 }
 runp_again() { $C runp /tmp/cfg/pod.json; }
@@ -527,6 +529,9 @@ fn a_sandbox_is_a_ready_microvm_with_its_metadata() {
     assert_eq!(value_of(out, "vmm_from_pool"), "1", "{out}");
     assert!(value_of(out, "vmm_cgroup").ends_with(&format!("/atoll/{id}")), "{out}");
     assert_eq!(value_of(out, "uid_claim"), id, "{out}");
+    // Waiting VMMs start on idle CPU only; the sandbox's has its priority back.
+    assert_eq!(value_of(out, "vmm_nice"), "0", "{out}");
+    assert_eq!(value_of(out, "waiting_nice"), "19", "{out}");
 }
 
 #[test]

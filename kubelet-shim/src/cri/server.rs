@@ -581,6 +581,8 @@ impl Server {
             crate::pod::confine::CpuLimit::for_cpus(req.cpu_quota as f64 / req.cpu_period as f64)
         });
         let started = network.and_then(|n| self.start_vm(&rec, n, cpu));
+        // The pool fills up again behind the sandbox, not during its start.
+        self.pool.fill();
         let (pid, start) = match started {
             Ok(v) => v,
             Err(e) => {

@@ -646,7 +646,14 @@ impl Pod {
     /// the thread that spawned it ends (`PR_SET_PDEATHSIG`).
     pub fn start(mut cfg: PodConfig) -> Result<Pod, PodError> {
         let standby = match (&cfg.boot, &cfg.pool) {
-            (Boot::Template(_), Some(pool)) => pool.take(),
+            (Boot::Template(_), Some(pool)) => {
+                let taken = pool.take();
+                match &taken {
+                    Some(s) => tracing::info!("pod {}: standby VMM {:?} takes it", cfg.id, s.pid()),
+                    None => tracing::info!("pod {}: no standby VMM waits; spawning one", cfg.id),
+                }
+                taken
+            }
             _ => None,
         };
         let mut standby = standby;
@@ -691,6 +698,9 @@ impl Pod {
             pod.vmm = s.child.take();
             pod.console = s.console.take();
             pod.state.vmm_pid = pod.vmm.as_ref().map(Child::id);
+            if let Some(pid) = pod.state.vmm_pid {
+                pool::normal_priority(pid);
+            }
         }
         pod.write_state();
         let uid = match standby.as_mut().and_then(|s| s.uid.take()) {
@@ -742,6 +752,7 @@ impl Pod {
         }
         pod.timings.vmm_spawned_ms = Some(ms_since(pod.t0));
         pod.write_state();
+        tracing::debug!("pod {}: VMM running at {:.1} ms", cfg.id, ms_since(pod.t0));
 
         let control = pod.connect_agent(&log_path, cfg.agent_timeout, cfg.cancel.as_deref())?;
         pod.timings.agent_connected_ms = Some(ms_since(pod.t0));
@@ -758,6 +769,12 @@ impl Pod {
                 pod.timings.restored_ms = Some(ms_since(pod.t0));
             }
         }
+        tracing::debug!(
+            "pod {}: agent at {:.1} ms, ready at {:.1} ms",
+            cfg.id,
+            pod.timings.agent_connected_ms.unwrap_or_default(),
+            ms_since(pod.t0)
+        );
         Ok(pod)
     }
 
@@ -837,6 +854,9 @@ impl Pod {
                 .map_err(|e| PodError::VmmFailed(e.to_string()))?,
             None => load(),
         };
+        if let Ok(body) = &answer {
+            tracing::debug!("pod {}: snapshot loaded: {body}", cfg.id);
+        }
         answer.map(drop).map_err(|e| {
             // Kept whole: a snapshot error in it makes the caller rebuild the
             // template (template::is_snapshot_error).

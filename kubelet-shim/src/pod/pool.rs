@@ -76,6 +76,12 @@ impl Standby {
         if let Some(root) = cgroup_root {
             // Sized for a VMM without a VM; the pod's own leaf has the pod's limits.
             let cg = confine::Cgroup::create(root, &id, 0, 0, None)?;
+            // Leaves compete by weight, whatever their tasks' nice values: the
+            // waiting VMM's gets the least, so pods' VMMs always come first.
+            let weight = cg.path.join("cpu.weight");
+            if weight.exists() {
+                fs::write(&weight, "1").map_err(super::io_err(&weight))?;
+            }
             let named = s.dir.join(confine::CGROUP_FILE);
             fs::write(&named, cg.path.as_os_str().as_encoded_bytes())
                 .map_err(super::io_err(&named))?;
@@ -92,10 +98,13 @@ impl Standby {
             .stdout(writer)
             .stderr(writer2);
         // SAFETY: the closure runs in the child between fork and exec and only
-        // calls setsid(2), which is async-signal-safe and touches no memory of the
-        // parent.
+        // calls setsid(2) and setpriority(2), which are async-signal-safe and touch
+        // no memory of the parent.
         unsafe {
-            cmd.pre_exec(super::new_session);
+            cmd.pre_exec(|| {
+                super::new_session()?;
+                lowest_priority(0)
+            });
         }
         if let Some(cg) = &s.cgroup {
             let cg = cg.for_child();
@@ -116,6 +125,9 @@ impl Standby {
         }));
         let pid = child.id();
         s.child = Some(child);
+        // Its session is a scheduling group of its own where autogroups are on
+        // (and its cgroup does not weigh it): that group waits for idle CPU too.
+        let _ = fs::write(format!("/proc/{pid}/autogroup"), "19");
         let pid_file = s.dir.join(PID_FILE);
         let start = state::process_start(pid).unwrap_or(0);
         fs::write(&pid_file, format!("{pid} {start}\n")).map_err(super::io_err(&pid_file))?;
@@ -173,6 +185,36 @@ impl Drop for Standby {
         }
         let _ = fs::remove_dir_all(&self.dir);
         // The cgroup leaf and the uid claim go as the fields drop.
+    }
+}
+
+/// Gives thread `tid` (0: the caller) the lowest CPU priority: VMMs are
+/// pre-started on idle CPU, never at the expense of pods starting or running.
+fn lowest_priority(tid: libc::id_t) -> std::io::Result<()> {
+    // SAFETY: setpriority(2) with integer arguments only.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Gives every thread of process `pid` the normal CPU priority again (a standby
+/// VMM becoming a pod's; threads it makes later inherit it from its main thread).
+pub(super) fn normal_priority(pid: u32) {
+    let _ = fs::write(format!("/proc/{pid}/autogroup"), "0");
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return;
+    };
+    for t in tasks.flatten() {
+        if let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<libc::id_t>().ok()) {
+            // SAFETY: setpriority(2) with integer arguments only.
+            if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 0) } != 0 {
+                tracing::warn!(
+                    "cannot give thread {tid} of VMM {pid} its priority back: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
     }
 }
 
@@ -242,8 +284,9 @@ impl Pool {
         self.len() == 0
     }
 
-    /// A waiting VMM that still runs, if there is one; the pool fills up again
-    /// behind it.
+    /// A waiting VMM that still runs, if there is one. The pool does not fill up
+    /// again by itself: the caller calls [`Pool::fill`] once its pod has started,
+    /// so that starting the next VMM never competes with the pod's own start.
     pub fn take(self: &Arc<Self>) -> Option<Standby> {
         let taken = {
             let mut ready = self.ready();
@@ -259,7 +302,6 @@ impl Pool {
                 }
             }
         };
-        self.fill();
         taken
     }
 
@@ -273,6 +315,8 @@ impl Pool {
         let spawned = std::thread::Builder::new()
             .name("standby-pool".into())
             .spawn(move || {
+                // Filling waits for idle CPU like the VMMs it starts.
+                let _ = lowest_priority(0);
                 while !me.closed.load(Ordering::Acquire) && me.len() < me.size {
                     match Standby::start(&me.run_dir, &me.vmm, me.cgroup_root.as_deref()) {
                         Ok(s) => {

@@ -645,7 +645,7 @@ impl Pod {
     /// Call it from a thread that lives as long as the pod: the VMM is killed when
     /// the thread that spawned it ends (`PR_SET_PDEATHSIG`).
     pub fn start(mut cfg: PodConfig) -> Result<Pod, PodError> {
-        let standby = match (&cfg.boot, &cfg.pool) {
+        let mut standby = match (&cfg.boot, &cfg.pool) {
             (Boot::Template(_), Some(pool)) => {
                 let taken = pool.take();
                 match &taken {
@@ -656,7 +656,6 @@ impl Pod {
             }
             _ => None,
         };
-        let mut standby = standby;
         let dir = match &standby {
             Some(s) => Self::adopt_dir(&cfg, s)?,
             None => Self::make_dir(&cfg)?,

@@ -527,7 +527,10 @@ fn a_sandbox_is_a_ready_microvm_with_its_metadata() {
     // It was a pre-started VMM of the pool: it now runs in the pod's own cgroup
     // leaf, and its uid is claimed by the pod.
     assert_eq!(value_of(out, "vmm_from_pool"), "1", "{out}");
-    assert!(value_of(out, "vmm_cgroup").ends_with(&format!("/atoll/{id}")), "{out}");
+    assert!(
+        value_of(out, "vmm_cgroup").ends_with(&format!("/atoll/{id}")),
+        "{out}"
+    );
     assert_eq!(value_of(out, "uid_claim"), id, "{out}");
     // Waiting VMMs start on idle CPU only; the sandbox's has its priority back.
     assert_eq!(value_of(out, "vmm_nice"), "0", "{out}");
@@ -968,7 +971,11 @@ fn stopping_and_removing_a_sandbox_leaves_nothing_behind() {
     assert!(out.contains("removed"), "{out}");
     assert_eq!(value_of(out, "vmms"), "0", "{out}");
     assert_eq!(value_of(out, "pod_dirs"), "0", "{out}");
-    assert_eq!(value_of(out, "pool_waiting"), "2", "the pool is full again: {out}");
+    assert_eq!(
+        value_of(out, "pool_waiting"),
+        "2",
+        "the pool is full again: {out}"
+    );
     assert_eq!(value_of(out, "records"), "0", "{out}");
     assert_eq!(value_of(out, "netns"), "0", "{out}");
     assert_eq!(value_of(out, "veths"), "0", "{out}");

@@ -258,7 +258,10 @@ fn a_standby_vmm_loads_a_snapshot_over_the_api_and_survives_bad_ones() {
     assert!(out.contains("no VM yet"), "{out}");
     // Bad snapshots are refused with why, and the VMM keeps waiting.
     assert_eq!(value_of(out, "bad-load"), "1", "{out}");
-    assert!(out.contains("not a usable Atoll snapshot state file"), "{out}");
+    assert!(
+        out.contains("not a usable Atoll snapshot state file"),
+        "{out}"
+    );
     assert_eq!(value_of(out, "mismatched-load"), "1", "{out}");
     assert!(out.contains("written for another snapshot"), "{out}");
     assert!(out.contains("this VMM still waits for a snapshot"), "{out}");
@@ -267,10 +270,18 @@ fn a_standby_vmm_loads_a_snapshot_over_the_api_and_survives_bad_ones() {
     assert!(out.contains(r#""state":"Running""#), "{out}");
     assert_eq!(value_of(out, "second-load"), "1", "{out}");
     assert!(out.contains("runs a VM already"), "{out}");
-    assert_eq!(value_of(out, "standby-exit"), "9", "the guest's own status\n{out}");
+    assert_eq!(
+        value_of(out, "standby-exit"),
+        "9",
+        "the guest's own status\n{out}"
+    );
     let (one, _) = scenario("one_vcpu");
     let sum = checksum(one, "sum0");
-    assert_eq!(checksum(out, "sum1"), sum, "memory survived the load\n{out}");
+    assert_eq!(
+        checksum(out, "sum1"),
+        sum,
+        "memory survived the load\n{out}"
+    );
     assert!(out.contains("ticka 40"), "{out}");
     // Stopped before any load: the answer arrives, the VMM exits 0.
     assert_eq!(value_of(out, "stop-answer"), "0", "{out}");

@@ -297,14 +297,19 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
                         }
                     }
                 }
-                if let Some(t) = l.net_tap.as_deref().filter(|t| {
-                    !crate::devices::virtio::net::tap::valid_name(t)
-                }) {
+                if let Some(t) = l
+                    .net_tap
+                    .as_deref()
+                    .filter(|t| !crate::devices::virtio::net::tap::valid_name(t))
+                {
                     return Err(ApiError::bad_request(format!(
                         "net_tap {t:?}: give 1 to 15 characters without '/', ':', '%' or spaces"
                     )));
                 }
-                if let Some(c) = l.vsock_cid.filter(|c| !(3..=u64::from(u32::MAX)).contains(c)) {
+                if let Some(c) = l
+                    .vsock_cid
+                    .filter(|c| !(3..=u64::from(u32::MAX)).contains(c))
+                {
                     return Err(ApiError::bad_request(format!(
                         "vsock_cid {c}: give 3 to 4294967295"
                     )));
@@ -536,8 +541,7 @@ static PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::n
 /// answer reach its client first.
 pub fn wait_answered(timeout: Duration) {
     let deadline = std::time::Instant::now() + timeout;
-    while PENDING.load(std::sync::atomic::Ordering::Acquire)
-        && std::time::Instant::now() < deadline
+    while PENDING.load(std::sync::atomic::Ordering::Acquire) && std::time::Instant::now() < deadline
     {
         std::thread::sleep(Duration::from_millis(1));
     }
@@ -845,7 +849,11 @@ mod tests {
                  "net_tap":"tap0","vsock_cid":7,"resume_vm":true}"#,
         )
         .unwrap();
-        assert_eq!(load.files(), 5, "state, memory, working set, one drive, the tap");
+        assert_eq!(
+            load.files(),
+            5,
+            "state, memory, working set, one drive, the tap"
+        );
         let Request::Load(l) = load else {
             panic!("not a load: {load:?}")
         };
@@ -858,7 +866,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(bare.files(), 2);
-        assert!(matches!(bare, Request::Load(ref l) if !l.resume_vm), "paused by default");
+        assert!(
+            matches!(bare, Request::Load(ref l) if !l.resume_vm),
+            "paused by default"
+        );
         let five_drives = format!(
             r#"{{"snapshot_path":"/s","mem_file_path":"/m","drives":[{}]}}"#,
             [r#"{"drive_id":"a","path_on_host":"/i"}"#; 5].join(",")
@@ -872,7 +883,9 @@ mod tests {
             r#"{"snapshot_path":"/s"}"#,
         ] {
             assert_eq!(
-                route("PUT", "/snapshot/load", body.as_bytes()).unwrap_err().status,
+                route("PUT", "/snapshot/load", body.as_bytes())
+                    .unwrap_err()
+                    .status,
                 400,
                 "{body}"
             );

@@ -781,7 +781,11 @@ fn override_devices(
             cfg.disks[i].slot
         )));
     }
-    if cfg.tap.is_some() && !out.iter().any(|(d, _)| matches!(d, DeviceConfig::Net { .. })) {
+    if cfg.tap.is_some()
+        && !out
+            .iter()
+            .any(|(d, _)| matches!(d, DeviceConfig::Net { .. }))
+    {
         return Err(StartVmError::Incompatible(
             "a tap was given but the snapshot has no net device".into(),
         ));

@@ -463,7 +463,11 @@ fn load_config(
             handed: files.next().map(Arc::new),
         })
         .collect();
-    let tap_file = load.net_tap.as_ref().and_then(|_| files.next()).map(Arc::new);
+    let tap_file = load
+        .net_tap
+        .as_ref()
+        .and_then(|_| files.next())
+        .map(Arc::new);
     RestoreConfig {
         paused: !load.resume_vm,
         console_input,

@@ -529,7 +529,8 @@ pub fn prune_logs(logs: &Path, keep: usize, keep_bytes: u64) {
             let t = fs::metadata(&p)
                 .and_then(|m| m.modified())
                 .unwrap_or(std::time::UNIX_EPOCH);
-            let bytes = size(&p) + size(&p.with_extension("console")) + size(&p.with_extension("json"));
+            let bytes =
+                size(&p) + size(&p.with_extension("console")) + size(&p.with_extension("json"));
             (t, p, bytes)
         })
         .collect();

@@ -206,7 +206,11 @@ pub(super) fn normal_priority(pid: u32) {
         return;
     };
     for t in tasks.flatten() {
-        if let Some(tid) = t.file_name().to_str().and_then(|n| n.parse::<libc::id_t>().ok()) {
+        if let Some(tid) = t
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<libc::id_t>().ok())
+        {
             // SAFETY: setpriority(2) with integer arguments only.
             if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 0) } != 0 {
                 tracing::warn!(
@@ -400,7 +404,11 @@ mod tests {
         let pid = child.id();
         let start = state::process_start(pid).unwrap();
         fs::create_dir_all(pods.join("standby-aa")).unwrap();
-        fs::write(pods.join("standby-aa").join(PID_FILE), format!("{pid} {start}\n")).unwrap();
+        fs::write(
+            pods.join("standby-aa").join(PID_FILE),
+            format!("{pid} {start}\n"),
+        )
+        .unwrap();
         // One whose pid was recycled: the recorded start time does not match.
         let mut other = Command::new("sleep").arg("60").spawn().unwrap();
         fs::create_dir_all(pods.join("standby-bb")).unwrap();
@@ -414,7 +422,10 @@ mod tests {
         assert_eq!(sweep(run.path()), 2);
         let status = child.wait().unwrap();
         assert!(!status.success(), "the recorded process was killed");
-        assert!(other.try_wait().unwrap().is_none(), "a recycled pid is spared");
+        assert!(
+            other.try_wait().unwrap().is_none(),
+            "a recycled pid is spared"
+        );
         other.kill().unwrap();
         other.wait().unwrap();
         assert!(!pods.join("standby-aa").exists());
@@ -425,7 +436,12 @@ mod tests {
     #[test]
     fn an_empty_pool_gives_nothing_and_a_pool_of_none_never_fills() {
         let run = tempfile::tempdir().unwrap();
-        let pool = Pool::new(0, run.path().to_owned(), "/nonexistent/atoll-vmm".into(), None);
+        let pool = Pool::new(
+            0,
+            run.path().to_owned(),
+            "/nonexistent/atoll-vmm".into(),
+            None,
+        );
         pool.fill();
         assert!(pool.take().is_none());
         assert!(pool.is_empty());

@@ -597,8 +597,13 @@ mod tests {
         let path = dir.path().join("ws");
         ws.write(&crate::persist::Output::Path(path.clone()))
             .unwrap();
-        assert_eq!(WorkingSet::read(&crate::persist::Input::path(&path), 32 << 20).unwrap(), ws);
-        let err = WorkingSet::read(&crate::persist::Input::path(&path), 1 << 20).unwrap_err().to_string();
+        assert_eq!(
+            WorkingSet::read(&crate::persist::Input::path(&path), 32 << 20).unwrap(),
+            ws
+        );
+        let err = WorkingSet::read(&crate::persist::Input::path(&path), 1 << 20)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("outside 1 MiB"), "{err}");
         std::fs::write(&path, b"ATOLLWS1\x01\0\0\0\0\0\0\0").unwrap();
         assert!(
@@ -619,14 +624,25 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mem");
         ram.dump(&File::create(&path).unwrap(), &[1; 16]).unwrap();
-        let err = restore(&crate::persist::Input::path(&path), 32 << 20, &[2; 16]).unwrap_err().to_string();
+        let err = restore(&crate::persist::Input::path(&path), 32 << 20, &[2; 16])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("another snapshot"), "{err}");
-        let err = restore(&crate::persist::Input::path(&path), 64 << 20, &[1; 16]).unwrap_err().to_string();
+        let err = restore(&crate::persist::Input::path(&path), 64 << 20, &[1; 16])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("need"), "{err}");
         std::fs::write(&path, vec![0u8; (32 << 20) + 4096]).unwrap();
-        let err = restore(&crate::persist::Input::path(&path), 32 << 20, &[1; 16]).unwrap_err().to_string();
+        let err = restore(&crate::persist::Input::path(&path), 32 << 20, &[1; 16])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no Atoll memory trailer"), "{err}");
-        let err = restore(&crate::persist::Input::path(dir.path().join("none")), 32 << 20, &[1; 16]).unwrap_err();
+        let err = restore(
+            &crate::persist::Input::path(dir.path().join("none")),
+            32 << 20,
+            &[1; 16],
+        )
+        .unwrap_err();
         assert!(matches!(err, MemoryError::Open { .. }));
     }
 }

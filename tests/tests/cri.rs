@@ -285,7 +285,8 @@ kill_server() {
   sleep 2
   last_after=$(sed -n 's/.* stdout F tick //p' $L | tail -1)
   echo "ticks_while_down_and_after=$((last_after - last_before))"
-  echo "tick_gaps=$(sed -n 's/.* stdout F tick //p' $L | awk 'p && $1 != p+1 {g++} {p=$1} END {print g+0}')"
+  echo "last_before=$last_before"
+  echo "missing=$(sed -n 's/.* stdout F tick //p' $L | awk 'p && $1 != p+1 {for (i = p+1; i < $1; i++) printf "%d,", i} {p=$1}')"
 }
 stop_grace() {
   t0=$(now_ms); $C stop -t 2 $CA; echo "rc=$?"; echo "stop_ms=$(( $(now_ms) - t0 ))"
@@ -918,10 +919,19 @@ fn pods_survive_a_killed_server_which_adopts_them_on_restart() {
         more >= 10,
         "the container's output reaches its log again after the restart: {out}"
     );
-    assert_eq!(
-        value_of(out, "tick_gaps"),
-        "0",
-        "no line written while no server ran was lost: {out}"
+    // Every line written while no server ran was held by the guest and reached
+    // the log. The one line that may be missing is the one in flight when the
+    // server was killed: read by it, or in its socket, and never logged.
+    let last_before: u64 = value_of(out, "last_before").parse().unwrap();
+    let missing: Vec<u64> = value_of(out, "missing")
+        .split(',')
+        .filter(|m| !m.is_empty())
+        .map(|m| m.parse().unwrap())
+        .collect();
+    assert!(
+        missing.is_empty() || missing == [last_before + 1],
+        "no line written while no server ran was lost (at most the one in flight at the kill, {}): {out}",
+        last_before + 1
     );
 }
 

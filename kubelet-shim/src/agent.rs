@@ -143,6 +143,7 @@ fn stream_name(s: v1::attach::Stream) -> &'static str {
         v1::attach::Stream::Stderr => "stderr",
         v1::attach::Stream::Tty => "the tty",
         v1::attach::Stream::Tcp => "a TCP connection",
+        v1::attach::Stream::Volume => "a copied volume",
     }
 }
 

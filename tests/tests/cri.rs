@@ -106,6 +106,39 @@ cat > /tmp/cfg/cat.json <<EOF
 {"metadata":{"name":"cat"},"image":{"image":"$IMAGE"},"command":["sh","-c","echo ready; while read l; do echo \"echo:\$l\"; echo \"err:\$l\" >&2; done; echo bye"],
  "stdin":true,"stdin_once":true,"log_path":"cat/0.log"}
 EOF
+# Host mounts as kubelet lays them out: a ConfigMap by its atomic writer (a
+# timestamped directory, ..data and per-key symlinks), a Secret-like file with its
+# owner and mode, an emptyDir, a read-only hostPath file reached through a symlink.
+V=/var/lib/kubelet/pods/uid-1/volumes
+mkdir -p $V/kubernetes.io~configmap/cfg/..2026_12_05 $V/kubernetes.io~empty-dir/scratch
+echo "a=1" > $V/kubernetes.io~configmap/cfg/..2026_12_05/a.conf
+echo "s3cret" > $V/kubernetes.io~configmap/cfg/..2026_12_05/token
+chown 0:1234 $V/kubernetes.io~configmap/cfg/..2026_12_05/token; chmod 0440 $V/kubernetes.io~configmap/cfg/..2026_12_05/token
+ln -s ..2026_12_05 $V/kubernetes.io~configmap/cfg/..data
+ln -s ..data/a.conf $V/kubernetes.io~configmap/cfg/a.conf
+ln -s ..data/token $V/kubernetes.io~configmap/cfg/token
+echo "one file" > /tmp/cfg/host-file.txt; ln -s /tmp/cfg/host-file.txt /tmp/cfg/host-link
+vols_json() { cat <<EOF
+{"metadata":{"name":"$1"},"image":{"image":"$IMAGE"},"command":["sh","-c","$2"],
+ "mounts":[{"container_path":"/etc/cfg","host_path":"$V/kubernetes.io~configmap/cfg","readonly":true},
+  {"container_path":"/etc/one.txt","host_path":"/tmp/cfg/host-link","readonly":true},
+  {"container_path":"$3","host_path":"$V/kubernetes.io~empty-dir/scratch"}]}
+EOF
+}
+vols_json vols "echo from-vols > /scratch/note; exec sleep 3600" /scratch > /tmp/cfg/vols.json
+vols_json vols2 "exec sleep 3600" /shared > /tmp/cfg/vols2.json
+cat > /tmp/cfg/rw.json <<EOF
+{"metadata":{"name":"rw"},"image":{"image":"$IMAGE"},"command":["true"],
+ "mounts":[{"container_path":"/data","host_path":"/tmp/cfg"}]}
+EOF
+cat > /tmp/cfg/sock.json <<EOF
+{"metadata":{"name":"sock"},"image":{"image":"$IMAGE"},"command":["true"],
+ "mounts":[{"container_path":"/run/x","host_path":"/run/atoll","readonly":true}]}
+EOF
+cat > /tmp/cfg/bidi.json <<EOF
+{"metadata":{"name":"bidi"},"image":{"image":"$IMAGE"},"command":["true"],
+ "mounts":[{"container_path":"/x","host_path":"/tmp/cfg","readonly":true,"propagation":"PROPAGATION_BIDIRECTIONAL"}]}
+EOF
 cat > /tmp/cfg/s.json <<EOF
 {"metadata":{"name":"sleeper"},"image":{"image":"$IMAGE"},"command":["sleep","3600"]}
 EOF
@@ -219,6 +252,28 @@ update() {
   $C update $CA; echo "lift_rc=$?"
   $C exec $CA -- sh -c 'echo "mem_after=$(cat /sys/fs/cgroup/memory.max)"'
   $C update --memory 67108864 $CB; echo "exited_rc=$?"
+}
+# Host mounts: copies of read-only host paths, an emptyDir shared by the pod's
+# containers; writable host paths, sockets and bidirectional propagation refused.
+volumes() {
+  V1=$($C create $P /tmp/cfg/vols.json /tmp/cfg/pod.json) && $C start $V1 || return 1
+  until_state $V1 CONTAINER_RUNNING || return 1
+  $C inspect $V1 | grep '^mounts='
+  $C exec $V1 -- sh -c 'echo "cfg_a=$(cat /etc/cfg/a.conf)"; echo "cfg_link=$(readlink /etc/cfg/a.conf)";
+    echo "token_stat=$(stat -L -c %u:%g:%a /etc/cfg/token)"; echo "one=$(cat /etc/one.txt)";
+    echo x > /etc/cfg/new 2>/dev/null && echo cfg_write=allowed || echo cfg_write=refused;
+    echo "scratch=$(cat /scratch/note)"'
+  # Changed on the host: a container created now gets the new content, the running
+  # one keeps its copy.
+  echo "a=2" > $V/kubernetes.io~configmap/cfg/..2026_12_05/a.conf
+  V2=$($C create $P /tmp/cfg/vols2.json /tmp/cfg/pod.json) && $C start $V2 || return 1
+  until_state $V2 CONTAINER_RUNNING || return 1
+  $C exec $V2 -- sh -c 'echo "shared=$(cat /shared/note)"; echo "cfg_a2=$(cat /etc/cfg/a.conf)"'
+  $C exec $V1 -- sh -c 'echo "cfg_a1=$(cat /etc/cfg/a.conf)"'
+  $C create $P /tmp/cfg/rw.json /tmp/cfg/pod.json; echo "rw_rc=$?"
+  $C create $P /tmp/cfg/sock.json /tmp/cfg/pod.json; echo "sock_rc=$?"
+  $C create $P /tmp/cfg/bidi.json /tmp/cfg/pod.json; echo "bidi_rc=$?"
+  $C stop -t 0 $V1; $C stop -t 0 $V2; $C rm $V1; $C rm $V2
 }
 events() {
   $C events --count 4 --for 90 > /tmp/events.txt 2>&1 & ev=$!
@@ -350,6 +405,7 @@ scenario stats stats
 scenario metrics metrics
 scenario network network
 scenario statsp statsp
+scenario volumes volumes
 scenario events events
 scenario update update
 scenario reopen reopen
@@ -995,6 +1051,52 @@ fn stopping_and_removing_a_sandbox_leaves_nothing_behind() {
         "every address went back: {out}"
     );
     assert!(out.lines().any(|l| l.trim() == "0"), "no pod listed: {out}");
+}
+
+#[test]
+fn host_mounts_are_copied_in_read_only_and_an_empty_dir_is_shared_by_the_pod() {
+    let (out, st) = sc("volumes");
+    assert_eq!(st, 0, "{out}");
+    // ContainerStatus lists the host mounts as given (kubelet's own files apart).
+    let mounts = value_of(out, "mounts");
+    assert!(
+        mounts.starts_with("/etc/cfg:/var/lib/kubelet/pods/uid-1/volumes/kubernetes.io~configmap/cfg:ro,/etc/one.txt:/tmp/cfg/host-link:ro,/scratch:"),
+        "{out}"
+    );
+    assert!(
+        mounts.ends_with("kubernetes.io~empty-dir/scratch:rw"),
+        "{out}"
+    );
+    // The ConfigMap's tree arrives whole: content, symlinks, owner and mode.
+    assert_eq!(value_of(out, "cfg_a"), "a=1");
+    assert_eq!(value_of(out, "cfg_link"), "..data/a.conf");
+    assert_eq!(value_of(out, "token_stat"), "0:1234:440");
+    assert_eq!(value_of(out, "one"), "one file");
+    assert_eq!(value_of(out, "cfg_write"), "refused");
+    // The emptyDir is the pod's: one container's file is the other's.
+    assert_eq!(value_of(out, "scratch"), "from-vols");
+    assert_eq!(value_of(out, "shared"), "from-vols");
+    // A copy is taken at creation.
+    assert_eq!(value_of(out, "cfg_a2"), "a=2");
+    assert_eq!(value_of(out, "cfg_a1"), "a=1");
+    // What a copy cannot honour is refused, with the reason.
+    assert_eq!(value_of(out, "rw_rc"), "1");
+    assert!(
+        out.contains("mounts: /data: host path /tmp/cfg is writable"),
+        "{out}"
+    );
+    assert_eq!(value_of(out, "sock_rc"), "1");
+    assert!(
+        out.contains(
+            "/run/atoll/atoll-cri.sock is a socket, which cannot be copied into a microVM pod"
+        ),
+        "{out}"
+    );
+    assert_eq!(value_of(out, "bidi_rc"), "1");
+    assert!(
+        out.contains("mounts: /x: bidirectional propagation"),
+        "{out}"
+    );
 }
 
 #[test]

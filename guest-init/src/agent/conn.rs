@@ -155,6 +155,11 @@ impl<R: ContainerRuntime> Agent<R> {
         }
     }
 
+    /// The directory copied volumes are unpacked into.
+    pub fn copies_dir(&self) -> Result<PathBuf, RequestError> {
+        self.runtime().copies_dir().map_err(RequestError::from)
+    }
+
     fn runtime(&self) -> MutexGuard<'_, R> {
         self.runtime.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -599,6 +604,8 @@ pub(crate) mod tests {
         pub ids: Vec<String>,
         pub removed: Vec<String>,
         pub signals: Vec<(String, i32, bool)>,
+        /// Where copied volumes go (unset: refused).
+        pub copies: Option<std::path::PathBuf>,
     }
 
     impl ContainerRuntime for FakeRuntime {
@@ -676,6 +683,11 @@ pub(crate) mod tests {
         }
         fn ids(&self) -> Vec<String> {
             self.ids.clone()
+        }
+        fn copies_dir(&mut self) -> Result<std::path::PathBuf, RuntimeError> {
+            self.copies
+                .clone()
+                .ok_or_else(|| RuntimeError::Internal("no copies here".into()))
         }
     }
 

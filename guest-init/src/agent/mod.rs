@@ -57,6 +57,8 @@ pub trait ContainerRuntime: Send + 'static {
     fn remove(&mut self, id: &str) -> Result<(), RuntimeError>;
     /// See [`container::Runtime::ids`].
     fn ids(&self) -> Vec<String>;
+    /// See [`container::Runtime::copies_dir`].
+    fn copies_dir(&mut self) -> Result<std::path::PathBuf, RuntimeError>;
 }
 
 impl ContainerRuntime for container::Runtime {
@@ -95,6 +97,9 @@ impl ContainerRuntime for container::Runtime {
     }
     fn ids(&self) -> Vec<String> {
         container::Runtime::ids(self)
+    }
+    fn copies_dir(&mut self) -> Result<std::path::PathBuf, RuntimeError> {
+        container::Runtime::copies_dir(self)
     }
 }
 

@@ -384,7 +384,7 @@ impl Process {
             Stream::Stdout => (1, "STDOUT"),
             Stream::Stderr => (2, "STDERR"),
             Stream::Tty => (3, "TTY"),
-            Stream::Unspecified | Stream::Tcp => {
+            Stream::Unspecified | Stream::Tcp | Stream::Volume => {
                 return Err(AttachError::UnknownStream(stream as i32))
             }
         };

@@ -19,6 +19,8 @@ use std::time::Duration;
 use atoll_agent_proto::v1::{self, attach::Stream};
 use atoll_agent_proto::{read_frame, validate_id, write_frame, FrameError};
 
+use atoll_oci_unpack::unpack::{unpack_sources, Compression, LayerSource, UnpackLimits};
+
 use super::conn::{Agent, RequestError};
 use super::process::{stream_of, AttachError, OutputSink};
 use super::ContainerRuntime;
@@ -69,6 +71,9 @@ pub fn serve_stream<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream)
     };
     if attach.stream == Stream::Tcp as i32 {
         return forward(conn, attach.port);
+    }
+    if attach.stream == Stream::Volume as i32 {
+        return receive_volume(agent, conn, &attach.volume);
     }
     if attach.take_over {
         match take_over(agent, &attach, conn) {
@@ -148,6 +153,111 @@ fn take_over<R: ContainerRuntime>(
     }
     sink.attach(conn);
     Ok(())
+}
+
+/// Most copied volumes one pod holds.
+pub const MAX_COPIES: usize = 1024;
+/// Longest pause in a volume's tar stream before the copy is abandoned.
+const VOLUME_IDLE: Duration = Duration::from_secs(60);
+/// What one copied volume may hold (its bytes are bounded by the copies tmpfs).
+const VOLUME_LIMITS: UnpackLimits = UnpackLimits {
+    max_entries: 100_000,
+    max_bytes: 1 << 30,
+    max_path_len: 4096,
+};
+
+/// Receives a copied volume: checks the name, answers, unpacks the tar stream into
+/// a hidden directory and renames it into place, then answers with the outcome.
+fn receive_volume<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream, name: &str) {
+    let reply = |conn: &mut UnixStream, error: Option<RequestError>| {
+        write_frame(
+            conn,
+            &v1::AttachReply {
+                error: error.map(|e| e.to_proto()),
+            },
+        )
+        .is_ok()
+    };
+    let prepared = validate_id(name)
+        .map_err(|e| RequestError::InvalidArgument(format!("volume: {e}")))
+        .and_then(|()| agent.copies_dir())
+        .and_then(|dir| {
+            let (done, partial) = (dir.join(name), dir.join(format!(".partial-{name}")));
+            if done.symlink_metadata().is_ok() {
+                return Err(RequestError::AlreadyExists(format!(
+                    "copied volume {name:?} exists"
+                )));
+            }
+            let count = std::fs::read_dir(&dir)
+                .map_err(|e| RequestError::Internal(format!("cannot list the copies: {e}")))?
+                .take(MAX_COPIES + 1)
+                .count();
+            if count >= MAX_COPIES {
+                return Err(RequestError::ResourceExhausted(format!(
+                    "the pod holds {MAX_COPIES} copied volumes already"
+                )));
+            }
+            match std::fs::create_dir(&partial) {
+                Ok(()) => Ok((done, partial)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    Err(RequestError::FailedPrecondition(format!(
+                        "copied volume {name:?} is being received on another connection"
+                    )))
+                }
+                Err(e) => Err(RequestError::Internal(format!(
+                    "cannot create {}: {e}",
+                    partial.display()
+                ))),
+            }
+        });
+    let (done, partial) = match prepared {
+        Ok(paths) => paths,
+        Err(e) => {
+            reply(&mut conn, Some(e));
+            return;
+        }
+    };
+    let outcome = if !reply(&mut conn, None) {
+        Err(None)
+    } else {
+        let _ = conn.set_read_timeout(Some(VOLUME_IDLE));
+        match conn.try_clone() {
+            Err(e) => Err(Some(RequestError::Internal(format!("socket: {e}")))),
+            Ok(reader) => {
+                let source = LayerSource {
+                    reader: Box::new(reader),
+                    compression: Some(Compression::None),
+                    digest: None,
+                };
+                unpack_sources([Ok(source)], &partial, VOLUME_LIMITS)
+                    .map_err(|e| {
+                        Some(RequestError::InvalidArgument(format!(
+                            "copied volume {name:?}: {e}"
+                        )))
+                    })
+                    .and_then(|_| {
+                        std::fs::rename(&partial, &done).map_err(|e| {
+                            Some(RequestError::Internal(format!(
+                                "cannot move {} into place: {e}",
+                                partial.display()
+                            )))
+                        })
+                    })
+            }
+        }
+    };
+    match outcome {
+        Ok(()) => {
+            reply(&mut conn, None);
+        }
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&partial);
+            if let Some(e) = e {
+                reply(&mut conn, Some(e));
+            }
+        }
+    }
+    let _ = conn.shutdown(Shutdown::Both);
 }
 
 /// How long a connection to a guest port may take.
@@ -559,5 +669,122 @@ mod tests {
             Some(Code::InvalidArgument as i32)
         );
         server.join().unwrap();
+    }
+
+    /// Sends `tar` as the copied volume `name`: the first reply, then (when it
+    /// accepted) the outcome.
+    fn send_volume(
+        agent: &Arc<Agent<FakeRuntime>>,
+        name: &str,
+        tar: &[u8],
+    ) -> (v1::AttachReply, Option<v1::AttachReply>) {
+        let (mut host, guest) = UnixStream::pair().unwrap();
+        let server = {
+            let agent = Arc::clone(agent);
+            thread::spawn(move || serve_stream(&*agent, guest))
+        };
+        let req = v1::Attach {
+            stream: Stream::Volume as i32,
+            volume: name.into(),
+            ..Default::default()
+        };
+        write_frame(&mut host, &req).unwrap();
+        let first: v1::AttachReply = read_frame(&mut host).unwrap();
+        let second = first.error.is_none().then(|| {
+            host.write_all(tar).unwrap();
+            host.shutdown(Shutdown::Write).unwrap();
+            read_frame(&mut host).unwrap()
+        });
+        server.join().unwrap();
+        (first, second)
+    }
+
+    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h
+    }
+
+    fn volume_tar() -> Vec<u8> {
+        use tar::EntryType::{Directory, Regular, Symlink};
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_data(&mut header(Directory, 0o755, 0), "..2026_12_05", &[][..])
+            .unwrap();
+        b.append_data(
+            &mut header(Regular, 0o400, 6),
+            "..2026_12_05/token",
+            &b"secret"[..],
+        )
+        .unwrap();
+        b.append_link(&mut header(Symlink, 0o777, 0), "..data", "..2026_12_05")
+            .unwrap();
+        b.append_link(&mut header(Symlink, 0o777, 0), "token", "..data/token")
+            .unwrap();
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_copied_volume_is_unpacked_whole_and_only_once() {
+        let copies = tempfile::tempdir().unwrap();
+        let (agent, _rx, _dir) = agent_with(FakeRuntime {
+            copies: Some(copies.path().to_owned()),
+            ..FakeRuntime::default()
+        });
+        let (first, second) = send_volume(&agent, "c-1", &volume_tar());
+        assert!(first.error.is_none(), "{first:?}");
+        let second = second.unwrap();
+        assert!(second.error.is_none(), "{second:?}");
+        let token = copies.path().join("c-1/token");
+        assert_eq!(std::fs::read(&token).unwrap(), b"secret");
+        assert!(token.symlink_metadata().unwrap().is_symlink());
+        // The same name again: refused before any byte is sent.
+        let (first, second) = send_volume(&agent, "c-1", b"");
+        assert_eq!(
+            first.error.map(|e| e.code),
+            Some(Code::AlreadyExists as i32)
+        );
+        assert!(second.is_none());
+    }
+
+    #[test]
+    fn a_broken_or_hostile_volume_leaves_nothing_behind() {
+        let copies = tempfile::tempdir().unwrap();
+        let (agent, _rx, _dir) = agent_with(FakeRuntime {
+            copies: Some(copies.path().to_owned()),
+            ..FakeRuntime::default()
+        });
+        // Cut in the middle of an entry.
+        let tar = volume_tar();
+        let (first, second) = send_volume(&agent, "cut", &tar[..700]);
+        assert!(first.error.is_none());
+        assert_eq!(
+            second.unwrap().error.map(|e| e.code),
+            Some(Code::InvalidArgument as i32)
+        );
+        // An entry escaping the volume.
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = header(tar::EntryType::Regular, 0o644, 1);
+        h.as_gnu_mut().unwrap().name[..10].copy_from_slice(b"../escaped");
+        h.set_cksum();
+        b.append(&h, &b"x"[..]).unwrap();
+        let (_, second) = send_volume(&agent, "escape", &b.into_inner().unwrap());
+        assert!(second.unwrap().error.is_some());
+        assert!(!copies.path().parent().unwrap().join("escaped").exists());
+        let left: Vec<_> = std::fs::read_dir(copies.path()).unwrap().collect();
+        assert!(left.is_empty(), "{left:?}");
+        // Bad names are refused at once.
+        for bad in ["", "../x", "a/b", ".hidden"] {
+            let (first, _) = send_volume(&agent, bad, b"");
+            assert_eq!(
+                first.error.map(|e| e.code),
+                Some(Code::InvalidArgument as i32),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -308,6 +308,19 @@ impl Runtime {
         for m in planned {
             match &m.source {
                 MountSource::Volume(name) => self.mounts.ensure_volume(name)?,
+                MountSource::Copy { name, entry } => {
+                    let dir = Mounts::copy_dir(&self.root, name);
+                    let path = entry.as_ref().map_or_else(|| dir.clone(), |e| dir.join(e));
+                    if path.symlink_metadata().is_err() {
+                        return Err(RuntimeError::NotFound(format!(
+                            "copied volume {:?} has no {}: send it first (Attach VOLUME)",
+                            name,
+                            entry
+                                .as_deref()
+                                .map_or("root".to_owned(), |e| format!("entry {e:?}"))
+                        )));
+                    }
+                }
                 MountSource::Disk(serial) => {
                     if !record.disks.contains(serial) {
                         self.mounts.acquire_data_disk(serial)?;
@@ -462,6 +475,12 @@ impl Runtime {
         let _ = std::fs::remove_dir_all(self.engine.state.join(id));
         let _ = std::fs::remove_dir(self.cgroup_dir(id));
         destroyed
+    }
+
+    /// The directory of copied volumes (a tmpfs, mounted on first use), where a
+    /// stream connection unpacks a host mount.
+    pub fn copies_dir(&mut self) -> Result<PathBuf, RuntimeError> {
+        Ok(self.mounts.ensure_copies()?)
     }
 
     /// The ids of every container, in creation order.

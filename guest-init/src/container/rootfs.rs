@@ -185,7 +185,13 @@ pub struct Mounts {
     images: HashMap<String, usize>,
     disks: HashMap<String, usize>,
     volumes: HashSet<String>,
+    /// Whether the tmpfs of copied volumes is mounted.
+    copies: bool,
 }
+
+/// The tmpfs that holds the pod's copied volumes (Attach VOLUME): a quarter of the
+/// guest's memory at most, so host mounts cannot take the containers' memory.
+const COPIES_TMPFS_OPTIONS: &str = "mode=0755,size=25%";
 
 impl std::fmt::Debug for Mounts {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -213,7 +219,34 @@ impl Mounts {
             images: HashMap::new(),
             disks: HashMap::new(),
             volumes: HashSet::new(),
+            copies: false,
         }
+    }
+
+    /// Where the copied volume `name` is.
+    pub fn copy_dir(root: &Path, name: &str) -> PathBuf {
+        root.join("copies").join(name)
+    }
+
+    /// Makes the tmpfs of copied volumes exist and returns its path
+    /// (`<root>/copies`).
+    pub fn ensure_copies(&mut self) -> Result<PathBuf, RootfsError> {
+        let dir = self.root.join("copies");
+        if self.copies {
+            return Ok(dir);
+        }
+        mkdir(&dir)?;
+        self.mounter
+            .mount(
+                "tmpfs",
+                &dir,
+                "tmpfs",
+                MountKind::New { readonly: false },
+                COPIES_TMPFS_OPTIONS,
+            )
+            .map_err(io_err("mount a tmpfs on", &dir))?;
+        self.copies = true;
+        Ok(dir)
     }
 
     /// Looks block devices up in `dev` instead of `/dev` (tests).

@@ -157,6 +157,13 @@ pub enum MountSource {
     Volume(String),
     /// A read-only disk, mounted at `<root>/disks/<serial>`.
     Disk(String),
+    /// A copied volume, `<root>/copies/<name>`, or one top-level entry of it.
+    Copy {
+        /// The volume.
+        name: String,
+        /// The entry bound instead of the whole volume.
+        entry: Option<String>,
+    },
 }
 
 /// One validated request mount.
@@ -443,15 +450,35 @@ pub fn plan_mounts(mounts: &[v1::Mount]) -> Result<Vec<RequestMount>, SpecError>
                     ),
                 ))
             }
-            "bind" => match m.source.strip_prefix("disk:") {
-                Some(serial) if name_ok(serial) => MountSource::Disk(serial.to_owned()),
-                _ => {
-                    return Err(invalid(
-                        field("source"),
-                        format!("{:?}: only \"disk:<serial>\" can be bound", m.source),
-                    ))
+            "bind" => {
+                let copy = m
+                    .source
+                    .strip_prefix("copy:")
+                    .map(|c| match c.split_once('/') {
+                        Some((name, entry)) => (name, Some(entry)),
+                        None => (c, None),
+                    });
+                match (m.source.strip_prefix("disk:"), copy) {
+                    (Some(serial), _) if name_ok(serial) => MountSource::Disk(serial.to_owned()),
+                    (_, Some((name, entry)))
+                        if name_ok(name) && entry.is_none_or(name_ok) =>
+                    {
+                        MountSource::Copy {
+                            name: name.to_owned(),
+                            entry: entry.map(str::to_owned),
+                        }
+                    }
+                    _ => {
+                        return Err(invalid(
+                            field("source"),
+                            format!(
+                                "{:?}: only \"disk:<serial>\", \"copy:<name>\" and \"copy:<name>/<entry>\" can be bound",
+                                m.source
+                            ),
+                        ))
+                    }
                 }
-            },
+            }
             other => {
                 return Err(invalid(
                     field("type"),
@@ -697,6 +724,13 @@ pub fn build_spec(
         let (source, forced_ro) = match &rm.source {
             MountSource::Volume(name) => (SpecPaths::volume_dir(&paths.root, name), false),
             MountSource::Disk(serial) => (SpecPaths::disk_dir(&paths.root, serial), true),
+            MountSource::Copy { name, entry } => {
+                let dir = super::rootfs::Mounts::copy_dir(&paths.root, name);
+                (
+                    entry.as_ref().map_or_else(|| dir.clone(), |e| dir.join(e)),
+                    true,
+                )
+            }
         };
         let mut options = vec!["rbind".to_owned()];
         if !rm
@@ -1102,8 +1136,31 @@ mod tests {
                 source: "disk:data1".into(),
                 options: vec!["rw".into()],
             },
+            v1::Mount {
+                destination: "/etc/config".into(),
+                r#type: "bind".into(),
+                source: "copy:c-abc".into(),
+                options: vec!["rw".into()],
+            },
+            v1::Mount {
+                destination: "/etc/one.conf".into(),
+                r#type: "bind".into(),
+                source: "copy:c-def/file".into(),
+                options: vec![],
+            },
         ];
         let s = spec_of(&r);
+        let copy = mount_at(&s, "/etc/config").unwrap();
+        assert_eq!(
+            copy.source().as_deref(),
+            Some(Path::new("/run/atoll/copies/c-abc"))
+        );
+        let copts = copy.options().clone().unwrap();
+        assert!(copts.contains(&"ro".to_owned()) && !copts.contains(&"rw".to_owned()));
+        assert_eq!(
+            mount_at(&s, "/etc/one.conf").unwrap().source().as_deref(),
+            Some(Path::new("/run/atoll/copies/c-def/file"))
+        );
         let vol = mount_at(&s, "/cache").unwrap();
         assert_eq!(
             vol.source().as_deref(),
@@ -1136,6 +1193,10 @@ mod tests {
             (m("/proc/sys", "tmpfs", "v", &[]), "mounts[0].destination"),
             (m("/x", "tmpfs", "../v", &[]), "mounts[0].source"),
             (m("/x", "bind", "/etc", &[]), "mounts[0].source"),
+            (m("/x", "bind", "copy:../v", &[]), "mounts[0].source"),
+            (m("/x", "bind", "copy:v/../../etc", &[]), "mounts[0].source"),
+            (m("/x", "bind", "copy:v/a/b", &[]), "mounts[0].source"),
+            (m("/x", "bind", "copy:", &[]), "mounts[0].source"),
             (m("/x", "nfs", "v", &[]), "mounts[0].type"),
             (m("/x", "tmpfs", "v", &["suid"]), "mounts[0].options"),
         ];

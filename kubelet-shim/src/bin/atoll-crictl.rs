@@ -532,6 +532,17 @@ async fn run(args: Args) -> anyhow::Result<u8> {
                     ("image_ref", s.image_ref.clone()),
                     ("image_id", s.image_id.clone()),
                     ("log_path", s.log_path.clone()),
+                    (
+                        "mounts",
+                        s.mounts
+                            .iter()
+                            .map(|m| {
+                                let mode = if m.readonly { "ro" } else { "rw" };
+                                format!("{}:{}:{mode}", m.container_path, m.host_path)
+                            })
+                            .collect::<Vec<_>>()
+                            .join(","),
+                    ),
                 ],
             );
         }

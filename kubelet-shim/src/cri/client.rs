@@ -228,6 +228,9 @@ pub mod spec {
         pub container_path: String,
         pub host_path: String,
         pub readonly: bool,
+        /// `PROPAGATION_PRIVATE` (or empty), `PROPAGATION_HOST_TO_CONTAINER`,
+        /// `PROPAGATION_BIDIRECTIONAL`.
+        pub propagation: String,
     }
 
     /// A ContainerConfig.
@@ -285,13 +288,23 @@ pub mod spec {
                 mounts: self
                     .mounts
                     .iter()
-                    .map(|m| cri::Mount {
-                        container_path: m.container_path.clone(),
-                        host_path: m.host_path.clone(),
-                        readonly: m.readonly,
-                        ..Default::default()
+                    .map(|m| {
+                        let propagation = if m.propagation.is_empty() {
+                            cri::MountPropagation::PropagationPrivate
+                        } else {
+                            cri::MountPropagation::from_str_name(&m.propagation).ok_or_else(
+                                || format!("mounts: unknown propagation {:?}", m.propagation),
+                            )?
+                        };
+                        Ok(cri::Mount {
+                            container_path: m.container_path.clone(),
+                            host_path: m.host_path.clone(),
+                            readonly: m.readonly,
+                            propagation: propagation as i32,
+                            ..Default::default()
+                        })
                     })
-                    .collect(),
+                    .collect::<Result<_, String>>()?,
                 labels: self.labels.clone(),
                 annotations: self.annotations.clone(),
                 log_path: self.log_path.clone(),

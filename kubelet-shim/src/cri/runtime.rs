@@ -10,7 +10,9 @@ use tonic::{Request, Response, Status};
 
 use super::cni;
 use super::server::{ContainerRequest, CriError, SandboxRequest, Server};
-use super::store::{self, ContainerRecord, ContainerState, Meta, SandboxRecord, SandboxState};
+use super::store::{
+    self, ContainerRecord, ContainerState, HostMount, Meta, SandboxRecord, SandboxState,
+};
 use super::stream::attach::AttachSpec;
 use super::stream::exec::ExecSpec;
 use super::stream::portforward::PortForwardSpec;
@@ -28,11 +30,52 @@ const KUBELET_FILES: [&str; 4] = [
     "/etc/resolv.conf",
     "/dev/termination-log",
 ];
-/// The first mount atoll-cri cannot give a container ([`KUBELET_FILES`] are fine).
-fn unsupported_mount(mounts: &[cri::Mount]) -> Option<&cri::Mount> {
-    mounts
-        .iter()
-        .find(|m| !KUBELET_FILES.contains(&m.container_path.as_str()))
+/// The container's host mounts as atoll-cri gives them, [`KUBELET_FILES`] left
+/// out; or why one cannot be given. A microVM pod shares no file system with the
+/// node: a read-only host path is copied in when the container is created, an
+/// emptyDir is a tmpfs of the pod; a writable host path, bidirectional
+/// propagation, an image volume or id-mapped mounts cannot be honoured and are
+/// refused rather than half-done.
+fn host_mounts(mounts: &[cri::Mount]) -> Result<Vec<HostMount>, Status> {
+    let mut out = Vec::new();
+    for m in mounts {
+        if KUBELET_FILES.contains(&m.container_path.as_str()) {
+            continue;
+        }
+        let at = &m.container_path;
+        let refuse = |why: String| Err(Status::invalid_argument(format!("mounts: {at}: {why}")));
+        if m.image.is_some() {
+            return refuse("image volumes are not supported by atoll-cri yet".into());
+        }
+        if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
+            return refuse("id-mapped mounts are not supported by microVM pods".into());
+        }
+        if m.propagation == cri::MountPropagation::PropagationBidirectional as i32 {
+            return refuse(
+                "bidirectional propagation needs a file system shared with the node, which microVM pods do not have"
+                    .into(),
+            );
+        }
+        if !m.host_path.starts_with('/') {
+            return refuse(format!("host path {:?} is not absolute", m.host_path));
+        }
+        let mount = HostMount {
+            container_path: m.container_path.clone(),
+            host_path: m.host_path.clone(),
+            readonly: m.readonly,
+            propagation: m.propagation,
+            selinux_relabel: m.selinux_relabel,
+            recursive_read_only: m.recursive_read_only,
+        };
+        if !mount.readonly && !mount.is_empty_dir() {
+            return refuse(format!(
+                "host path {} is writable; a microVM pod gets a copy of host paths, so its writes could not reach the node: mount it readOnly, or use an emptyDir",
+                m.host_path
+            ));
+        }
+        out.push(mount);
+    }
+    Ok(out)
 }
 
 /// Largest Localhost seccomp profile read.
@@ -263,7 +306,19 @@ fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
         message: c.message.clone(),
         labels: hash(&c.labels),
         annotations: hash(&c.annotations),
-        mounts: Vec::new(),
+        mounts: c
+            .mounts
+            .iter()
+            .map(|m| cri::Mount {
+                container_path: m.container_path.clone(),
+                host_path: m.host_path.clone(),
+                readonly: m.readonly,
+                selinux_relabel: m.selinux_relabel,
+                propagation: m.propagation,
+                recursive_read_only: m.recursive_read_only,
+                ..Default::default()
+            })
+            .collect(),
         log_path: c.log_path.clone(),
         resources: None,
         image_id: c.image_id.clone(),
@@ -574,17 +629,11 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
         let md = config
             .metadata
             .ok_or_else(|| Status::invalid_argument("config.metadata is required"))?;
-        // kubelet mounts these files into every container. They are left out: the
+        // kubelet mounts its own files into every container. They are left out: the
         // guest sets the pod's hostname and resolver itself, /etc/hosts is the
         // image's, and the termination message kubelet reads from its host file
-        // stays empty. Any other mount needs host file sharing, which atoll-cri
-        // does not have yet: refused, not ignored.
-        if let Some(m) = unsupported_mount(&config.mounts) {
-            return Err(Status::invalid_argument(format!(
-                "mounts: host paths cannot reach a microVM pod yet (asked for {} at {}); atoll-cri has no host file sharing",
-                m.host_path, m.container_path
-            )));
-        }
+        // stays empty. Other mounts are copied in or are pod tmpfs volumes.
+        let mounts = host_mounts(&config.mounts)?;
         if let Some(d) = config.devices.first() {
             return Err(Status::invalid_argument(format!(
                 "devices: host devices cannot reach a microVM pod (asked for {})",
@@ -619,6 +668,7 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
             readonly_rootfs: sc.is_some_and(|s| s.readonly_rootfs),
             resources: resources(linux.resources.as_ref()),
             security: security(sc).map_err(status)?,
+            mounts,
         };
         let server = Arc::clone(&self.server);
         let id = blocking(move || server.create_container(req)).await?;
@@ -1039,6 +1089,48 @@ mod tests {
     use super::*;
 
     #[test]
+    fn host_mounts_keep_read_only_paths_and_empty_dirs_and_refuse_the_rest() {
+        let m = |container: &str, host: &str, readonly: bool| cri::Mount {
+            container_path: container.into(),
+            host_path: host.into(),
+            readonly,
+            ..Default::default()
+        };
+        let empty_dir = "/var/lib/kubelet/pods/u/volumes/kubernetes.io~empty-dir/cache";
+        let got = host_mounts(&[
+            m("/etc/hosts", "/var/lib/kubelet/pods/u/etc-hosts", false),
+            m("/dev/termination-log", "/var/lib/kubelet/pods/u/c/x", false),
+            m(
+                "/etc/cfg",
+                "/var/lib/kubelet/pods/u/volumes/kubernetes.io~configmap/c",
+                true,
+            ),
+            m("/cache", empty_dir, false),
+        ])
+        .unwrap();
+        assert_eq!(got.len(), 2, "kubelet's own files are left out: {got:?}");
+        assert!(got[0].readonly && !got[0].is_empty_dir());
+        assert!(!got[1].readonly && got[1].is_empty_dir());
+
+        let refused = |mount: cri::Mount| host_mounts(&[mount]).unwrap_err().message().to_owned();
+        assert!(refused(m("/data", "/srv/data", false)).contains("is writable"));
+        assert!(refused(m("/data", "relative", true)).contains("not absolute"));
+        let mut bidi = m("/x", "/srv", true);
+        bidi.propagation = cri::MountPropagation::PropagationBidirectional as i32;
+        assert!(refused(bidi).contains("bidirectional"));
+        let mut mapped = m("/x", "/srv", true);
+        mapped.uid_mappings.push(cri::IdMapping {
+            host_id: 1000,
+            container_id: 0,
+            length: 1,
+        });
+        assert!(refused(mapped).contains("id-mapped"));
+        let mut image = m("/x", "", true);
+        image.image = Some(cri::ImageSpec::default());
+        assert!(refused(image).contains("image volumes"));
+    }
+
+    #[test]
     fn security_maps_profiles_capabilities_and_users() {
         let s = security(None).unwrap();
         assert_eq!(s.seccomp, v1::security::Seccomp::Unconfined as i32);
@@ -1072,27 +1164,6 @@ mod tests {
         assert!(
             e.starts_with("seccomp profile /nonexistent/profile.json: "),
             "{e}"
-        );
-    }
-
-    #[test]
-    fn kubelets_own_files_are_not_refused_but_volumes_are() {
-        let m = |p: &str| cri::Mount {
-            container_path: p.into(),
-            host_path: format!("/var/lib/kubelet/x{p}"),
-            ..Default::default()
-        };
-        let kubelet = vec![
-            m("/etc/hosts"),
-            m("/dev/termination-log"),
-            m("/etc/resolv.conf"),
-        ];
-        assert!(unsupported_mount(&kubelet).is_none());
-        let mut with_volume = kubelet.clone();
-        with_volume.push(m("/data"));
-        assert_eq!(
-            unsupported_mount(&with_volume).map(|m| m.container_path.as_str()),
-            Some("/data")
         );
     }
 

@@ -27,15 +27,17 @@ use super::cni;
 use super::config::Config;
 use super::logs::{self, LogFile, SharedLog};
 use super::store::{
-    self, ContainerRecord, ContainerState, Meta, NetworkRecord, SandboxRecord, SandboxState, Slot,
-    Store,
+    self, ContainerRecord, ContainerState, HostMount, Meta, NetworkRecord, SandboxRecord,
+    SandboxState, Slot, Store,
 };
 use super::stream::attach::{Hub, Tee};
 use crate::agent::{AgentClient, AgentError};
 use crate::pod::image::{self, ImageRootfs, RootfsFrom};
 use crate::pod::netns::NetNs;
 use crate::pod::template::{self, TemplateSpec, SLOTS};
+use crate::pod::volume;
 use crate::pod::{PodConfig, PodHandle, PodNetwork, API_SOCK};
+use sha2::{Digest as _, Sha256};
 
 /// How long one agent request may take (create mounts an image; the guest is slow
 /// under emulation).
@@ -297,6 +299,8 @@ pub struct ContainerRequest {
     pub readonly_rootfs: bool,
     pub resources: v1::Resources,
     pub security: v1::Security,
+    /// Host mounts, checked by the caller (kubelet's own files left out).
+    pub mounts: Vec<HostMount>,
 }
 
 impl Server {
@@ -981,6 +985,8 @@ impl Server {
                 .to_string()
         };
 
+        // Host mounts first: a copy that fails leaves no image slot taken.
+        let mounts = self.guest_mounts(&sandbox, &req.mounts)?;
         let (slot, attached_now) = self.attach_image(&sandbox, &image_id, &prepared.rootfs)?;
         let serial = self.sandbox(&req.sandbox_id)?.slots[slot].drive_id.clone();
         let rootfs_source = match &prepared.rootfs {
@@ -1012,7 +1018,7 @@ impl Server {
                 rlimits: Vec::new(),
             }),
             hostname: sandbox.hostname.clone(),
-            mounts: Vec::new(),
+            mounts,
             resources: Some(req.resources),
             security: Some(req.security.clone()),
         };
@@ -1050,10 +1056,59 @@ impl Server {
             state: ContainerState::Created,
             reason: String::new(),
             message: String::new(),
+            mounts: req.mounts,
         };
         self.state().containers.insert(id.clone(), rec.clone());
         self.save_container(&rec);
         Ok(id)
+    }
+
+    /// The guest's mounts for a container's host mounts: an emptyDir becomes a pod
+    /// tmpfs volume (one per host directory, shared by the pod's containers as on
+    /// the node, though the node does not see its files); anything else (read-only,
+    /// checked by the caller) is copied into the guest (`pod::volume`) and bound
+    /// read-only. A copy reflects the host path when the container is created.
+    fn guest_mounts(
+        &self,
+        sandbox: &SandboxRecord,
+        mounts: &[HostMount],
+    ) -> CriResult<Vec<v1::Mount>> {
+        let mut out = Vec::with_capacity(mounts.len());
+        for m in mounts {
+            let ro = if m.readonly {
+                vec!["ro".to_owned()]
+            } else {
+                Vec::new()
+            };
+            if m.is_empty_dir() {
+                let digest = Sha256::digest(m.host_path.as_bytes());
+                out.push(v1::Mount {
+                    destination: m.container_path.clone(),
+                    r#type: "tmpfs".into(),
+                    source: format!("e-{}", hex::encode(&digest[..16])),
+                    options: ro,
+                });
+                continue;
+            }
+            let mut tar = tempfile::tempfile_in(&self.cfg.run_dir)
+                .map_err(|e| CriError::Internal(format!("a temporary file: {e}")))?;
+            let packed = volume::pack(Path::new(&m.host_path), &mut tar).map_err(|e| {
+                CriError::InvalidArgument(format!("mounts: {}: {e}", m.container_path))
+            })?;
+            volume::send(&sandbox.pod_dir.join("vsock.sock"), &packed, &mut tar).map_err(|e| {
+                CriError::Unavailable(clean_message(&format!(
+                    "copying {} into sandbox {}: {e}",
+                    m.host_path, sandbox.id
+                )))
+            })?;
+            out.push(v1::Mount {
+                destination: m.container_path.clone(),
+                r#type: "bind".into(),
+                source: packed.mount_source(),
+                options: ro,
+            });
+        }
+        Ok(out)
     }
 
     /// The slot holding image `image_id` in the sandbox, attaching it to a free
@@ -2017,6 +2072,7 @@ pub(crate) mod tests {
             state,
             reason: String::new(),
             message: String::new(),
+            mounts: Vec::new(),
         }
     }
 

@@ -128,6 +128,32 @@ pub struct ContainerRecord {
     pub state: ContainerState,
     pub reason: String,
     pub message: String,
+    /// The host mounts it was given (kubelet's own files left out).
+    #[serde(default)]
+    pub mounts: Vec<HostMount>,
+}
+
+/// A host mount of a container as CreateContainer asked for it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostMount {
+    pub container_path: String,
+    pub host_path: String,
+    pub readonly: bool,
+    /// `cri::MountPropagation` as a number.
+    pub propagation: i32,
+    pub selinux_relabel: bool,
+    pub recursive_read_only: bool,
+}
+
+impl HostMount {
+    /// kubelet's emptyDir volumes live under this path component: the guest gives
+    /// each its own pod tmpfs (shared by the pod's containers) instead of a copy.
+    pub const EMPTY_DIR: &'static str = "/volumes/kubernetes.io~empty-dir/";
+
+    /// Whether this is one of kubelet's emptyDir volumes.
+    pub fn is_empty_dir(&self) -> bool {
+        self.host_path.contains(Self::EMPTY_DIR)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

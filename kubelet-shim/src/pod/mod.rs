@@ -17,6 +17,7 @@ pub mod netns;
 pub mod pool;
 pub mod state;
 pub mod template;
+pub mod volume;
 
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom};

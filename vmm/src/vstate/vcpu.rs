@@ -552,6 +552,52 @@ impl Vcpu {
         replies.send(reply).is_ok()
     }
 
+    /// Where a vCPU that triple-faulted stood, for the log: its instruction and
+    /// stack pointers, control registers, descriptor tables and the exception KVM
+    /// had pending. (KVM keeps the state of the instruction that faulted.)
+    fn fault_state(&self) -> String {
+        let regs = self.fd.get_regs();
+        let sregs = self.fd.get_sregs();
+        let events = self.fd.get_vcpu_events();
+        let mut out = String::new();
+        if let Ok(r) = regs {
+            out += &format!(
+                "rip={:#x} rsp={:#x} rflags={:#x} rax={:#x} ",
+                r.rip, r.rsp, r.rflags, r.rax
+            );
+        }
+        if let Ok(s) = sregs {
+            out += &format!(
+                "cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x} cs={:#x} ss={:#x} \
+                 idt={:#x}/{:#x} gdt={:#x}/{:#x} tr={:#x} ",
+                s.cr0,
+                s.cr2,
+                s.cr3,
+                s.cr4,
+                s.efer,
+                s.cs.selector,
+                s.ss.selector,
+                s.idt.base,
+                s.idt.limit,
+                s.gdt.base,
+                s.gdt.limit,
+                s.tr.base
+            );
+        }
+        if let Ok(e) = events {
+            out += &format!(
+                "exception={}(injected {}, pending {}, error {:#x}) nmi_pending={} interrupt={}",
+                e.exception.nr,
+                e.exception.injected,
+                e.exception.pending,
+                e.exception.error_code,
+                e.nmi.pending,
+                e.interrupt.nr
+            );
+        }
+        out
+    }
+
     /// One `KVM_RUN` and what it led to.
     fn run_once(&mut self) -> Step {
         let id = self.id;
@@ -587,6 +633,7 @@ impl Vcpu {
             }
             Ok(VcpuExit::Shutdown) => {
                 self.metrics.count_exit(ExitKind::Shutdown);
+                tracing::error!("vCPU {id} triple-faulted: {}", self.fault_state());
                 Step::Stop(VmEvent::Reset("the guest triple-faulted"))
             }
             Ok(VcpuExit::SystemEvent(kind, _)) => {

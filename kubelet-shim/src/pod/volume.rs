@@ -1,0 +1,485 @@
+//! Host mounts copied into a pod VM: a microVM shares no file system with the node,
+//! so a read-only host directory or file (kubelet's ConfigMap, Secret, projected
+//! and downward-API volumes, a read-only hostPath) is packed into one tar stream
+//! and sent to the guest agent (a stream connection of kind VOLUME), which unpacks
+//! it into the pod's copies tmpfs. A container then binds it read-only.
+//!
+//! Copies are named by their content (`c-` and the first 128 bits of the tar's
+//! sha256): a container restarted with unchanged volumes reuses what is there, the
+//! agent answering ALREADY_EXISTS before any byte is sent. What a copy cannot carry
+//! is refused with the path: sockets, devices and FIFOs (a live host object), OCI
+//! whiteout names, and trees over [`MAX_COPY_BYTES`] or [`MAX_COPY_ENTRIES`].
+
+use std::fs::{File, Metadata};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use atoll_agent_proto::v1::{self, attach::Stream};
+use atoll_agent_proto::{read_frame, write_frame};
+use sha2::{Digest, Sha256};
+
+use crate::agent::{connect_port, AttachError, ConnectError};
+
+/// Most bytes of file content one copy carries (ConfigMaps and Secrets are at most
+/// 1 MiB each; a larger read-only tree belongs in the image).
+pub const MAX_COPY_BYTES: u64 = 64 << 20;
+/// Most entries one copy carries.
+pub const MAX_COPY_ENTRIES: u64 = 10_000;
+/// Deepest directory nesting walked.
+const MAX_DEPTH: usize = 64;
+/// The entry a copied file is stored as: the mount binds `copy:<name>/file`.
+pub const FILE_ENTRY: &str = "file";
+/// How long sending one copy may take, connection included.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A host path that cannot be copied.
+#[derive(Debug, thiserror::Error)]
+pub enum PackError {
+    /// It could not be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A socket, device or FIFO.
+    #[error("{} is a {kind}, which cannot be copied into a microVM pod", path.display())]
+    Special {
+        /// Where.
+        path: PathBuf,
+        /// What it is.
+        kind: &'static str,
+    },
+    /// A name the guest's unpacker reads as an OCI whiteout.
+    #[error("{}: names starting with \".wh.\" cannot be copied into a microVM pod", path.display())]
+    Whiteout {
+        /// Where.
+        path: PathBuf,
+    },
+    /// Over a limit.
+    #[error("{} holds more than {limit} {what}; a microVM pod gets copies of host mounts, up to that much", path.display())]
+    TooBig {
+        /// The mount's root.
+        path: PathBuf,
+        /// The limit.
+        limit: u64,
+        /// "bytes", "entries" or "levels of directories".
+        what: &'static str,
+    },
+    /// Writing the tar failed.
+    #[error("cannot write the copy of {}: {source}", path.display())]
+    Write {
+        /// The mount's root.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// A packed host mount.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packed {
+    /// The copy's name in the guest.
+    pub name: String,
+    /// The host path was a file, stored as [`FILE_ENTRY`].
+    pub is_file: bool,
+    /// Bytes of the tar stream.
+    pub tar_bytes: u64,
+}
+
+impl Packed {
+    /// The agent's mount source for it: `copy:<name>` or `copy:<name>/file`.
+    pub fn mount_source(&self) -> String {
+        if self.is_file {
+            format!("copy:{}/{FILE_ENTRY}", self.name)
+        } else {
+            format!("copy:{}", self.name)
+        }
+    }
+}
+
+/// Hashes what goes through it.
+struct Hashing<W> {
+    inner: W,
+    hasher: Sha256,
+    len: u64,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(buf.get(..n).unwrap_or_default());
+        self.len += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct Walk<'a> {
+    root: &'a Path,
+    bytes: u64,
+    entries: u64,
+}
+
+impl Walk<'_> {
+    fn too_big(&self, limit: u64, what: &'static str) -> PackError {
+        PackError::TooBig {
+            path: self.root.to_owned(),
+            limit,
+            what,
+        }
+    }
+
+    /// Counts one entry of `size` content bytes against the limits.
+    fn count(&mut self, size: u64) -> Result<(), PackError> {
+        self.entries += 1;
+        self.bytes = self.bytes.saturating_add(size);
+        if self.entries > MAX_COPY_ENTRIES {
+            return Err(self.too_big(MAX_COPY_ENTRIES, "entries"));
+        }
+        if self.bytes > MAX_COPY_BYTES {
+            return Err(self.too_big(MAX_COPY_BYTES, "bytes"));
+        }
+        Ok(())
+    }
+}
+
+fn special_kind(meta: &Metadata) -> Option<&'static str> {
+    let t = meta.file_type();
+    if t.is_socket() {
+        Some("socket")
+    } else if t.is_fifo() {
+        Some("FIFO")
+    } else if t.is_block_device() {
+        Some("block device")
+    } else if t.is_char_device() {
+        Some("character device")
+    } else {
+        None
+    }
+}
+
+fn header_for(meta: &Metadata, kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(meta.mode() & 0o7777);
+    h.set_uid(u64::from(meta.uid()));
+    h.set_gid(u64::from(meta.gid()));
+    h.set_mtime(u64::try_from(meta.mtime()).unwrap_or(0));
+    h.set_size(size);
+    h
+}
+
+/// Appends `path` (not followed if a symlink) as `name`, and a directory's
+/// entries after it, sorted by name so that equal trees give equal tars.
+fn append<W: Write>(
+    b: &mut tar::Builder<W>,
+    walk: &mut Walk<'_>,
+    path: &Path,
+    name: &Path,
+    depth: usize,
+) -> Result<(), PackError> {
+    let read_err = |source| PackError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let write_err = |source| PackError::Write {
+        path: walk.root.to_owned(),
+        source,
+    };
+    if name
+        .file_name()
+        .is_some_and(|n| n.as_encoded_bytes().starts_with(b".wh."))
+    {
+        return Err(PackError::Whiteout {
+            path: path.to_owned(),
+        });
+    }
+    let meta = std::fs::symlink_metadata(path).map_err(read_err)?;
+    if let Some(kind) = special_kind(&meta) {
+        return Err(PackError::Special {
+            path: path.to_owned(),
+            kind,
+        });
+    }
+    if meta.file_type().is_symlink() {
+        walk.count(0)?;
+        let target = std::fs::read_link(path).map_err(read_err)?;
+        let mut h = header_for(&meta, tar::EntryType::Symlink, 0);
+        return b.append_link(&mut h, name, &target).map_err(write_err);
+    }
+    if meta.is_file() {
+        walk.count(meta.len())?;
+        let file = File::open(path).map_err(read_err)?;
+        let mut h = header_for(&meta, tar::EntryType::Regular, meta.len());
+        // A file that changes size while it is read would break the stream: the
+        // tar crate writes exactly the header's size or fails.
+        return b
+            .append_data(&mut h, name, io::Read::take(file, meta.len()))
+            .map_err(write_err);
+    }
+    // A directory.
+    if depth > MAX_DEPTH {
+        return Err(walk.too_big(MAX_DEPTH as u64, "levels of directories"));
+    }
+    walk.count(0)?;
+    if !name.as_os_str().is_empty() {
+        let mut h = header_for(&meta, tar::EntryType::Directory, 0);
+        b.append_data(&mut h, name, io::empty())
+            .map_err(write_err)?;
+    }
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(read_err)? {
+        children.push(entry.map_err(read_err)?.file_name());
+        if children.len() as u64 > MAX_COPY_ENTRIES {
+            return Err(walk.too_big(MAX_COPY_ENTRIES, "entries"));
+        }
+    }
+    children.sort();
+    for child in children {
+        append(b, walk, &path.join(&child), &name.join(&child), depth + 1)?;
+    }
+    Ok(())
+}
+
+/// Packs the host path `src` (followed if it is a symlink, as the CRI asks) into
+/// `out` as a tar stream: a directory's tree (symlinks kept as symlinks), or a file
+/// as [`FILE_ENTRY`]. `out` is truncated first and left at its end.
+pub fn pack(src: &Path, out: &mut File) -> Result<Packed, PackError> {
+    let meta = std::fs::metadata(src).map_err(|source| PackError::Read {
+        path: src.to_owned(),
+        source,
+    })?;
+    if let Some(kind) = special_kind(&meta) {
+        return Err(PackError::Special {
+            path: src.to_owned(),
+            kind,
+        });
+    }
+    let write_err = |source| PackError::Write {
+        path: src.to_owned(),
+        source,
+    };
+    out.set_len(0).map_err(write_err)?;
+    out.seek(SeekFrom::Start(0)).map_err(write_err)?;
+    let mut walk = Walk {
+        root: src,
+        bytes: 0,
+        entries: 0,
+    };
+    let sink = Hashing {
+        inner: io::BufWriter::new(&mut *out),
+        hasher: Sha256::new(),
+        len: 0,
+    };
+    let mut b = tar::Builder::new(sink);
+    let is_file = !meta.is_dir();
+    if is_file {
+        walk.count(meta.len())?;
+        let file = File::open(src).map_err(|source| PackError::Read {
+            path: src.to_owned(),
+            source,
+        })?;
+        let mut h = header_for(&meta, tar::EntryType::Regular, meta.len());
+        b.append_data(&mut h, FILE_ENTRY, io::Read::take(file, meta.len()))
+            .map_err(write_err)?;
+    } else {
+        // The root itself is the volume's directory in the guest: its entries only.
+        append(&mut b, &mut walk, src, Path::new(""), 0)?;
+    }
+    let mut sink = b.into_inner().map_err(write_err)?;
+    sink.flush().map_err(write_err)?;
+    let digest = sink.hasher.finalize();
+    Ok(Packed {
+        name: format!("c-{}", hex::encode(&digest[..16])),
+        is_file,
+        tar_bytes: sink.len,
+    })
+}
+
+/// Sending a copy to the guest failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SendError {
+    /// No stream connection.
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    /// The agent refused or the connection failed.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// Reading the tar or writing it to the guest failed.
+    #[error("sending copy {name}: {source}")]
+    Io {
+        /// The copy.
+        name: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Sends the tar in `tar` (from its start) as copy `packed.name` through the VMM's
+/// vsock socket `vsock_uds`; a copy the guest has already is fine.
+pub fn send(vsock_uds: &Path, packed: &Packed, tar: &mut File) -> Result<(), SendError> {
+    let name = packed.name.as_str();
+    let io_err = |source| SendError::Io {
+        name: name.to_owned(),
+        source,
+    };
+    let frame_err = |source| AttachError::Frame {
+        stream: "a copied volume",
+        container: name.to_owned(),
+        source,
+    };
+    let refused = |e: v1::Error| AttachError::Refused {
+        stream: "a copied volume",
+        container: name.to_owned(),
+        code: v1::error::Code::try_from(e.code).unwrap_or(v1::error::Code::Unspecified),
+        message: e.message,
+    };
+    let mut s = connect_port(vsock_uds, atoll_agent_proto::STREAM_PORT, SEND_TIMEOUT)?;
+    s.set_read_timeout(Some(SEND_TIMEOUT))
+        .and_then(|()| s.set_write_timeout(Some(SEND_TIMEOUT)))
+        .map_err(io_err)?;
+    let req = v1::Attach {
+        stream: Stream::Volume as i32,
+        volume: name.to_owned(),
+        ..Default::default()
+    };
+    write_frame(&mut s, &req).map_err(frame_err)?;
+    let reply: v1::AttachReply = read_frame(&mut s).map_err(frame_err)?;
+    match reply.error {
+        Some(e) if e.code == v1::error::Code::AlreadyExists as i32 => return Ok(()),
+        Some(e) => return Err(refused(e).into()),
+        None => {}
+    }
+    tar.seek(SeekFrom::Start(0)).map_err(io_err)?;
+    io::copy(&mut io::Read::take(&mut *tar, packed.tar_bytes), &mut s).map_err(io_err)?;
+    s.shutdown(std::net::Shutdown::Write).map_err(io_err)?;
+    let outcome: v1::AttachReply = read_frame(&mut s).map_err(frame_err)?;
+    match outcome.error {
+        Some(e) => Err(refused(e).into()),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    fn entries(tar: &mut File) -> Vec<(String, tar::EntryType, Vec<u8>)> {
+        tar.seek(SeekFrom::Start(0)).unwrap();
+        let mut a = tar::Archive::new(&mut *tar);
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let mut e = e.unwrap();
+                let path = e.path().unwrap().to_string_lossy().into_owned();
+                let kind = e.header().entry_type();
+                let mut data = Vec::new();
+                if kind == tar::EntryType::Symlink {
+                    data = e
+                        .link_name()
+                        .unwrap()
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned()
+                        .into_bytes();
+                } else {
+                    io::Read::read_to_end(&mut e, &mut data).unwrap();
+                }
+                (path, kind, data)
+            })
+            .collect()
+    }
+
+    /// A tree as kubelet's atomic writer leaves a ConfigMap volume.
+    fn configmap(dir: &Path) {
+        std::fs::create_dir(dir.join("..2026_12_05")).unwrap();
+        std::fs::write(dir.join("..2026_12_05/b.conf"), "b=2\n").unwrap();
+        std::fs::write(dir.join("..2026_12_05/a.conf"), "a=1\n").unwrap();
+        symlink("..2026_12_05", dir.join("..data")).unwrap();
+        symlink("..data/a.conf", dir.join("a.conf")).unwrap();
+        symlink("..data/b.conf", dir.join("b.conf")).unwrap();
+    }
+
+    #[test]
+    fn a_directory_packs_sorted_with_its_symlinks_and_names_by_content() {
+        let src = tempfile::tempdir().unwrap();
+        configmap(src.path());
+        let mut tar = tempfile::tempfile().unwrap();
+        let packed = pack(src.path(), &mut tar).unwrap();
+        assert!(!packed.is_file);
+        assert!(packed.name.starts_with("c-") && packed.name.len() == 34);
+        assert_eq!(packed.mount_source(), format!("copy:{}", packed.name));
+        let got = entries(&mut tar);
+        let names: Vec<_> = got.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "..2026_12_05",
+                "..2026_12_05/a.conf",
+                "..2026_12_05/b.conf",
+                "..data",
+                "a.conf",
+                "b.conf"
+            ]
+        );
+        assert_eq!(got[1].2, b"a=1\n");
+        assert_eq!(got[3].1, tar::EntryType::Symlink);
+        assert_eq!(got[4].2, b"..data/a.conf");
+        // The same tree again: the same name; changed content: another.
+        let again = pack(src.path(), &mut tar).unwrap();
+        assert_eq!(again, packed);
+        std::fs::write(src.path().join("..2026_12_05/a.conf"), "a=9\n").unwrap();
+        assert_ne!(pack(src.path(), &mut tar).unwrap().name, packed.name);
+    }
+
+    #[test]
+    fn a_file_packs_as_one_entry_and_a_symlinked_root_is_followed() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("real"), "hello").unwrap();
+        symlink(src.path().join("real"), src.path().join("link")).unwrap();
+        let mut tar = tempfile::tempfile().unwrap();
+        let packed = pack(&src.path().join("link"), &mut tar).unwrap();
+        assert!(packed.is_file);
+        assert_eq!(packed.mount_source(), format!("copy:{}/file", packed.name));
+        let got = entries(&mut tar);
+        assert_eq!(got.len(), 1);
+        assert_eq!(
+            (got[0].0.as_str(), got[0].2.as_slice()),
+            ("file", &b"hello"[..])
+        );
+    }
+
+    #[test]
+    fn what_cannot_be_copied_is_refused_with_its_path() {
+        let src = tempfile::tempdir().unwrap();
+        let mut tar = tempfile::tempfile().unwrap();
+        let _sock = std::os::unix::net::UnixListener::bind(src.path().join("s.sock")).unwrap();
+        let e = pack(src.path(), &mut tar).unwrap_err();
+        assert!(
+            matches!(e, PackError::Special { kind: "socket", .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("s.sock"), "{e}");
+        std::fs::remove_file(src.path().join("s.sock")).unwrap();
+        std::fs::write(src.path().join(".wh.x"), "").unwrap();
+        let e = pack(src.path(), &mut tar).unwrap_err();
+        assert!(matches!(e, PackError::Whiteout { .. }), "{e}");
+        std::fs::remove_file(src.path().join(".wh.x")).unwrap();
+        let big = File::create(src.path().join("big")).unwrap();
+        big.set_len(MAX_COPY_BYTES + 1).unwrap();
+        let e = pack(src.path(), &mut tar).unwrap_err();
+        assert!(matches!(e, PackError::TooBig { what: "bytes", .. }), "{e}");
+        let e = pack(&src.path().join("missing"), &mut tar).unwrap_err();
+        assert!(matches!(e, PackError::Read { .. }), "{e}");
+    }
+}

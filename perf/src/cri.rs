@@ -64,15 +64,21 @@ pub struct Args {
     /// Rounds of the parallel part per runtime.
     #[arg(long, default_value_t = 3)]
     parallel_rounds: u32,
-    /// Where to save the JSON.
-    #[arg(long, default_value = "perf/results/cri.json")]
-    json: PathBuf,
+    /// Where to save the JSON [default: perf/results/cri.json, or cri-probe.json
+    /// with `--probe-calls`].
+    #[arg(long)]
+    json: Option<PathBuf>,
     /// Directory with vmlinux and initramfs.cpio.
     #[arg(long, default_value = "build")]
     artifacts: PathBuf,
     /// Directory with the static atoll-cri, atoll-vmm and atoll-bench.
     #[arg(long, default_value = "target/x86_64-unknown-linux-gnu/release")]
     bin: PathBuf,
+    /// Instead of the pod-start benchmark: this many ExecSync calls on one atoll-cri
+    /// pod (a liveness probe's life), sampling the guest agent's and atoll-cri's
+    /// memory and descriptors every tenth of the way (saved to `--json`).
+    #[arg(long, default_value_t = 0)]
+    probe_calls: u32,
 }
 
 /// Arguments of `atoll-bench cri-inner`.
@@ -84,6 +90,8 @@ pub struct InnerArgs {
     parallel: u32,
     #[arg(long)]
     parallel_rounds: u32,
+    #[arg(long, default_value_t = 0)]
+    probe_calls: u32,
 }
 
 /// The node-side set-up: a registry on 127.0.0.1:5000 serving the carried storage,
@@ -136,7 +144,7 @@ for i in $(seq 300); do
   sleep 0.1
 done
 set +e
-./atoll-bench cri-inner --runs $RUNS --parallel $PARALLEL --parallel-rounds $PROUNDS
+./atoll-bench cri-inner --runs $RUNS --parallel $PARALLEL --parallel-rounds $PROUNDS --probe-calls $PROBE
 st=$?
 # Which sandboxes started in a standby VMM of the pool, and which had to spawn one.
 echo "sandboxes from the standby pool: $(grep -c 'standby VMM .* takes it' /tmp/atoll-cri.log), spawned: $(grep -c 'no standby VMM waits' /tmp/atoll-cri.log)"
@@ -157,8 +165,52 @@ pub fn outer(args: &Args) -> anyhow::Result<()> {
     let result = outer_in(args, &work);
     let _ = std::fs::remove_dir_all(&work);
     let result = result?;
-    print_table(&result);
-    save(&args.json, &result)
+    if args.probe_calls > 0 {
+        print_probe(&result);
+    } else {
+        print_table(&result);
+    }
+    let json = args.json.clone().unwrap_or_else(|| {
+        PathBuf::from(if args.probe_calls > 0 {
+            "perf/results/cri-probe.json"
+        } else {
+            "perf/results/cri.json"
+        })
+    });
+    save(&json, &result)
+}
+
+fn print_probe(r: &Value) {
+    println!(
+        "ExecSync `true` {} times on one atoll-cri pod, {}",
+        r["calls"], r["where"]
+    );
+    println!(
+        "{:>7} {:>9} {:>11} {:>10} {:>11} {:>11} {:>10}",
+        "calls", "elapsed", "agent RSS", "agent fds", "agent thr", "server RSS", "server fds"
+    );
+    for s in r["samples"].as_array().into_iter().flatten() {
+        println!(
+            "{:>7} {:>8}s {:>7} KiB {:>10} {:>11} {:>7} KiB {:>10}",
+            s["calls"],
+            s["elapsed_s"],
+            s["agent"]["rss_kib"],
+            s["agent"]["fds"],
+            s["agent"]["threads"],
+            s["server"]["rss_kib"],
+            s["server"]["fds"]
+        );
+    }
+    let g = &r["growth_after_warm_up"];
+    println!(
+        "growth from the first tenth to the end: agent RSS {} KiB, agent fds {}, agent processes {}, server RSS {} KiB, server fds {}",
+        g["agent_rss_kib"], g["agent_fds"], g["agent_processes"], g["server_rss_kib"], g["server_fds"]
+    );
+    let l = &r["latency_ms"];
+    println!(
+        "ExecSync latency: median {} ms (min {}, max {}); first tenth median {} ms, last tenth {} ms",
+        l["median"], l["min"], l["max"], l["first_tenth_median"], l["last_tenth_median"]
+    );
 }
 
 fn outer_in(args: &Args, work: &Path) -> anyhow::Result<Value> {
@@ -205,19 +257,24 @@ fn outer_in(args: &Args, work: &Path) -> anyhow::Result<Value> {
         // and multi-threaded TCG has been seen executing half-patched text (an int3
         // oops in kvm's apic_has_pending_timer, three boots in a row with 2 CPUs).
         .node_size(4096, 1)
-        .timeout(Duration::from_secs(
-            300 + u64::from(args.runs) * 70 + u64::from(args.parallel * args.parallel_rounds) * 30,
-        ))
+        .timeout(Duration::from_secs(if args.probe_calls > 0 {
+            600 + u64::from(args.probe_calls) / 2
+        } else {
+            300 + u64::from(args.runs) * 70 + u64::from(args.parallel * args.parallel_rounds) * 30
+        }))
         .on_line(|_, line| {
             if !line.starts_with(JSON_PREFIX) {
                 eprintln!("  | {line}");
             }
         })
         .run(&format!(
-            "RUNS={} PARALLEL={} PROUNDS={}\n{SETUP}",
-            args.runs, args.parallel, args.parallel_rounds
+            "RUNS={} PARALLEL={} PROUNDS={} PROBE={}\n{SETUP}",
+            args.runs, args.parallel, args.parallel_rounds, args.probe_calls
         ))?;
     let mut result = inner_result(&out, &place)?;
+    if args.probe_calls > 0 {
+        return Ok(result);
+    }
     result["image"] = json!(IMAGE);
     result["container"] = json!("sleep 3600");
     Ok(result)
@@ -337,6 +394,142 @@ async fn exec_stream(
     .await?
 }
 
+/// The first container of pod `pod`.
+async fn first_container(c: &mut Client, pod: &str) -> anyhow::Result<String> {
+    c.runtime
+        .list_containers(cri::ListContainersRequest {
+            filter: Some(cri::ContainerFilter {
+                pod_sandbox_id: pod.to_owned(),
+                ..Default::default()
+            }),
+        })
+        .await?
+        .into_inner()
+        .containers
+        .into_iter()
+        .next()
+        .map(|c| c.id)
+        .context("the pod's container")
+}
+
+/// The pid of the process whose command name is `comm`.
+fn pid_of(comm: &str) -> anyhow::Result<u32> {
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == comm) {
+            return Ok(pid);
+        }
+    }
+    bail!("no {comm} process")
+}
+
+/// Resident KiB, open descriptors and threads of process `pid`.
+fn process_figures(pid: u32) -> Value {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    json!({"rss_kib": field("VmRSS:"), "fds": fds, "threads": field("Threads:")})
+}
+
+/// The guest agent's own figures, from PodSandboxStatus's verbose info.
+async fn agent_figures(c: &mut Client, pod: &str) -> anyhow::Result<Value> {
+    let r = c
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.to_owned(),
+            verbose: true,
+        })
+        .await?
+        .into_inner();
+    let a: Value = serde_json::from_str(r.info.get("agent").context("no agent info")?)?;
+    if a.get("error").is_some() {
+        bail!("the agent's figures: {a}");
+    }
+    Ok(json!({
+        "rss_kib": a["rss_bytes"].as_u64().unwrap_or(0) / 1024,
+        "fds": a["fds"], "threads": a["threads"],
+        "processes": a["processes"], "connections": a["connections"],
+    }))
+}
+
+/// `calls` ExecSync of `true` on one atoll-cri pod, as a liveness probe makes them,
+/// with the agent's and the server's figures every tenth of the way.
+async fn probe(atoll: &mut Client, calls: u32) -> anyhow::Result<Value> {
+    let s = start_pod(atoll, "atoll-probe").await?;
+    let ctr = first_container(atoll, &s.pod).await?;
+    let server = pid_of("atoll-cri")?;
+    let every = (calls / 10).max(1);
+    let mut samples = Vec::new();
+    let mut lat = Vec::with_capacity(calls as usize);
+    let t0 = Instant::now();
+    for i in 0..=calls {
+        if i % every == 0 || i == calls {
+            samples.push(json!({
+                "calls": i,
+                "elapsed_s": r1(t0.elapsed().as_secs_f64()),
+                "agent": agent_figures(atoll, &s.pod).await?,
+                "server": process_figures(server),
+            }));
+        }
+        if i == calls {
+            break;
+        }
+        let t = Instant::now();
+        let e = atoll
+            .runtime
+            .exec_sync(cri::ExecSyncRequest {
+                container_id: ctr.clone(),
+                cmd: vec!["true".into()],
+                timeout: 30,
+            })
+            .await
+            .with_context(|| format!("ExecSync {i}"))?
+            .into_inner();
+        if e.exit_code != 0 {
+            bail!("ExecSync {i}: true exited {}", e.exit_code);
+        }
+        lat.push(ms(t));
+    }
+    remove_pod(atoll, &s.pod).await?;
+    let tenth = (lat.len() / 10).max(1);
+    let med = |v: &[f64]| summarize(v).map(|s| r1(s.median));
+    let all = summarize(&lat).context("no calls")?;
+    let (first, last) = (
+        &samples[1.min(samples.len() - 1)],
+        &samples[samples.len() - 1],
+    );
+    let diff = |who: &str, key: &str| -> i64 {
+        let v = |s: &Value| s[who][key].as_i64().unwrap_or(0);
+        v(last) - v(first)
+    };
+    Ok(json!({
+        "calls": calls,
+        "samples": samples,
+        "growth_after_warm_up": {
+            "from_calls": first["calls"],
+            "agent_rss_kib": diff("agent", "rss_kib"),
+            "agent_fds": diff("agent", "fds"),
+            "agent_threads": diff("agent", "threads"),
+            "agent_processes": diff("agent", "processes"),
+            "server_rss_kib": diff("server", "rss_kib"),
+            "server_fds": diff("server", "fds"),
+        },
+        "latency_ms": {
+            "median": r1(all.median), "min": r1(all.min), "max": r1(all.max),
+            "first_tenth_median": med(&lat[..tenth]),
+            "last_tenth_median": med(&lat[lat.len() - tenth..]),
+        },
+    }))
+}
+
 /// Exec latency and throughput on one running pod of each runtime, alternating.
 async fn exec_bench(
     atoll: &mut Client,
@@ -346,21 +539,7 @@ async fn exec_bench(
     let mut pods = Vec::new();
     for (r, c) in [(Rt::Atoll, &mut *atoll), (Rt::Containerd, &mut *containerd)] {
         let s = start_pod(c, &format!("{}-exec", r.name())).await?;
-        let ctr = c
-            .runtime
-            .list_containers(cri::ListContainersRequest {
-                filter: Some(cri::ContainerFilter {
-                    pod_sandbox_id: s.pod.clone(),
-                    ..Default::default()
-                }),
-            })
-            .await?
-            .into_inner()
-            .containers
-            .into_iter()
-            .next()
-            .map(|c| c.id)
-            .context("the exec pod's container")?;
+        let ctr = first_container(c, &s.pod).await?;
         pods.push((s.pod, ctr));
     }
     // [runtime][sync, spdy, websocket, throughput MB/s]
@@ -660,6 +839,11 @@ async fn inner_async(a: &InnerArgs) -> anyhow::Result<()> {
         .context("containerd's CRI Version")?
         .into_inner();
     pull(&mut atoll, IMAGE).await?;
+    if a.probe_calls > 0 {
+        let out = probe(&mut atoll, a.probe_calls).await?;
+        println!("{JSON_PREFIX}{out}");
+        return Ok(());
+    }
     pull(&mut containerd, IMAGE).await?;
     pull(&mut containerd, PAUSE).await?;
     let mut samples: [Vec<f64>; 2] = [Vec::new(), Vec::new()];

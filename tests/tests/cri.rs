@@ -201,7 +201,22 @@ exec_timeout() {
   echo "took_ms=$(( $(now_ms) - t0 ))"
   $C exec $CA -- sh -c 'pgrep -f "sleep 432[1]" || echo no-sleep-left'
 }
-exec_many() { n=0; for i in $(seq 50); do $C exec $CA -- true && n=$((n+1)); done; echo "ok=$n"; }
+# The guest agent's own figures (PodSandboxStatus verbose info) and atoll-cri's.
+figures() {
+  echo "$1_agent=$($C inspectp --verbose $P | sed -n 's/^info.agent=//p')"
+  s=/proc/$(pidof atoll-cri)
+  echo "$1_server_fds=$(ls $s/fd | wc -l)"
+  echo "$1_server_rss_kib=$(awk '/^VmRSS:/ {print $2}' $s/status)"
+}
+# ExecSync as a liveness probe calls it, after a warm-up and 250 more times:
+# nothing of the agent or the server may grow with the calls.
+exec_many() {
+  n=0; for i in $(seq 50); do $C exec $CA -- true && n=$((n+1)); done
+  figures warm
+  for i in $(seq 250); do $C exec $CA -- true && n=$((n+1)); done
+  figures after
+  echo "ok=$n"
+}
 # Exec through the streaming server: stdin in, stdout and stderr apart, the exit
 # code on the error channel; over SPDY and WebSocket, and with the Go SPDY library.
 exec_stream() {
@@ -657,8 +672,36 @@ fn exec_sync_returns_output_and_exit_code_and_kills_at_its_timeout() {
         out.contains("no-sleep-left"),
         "the timed-out command was killed:\n{out}"
     );
-    let (out, _) = sc("exec_many");
-    assert_eq!(value_of(out, "ok"), "50", "{out}");
+}
+
+#[test]
+fn exec_sync_as_a_probe_grows_nothing_in_the_agent_or_the_server() {
+    let (out, st) = sc("exec_many");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "ok"), "300", "{out}");
+    let agent = |when: &str| -> serde_json::Value {
+        serde_json::from_str(value_of(out, &format!("{when}_agent")))
+            .unwrap_or_else(|e| panic!("{when}_agent: {e}\n{out}"))
+    };
+    let (warm, after) = (agent("warm"), agent("after"));
+    for key in ["fds", "threads", "processes", "connections"] {
+        assert!(warm[key].as_u64().is_some(), "{key} in {warm}");
+        assert_eq!(after[key], warm[key], "agent {key}: {warm} then {after}");
+    }
+    let rss = |v: &serde_json::Value| v["rss_bytes"].as_u64().unwrap();
+    assert!(
+        rss(&after) <= rss(&warm) + (1 << 20),
+        "agent memory grew by more than 1 MiB over 250 calls: {warm} then {after}"
+    );
+    let num = |key: &str| -> u64 { value_of(out, key).parse().unwrap() };
+    assert!(
+        num("after_server_fds") <= num("warm_server_fds") + 2,
+        "server descriptors: {out}"
+    );
+    assert!(
+        num("after_server_rss_kib") <= num("warm_server_rss_kib") + 8192,
+        "server memory grew by more than 8 MiB over 250 calls: {out}"
+    );
 }
 
 #[test]

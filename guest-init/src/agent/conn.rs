@@ -19,6 +19,7 @@ use atoll_agent_proto::{read_frame, validate_id, write_frame, FrameError, PROTOC
 use super::net::{self, PodOps};
 use super::process::{Process, ProcessTable, RegisterError, StdioEnds};
 use super::restore;
+use super::server::ConnectionLimit;
 use super::ContainerRuntime;
 use crate::container::{self, RuntimeError};
 
@@ -125,6 +126,8 @@ pub struct Agent<R: ContainerRuntime> {
     pod_dir: PathBuf,
     ready_us: u64,
     shutdown: Mutex<mpsc::Sender<u8>>,
+    /// The connection places both acceptors share.
+    pub connections: Arc<ConnectionLimit>,
 }
 
 impl<R: ContainerRuntime> std::fmt::Debug for Agent<R> {
@@ -152,6 +155,7 @@ impl<R: ContainerRuntime> Agent<R> {
             pod_dir,
             ready_us,
             shutdown: Mutex::new(shutdown),
+            connections: Arc::new(ConnectionLimit::default()),
         }
     }
 
@@ -393,8 +397,34 @@ impl<R: ContainerRuntime> Agent<R> {
     }
 
     fn stats(&self, req: &v1::GetStats) -> Result<Reply, RequestError> {
+        if req.container_id.is_empty() {
+            return Ok(Reply::Stats(self.own_stats()));
+        }
         check_id("container_id", &req.container_id)?;
         Ok(Reply::Stats(self.runtime().stats(&req.container_id)?))
+    }
+
+    /// The agent's own resident memory, descriptors, threads, processes and
+    /// connections (what GetStats with no container answers).
+    fn own_stats(&self) -> v1::StatsReply {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64);
+        v1::StatsReply {
+            agent_rss_bytes: field("VmRSS:") * 1024,
+            // The directory listing holds one descriptor of its own.
+            agent_fds: fds.saturating_sub(1),
+            agent_threads: field("Threads:"),
+            agent_processes: self.processes.len() as u64,
+            agent_connections: self.connections.live() as u64,
+            ..v1::StatsReply::default()
+        }
     }
 
     fn update(&self, req: &v1::UpdateResources) -> Result<Reply, RequestError> {
@@ -1134,5 +1164,33 @@ pub(crate) mod tests {
             resp.result,
             Some(Reply::Wait(v1::WaitReply { status: 137, .. }))
         ));
+    }
+
+    #[test]
+    fn stats_without_a_container_are_the_agents_own() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let mut session = Session { greeted: true };
+        agent.handle(&mut session, create_req("c", "sleep 30", false));
+        let _slot = agent.connections.try_take().unwrap();
+        let (resp, _) = agent.handle(
+            &mut session,
+            op(Op::Stats(v1::GetStats {
+                container_id: String::new(),
+            })),
+        );
+        let Some(Reply::Stats(s)) = resp.result else {
+            panic!("{resp:?}")
+        };
+        assert!(
+            s.agent_rss_bytes > 0 && s.agent_fds > 2 && s.agent_threads >= 1,
+            "{s:?}"
+        );
+        assert_eq!((s.agent_processes, s.agent_connections), (1, 1), "{s:?}");
+        agent
+            .processes
+            .get("c", "")
+            .unwrap()
+            .signal(libc::SIGKILL)
+            .unwrap();
     }
 }

@@ -154,7 +154,7 @@ fn serve() -> Result<u8, AgentError> {
         ready_us,
         exit_tx,
     ));
-    let limit = Arc::new(server::ConnectionLimit::default());
+    let limit = Arc::clone(&agent.connections);
     {
         let agent = Arc::clone(&agent);
         server::spawn_acceptor(control, Arc::clone(&limit), move |mut conn| {

@@ -106,6 +106,11 @@ impl Drop for Slot {
 }
 
 impl ConnectionLimit {
+    /// Connections being served now.
+    pub fn live(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
     /// A place, or `None` when [`MAX_CONNECTIONS`] are live.
     pub fn try_take(self: &Arc<Self>) -> Option<Slot> {
         self.live

@@ -54,6 +54,7 @@ pub fn read(dir: &Path) -> io::Result<v1::StatsReply> {
         cpu_system_us: keyed("system_usec"),
         pids_current: single("pids.current"),
         oom_kills: read_oom_kills(dir).unwrap_or(0),
+        ..v1::StatsReply::default()
     })
 }
 

@@ -52,8 +52,12 @@ enum Cmd {
     Stopp { id: String },
     /// RemovePodSandbox.
     Rmp { id: String },
-    /// PodSandboxStatus.
-    Inspectp { id: String },
+    /// PodSandboxStatus; `--verbose` adds the runtime's info (one `KEY=JSON` line each).
+    Inspectp {
+        id: String,
+        #[arg(long)]
+        verbose: bool,
+    },
     /// ListPodSandbox.
     Pods {
         #[arg(long)]
@@ -385,18 +389,25 @@ async fn run(args: Args) -> anyhow::Result<u8> {
                 .await
                 .map_err(status_line)?;
         }
-        Cmd::Inspectp { id } => {
+        Cmd::Inspectp { id, verbose } => {
             let r = c
                 .runtime
                 .pod_sandbox_status(cri::PodSandboxStatusRequest {
                     pod_sandbox_id: id,
-                    verbose: false,
+                    verbose,
                 })
                 .await
                 .map_err(status_line)?
                 .into_inner();
             let s = r.status.clone().unwrap_or_default();
             let md = s.metadata.clone().unwrap_or_default();
+            if !json {
+                let mut info: Vec<_> = r.info.iter().collect();
+                info.sort();
+                for (k, v) in info {
+                    println!("info.{k}={v}");
+                }
+            }
             show(
                 json,
                 &r,

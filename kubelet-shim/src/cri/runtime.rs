@@ -580,6 +580,21 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
                 "message": s.message,
             });
             info.insert("info".to_owned(), v.to_string());
+            // The guest agent's own figures: what a long-running pod watches for
+            // leaks (ExecSync probes, attach sessions).
+            let server = Arc::clone(&self.server);
+            let id = s.id.clone();
+            let agent = match blocking(move || server.agent_stats(&id)).await {
+                Ok(a) => serde_json::json!({
+                    "rss_bytes": a.agent_rss_bytes,
+                    "fds": a.agent_fds,
+                    "threads": a.agent_threads,
+                    "processes": a.agent_processes,
+                    "connections": a.agent_connections,
+                }),
+                Err(e) => serde_json::json!({ "error": e.message() }),
+            };
+            info.insert("agent".to_owned(), agent.to_string());
         }
         Ok(Response::new(cri::PodSandboxStatusResponse {
             status: Some(sandbox_status(&s)),

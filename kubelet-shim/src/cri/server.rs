@@ -1742,6 +1742,20 @@ impl Server {
         Ok((c, Some(s)))
     }
 
+    /// The guest agent's own figures (memory, descriptors, threads, processes,
+    /// connections) of a ready sandbox, for PodSandboxStatus's verbose info.
+    pub fn agent_stats(&self, id: &str) -> CriResult<v1::StatsReply> {
+        let sandbox = self.sandbox(id)?;
+        if sandbox.state != SandboxState::Ready {
+            return Err(CriError::FailedPrecondition(format!(
+                "sandbox {id} is not ready"
+            )));
+        }
+        agent(&sandbox)?
+            .stats("")
+            .map_err(|e| agent_error("reading the agent's own counters", &e))
+    }
+
     /// A ready sandbox's usage: its VMM's cgroup leaf (the pod's cost on the node:
     /// guest memory and CPU included), its network interface's counters, and its
     /// running containers' own counters from the guest.

@@ -536,7 +536,7 @@ pub fn prune_logs(logs: &Path, keep: usize, keep_bytes: u64) {
         })
         .collect();
     // Newest first: keep while both bounds allow (the newest always).
-    found.sort_by(|a, b| b.0.cmp(&a.0));
+    found.sort_by_key(|f| std::cmp::Reverse(f.0));
     let mut total = 0u64;
     for (i, (_, p, bytes)) in found.into_iter().enumerate() {
         total = total.saturating_add(bytes);

@@ -48,7 +48,7 @@ pub const NODE_MODULES: [(&str, &str); 4] = [
 /// in load order: vhost-vsock (`/dev/vhost-vsock`, the host side of QEMU's
 /// `vhost-vsock-device`) with its dependencies, and what CNI pods need (a bridge,
 /// veth pairs, tc ingress redirects). Decompressed like [`NODE_MODULES`].
-pub const EXTRA_MODULES: [(&str, &str); 12] = [
+pub const EXTRA_MODULES: [(&str, &str); 29] = [
     ("vhost_iotlb", "drivers/vhost/vhost_iotlb.ko.xz"),
     ("vhost", "drivers/vhost/vhost.ko.xz"),
     ("vsock", "net/vmw_vsock/vsock.ko.xz"),
@@ -64,6 +64,23 @@ pub const EXTRA_MODULES: [(&str, &str); 12] = [
     ("sch_ingress", "net/sched/sch_ingress.ko.xz"),
     ("cls_u32", "net/sched/cls_u32.ko.xz"),
     ("act_mirred", "net/sched/act_mirred.ko.xz"),
+    ("libcrc32c", "lib/libcrc32c.ko.xz"),
+    ("nf_defrag_ipv4", "net/ipv4/netfilter/nf_defrag_ipv4.ko.xz"),
+    ("nf_defrag_ipv6", "net/ipv6/netfilter/nf_defrag_ipv6.ko.xz"),
+    ("nf_conntrack", "net/netfilter/nf_conntrack.ko.xz"),
+    ("nf_nat", "net/netfilter/nf_nat.ko.xz"),
+    ("x_tables", "net/netfilter/x_tables.ko.xz"),
+    ("ip_tables", "net/ipv4/netfilter/ip_tables.ko.xz"),
+    ("iptable_filter", "net/ipv4/netfilter/iptable_filter.ko.xz"),
+    ("iptable_nat", "net/ipv4/netfilter/iptable_nat.ko.xz"),
+    ("xt_tcpudp", "net/netfilter/xt_tcpudp.ko.xz"),
+    ("xt_nat", "net/netfilter/xt_nat.ko.xz"),
+    ("xt_MASQUERADE", "net/netfilter/xt_MASQUERADE.ko.xz"),
+    ("xt_comment", "net/netfilter/xt_comment.ko.xz"),
+    ("xt_multiport", "net/netfilter/xt_multiport.ko.xz"),
+    ("xt_mark", "net/netfilter/xt_mark.ko.xz"),
+    ("xt_addrtype", "net/netfilter/xt_addrtype.ko.xz"),
+    ("xt_conntrack", "net/netfilter/xt_conntrack.ko.xz"),
 ];
 
 /// What [`crate::Runner::extra_modules`] loads for CNI pod networks (the bridge
@@ -76,6 +93,28 @@ pub const CNI_NET: [&str; 7] = [
     "sch_ingress",
     "cls_u32",
     "act_mirred",
+];
+
+/// What the CNI `portmap` plugin needs (iptables' NAT table with the matches and
+/// targets its rules use), in load order; after [`CNI_NET`].
+pub const CNI_PORTMAP: [&str; 17] = [
+    "libcrc32c",
+    "nf_defrag_ipv4",
+    "nf_defrag_ipv6",
+    "nf_conntrack",
+    "nf_nat",
+    "x_tables",
+    "ip_tables",
+    "iptable_filter",
+    "iptable_nat",
+    "xt_tcpudp",
+    "xt_nat",
+    "xt_MASQUERADE",
+    "xt_comment",
+    "xt_multiport",
+    "xt_mark",
+    "xt_addrtype",
+    "xt_conntrack",
 ];
 
 /// What [`crate::Runner::extra_modules`] loads for vhost-vsock, in load order.
@@ -604,7 +643,8 @@ mod tests {
     fn vhost_vsock_modules_are_extra_modules_in_load_order() {
         let names: Vec<&str> = EXTRA_MODULES.iter().map(|(n, _)| *n).collect();
         assert_eq!(names[..5], VHOST_VSOCK);
-        assert_eq!(names[5..], CNI_NET);
+        assert_eq!(names[5..12], CNI_NET);
+        assert_eq!(names[12..], CNI_PORTMAP);
         let k = NodeKernel {
             dir: PathBuf::from("/nonexistent"),
             version: String::new(),

@@ -22,6 +22,9 @@ use std::time::Duration;
 use common::{artefact, build_dir, kvm_runner, oci, run, scenario, static_dir, value_of, with};
 
 const IMAGE: &str = "registry.k8s.io/e2e-test-images/busybox:1.29-2";
+/// iptables' extensions (matches and targets, loaded at run time), which the CNI
+/// portmap plugin's rules use.
+const XTABLES_EXTENSIONS: &str = "/usr/lib/x86_64-linux-gnu/xtables";
 
 const SCRIPT: &str = r#"
 set +e
@@ -61,8 +64,15 @@ mkdir -p /etc/cni/net.d
 cat > /etc/cni/net.d/10-pods.conflist <<EOF
 {"cniVersion":"1.0.0","name":"pods","plugins":[
  {"type":"bridge","bridge":"cni0","isGateway":true,"ipMasq":false,
-  "ipam":{"type":"host-local","ranges":[[{"subnet":"10.88.0.0/16"}]],"routes":[{"dst":"0.0.0.0/0"}]}}]}
+  "ipam":{"type":"host-local","ranges":[[{"subnet":"10.88.0.0/16"}]],"routes":[{"dst":"0.0.0.0/0"}]}},
+ {"type":"portmap","capabilities":{"portMappings":true},"snat":true}]}
 EOF
+# portmap drives iptables (Debian's legacy backend here: the node has no nf_tables
+# modules loaded), whose extensions it loads from the usual place.
+ln -sf /usr/sbin/xtables-legacy-multi /usr/sbin/iptables
+ln -sf /usr/sbin/xtables-legacy-multi /usr/sbin/iptables-save
+ln -sf /usr/sbin/xtables-legacy-multi /usr/sbin/iptables-restore
+mkdir -p /usr/lib/x86_64-linux-gnu; cp -r $A/xtables /usr/lib/x86_64-linux-gnu/xtables
 cat > /tmp/cfg/pod.json <<EOF
 {"metadata":{"name":"web","uid":"uid-1","namespace":"default","attempt":0},
  "hostname":"web","log_directory":"/tmp/logs/web","labels":{"app":"web"},
@@ -72,7 +82,8 @@ cat > /tmp/cfg/pod.json <<EOF
 EOF
 cat > /tmp/cfg/peer.json <<EOF
 {"metadata":{"name":"peer","uid":"uid-4","namespace":"default","attempt":0},
- "log_directory":"/tmp/logs/peer"}
+ "log_directory":"/tmp/logs/peer",
+ "port_mappings":[{"protocol":"TCP","container_port":8080,"host_port":30080}]}
 EOF
 cat > /tmp/cfg/httpd.json <<EOF
 {"metadata":{"name":"httpd"},"image":{"image":"$IMAGE"},
@@ -319,6 +330,11 @@ network() {
   done
   echo "pod_to_pod=$got"
   [ -n "$got" ] || { $C exec $H -- netstat -ltn; $C exec $CA -- wget -O - http://$IP2:8080/; }
+  # The peer's port mapping (portmap's DNAT): the node's port 30080 on its own
+  # address on the pod network reaches the pod's 8080.
+  echo "hostport=$(timeout 20 wget -q -O - http://10.88.0.1:30080/)"
+  echo "hostport_rules=$(iptables -t nat -S | grep -c 'dport 30080')"
+  [ -n "$(timeout 20 wget -q -O - http://10.88.0.1:30080/)" ] || iptables -t nat -S
   # Port-forward to the peer's httpd: through atoll-crictl's listener (SPDY and
   # WebSocket) and with the Go SPDY library; a port nothing listens on.
   for t in spdy websocket; do
@@ -337,6 +353,7 @@ network() {
   U=$($C port-forward --print-url $Q 0:8080) || return 1
   echo "pf_other=$($A/spdy-peer portforward $U 9 </dev/null 2>&1)"
   $C stopp $Q; $C rmp $Q
+  echo "hostport_rules_after_peer=$(iptables -t nat -S | grep -c 'dport 30080')"
   echo "veths_after_peer=$(ls /sys/class/net | grep -c ^veth)"
   echo "netns_left=$(ls /run/atoll/cri/netns | wc -l)"
 }
@@ -489,7 +506,17 @@ fn node_output() -> &'static str {
             .host_program("/usr/lib/cni/bridge")
             .host_program("/usr/lib/cni/host-local")
             .host_program("/usr/sbin/tc")
-            .extra_modules(&atoll_node::kernel::CNI_NET)
+            .host_program("/usr/lib/cni/portmap")
+            .host_program("/usr/sbin/xtables-legacy-multi")
+            .file(Path::new(XTABLES_EXTENSIONS), "xtables")
+            .unwrap()
+            .extra_modules(
+                &[
+                    &atoll_node::kernel::CNI_NET[..],
+                    &atoll_node::kernel::CNI_PORTMAP[..],
+                ]
+                .concat(),
+            )
             .timeout(Duration::from_secs(900))
         };
         let mut out = run(runner(), SCRIPT).output;
@@ -970,6 +997,18 @@ fn pods_get_cni_addresses_the_node_and_other_pods_reach() {
         "peer's veth went: {out}"
     );
     assert_eq!(value_of(out, "netns_left"), "1", "only web's: {out}");
+}
+
+#[test]
+fn a_port_mapping_reaches_the_pod_from_the_node_and_goes_with_it() {
+    let (out, st) = sc("network");
+    assert_eq!(st, 0, "{out}");
+    // The pod's port_mappings reached the portmap plugin, whose DNAT carries the
+    // node's port 30080 to the pod's httpd on 8080.
+    assert_eq!(value_of(out, "hostport"), "peer-says-hi", "{out}");
+    assert_ne!(value_of(out, "hostport_rules"), "0", "{out}");
+    // StopPodSandbox ran the plugins' DEL: the rules are gone.
+    assert_eq!(value_of(out, "hostport_rules_after_peer"), "0", "{out}");
 }
 
 #[test]

@@ -16,7 +16,7 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-pub use linux::{mount, LinuxSyscall};
+pub use linux::{mount, rename_exchange, LinuxSyscall};
 
 /// Mount flags (`MS_*`), as passed to mount(2).
 pub type MountFlags = libc::c_ulong;

@@ -4,7 +4,8 @@
 //! ```text
 //! atoll-node where
 //! atoll-node prepare
-//! atoll-node run [--with-qemu] [--file HOST:NAME]... [--timeout SECS] [--console] [-v] -- CMD...
+//! atoll-node run [--with-qemu] [--file HOST:NAME]... [--timeout SECS] [--cpus N] [--memory MIB]
+//!                [--console] [-v] -- CMD...
 //! ```
 
 use std::path::PathBuf;
@@ -48,6 +49,12 @@ enum Cmd {
         /// Kill the run after this many seconds.
         #[arg(long, default_value_t = 600)]
         timeout: u64,
+        /// The node's vCPUs (QEMU TCG runs one host thread per vCPU).
+        #[arg(long, default_value_t = 2)]
+        cpus: u32,
+        /// The node's memory in MiB.
+        #[arg(long, default_value_t = 2048)]
+        memory: u32,
         /// Also stream L1's serial console to stderr.
         #[arg(long)]
         console: bool,
@@ -97,6 +104,8 @@ fn real_main() -> anyhow::Result<ExitCode> {
             host_programs,
             files,
             timeout,
+            cpus,
+            memory,
             console,
             verbose,
             place,
@@ -112,6 +121,7 @@ fn real_main() -> anyhow::Result<ExitCode> {
             }
             let mut runner = Runner::new(place)
                 .with_qemu(with_qemu)
+                .node_size(memory, cpus)
                 .timeout(Duration::from_secs(timeout))
                 .on_line(move |src, line| match src {
                     // Output goes to stdout as it arrives; nothing is printed twice.

@@ -289,13 +289,27 @@ volumes() {
     echo "token_stat=$(stat -L -c %u:%g:%a /etc/cfg/token)"; echo "one=$(cat /etc/one.txt)";
     echo x > /etc/cfg/new 2>/dev/null && echo cfg_write=allowed || echo cfg_write=refused;
     echo "scratch=$(cat /scratch/note)"'
-  # Changed on the host: a container created now gets the new content, the running
-  # one keeps its copy.
-  echo "a=2" > $V/kubernetes.io~configmap/cfg/..2026_12_05/a.conf
+  # Updated on the host as kubelet's atomic writer does (a new version directory,
+  # ..data switched to it, the old one removed): a container created now sees it,
+  # and so does the running one (the pod has one copy of each host path).
+  D=$V/kubernetes.io~configmap/cfg
+  cfg_version() {
+    mkdir $D/..$1; echo "a=$2" > $D/..$1/a.conf; cp -p $D/..data/token $D/..$1/token
+    old=$(readlink $D/..data); ln -sfn ..$1 $D/..data; rm -rf $D/$old
+  }
+  cfg_version 2026_12_06 2
   V2=$($C create $P /tmp/cfg/vols2.json /tmp/cfg/pod.json) && $C start $V2 || return 1
   until_state $V2 CONTAINER_RUNNING || return 1
   $C exec $V2 -- sh -c 'echo "shared=$(cat /shared/note)"; echo "cfg_a2=$(cat /etc/cfg/a.conf)"'
   $C exec $V1 -- sh -c 'echo "cfg_a1=$(cat /etc/cfg/a.conf)"'
+  # A later update reaches both running containers without any CRI call.
+  t0=$(now_ms); cfg_version 2026_12_07 3
+  for i in $(seq 60); do
+    a1=$($C exec $V1 -- cat /etc/cfg/a.conf); a2=$($C exec $V2 -- cat /etc/cfg/a.conf)
+    [ "$a1" = a=3 ] && [ "$a2" = a=3 ] && break; sleep 0.5
+  done
+  echo "cfg_live=$a1,$a2"; echo "cfg_live_ms=$(( $(now_ms) - t0 ))"
+  $C exec $V1 -- sh -c 'echo "cfg_versions=$(ls -A /etc/cfg | tr "\n" " ")"'
   $C create $P /tmp/cfg/rw.json /tmp/cfg/pod.json; echo "rw_rc=$?"
   $C create $P /tmp/cfg/sock.json /tmp/cfg/pod.json; echo "sock_rc=$?"
   $C create $P /tmp/cfg/bidi.json /tmp/cfg/pod.json; echo "bidi_rc=$?"
@@ -1158,9 +1172,16 @@ fn host_mounts_are_copied_in_read_only_and_an_empty_dir_is_shared_by_the_pod() {
     // The emptyDir is the pod's: one container's file is the other's.
     assert_eq!(value_of(out, "scratch"), "from-vols");
     assert_eq!(value_of(out, "shared"), "from-vols");
-    // A copy is taken at creation.
+    // One copy per host path in the pod, brought up to date at each creation and
+    // by the server's sync while containers run.
     assert_eq!(value_of(out, "cfg_a2"), "a=2");
-    assert_eq!(value_of(out, "cfg_a1"), "a=1");
+    assert_eq!(value_of(out, "cfg_a1"), "a=2");
+    assert_eq!(value_of(out, "cfg_live"), "a=3,a=3", "{out}");
+    assert_eq!(
+        value_of(out, "cfg_versions").trim(),
+        "..2026_12_07 ..data a.conf token",
+        "the old versions went, as on the node: {out}"
+    );
     // What a copy cannot honour is refused, with the reason.
     assert_eq!(value_of(out, "rw_rc"), "1");
     assert!(

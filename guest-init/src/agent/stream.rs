@@ -167,7 +167,9 @@ const VOLUME_LIMITS: UnpackLimits = UnpackLimits {
 };
 
 /// Receives a copied volume: checks the name, answers, unpacks the tar stream into
-/// a hidden directory and renames it into place, then answers with the outcome.
+/// a hidden directory, then renames it into place or, when the volume exists (a
+/// host path that changed), makes the volume's entries those of the new tree one
+/// rename at a time; answers with the outcome.
 fn receive_volume<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream, name: &str) {
     let reply = |conn: &mut UnixStream, error: Option<RequestError>| {
         write_frame(
@@ -183,11 +185,6 @@ fn receive_volume<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream, n
         .and_then(|()| agent.copies_dir())
         .and_then(|dir| {
             let (done, partial) = (dir.join(name), dir.join(format!(".partial-{name}")));
-            if done.symlink_metadata().is_ok() {
-                return Err(RequestError::AlreadyExists(format!(
-                    "copied volume {name:?} exists"
-                )));
-            }
             let count = std::fs::read_dir(&dir)
                 .map_err(|e| RequestError::Internal(format!("cannot list the copies: {e}")))?
                 .take(MAX_COPIES + 1)
@@ -236,10 +233,14 @@ fn receive_volume<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream, n
                         )))
                     })
                     .and_then(|_| {
-                        std::fs::rename(&partial, &done).map_err(|e| {
+                        let placed = if done.symlink_metadata().is_ok() {
+                            update_in_place(&partial, &done)
+                        } else {
+                            std::fs::rename(&partial, &done)
+                        };
+                        placed.map_err(|e| {
                             Some(RequestError::Internal(format!(
-                                "cannot move {} into place: {e}",
-                                partial.display()
+                                "cannot move copied volume {name:?} into place: {e}"
                             )))
                         })
                     })
@@ -258,6 +259,42 @@ fn receive_volume<R: ContainerRuntime>(agent: &Agent<R>, mut conn: UnixStream, n
         }
     }
     let _ = conn.shutdown(Shutdown::Both);
+}
+
+/// Makes the entries of the directory `current` those of `new` (both on one file
+/// system), each with one atomic rename, so a container reading the volume sees
+/// every file whole, old or new: entries only `new` has first, then the ones both
+/// have exchanged (`RENAME_EXCHANGE`), then the ones only `current` has removed.
+/// For kubelet's atomic-writer layout that is: the new timestamped directory, the
+/// `..data` link switched to it, the old directory gone. `new` is removed.
+fn update_in_place(new: &std::path::Path, current: &std::path::Path) -> io::Result<()> {
+    let names = |dir: &std::path::Path| -> io::Result<Vec<std::ffi::OsString>> {
+        let mut v = std::fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<io::Result<Vec<_>>>()?;
+        v.sort();
+        Ok(v)
+    };
+    let (incoming, present) = (names(new)?, names(current)?);
+    let (fresh, both): (Vec<_>, Vec<_>) = incoming
+        .into_iter()
+        .partition(|n| present.binary_search(n).is_err());
+    for n in &fresh {
+        std::fs::rename(new.join(n), current.join(n))?;
+    }
+    for n in &both {
+        crate::syscall::rename_exchange(&new.join(n), &current.join(n))?;
+    }
+    for n in present.iter().filter(|n| !both.contains(n)) {
+        let p = current.join(n);
+        if p.symlink_metadata()?.is_dir() {
+            std::fs::remove_dir_all(&p)?;
+        } else {
+            std::fs::remove_file(&p)?;
+        }
+    }
+    // What is left in `new` is the old entries exchanged out.
+    std::fs::remove_dir_all(new)
 }
 
 /// How long a connection to a guest port may take.
@@ -710,26 +747,31 @@ mod tests {
         h
     }
 
-    fn volume_tar() -> Vec<u8> {
+    /// A volume as kubelet's atomic writer lays it out, at version `stamp`.
+    fn atomic_writer_tar(stamp: &str, token: &[u8]) -> Vec<u8> {
         use tar::EntryType::{Directory, Regular, Symlink};
         let mut b = tar::Builder::new(Vec::new());
-        b.append_data(&mut header(Directory, 0o755, 0), "..2026_12_05", &[][..])
+        b.append_data(&mut header(Directory, 0o755, 0), stamp, &[][..])
             .unwrap();
         b.append_data(
-            &mut header(Regular, 0o400, 6),
-            "..2026_12_05/token",
-            &b"secret"[..],
+            &mut header(Regular, 0o400, token.len() as u64),
+            format!("{stamp}/token"),
+            token,
         )
         .unwrap();
-        b.append_link(&mut header(Symlink, 0o777, 0), "..data", "..2026_12_05")
+        b.append_link(&mut header(Symlink, 0o777, 0), "..data", stamp)
             .unwrap();
         b.append_link(&mut header(Symlink, 0o777, 0), "token", "..data/token")
             .unwrap();
         b.into_inner().unwrap()
     }
 
+    fn volume_tar() -> Vec<u8> {
+        atomic_writer_tar("..2026_12_05", b"secret")
+    }
+
     #[test]
-    fn a_copied_volume_is_unpacked_whole_and_only_once() {
+    fn a_copied_volume_is_unpacked_whole_then_updated_in_place() {
         let copies = tempfile::tempdir().unwrap();
         let (agent, _rx, _dir) = agent_with(FakeRuntime {
             copies: Some(copies.path().to_owned()),
@@ -742,13 +784,27 @@ mod tests {
         let token = copies.path().join("c-1/token");
         assert_eq!(std::fs::read(&token).unwrap(), b"secret");
         assert!(token.symlink_metadata().unwrap().is_symlink());
-        // The same name again: refused before any byte is sent.
-        let (first, second) = send_volume(&agent, "c-1", b"");
-        assert_eq!(
-            first.error.map(|e| e.code),
-            Some(Code::AlreadyExists as i32)
+        // The host path changed: the same volume (the directory a container has
+        // bound) takes the new tree, the old version's directory goes.
+        let ino = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&p.metadata().unwrap());
+        let before = ino(&copies.path().join("c-1"));
+        let (first, second) = send_volume(
+            &agent,
+            "c-1",
+            &atomic_writer_tar("..2026_12_06", b"rotated"),
         );
-        assert!(second.is_none());
+        assert!(first.error.is_none(), "{first:?}");
+        assert!(second.unwrap().error.is_none());
+        assert_eq!(std::fs::read(&token).unwrap(), b"rotated");
+        assert_eq!(ino(&copies.path().join("c-1")), before);
+        let mut left: Vec<_> = std::fs::read_dir(copies.path().join("c-1"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["..2026_12_06", "..data", "token"]);
+        let all: Vec<_> = std::fs::read_dir(copies.path()).unwrap().collect();
+        assert_eq!(all.len(), 1, "no partial directory left: {all:?}");
     }
 
     #[test]

@@ -83,6 +83,28 @@ pub fn mount(
     Ok(())
 }
 
+/// Swaps the entries at `a` and `b` atomically (renameat2 with `RENAME_EXCHANGE`):
+/// both must exist, on one file system; either may be a directory. Used by the
+/// agent to update a copied volume while containers read it.
+pub fn rename_exchange(a: &Path, b: &Path) -> io::Result<()> {
+    let (a, b) = (
+        c_string(a.as_os_str().as_bytes())?,
+        c_string(b.as_os_str().as_bytes())?,
+    );
+    // SAFETY: both paths are NUL-terminated strings that outlive the call; AT_FDCWD
+    // makes them relative to the working directory, as rename(2) would.
+    check(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            libc::RENAME_EXCHANGE,
+        )
+    })?;
+    Ok(())
+}
+
 /// Turns a `-1` return into the errno it set.
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc == -1 {

@@ -87,6 +87,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         };
         server.recover();
         server.spawn_watcher();
+        server.spawn_volume_sync();
         let pool = Arc::clone(&server.pool);
         tracing::info!("serving CRI v1 on {}", socket.display());
         let shutdown = async {

@@ -54,6 +54,19 @@ pub const MAX_EXEC_OUTPUT: usize = 16 << 20;
 const EXEC_DRAIN: Duration = Duration::from_secs(2);
 /// How often the VM watcher looks at every ready sandbox's VMM.
 const WATCH_EVERY: Duration = Duration::from_millis(200);
+/// How often the copies of running containers' host paths are brought up to date
+/// (kubelet itself refreshes ConfigMap and Secret volumes about once a minute).
+pub const VOLUME_SYNC_EVERY: Duration = Duration::from_secs(5);
+
+/// What was last sent of one host path into one sandbox (see `pod::volume`).
+#[derive(Debug, Clone)]
+struct CopyState {
+    fingerprint: [u8; 32],
+    digest: [u8; 32],
+    is_file: bool,
+    /// The last sync's failure, logged once.
+    failed: Option<String>,
+}
 /// Why a container stopped when its VM went away.
 const VM_ENDED: &str = "its pod's VM ended (killed, or the guest crashed)";
 /// The empty file a released slot goes back to.
@@ -170,6 +183,9 @@ pub struct Server {
     pub events: super::events::EventBus,
     /// VMMs started ahead of sandboxes (`[sandbox] standby_vmms`).
     pub pool: Arc<crate::pod::pool::Pool>,
+    /// Copies of host paths in sandboxes, by (sandbox id, host path); held while
+    /// one is made or updated.
+    copies: Mutex<HashMap<(String, String), CopyState>>,
     /// Held for the server's life: one server per state directory.
     _lock: std::fs::File,
 }
@@ -340,6 +356,7 @@ impl Server {
             state: Mutex::new(State::default()),
             metrics: Arc::default(),
             events: super::events::EventBus::default(),
+            copies: Mutex::new(HashMap::new()),
             _lock: lock,
         })
     }
@@ -1090,25 +1107,127 @@ impl Server {
                 });
                 continue;
             }
-            let mut tar = tempfile::tempfile_in(&self.cfg.run_dir)
-                .map_err(|e| CriError::Internal(format!("a temporary file: {e}")))?;
-            let packed = volume::pack(Path::new(&m.host_path), &mut tar).map_err(|e| {
-                CriError::InvalidArgument(format!("mounts: {}: {e}", m.container_path))
-            })?;
-            volume::send(&sandbox.pod_dir.join("vsock.sock"), &packed, &mut tar).map_err(|e| {
-                CriError::Unavailable(clean_message(&format!(
-                    "copying {} into sandbox {}: {e}",
-                    m.host_path, sandbox.id
-                )))
+            let (name, is_file) = self.sync_copy(sandbox, &m.host_path).map_err(|e| match e {
+                CriError::InvalidArgument(why) => {
+                    CriError::InvalidArgument(format!("mounts: {}: {why}", m.container_path))
+                }
+                other => other,
             })?;
             out.push(v1::Mount {
                 destination: m.container_path.clone(),
                 r#type: "bind".into(),
-                source: packed.mount_source(),
+                source: volume::mount_source(&name, is_file),
                 options: ro,
             });
         }
         Ok(out)
+    }
+
+    /// Brings the sandbox's copy of `host_path` up to date: nothing when its
+    /// fingerprint is what was sent last, else packed and, if its content differs,
+    /// sent (the guest updates the copy in place). Returns the copy's name and
+    /// whether it is a file.
+    fn sync_copy(&self, sandbox: &SandboxRecord, host_path: &str) -> CriResult<(String, bool)> {
+        let path = Path::new(host_path);
+        let name = volume::copy_name(path);
+        let mut copies = self.copies.lock().unwrap_or_else(|p| p.into_inner());
+        let key = (sandbox.id.clone(), host_path.to_owned());
+        let print =
+            volume::fingerprint(path).map_err(|e| CriError::InvalidArgument(e.to_string()))?;
+        if let Some(c) = copies.get(&key).filter(|c| c.fingerprint == print) {
+            return Ok((name, c.is_file));
+        }
+        let mut tar = tempfile::tempfile_in(&self.cfg.run_dir)
+            .map_err(|e| CriError::Internal(format!("a temporary file: {e}")))?;
+        let packed =
+            volume::pack(path, &mut tar).map_err(|e| CriError::InvalidArgument(e.to_string()))?;
+        let unchanged = copies.get(&key).is_some_and(|c| c.digest == packed.digest);
+        if !unchanged {
+            volume::send(
+                &sandbox.pod_dir.join("vsock.sock"),
+                &name,
+                &packed,
+                &mut tar,
+            )
+            .map_err(|e| {
+                CriError::Unavailable(clean_message(&format!(
+                    "copying {host_path} into sandbox {}: {e}",
+                    sandbox.id
+                )))
+            })?;
+        }
+        copies.insert(
+            key,
+            CopyState {
+                fingerprint: print,
+                digest: packed.digest,
+                is_file: packed.is_file,
+                failed: None,
+            },
+        );
+        Ok((name, packed.is_file))
+    }
+
+    /// Keeps the copies of host directories that running containers mount up to
+    /// date with the node, every [`VOLUME_SYNC_EVERY`] (what kubelet's ConfigMap,
+    /// Secret and projected-token updates need). A copied file is not updated: a
+    /// bind mount of a file holds its inode, as a subPath mount does on a node.
+    pub fn spawn_volume_sync(self: &Arc<Self>) {
+        let me = Arc::clone(self);
+        std::thread::spawn(move || loop {
+            std::thread::sleep(VOLUME_SYNC_EVERY);
+            me.sync_copies();
+        });
+    }
+
+    fn sync_copies(&self) {
+        let work: std::collections::BTreeSet<(String, String)> = {
+            let st = self.state();
+            st.containers
+                .values()
+                .filter(|c| matches!(c.state, ContainerState::Created | ContainerState::Running))
+                .filter(|c| {
+                    st.sandboxes
+                        .get(&c.sandbox_id)
+                        .is_some_and(|s| s.state == SandboxState::Ready)
+                })
+                .flat_map(|c| {
+                    c.mounts
+                        .iter()
+                        .filter(|m| !m.is_empty_dir())
+                        .map(|m| (c.sandbox_id.clone(), m.host_path.clone()))
+                })
+                .collect()
+        };
+        for (sandbox_id, host_path) in &work {
+            let Ok(sandbox) = self.sandbox(sandbox_id) else {
+                continue;
+            };
+            if !Path::new(host_path).is_dir() {
+                continue;
+            }
+            if let Err(e) = self.sync_copy(&sandbox, host_path) {
+                let why = e.to_string();
+                let mut copies = self.copies.lock().unwrap_or_else(|p| p.into_inner());
+                let known = copies.get_mut(&(sandbox_id.clone(), host_path.clone()));
+                if known
+                    .as_ref()
+                    .is_none_or(|c| c.failed.as_deref() != Some(why.as_str()))
+                {
+                    tracing::warn!(
+                        "sandbox {sandbox_id}: cannot update the copy of {host_path}: {why}"
+                    );
+                }
+                if let Some(c) = known {
+                    c.failed = Some(why);
+                }
+            }
+        }
+        // Forget what no running container mounts any more.
+        self.copies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| work.contains(k));
     }
 
     /// The slot holding image `image_id` in the sandbox, attaching it to a free

@@ -4,9 +4,11 @@
 //! and sent to the guest agent (a stream connection of kind VOLUME), which unpacks
 //! it into the pod's copies tmpfs. A container then binds it read-only.
 //!
-//! Copies are named by their content (`c-` and the first 128 bits of the tar's
-//! sha256): a container restarted with unchanged volumes reuses what is there, the
-//! agent answering ALREADY_EXISTS before any byte is sent. What a copy cannot carry
+//! A pod has one copy per host path ([`copy_name`]), shared by its containers as
+//! the node's directory would be. Sending it again when the host path changed (a
+//! ConfigMap edited, a service account token rotated) updates the guest's copy in
+//! place, one atomic rename per entry, under the containers that bound it; a cheap
+//! [`fingerprint`] of the tree's metadata tells when to. What a copy cannot carry
 //! is refused with the path: sockets, devices and FIFOs (a live host object), OCI
 //! whiteout names, and trees over [`MAX_COPY_BYTES`] or [`MAX_COPY_ENTRIES`].
 
@@ -84,23 +86,107 @@ pub enum PackError {
 /// A packed host mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packed {
-    /// The copy's name in the guest.
-    pub name: String,
+    /// sha256 of the tar stream.
+    pub digest: [u8; 32],
     /// The host path was a file, stored as [`FILE_ENTRY`].
     pub is_file: bool,
     /// Bytes of the tar stream.
     pub tar_bytes: u64,
 }
 
-impl Packed {
-    /// The agent's mount source for it: `copy:<name>` or `copy:<name>/file`.
-    pub fn mount_source(&self) -> String {
-        if self.is_file {
-            format!("copy:{}/{FILE_ENTRY}", self.name)
-        } else {
-            format!("copy:{}", self.name)
-        }
+/// The guest's name for the copy of `host_path`: `c-` and 128 bits of its sha256.
+pub fn copy_name(host_path: &Path) -> String {
+    let digest = Sha256::digest(host_path.as_os_str().as_encoded_bytes());
+    format!("c-{}", hex::encode(&digest[..16]))
+}
+
+/// The agent's mount source for copy `name`: `copy:<name>` or `copy:<name>/file`.
+pub fn mount_source(name: &str, is_file: bool) -> String {
+    if is_file {
+        format!("copy:{name}/{FILE_ENTRY}")
+    } else {
+        format!("copy:{name}")
     }
+}
+
+/// A hash of the metadata of everything under `src` (followed at the root, not
+/// below): names, types, modes, owners, sizes, change times and link targets.
+/// Equal fingerprints: nothing to send. Bounded as [`pack`] is.
+pub fn fingerprint(src: &Path) -> Result<[u8; 32], PackError> {
+    fn walk(
+        h: &mut Sha256,
+        w: &mut Walk<'_>,
+        path: &Path,
+        name: &Path,
+        meta: &Metadata,
+        depth: usize,
+    ) -> Result<(), PackError> {
+        let read_err = |source| PackError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        h.update(name.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        for v in [
+            u64::from(meta.mode()),
+            u64::from(meta.uid()),
+            u64::from(meta.gid()),
+            meta.len(),
+            meta.mtime() as u64,
+            meta.mtime_nsec() as u64,
+            meta.ctime() as u64,
+            meta.ctime_nsec() as u64,
+            meta.ino(),
+        ] {
+            h.update(v.to_le_bytes());
+        }
+        let kind = meta.file_type();
+        if kind.is_symlink() {
+            w.count(0)?;
+            h.update(
+                std::fs::read_link(path)
+                    .map_err(read_err)?
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            );
+        } else if kind.is_dir() {
+            if depth > MAX_DEPTH {
+                return Err(w.too_big(MAX_DEPTH as u64, "levels of directories"));
+            }
+            w.count(0)?;
+            let mut children = Vec::new();
+            for e in std::fs::read_dir(path).map_err(read_err)? {
+                children.push(e.map_err(read_err)?.file_name());
+                if children.len() as u64 > MAX_COPY_ENTRIES {
+                    return Err(w.too_big(MAX_COPY_ENTRIES, "entries"));
+                }
+            }
+            children.sort();
+            for c in children {
+                let p = path.join(&c);
+                let m = std::fs::symlink_metadata(&p).map_err(|source| PackError::Read {
+                    path: p.clone(),
+                    source,
+                })?;
+                walk(h, w, &p, &name.join(&c), &m, depth + 1)?;
+            }
+        } else {
+            w.count(meta.len())?;
+        }
+        Ok(())
+    }
+    let meta = std::fs::metadata(src).map_err(|source| PackError::Read {
+        path: src.to_owned(),
+        source,
+    })?;
+    let mut h = Sha256::new();
+    let mut w = Walk {
+        root: src,
+        bytes: 0,
+        entries: 0,
+    };
+    walk(&mut h, &mut w, src, Path::new(""), &meta, 0)?;
+    Ok(h.finalize().into())
 }
 
 /// Hashes what goes through it.
@@ -296,9 +382,8 @@ pub fn pack(src: &Path, out: &mut File) -> Result<Packed, PackError> {
     }
     let mut sink = b.into_inner().map_err(write_err)?;
     sink.flush().map_err(write_err)?;
-    let digest = sink.hasher.finalize();
     Ok(Packed {
-        name: format!("c-{}", hex::encode(&digest[..16])),
+        digest: sink.hasher.finalize().into(),
         is_file,
         tar_bytes: sink.len,
     })
@@ -324,10 +409,14 @@ pub enum SendError {
     },
 }
 
-/// Sends the tar in `tar` (from its start) as copy `packed.name` through the VMM's
-/// vsock socket `vsock_uds`; a copy the guest has already is fine.
-pub fn send(vsock_uds: &Path, packed: &Packed, tar: &mut File) -> Result<(), SendError> {
-    let name = packed.name.as_str();
+/// Sends the tar in `tar` (from its start) as copy `name` through the VMM's vsock
+/// socket `vsock_uds`: the guest makes the copy, or updates it in place.
+pub fn send(
+    vsock_uds: &Path,
+    name: &str,
+    packed: &Packed,
+    tar: &mut File,
+) -> Result<(), SendError> {
     let io_err = |source| SendError::Io {
         name: name.to_owned(),
         source,
@@ -354,10 +443,8 @@ pub fn send(vsock_uds: &Path, packed: &Packed, tar: &mut File) -> Result<(), Sen
     };
     write_frame(&mut s, &req).map_err(frame_err)?;
     let reply: v1::AttachReply = read_frame(&mut s).map_err(frame_err)?;
-    match reply.error {
-        Some(e) if e.code == v1::error::Code::AlreadyExists as i32 => return Ok(()),
-        Some(e) => return Err(refused(e).into()),
-        None => {}
+    if let Some(e) = reply.error {
+        return Err(refused(e).into());
     }
     tar.seek(SeekFrom::Start(0)).map_err(io_err)?;
     io::copy(&mut io::Read::take(&mut *tar, packed.tar_bytes), &mut s).map_err(io_err)?;
@@ -417,8 +504,9 @@ mod tests {
         let mut tar = tempfile::tempfile().unwrap();
         let packed = pack(src.path(), &mut tar).unwrap();
         assert!(!packed.is_file);
-        assert!(packed.name.starts_with("c-") && packed.name.len() == 34);
-        assert_eq!(packed.mount_source(), format!("copy:{}", packed.name));
+        let name = copy_name(src.path());
+        assert!(name.starts_with("c-") && name.len() == 34);
+        assert_eq!(mount_source(&name, false), format!("copy:{name}"));
         let got = entries(&mut tar);
         let names: Vec<_> = got.iter().map(|e| e.0.as_str()).collect();
         assert_eq!(
@@ -435,11 +523,15 @@ mod tests {
         assert_eq!(got[1].2, b"a=1\n");
         assert_eq!(got[3].1, tar::EntryType::Symlink);
         assert_eq!(got[4].2, b"..data/a.conf");
-        // The same tree again: the same name; changed content: another.
+        // The same tree again: the same digest and fingerprint; changed content
+        // (as kubelet's writer changes it: a file rewritten): other ones.
+        let print = fingerprint(src.path()).unwrap();
         let again = pack(src.path(), &mut tar).unwrap();
         assert_eq!(again, packed);
+        assert_eq!(fingerprint(src.path()).unwrap(), print);
         std::fs::write(src.path().join("..2026_12_05/a.conf"), "a=9\n").unwrap();
-        assert_ne!(pack(src.path(), &mut tar).unwrap().name, packed.name);
+        assert_ne!(pack(src.path(), &mut tar).unwrap().digest, packed.digest);
+        assert_ne!(fingerprint(src.path()).unwrap(), print);
     }
 
     #[test]
@@ -450,7 +542,7 @@ mod tests {
         let mut tar = tempfile::tempfile().unwrap();
         let packed = pack(&src.path().join("link"), &mut tar).unwrap();
         assert!(packed.is_file);
-        assert_eq!(packed.mount_source(), format!("copy:{}/file", packed.name));
+        assert_eq!(mount_source("c-x", true), "copy:c-x/file");
         let got = entries(&mut tar);
         assert_eq!(got.len(), 1);
         assert_eq!(

@@ -541,12 +541,14 @@ pub fn attach_kept(
     container_id: &str,
     stream: v1::attach::Stream,
     take_over: bool,
+    resume_from: Option<u64>,
 ) -> Result<UnixStream, AttachError> {
     let req = v1::Attach {
         container_id: container_id.to_owned(),
         stream: stream as i32,
         keep: true,
         take_over,
+        resume_from: resume_from.filter(|_| take_over),
         ..Default::default()
     };
     stream_connection(vsock_uds, req, ATTACH_TIMEOUT)

@@ -387,7 +387,8 @@ kill_server() {
   last_after=$(sed -n 's/.* stdout F tick //p' $L | tail -1)
   echo "ticks_while_down_and_after=$((last_after - last_before))"
   echo "last_before=$last_before"
-  echo "missing=$(sed -n 's/.* stdout F tick //p' $L | awk 'p && $1 != p+1 {for (i = p+1; i < $1; i++) printf "%d,", i} {p=$1}')"
+  echo "missing=$(sed -n 's/.* stdout F tick //p' $L | awk 'p && $1 > p+1 {for (i = p+1; i < $1; i++) printf "%d,", i} $1 > p {p=$1}')"
+  echo "repeated=$(sed -n 's/.* stdout F tick //p' $L | sort -n | uniq -d | tr '\n' ',')"
 }
 stop_grace() {
   t0=$(now_ms); $C stop -t 2 $CA; echo "rc=$?"; echo "stop_ms=$(( $(now_ms) - t0 ))"
@@ -1072,18 +1073,24 @@ fn pods_survive_a_killed_server_which_adopts_them_on_restart() {
         "the container's output reaches its log again after the restart: {out}"
     );
     // Every line written while no server ran was held by the guest and reached
-    // the log. The one line that may be missing is the one in flight when the
-    // server was killed: read by it, or in its socket, and never logged.
+    // the log, and so did the one in flight when the server was killed (read by
+    // it, or in its socket, never logged): the new server said how much the log
+    // holds and the guest sent the rest again. A kill between a log write and
+    // the count's update repeats that one chunk instead of losing it.
+    let numbers = |key: &str| -> Vec<u64> {
+        value_of(out, key)
+            .split(',')
+            .filter(|m| !m.is_empty())
+            .map(|m| m.parse().unwrap())
+            .collect()
+    };
+    assert_eq!(numbers("missing"), Vec::<u64>::new(), "no line lost: {out}");
     let last_before: u64 = value_of(out, "last_before").parse().unwrap();
-    let missing: Vec<u64> = value_of(out, "missing")
-        .split(',')
-        .filter(|m| !m.is_empty())
-        .map(|m| m.parse().unwrap())
-        .collect();
     assert!(
-        missing.is_empty() || missing == [last_before + 1],
-        "no line written while no server ran was lost (at most the one in flight at the kill, {}): {out}",
-        last_before + 1
+        numbers("repeated")
+            .iter()
+            .all(|&n| n + 2 >= last_before && n <= last_before + 2),
+        "a line is repeated only at the kill: {out}"
     );
 }
 

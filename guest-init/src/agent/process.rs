@@ -107,16 +107,28 @@ pub enum AttachError {
 /// Where the pump of a container init's output stream writes: the host
 /// connection attached now. A host that goes away (a restarting atoll-cri) leaves
 /// the pump holding its chunk and waiting: the process blocks once its pipe is
-/// full, nothing is lost, and a host that attaches again with `take_over` gets
-/// the rest.
+/// full, and a host that attaches again with `take_over` gets the rest. The last
+/// [`REPLAY_BYTES`] written are kept with their offset in the stream, so a host
+/// that says how far it got (`resume_from`) also gets what the old host was sent
+/// but never stored.
 #[derive(Debug, Default)]
 pub struct OutputSink {
     state: Mutex<SinkState>,
     changed: Condvar,
+    /// Held while a chunk is written and while a new host is given the replay, so
+    /// no chunk lands between the replay and the switch.
+    writing: Mutex<()>,
 }
+
+/// Bytes of an output stream kept for a host that resumes.
+pub const REPLAY_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Default)]
 struct SinkState {
+    /// Bytes of the stream written to a host so far.
+    written: u64,
+    /// The last of them (at most [`REPLAY_BYTES`]), ending at `written`.
+    replay: std::collections::VecDeque<u8>,
     conn: Option<UnixStream>,
     /// Bumped at every take-over, so that a failed write only drops the
     /// connection it was made on.
@@ -140,10 +152,26 @@ impl OutputSink {
     }
 
     /// Makes `conn` the host connection, closing the one it replaces (or `conn`
-    /// itself when the output has ended already).
-    pub fn attach(&self, conn: UnixStream) {
+    /// itself when the output has ended already). With `resume_from`, the bytes
+    /// from that offset of the stream on that are still kept go to `conn` first;
+    /// returns how many before them are no longer kept (lost to this host).
+    pub fn attach(&self, mut conn: UnixStream, resume_from: Option<u64>) -> u64 {
+        let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut lost = 0;
         let old = {
             let mut st = self.state();
+            if let Some(from) = resume_from {
+                let kept_from = st.written - st.replay.len() as u64;
+                let from = from.min(st.written);
+                lost = kept_from.saturating_sub(from);
+                let skip = usize::try_from(from.max(kept_from) - kept_from).unwrap_or(usize::MAX);
+                let (a, b) = st.replay.as_slices();
+                let tail: Vec<u8> = a.iter().chain(b).skip(skip).copied().collect();
+                if conn.write_all(&tail).is_err() {
+                    let _ = conn.shutdown(Shutdown::Both);
+                    return lost;
+                }
+            }
             st.generation += 1;
             st.kept = true;
             if st.finished || st.closed {
@@ -156,6 +184,7 @@ impl OutputSink {
             let _ = old.shutdown(Shutdown::Both);
         }
         self.changed.notify_all();
+        lost
     }
 
     /// Writes `data` to the host, waiting for one while none is attached;
@@ -177,12 +206,23 @@ impl OutputSink {
                         .unwrap_or_else(PoisonError::into_inner);
                 }
             };
+            let writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
+            if self.state().generation != generation {
+                // A new host took over while we waited to write: write to it.
+                continue;
+            }
             // A host that went away has closed its side; writing would still
             // succeed once (the bytes would sit in the dead connection), so look
             // first.
             if !peer_closed(&conn) && (&conn).write_all(data).is_ok() {
+                let mut st = self.state();
+                st.written += data.len() as u64;
+                st.replay.extend(data.iter().copied());
+                let over = st.replay.len().saturating_sub(REPLAY_BYTES);
+                st.replay.drain(..over);
                 return true;
             }
+            drop(writing);
             let mut st = self.state();
             if st.generation == generation {
                 if let Some(c) = st.conn.take() {

@@ -151,7 +151,13 @@ fn take_over<R: ContainerRuntime>(
             let _ = copy_until_end(&mut from, &mut master);
         });
     }
-    sink.attach(conn);
+    let lost = sink.attach(conn, attach.resume_from);
+    if lost > 0 {
+        eprintln!(
+            "atoll-init agent: {lost} bytes of {:?} of container {} were no longer kept for the host that took it over",
+            stream, attach.container_id
+        );
+    }
     Ok(())
 }
 
@@ -389,7 +395,7 @@ fn pump_out(mut end: File, mut conn: UnixStream, sink: Option<&OutputSink>) {
         let _ = conn.shutdown(Shutdown::Both);
         return;
     };
-    sink.attach(conn);
+    sink.attach(conn, None);
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = match end.read(&mut buf) {
@@ -568,6 +574,41 @@ mod tests {
             ..Default::default()
         };
         send(agent, req)
+    }
+
+    #[test]
+    fn a_host_that_resumes_gets_again_what_the_killed_one_read_but_did_not_store() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let mut session = Session { greeted: true };
+        agent.handle(
+            &mut session,
+            create_req("c", "echo one; echo two; read x; echo three", true),
+        );
+        let (mut out, reply) = kept_attach(&agent, "c", Stream::Stdout);
+        assert_eq!(reply.error, None);
+        let mut got = [0u8; 8];
+        out.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"one\ntwo\n");
+        // The host is killed having stored only "one\n" (4 bytes): what it had
+        // read beyond that is gone with it.
+        drop(out);
+        let (mut input, reply, _) = attach(&agent, "c", Stream::Stdin);
+        assert_eq!(reply.error, None);
+        input.write_all(b"go\n").unwrap();
+        input.shutdown(Shutdown::Write).unwrap();
+        thread::sleep(std::time::Duration::from_millis(200));
+        let req = v1::Attach {
+            container_id: "c".into(),
+            stream: Stream::Stdout as i32,
+            take_over: true,
+            resume_from: Some(4),
+            ..Default::default()
+        };
+        let (mut again, reply) = send(&agent, req);
+        assert_eq!(reply.error, None);
+        let mut rest = String::new();
+        again.read_to_string(&mut rest).unwrap();
+        assert_eq!(rest, "two\nthree\n", "from offset 4 on, once");
     }
 
     #[test]

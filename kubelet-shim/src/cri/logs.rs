@@ -89,6 +89,11 @@ impl Lines {
         }
     }
 
+    /// Bytes fed but not in a record yet.
+    pub fn pending_len(&self) -> usize {
+        self.pending.len()
+    }
+
     /// The stream ended: what is left becomes a partial record.
     pub fn finish(&mut self, emit: &mut dyn FnMut(Tag, &[u8])) {
         if !self.pending.is_empty() {
@@ -166,7 +171,7 @@ impl LogFile {
 }
 
 /// Copies `src` into `log` as `stream` records until `src` ends.
-pub fn copy(mut src: impl Read, stream: Stream, log: &SharedLog) {
+pub fn copy(mut src: impl Read, stream: Stream, log: &SharedLog, mut stored: impl FnMut(u64)) {
     let mut lines = Lines::default();
     let mut buf = vec![0u8; 32 << 10];
     let mut emit = |tag: Tag, text: &[u8]| {
@@ -174,15 +179,78 @@ pub fn copy(mut src: impl Read, stream: Stream, log: &SharedLog) {
             .unwrap_or_else(|p| p.into_inner())
             .write(stream, tag, text);
     };
+    // Bytes of the stream read, and of those the ones in the log.
+    let (mut read, mut logged) = (0u64, 0u64);
     loop {
         match src.read(&mut buf) {
             Ok(0) => break,
-            Ok(n) => lines.feed(&buf[..n], &mut emit),
+            Ok(n) => {
+                lines.feed(&buf[..n], &mut emit);
+                read += n as u64;
+                let now = read - lines.pending_len() as u64;
+                if now != logged {
+                    logged = now;
+                    stored(logged);
+                }
+            }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => break,
         }
     }
     lines.finish(&mut emit);
+    if read != logged {
+        stored(read);
+    }
+}
+
+/// How many bytes of one output stream of a container are in its log, kept in a
+/// small file of the pod directory so that a restarted server can ask the guest
+/// to send again what its predecessor read but did not log (`Attach.resume_from`).
+/// Written after the log, so a kill between the two repeats a chunk rather than
+/// losing one.
+#[derive(Debug)]
+pub struct Offset {
+    file: std::fs::File,
+}
+
+impl Offset {
+    /// Where the offset of `stream` of container `id` lives in `pod_dir`.
+    pub fn path(pod_dir: &Path, id: &str, stream: Stream) -> PathBuf {
+        let name = match stream {
+            Stream::Stdout => "stdout",
+            Stream::Stderr => "stderr",
+        };
+        pod_dir.join(format!("{id}.{name}.offset"))
+    }
+
+    /// A new count at 0.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)?;
+        let o = Self { file };
+        o.store(0);
+        Ok(o)
+    }
+
+    /// The count a previous server left, to go on from.
+    pub fn resume(path: &Path) -> io::Result<(Self, u64)> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)?;
+        let mut b = [0u8; 8];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut b, 0)?;
+        Ok((Self { file }, u64::from_le_bytes(b)))
+    }
+
+    /// Records `n` bytes logged.
+    pub fn store(&self, n: u64) {
+        let _ = std::os::unix::fs::FileExt::write_all_at(&self.file, &n.to_le_bytes(), 0);
+    }
 }
 
 #[cfg(test)]
@@ -213,6 +281,41 @@ mod tests {
             record("T", Stream::Stderr, Tag::Partial, b""),
             b"T stderr P \n"
         );
+    }
+
+    #[test]
+    fn the_offset_counts_only_bytes_in_the_log_and_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let log: SharedLog = Arc::new(Mutex::new(
+            LogFile::open(&dir.path().join("0.log")).unwrap(),
+        ));
+        /// Reads one chunk per call.
+        struct Chunks(Vec<&'static [u8]>);
+        impl Read for Chunks {
+            fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+                if self.0.is_empty() {
+                    return Ok(0);
+                }
+                let c = self.0.remove(0);
+                out[..c.len()].copy_from_slice(c);
+                Ok(c.len())
+            }
+        }
+        let mut seen = Vec::new();
+        copy(
+            Chunks(vec![b"ab\nc", b"d", b"\nef"]),
+            Stream::Stdout,
+            &log,
+            |n| seen.push(n),
+        );
+        // "c" waits for its line's end; "ef" is logged as a partial record at the end.
+        assert_eq!(seen, [3, 6, 8]);
+        let path = Offset::path(dir.path(), "c1", Stream::Stderr);
+        let o = Offset::create(&path).unwrap();
+        o.store(1234);
+        drop(o);
+        assert_eq!(Offset::resume(&path).unwrap().1, 1234);
+        assert!(Offset::resume(&dir.path().join("missing")).is_err());
     }
 
     #[test]
@@ -247,7 +350,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c/0.log");
         let log: SharedLog = Arc::new(Mutex::new(LogFile::open(&path).unwrap()));
-        copy(&b"one\ntwo"[..], Stream::Stdout, &log);
+        copy(&b"one\ntwo"[..], Stream::Stdout, &log, |_| {});
         let text = std::fs::read_to_string(&path).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2, "{text}");
@@ -255,7 +358,7 @@ mod tests {
         assert!(lines[1].ends_with(" stdout P two"), "{text}");
         std::fs::rename(&path, dir.path().join("c/0.log.1")).unwrap();
         log.lock().unwrap().reopen().unwrap();
-        copy(&b"three\n"[..], Stream::Stderr, &log);
+        copy(&b"three\n"[..], Stream::Stderr, &log, |_| {});
         let text = std::fs::read_to_string(&path).unwrap();
         assert!(
             text.ends_with(" stderr F three\n") && text.lines().count() == 1,
@@ -263,7 +366,12 @@ mod tests {
         );
         // Past the bound: one note, then nothing.
         log.lock().unwrap().written = MAX_LOG_BYTES - 10;
-        copy(&b"too long for the rest\nmore\n"[..], Stream::Stdout, &log);
+        copy(
+            &b"too long for the rest\nmore\n"[..],
+            Stream::Stdout,
+            &log,
+            |_| {},
+        );
         let text = std::fs::read_to_string(&path).unwrap();
         assert_eq!(
             text.matches("dropped until it is rotated").count(),

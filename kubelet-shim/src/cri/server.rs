@@ -1446,8 +1446,21 @@ impl Server {
         };
         let mut outputs = Vec::new();
         for (s, out) in streams {
-            let attached = crate::agent::attach_kept(handle.vsock_path(), id, s, again);
-            outputs.push((attached.map_err(attach_err)?, out));
+            // How much of the stream the log holds: from 0 for a new container; for
+            // one taken over, what the previous server recorded, so the guest sends
+            // again what that server read but did not log.
+            let offset_path = logs::Offset::path(&sandbox.pod_dir, id, out);
+            let (offset, resume_from) = match (&log, again) {
+                (None, _) => (None, None),
+                (Some(_), false) => (logs::Offset::create(&offset_path).ok(), None),
+                (Some(_), true) => match logs::Offset::resume(&offset_path) {
+                    Ok((o, n)) => (Some(o), Some(n)),
+                    Err(_) => (logs::Offset::create(&offset_path).ok(), None),
+                },
+            };
+            let attached =
+                crate::agent::attach_kept(handle.vsock_path(), id, s, again, resume_from);
+            outputs.push((attached.map_err(attach_err)?, out, offset));
         }
         // Its stdin is held from the start: attach sessions come and go.
         let stdin =
@@ -1466,7 +1479,7 @@ impl Server {
             };
         let hub = Arc::new(Hub::new(stdin, c.stdin_once, c.tty));
         let mut pumps = Vec::new();
-        for (stream, out) in outputs {
+        for (stream, out, offset) in outputs {
             let log = log.clone();
             let mut tee = Tee {
                 inner: stream,
@@ -1474,7 +1487,11 @@ impl Server {
                 stream: out,
             };
             pumps.push(std::thread::spawn(move || match log {
-                Some(l) => logs::copy(tee, out, &l),
+                Some(l) => logs::copy(tee, out, &l, |n| {
+                    if let Some(o) = &offset {
+                        o.store(n);
+                    }
+                }),
                 None => {
                     let _ = std::io::copy(&mut tee, &mut std::io::sink());
                 }

@@ -8,12 +8,7 @@
 //! [`shutdown::finish`] are tested with a recording fake; `main.rs` only wires the
 //! real implementation, the console and the panic hook together.
 
-/// Every allocation of atoll-init goes through the clone gate (see [`alloc_gate`]).
-#[global_allocator]
-static ALLOCATOR: alloc_gate::GatedAlloc = alloc_gate::GatedAlloc;
-
 pub mod agent;
-pub mod alloc_gate;
 mod arch;
 pub mod cmdline;
 pub mod console;

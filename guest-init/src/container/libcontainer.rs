@@ -276,15 +276,12 @@ impl Engine {
         tty_name: &str,
     ) -> Result<Spawned, RuntimeError> {
         let (builder, prepared) = self.builder(id, stdio, tty_name, None)?;
-        // Cloned from this multi-threaded process: see `alloc_gate`.
-        let container = crate::alloc_gate::exclusive(|| {
-            builder
-                .as_init(bundle)
-                .with_systemd(false)
-                .with_detach(true)
-                .build()
-        })
-        .map_err(|e| status_error(id, "create", e))?;
+        let container = builder
+            .as_init(bundle)
+            .with_systemd(false)
+            .with_detach(true)
+            .build()
+            .map_err(|e| status_error(id, "create", e))?;
         let pid = container
             .pid()
             .ok_or_else(|| RuntimeError::Internal(format!("container {id:?} has no init pid")))?
@@ -322,17 +319,13 @@ impl Engine {
         tty_name: &str,
     ) -> Result<Spawned, RuntimeError> {
         let (builder, prepared) = self.builder(id, stdio, tty_name, seccomp)?;
-        // libcontainer clones from this multi-threaded process: no other thread may
-        // be inside the allocator at that moment (see `alloc_gate`).
-        let pid = crate::alloc_gate::exclusive(|| {
-            builder
-                .as_tenant()
-                .with_process(Some(process_json))
-                .with_detach(true)
-                .build()
-        })
-        .map_err(|e| status_error(id, "exec in", e))?
-        .as_raw();
+        let pid = builder
+            .as_tenant()
+            .with_process(Some(process_json))
+            .with_detach(true)
+            .build()
+            .map_err(|e| status_error(id, "exec in", e))?
+            .as_raw();
         let pty_master = match prepared {
             Prepared::Pipes => None,
             Prepared::Terminal { socket, rows, cols } => Some(socket.receive(rows, cols)?),

@@ -185,6 +185,9 @@ fn print_probe(r: &Value) {
         "ExecSync `true` {} times on one atoll-cri pod, {}",
         r["calls"], r["where"]
     );
+    if !r["failed"].is_null() {
+        println!("stopped at a failed call: {}", r["failed"]);
+    }
     println!(
         "{:>7} {:>9} {:>11} {:>10} {:>11} {:>11} {:>10}",
         "calls", "elapsed", "agent RSS", "agent fds", "agent thr", "server RSS", "server fds"
@@ -470,8 +473,9 @@ async fn probe(atoll: &mut Client, calls: u32) -> anyhow::Result<Value> {
     let mut samples = Vec::new();
     let mut lat = Vec::with_capacity(calls as usize);
     let t0 = Instant::now();
+    let mut failed = Value::Null;
     for i in 0..=calls {
-        if i % every == 0 || i == calls {
+        if i % every == 0 || i == calls || !failed.is_null() {
             samples.push(json!({
                 "calls": i,
                 "elapsed_s": r1(t0.elapsed().as_secs_f64()),
@@ -479,7 +483,7 @@ async fn probe(atoll: &mut Client, calls: u32) -> anyhow::Result<Value> {
                 "server": process_figures(server),
             }));
         }
-        if i == calls {
+        if i == calls || !failed.is_null() {
             break;
         }
         let t = Instant::now();
@@ -490,13 +494,16 @@ async fn probe(atoll: &mut Client, calls: u32) -> anyhow::Result<Value> {
                 cmd: vec!["true".into()],
                 timeout: 30,
             })
-            .await
-            .with_context(|| format!("ExecSync {i}"))?
-            .into_inner();
-        if e.exit_code != 0 {
-            bail!("ExecSync {i}: true exited {}", e.exit_code);
+            .await;
+        match e.map(|r| r.into_inner()) {
+            Ok(e) if e.exit_code == 0 => lat.push(ms(t)),
+            // A failed call ends the run; what was sampled until then is kept.
+            Ok(e) => failed = json!({"call": i, "error": format!("true exited {}", e.exit_code)}),
+            Err(s) => failed = json!({"call": i, "error": s.message()}),
         }
-        lat.push(ms(t));
+    }
+    if !failed.is_null() {
+        eprintln!("atoll-bench: the probe stopped: {failed}");
     }
     remove_pod(atoll, &s.pod).await?;
     let tenth = (lat.len() / 10).max(1);
@@ -512,6 +519,7 @@ async fn probe(atoll: &mut Client, calls: u32) -> anyhow::Result<Value> {
     };
     Ok(json!({
         "calls": calls,
+        "failed": failed,
         "samples": samples,
         "growth_after_warm_up": {
             "from_calls": first["calls"],

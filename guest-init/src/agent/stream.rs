@@ -291,7 +291,7 @@ fn update_in_place(new: &std::path::Path, current: &std::path::Path) -> io::Resu
     for n in &both {
         crate::syscall::rename_exchange(&new.join(n), &current.join(n))?;
     }
-    for n in present.iter().filter(|n| !both.contains(n)) {
+    for n in present.iter().filter(|n| both.binary_search(n).is_err()) {
         let p = current.join(n);
         if p.symlink_metadata()?.is_dir() {
             std::fs::remove_dir_all(&p)?;

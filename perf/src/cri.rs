@@ -444,6 +444,28 @@ fn process_figures(pid: u32) -> Value {
     json!({"rss_kib": field("VmRSS:"), "fds": fds, "threads": field("Threads:")})
 }
 
+/// The pod VMM's vsock counters (connections open now, host clients refused or
+/// failed), from its control API: whether the VMM is where connections pile up.
+fn vmm_vsock_figures(pod: &str) -> Value {
+    let sock = Path::new("/run/atoll/cri/pods")
+        .join(pod)
+        .join(atoll_cri::pod::API_SOCK);
+    let metrics = atoll_cri::pod::template::api_call(&sock, "GET", "/metrics", "")
+        .ok()
+        .and_then(|b| serde_json::from_str::<Value>(&b).ok());
+    let Some(m) = metrics else {
+        return json!({"error": format!("no metrics from {}", sock.display())});
+    };
+    let devices = m["devices"].as_array().cloned().unwrap_or_default();
+    devices
+        .into_iter()
+        .find(|d| d["kind"] == "vsock")
+        .map_or_else(
+            || json!({"error": "no vsock device in the metrics"}),
+            |d| json!({"open": d["open"], "errors": d["errors"]}),
+        )
+}
+
 /// The guest agent's own figures, from PodSandboxStatus's verbose info.
 async fn agent_figures(c: &mut Client, pod: &str) -> anyhow::Result<Value> {
     let r = c
@@ -478,11 +500,23 @@ async fn probe(atoll: &mut Client, calls: u32) -> anyhow::Result<Value> {
     let mut failed = Value::Null;
     for i in 0..=calls {
         if i % every == 0 || i == calls || !failed.is_null() {
+            // A sample that cannot reach the agent ends the run like a failed
+            // call, and says so.
+            let agent = match agent_figures(atoll, &s.pod).await {
+                Ok(a) => a,
+                Err(e) => {
+                    if failed.is_null() {
+                        failed = json!({"call": i, "error": format!("sampling: {e:#}")});
+                    }
+                    json!({"error": format!("{e:#}")})
+                }
+            };
             samples.push(json!({
                 "calls": i,
                 "elapsed_s": r1(t0.elapsed().as_secs_f64()),
-                "agent": agent_figures(atoll, &s.pod).await?,
+                "agent": agent,
                 "server": process_figures(server),
+                "vmm_vsock": vmm_vsock_figures(&s.pod),
             }));
         }
         if i == calls || !failed.is_null() {

@@ -123,6 +123,9 @@ pub struct OutputSink {
 /// Bytes of an output stream kept for a host that resumes.
 pub const REPLAY_BYTES: usize = 1 << 20;
 
+/// How long a resuming host may take to read its replay.
+const REPLAY_DEADLINE: Duration = Duration::from_secs(10);
+
 #[derive(Debug, Default)]
 struct SinkState {
     /// Bytes of the stream written to a host so far.
@@ -156,22 +159,32 @@ impl OutputSink {
     /// from that offset of the stream on that are still kept go to `conn` first;
     /// returns how many before them are no longer kept (lost to this host).
     pub fn attach(&self, mut conn: UnixStream, resume_from: Option<u64>) -> u64 {
+        // Held to the switch: no chunk is written (nor `written` moved) meanwhile.
         let _writing = self.writing.lock().unwrap_or_else(PoisonError::into_inner);
         let mut lost = 0;
-        let old = {
-            let mut st = self.state();
-            if let Some(from) = resume_from {
+        if let Some(from) = resume_from {
+            // The tail is copied under the state lock and written without it, so
+            // a slow host delays only this stream's pump, not `finish`/`close`.
+            let tail: Vec<u8> = {
+                let st = self.state();
                 let kept_from = st.written - st.replay.len() as u64;
                 let from = from.min(st.written);
                 lost = kept_from.saturating_sub(from);
                 let skip = usize::try_from(from.max(kept_from) - kept_from).unwrap_or(usize::MAX);
                 let (a, b) = st.replay.as_slices();
-                let tail: Vec<u8> = a.iter().chain(b).skip(skip).copied().collect();
-                if conn.write_all(&tail).is_err() {
-                    let _ = conn.shutdown(Shutdown::Both);
-                    return lost;
-                }
+                a.iter().chain(b).skip(skip).copied().collect()
+            };
+            let written = conn
+                .set_write_timeout(Some(REPLAY_DEADLINE))
+                .and_then(|()| conn.write_all(&tail))
+                .and_then(|()| conn.set_write_timeout(None));
+            if written.is_err() {
+                let _ = conn.shutdown(Shutdown::Both);
+                return lost;
             }
+        }
+        let old = {
+            let mut st = self.state();
             st.generation += 1;
             st.kept = true;
             if st.finished || st.closed {

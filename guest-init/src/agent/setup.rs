@@ -69,6 +69,8 @@ pub trait SetupOps {
     fn write_file(&mut self, path: &Path, text: &str) -> io::Result<()>;
     /// Brings a network interface up.
     fn link_up(&mut self, ifname: &str) -> io::Result<()>;
+    /// `prctl(PR_SET_CHILD_SUBREAPER)`: orphaned descendants become our children.
+    fn become_subreaper(&mut self) -> io::Result<()>;
 }
 
 /// A start-up step failed; the agent cannot serve.
@@ -110,6 +112,11 @@ pub fn prepare(ops: &mut impl SetupOps) -> Result<(), SetupError> {
     // reports it (PID 1 the kernel never picks). Containers are set back to 0.
     ops.write_file(Path::new("/proc/self/oom_score_adj"), "-1000")
         .map_err(step("protect the agent from the OOM killer"))?;
+    // Containers are created in a forked child (`container::forked`) that exits
+    // once they exist: their processes must then become the agent's, not PID 1's.
+    ops.become_subreaper().map_err(step(
+        "become the reaper of container processes (PR_SET_CHILD_SUBREAPER)",
+    ))?;
     Ok(())
 }
 
@@ -283,6 +290,11 @@ impl SetupOps for LinuxSetup {
     fn link_up(&mut self, ifname: &str) -> io::Result<()> {
         super::net::link_up(ifname)
     }
+
+    fn become_subreaper(&mut self) -> io::Result<()> {
+        // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes integer arguments only.
+        check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) })
+    }
 }
 
 #[cfg(test)]
@@ -359,6 +371,9 @@ mod tests {
         fn link_up(&mut self, ifname: &str) -> io::Result<()> {
             self.record(format!("up {ifname}"))
         }
+        fn become_subreaper(&mut self) -> io::Result<()> {
+            self.record("subreaper".into())
+        }
     }
 
     #[test]
@@ -400,6 +415,7 @@ mod tests {
             "write /sys/fs/cgroup/atoll/cgroup.subtree_control +pids",
             "up lo",
             "write /proc/self/oom_score_adj -1000",
+            "subreaper",
         ];
         assert_eq!(ops.calls, expected);
     }

@@ -10,6 +10,10 @@
 //! intermediate's exit signal (`SIGCHLD`). The pid libcontainer returns comes from
 //! that `clone` in the intermediate, whose own PID namespace is still the agent's, so
 //! it is the pid the agent must wait for.
+//!
+//! Create and exec run libcontainer in a forked, single-threaded child of the agent
+//! (`super::forked`), whose orphans the agent (a child subreaper) then adopts: the
+//! container's processes end up the agent's children all the same.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -25,7 +29,7 @@ use ::libcontainer::workload::default::DefaultExecutor;
 use ::libcontainer::workload::{Executor, ExecutorError, ExecutorValidationError};
 use oci_spec::runtime::{LinuxSeccomp, Spec};
 
-use super::{RuntimeError, Spawned, Stdio};
+use super::{forked, RuntimeError, Spawned, Stdio};
 
 /// `message: cause: cause...`, because libcontainer's top-level messages alone
 /// ("failed to create container") do not say what went wrong.
@@ -276,16 +280,18 @@ impl Engine {
         tty_name: &str,
     ) -> Result<Spawned, RuntimeError> {
         let (builder, prepared) = self.builder(id, stdio, tty_name, None)?;
-        let container = builder
-            .as_init(bundle)
-            .with_systemd(false)
-            .with_detach(true)
-            .build()
-            .map_err(|e| status_error(id, "create", e))?;
-        let pid = container
-            .pid()
-            .ok_or_else(|| RuntimeError::Internal(format!("container {id:?} has no init pid")))?
-            .as_raw();
+        let pid = forked::call(&format!("create {id:?}"), forked::DEADLINE, || {
+            let container = builder
+                .as_init(bundle)
+                .with_systemd(false)
+                .with_detach(true)
+                .build()
+                .map_err(|e| status_error(id, "create", e))?;
+            Ok(container
+                .pid()
+                .ok_or_else(|| RuntimeError::Internal(format!("container {id:?} has no init pid")))?
+                .as_raw())
+        })?;
         let pty_master = match prepared {
             Prepared::Pipes => None,
             Prepared::Terminal { socket, rows, cols } => Some(socket.receive(rows, cols)?),
@@ -319,13 +325,15 @@ impl Engine {
         tty_name: &str,
     ) -> Result<Spawned, RuntimeError> {
         let (builder, prepared) = self.builder(id, stdio, tty_name, seccomp)?;
-        let pid = builder
-            .as_tenant()
-            .with_process(Some(process_json))
-            .with_detach(true)
-            .build()
-            .map_err(|e| status_error(id, "exec in", e))?
-            .as_raw();
+        let pid = forked::call(&format!("exec in {id:?}"), forked::DEADLINE, || {
+            Ok(builder
+                .as_tenant()
+                .with_process(Some(process_json))
+                .with_detach(true)
+                .build()
+                .map_err(|e| status_error(id, "exec in", e))?
+                .as_raw())
+        })?;
         let pty_master = match prepared {
             Prepared::Pipes => None,
             Prepared::Terminal { socket, rows, cols } => Some(socket.receive(rows, cols)?),

@@ -14,6 +14,7 @@ use atoll_agent_proto::v1;
 use oci_spec::runtime::LinuxSeccomp;
 use v1::error::Code;
 
+pub mod forked;
 pub mod layers;
 pub mod libcontainer;
 pub mod rootfs;

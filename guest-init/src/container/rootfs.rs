@@ -235,18 +235,23 @@ impl Mounts {
         if self.copies {
             return Ok(dir);
         }
-        mkdir(&dir)?;
+        self.mount_tmpfs(&dir, COPIES_TMPFS_OPTIONS)?;
+        self.copies = true;
+        Ok(dir)
+    }
+
+    /// Makes `dir` and mounts a new writable tmpfs with `options` on it.
+    fn mount_tmpfs(&mut self, dir: &Path, options: &str) -> Result<(), RootfsError> {
+        mkdir(dir)?;
         self.mounter
             .mount(
                 "tmpfs",
-                &dir,
+                dir,
                 "tmpfs",
                 MountKind::New { readonly: false },
-                COPIES_TMPFS_OPTIONS,
+                options,
             )
-            .map_err(io_err("mount a tmpfs on", &dir))?;
-        self.copies = true;
-        Ok(dir)
+            .map_err(io_err("mount a tmpfs on", dir))
     }
 
     /// Looks block devices up in `dev` instead of `/dev` (tests).
@@ -487,16 +492,7 @@ impl Mounts {
             return Ok(());
         }
         let dir = self.root.join("volumes").join(name);
-        mkdir(&dir)?;
-        self.mounter
-            .mount(
-                "tmpfs",
-                &dir,
-                "tmpfs",
-                MountKind::New { readonly: false },
-                "mode=1777",
-            )
-            .map_err(io_err("mount a tmpfs on", &dir))?;
+        self.mount_tmpfs(&dir, "mode=1777")?;
         self.volumes.insert(name.to_owned());
         Ok(())
     }

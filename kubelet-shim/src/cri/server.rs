@@ -183,9 +183,11 @@ pub struct Server {
     pub events: super::events::EventBus,
     /// VMMs started ahead of sandboxes (`[sandbox] standby_vmms`).
     pub pool: Arc<crate::pod::pool::Pool>,
-    /// Copies of host paths in sandboxes, by (sandbox id, host path); held while
-    /// one is made or updated.
+    /// Copies of host paths in sandboxes, by (sandbox id, host path): what was
+    /// last sent of each.
     copies: Mutex<HashMap<(String, String), CopyState>>,
+    /// Per sandbox: held while one of its copies is packed and sent.
+    copy_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     /// Held for the server's life: one server per state directory.
     _lock: std::fs::File,
 }
@@ -357,6 +359,7 @@ impl Server {
             metrics: Arc::default(),
             events: super::events::EventBus::default(),
             copies: Mutex::new(HashMap::new()),
+            copy_locks: Mutex::new(HashMap::new()),
             _lock: lock,
         })
     }
@@ -1130,18 +1133,27 @@ impl Server {
     fn sync_copy(&self, sandbox: &SandboxRecord, host_path: &str) -> CriResult<(String, bool)> {
         let path = Path::new(host_path);
         let name = volume::copy_name(path);
-        let mut copies = self.copies.lock().unwrap_or_else(|p| p.into_inner());
+        // One sync at a time per sandbox (the pack and the send take a while);
+        // other sandboxes' syncs and the map itself are not held up by it.
+        let lock = self.copy_lock(&sandbox.id);
+        let _syncing = lock.lock().unwrap_or_else(|p| p.into_inner());
         let key = (sandbox.id.clone(), host_path.to_owned());
         let print =
             volume::fingerprint(path).map_err(|e| CriError::InvalidArgument(e.to_string()))?;
-        if let Some(c) = copies.get(&key).filter(|c| c.fingerprint == print) {
-            return Ok((name, c.is_file));
+        let known = self
+            .copies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+            .map(|c| (c.fingerprint, c.digest, c.is_file));
+        if let Some((_, _, is_file)) = known.filter(|(f, _, _)| *f == print) {
+            return Ok((name, is_file));
         }
         let mut tar = tempfile::tempfile_in(&self.cfg.run_dir)
             .map_err(|e| CriError::Internal(format!("a temporary file: {e}")))?;
         let packed =
             volume::pack(path, &mut tar).map_err(|e| CriError::InvalidArgument(e.to_string()))?;
-        let unchanged = copies.get(&key).is_some_and(|c| c.digest == packed.digest);
+        let unchanged = known.is_some_and(|(_, digest, _)| digest == packed.digest);
         if !unchanged {
             volume::send(
                 &sandbox.pod_dir.join("vsock.sock"),
@@ -1156,16 +1168,25 @@ impl Server {
                 )))
             })?;
         }
-        copies.insert(
-            key,
-            CopyState {
-                fingerprint: print,
-                digest: packed.digest,
-                is_file: packed.is_file,
-                failed: None,
-            },
-        );
+        self.copies
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(
+                key,
+                CopyState {
+                    fingerprint: print,
+                    digest: packed.digest,
+                    is_file: packed.is_file,
+                    failed: None,
+                },
+            );
         Ok((name, packed.is_file))
+    }
+
+    /// The lock that keeps a sandbox's copies to one sync at a time.
+    fn copy_lock(&self, sandbox_id: &str) -> Arc<Mutex<()>> {
+        let mut locks = self.copy_locks.lock().unwrap_or_else(|p| p.into_inner());
+        Arc::clone(locks.entry(sandbox_id.to_owned()).or_default())
     }
 
     /// Keeps the copies of host directories that running containers mount up to
@@ -1223,11 +1244,18 @@ impl Server {
                 }
             }
         }
-        // Forget what no running container mounts any more.
+        // Forget what no running container mounts any more, and the locks of
+        // sandboxes that are gone.
         self.copies
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|k, _| work.contains(k));
+        let live: std::collections::HashSet<String> =
+            self.state().sandboxes.keys().cloned().collect();
+        self.copy_locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|id, _| live.contains(id));
     }
 
     /// The slot holding image `image_id` in the sandbox, attaching it to a free

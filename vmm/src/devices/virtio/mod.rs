@@ -247,6 +247,9 @@ pub struct DeviceMetrics {
     pub malformed: AtomicU64,
     /// Interrupts raised.
     pub interrupts: AtomicU64,
+    /// A gauge: connections open now (vsock: guest connections and host clients
+    /// still sending their `CONNECT` line; 0 for other devices).
+    pub open: AtomicU64,
 }
 
 /// A copy of [`DeviceMetrics`] for JSON.
@@ -264,6 +267,8 @@ pub struct DeviceMetricsSnapshot {
     pub malformed: u64,
     /// Interrupts raised.
     pub interrupts: u64,
+    /// Connections open now (vsock).
+    pub open: u64,
 }
 
 impl DeviceMetrics {
@@ -277,6 +282,7 @@ impl DeviceMetrics {
             errors: l(&self.errors),
             malformed: l(&self.malformed),
             interrupts: l(&self.interrupts),
+            open: l(&self.open),
         }
     }
 

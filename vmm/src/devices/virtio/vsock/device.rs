@@ -21,6 +21,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -945,12 +946,17 @@ impl VirtioDevice for Vsock {
         if a.process_rx(metrics) {
             a.signal(RXQ, metrics);
         }
+        let open = a.conns.len() + a.pending_clients.len();
+        metrics
+            .open
+            .store(u64::try_from(open).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     fn reset(&mut self) {
         let Some(a) = self.active.take() else {
             return;
         };
+        self.metrics.open.store(0, Ordering::Relaxed);
         // Host sockets are unwatched here and closed when `a` drops; the transport
         // has unwatched the queue notifiers and the listener (which stays open: host
         // clients queue in its backlog until the driver comes back).
@@ -1331,10 +1337,16 @@ mod tests {
         assert_eq!(pkts[0].0.op, op::RW);
         assert_eq!(pkts[0].1, b"world");
         assert_eq!(pkts[0].0.buf_alloc, 256 * 1024, "our buffer is advertised");
+        assert_eq!(g.dev.metrics().snapshot("vsock").open, 1);
         // RST from the guest closes the host socket.
         g.send(g.header(op::RST, 5000, host_port), &[]);
         assert_eq!(client.read(&mut buf).unwrap(), 0, "EOF after RST");
         assert_eq!(g.malformed(), 0);
+        assert_eq!(
+            g.dev.metrics().snapshot("vsock").open,
+            0,
+            "the gauge follows"
+        );
     }
 
     #[test]

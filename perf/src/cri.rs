@@ -539,6 +539,21 @@ async fn probe(atoll: &mut Client, calls: u32) -> anyhow::Result<Value> {
         }
     }
     if !failed.is_null() {
+        // What atoll-cri knows of the end: a VM that went away says why here.
+        if let Ok(st) = atoll
+            .runtime
+            .container_status(cri::ContainerStatusRequest {
+                container_id: ctr.clone(),
+                verbose: false,
+            })
+            .await
+        {
+            if let Some(st) = st.into_inner().status {
+                failed["container"] = json!({
+                    "state": st.state, "reason": st.reason, "message": st.message,
+                });
+            }
+        }
         eprintln!("atoll-bench: the probe stopped: {failed}");
     }
     remove_pod(atoll, &s.pod).await?;

@@ -113,18 +113,17 @@ pub fn mount_source(name: &str, is_file: bool) -> String {
 /// below): names, types, modes, owners, sizes, change times and link targets.
 /// Equal fingerprints: nothing to send. Bounded as [`pack`] is.
 pub fn fingerprint(src: &Path) -> Result<[u8; 32], PackError> {
-    fn walk(
-        h: &mut Sha256,
-        w: &mut Walk<'_>,
-        path: &Path,
-        name: &Path,
-        meta: &Metadata,
-        depth: usize,
-    ) -> Result<(), PackError> {
-        let read_err = |source| PackError::Read {
-            path: path.to_owned(),
-            source,
-        };
+    let meta = std::fs::metadata(src).map_err(|source| PackError::Read {
+        path: src.to_owned(),
+        source,
+    })?;
+    let mut h = Sha256::new();
+    let mut w = Walk {
+        root: src,
+        bytes: 0,
+        entries: 0,
+    };
+    visit(&mut w, src, Path::new(""), &meta, 0, &mut |path, name, meta| {
         h.update(name.as_os_str().as_encoded_bytes());
         h.update([0]);
         for v in [
@@ -140,53 +139,59 @@ pub fn fingerprint(src: &Path) -> Result<[u8; 32], PackError> {
         ] {
             h.update(v.to_le_bytes());
         }
-        let kind = meta.file_type();
-        if kind.is_symlink() {
-            w.count(0)?;
-            h.update(
-                std::fs::read_link(path)
-                    .map_err(read_err)?
-                    .as_os_str()
-                    .as_encoded_bytes(),
-            );
-        } else if kind.is_dir() {
-            if depth > MAX_DEPTH {
-                return Err(w.too_big(MAX_DEPTH as u64, "levels of directories"));
-            }
-            w.count(0)?;
-            let mut children = Vec::new();
-            for e in std::fs::read_dir(path).map_err(read_err)? {
-                children.push(e.map_err(read_err)?.file_name());
-                if children.len() as u64 > MAX_COPY_ENTRIES {
-                    return Err(w.too_big(MAX_COPY_ENTRIES, "entries"));
-                }
-            }
-            children.sort();
-            for c in children {
-                let p = path.join(&c);
-                let m = std::fs::symlink_metadata(&p).map_err(|source| PackError::Read {
-                    path: p.clone(),
-                    source,
-                })?;
-                walk(h, w, &p, &name.join(&c), &m, depth + 1)?;
-            }
-        } else {
-            w.count(meta.len())?;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(path).map_err(|source| PackError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
+            h.update(target.as_os_str().as_encoded_bytes());
         }
         Ok(())
-    }
-    let meta = std::fs::metadata(src).map_err(|source| PackError::Read {
-        path: src.to_owned(),
-        source,
     })?;
-    let mut h = Sha256::new();
-    let mut w = Walk {
-        root: src,
-        bytes: 0,
-        entries: 0,
-    };
-    walk(&mut h, &mut w, src, Path::new(""), &meta, 0)?;
     Ok(h.finalize().into())
+}
+
+/// Calls `f` on `path` (as `name`, with its metadata `meta`), then on a
+/// directory's entries, sorted by name so that equal trees are visited alike,
+/// symlinks not followed; every entry is counted against the limits first.
+/// `pack` and `fingerprint` share it, so they see the same tree.
+fn visit(
+    walk: &mut Walk<'_>,
+    path: &Path,
+    name: &Path,
+    meta: &Metadata,
+    depth: usize,
+    f: &mut dyn FnMut(&Path, &Path, &Metadata) -> Result<(), PackError>,
+) -> Result<(), PackError> {
+    let read_err = |source| PackError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    if meta.is_dir() && depth > MAX_DEPTH {
+        return Err(walk.too_big(MAX_DEPTH as u64, "levels of directories"));
+    }
+    walk.count(if meta.is_file() { meta.len() } else { 0 })?;
+    f(path, name, meta)?;
+    if !meta.is_dir() {
+        return Ok(());
+    }
+    let mut children = Vec::new();
+    for entry in std::fs::read_dir(path).map_err(read_err)? {
+        children.push(entry.map_err(read_err)?.file_name());
+        if children.len() as u64 > MAX_COPY_ENTRIES {
+            return Err(walk.too_big(MAX_COPY_ENTRIES, "entries"));
+        }
+    }
+    children.sort();
+    for child in children {
+        let p = path.join(&child);
+        let m = std::fs::symlink_metadata(&p).map_err(|source| PackError::Read {
+            path: p.clone(),
+            source,
+        })?;
+        visit(walk, &p, &name.join(&child), &m, depth + 1, f)?;
+    }
+    Ok(())
 }
 
 /// Hashes what goes through it.
@@ -263,21 +268,21 @@ fn header_for(meta: &Metadata, kind: tar::EntryType, size: u64) -> tar::Header {
     h
 }
 
-/// Appends `path` (not followed if a symlink) as `name`, and a directory's
-/// entries after it, sorted by name so that equal trees give equal tars.
+/// Appends one entry that [`visit`] found to the tar: `path` as `name`. The
+/// root directory itself (empty name) has no entry: it is the copy's directory.
 fn append<W: Write>(
     b: &mut tar::Builder<W>,
-    walk: &mut Walk<'_>,
+    root: &Path,
     path: &Path,
     name: &Path,
-    depth: usize,
+    meta: &Metadata,
 ) -> Result<(), PackError> {
     let read_err = |source| PackError::Read {
         path: path.to_owned(),
         source,
     };
     let write_err = |source| PackError::Write {
-        path: walk.root.to_owned(),
+        path: root.to_owned(),
         source,
     };
     if name
@@ -288,49 +293,30 @@ fn append<W: Write>(
             path: path.to_owned(),
         });
     }
-    let meta = std::fs::symlink_metadata(path).map_err(read_err)?;
-    if let Some(kind) = special_kind(&meta) {
+    if let Some(kind) = special_kind(meta) {
         return Err(PackError::Special {
             path: path.to_owned(),
             kind,
         });
     }
     if meta.file_type().is_symlink() {
-        walk.count(0)?;
         let target = std::fs::read_link(path).map_err(read_err)?;
-        let mut h = header_for(&meta, tar::EntryType::Symlink, 0);
+        let mut h = header_for(meta, tar::EntryType::Symlink, 0);
         return b.append_link(&mut h, name, &target).map_err(write_err);
     }
     if meta.is_file() {
-        walk.count(meta.len())?;
         let file = File::open(path).map_err(read_err)?;
-        let mut h = header_for(&meta, tar::EntryType::Regular, meta.len());
+        let mut h = header_for(meta, tar::EntryType::Regular, meta.len());
         // A file that changes size while it is read would break the stream: the
         // tar crate writes exactly the header's size or fails.
         return b
             .append_data(&mut h, name, io::Read::take(file, meta.len()))
             .map_err(write_err);
     }
-    // A directory.
-    if depth > MAX_DEPTH {
-        return Err(walk.too_big(MAX_DEPTH as u64, "levels of directories"));
-    }
-    walk.count(0)?;
     if !name.as_os_str().is_empty() {
-        let mut h = header_for(&meta, tar::EntryType::Directory, 0);
+        let mut h = header_for(meta, tar::EntryType::Directory, 0);
         b.append_data(&mut h, name, io::empty())
             .map_err(write_err)?;
-    }
-    let mut children = Vec::new();
-    for entry in std::fs::read_dir(path).map_err(read_err)? {
-        children.push(entry.map_err(read_err)?.file_name());
-        if children.len() as u64 > MAX_COPY_ENTRIES {
-            return Err(walk.too_big(MAX_COPY_ENTRIES, "entries"));
-        }
-    }
-    children.sort();
-    for child in children {
-        append(b, walk, &path.join(&child), &name.join(&child), depth + 1)?;
     }
     Ok(())
 }
@@ -377,8 +363,10 @@ pub fn pack(src: &Path, out: &mut File) -> Result<Packed, PackError> {
         b.append_data(&mut h, FILE_ENTRY, io::Read::take(file, meta.len()))
             .map_err(write_err)?;
     } else {
-        // The root itself is the volume's directory in the guest: its entries only.
-        append(&mut b, &mut walk, src, Path::new(""), 0)?;
+        // The root (followed) is the volume's directory in the guest: its entries.
+        visit(&mut walk, src, Path::new(""), &meta, 0, &mut |path, name, meta| {
+            append(&mut b, src, path, name, meta)
+        })?;
     }
     let mut sink = b.into_inner().map_err(write_err)?;
     sink.flush().map_err(write_err)?;
@@ -548,6 +536,26 @@ mod tests {
         assert_eq!(
             (got[0].0.as_str(), got[0].2.as_slice()),
             ("file", &b"hello"[..])
+        );
+    }
+
+    #[test]
+    fn a_symlinked_directory_root_packs_its_tree() {
+        // Before pack and fingerprint shared one walk, pack looked at such a root
+        // without following it and made one nameless symlink entry of it.
+        let src = tempfile::tempdir().unwrap();
+        let real = src.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        configmap(&real);
+        symlink(&real, src.path().join("link")).unwrap();
+        let mut tar = tempfile::tempfile().unwrap();
+        let via_link = pack(&src.path().join("link"), &mut tar).unwrap();
+        assert!(!via_link.is_file);
+        assert_eq!(entries(&mut tar).len(), 6);
+        assert_eq!(via_link.digest, pack(&real, &mut tar).unwrap().digest);
+        assert_eq!(
+            fingerprint(&src.path().join("link")).unwrap(),
+            fingerprint(&real).unwrap()
         );
     }
 

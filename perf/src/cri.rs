@@ -554,6 +554,29 @@ async fn probe(atoll: &mut Client, calls: u32) -> anyhow::Result<Value> {
                 });
             }
         }
+        // The end of the VM's console, when its VM went away (a guest panic).
+        if let Ok(r) = atoll
+            .runtime
+            .pod_sandbox_status(cri::PodSandboxStatusRequest {
+                pod_sandbox_id: s.pod.clone(),
+                verbose: true,
+            })
+            .await
+        {
+            let info: Value = r
+                .into_inner()
+                .info
+                .get("info")
+                .and_then(|i| serde_json::from_str(i).ok())
+                .unwrap_or_default();
+            if let Some(path) = info["console"].as_str() {
+                let text = std::fs::read_to_string(path).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                let tail = lines[lines.len().saturating_sub(60)..].join("\n");
+                eprintln!("atoll-bench: the end of the pod VM's console ({path}):\n{tail}");
+                failed["console_tail"] = json!(tail);
+            }
+        }
         eprintln!("atoll-bench: the probe stopped: {failed}");
     }
     remove_pod(atoll, &s.pod).await?;

@@ -406,7 +406,10 @@ vm_killed() {
   kill -9 $(vmm_of $Q)
   sleep 1
   $C inspectp $Q | grep state=; $C inspect $S
+  K=$($C inspectp --verbose $Q | sed -n 's/^info.info=//p' | grep -o '"console":"[^"]*"' | cut -d'"' -f4)
+  echo "console_kept=$K"; [ -s "$K" ]; echo "console_nonempty=$?"
   $C rmp $Q; echo "rmp=$?"
+  [ -e "$K" ]; echo "console_after_rmp=$?"
 }
 stopp() {
   $C stopp $P && $C stopp $P && $C stopp nonexistent && echo stopped
@@ -1128,7 +1131,18 @@ fn a_vm_killed_under_a_running_pod_shows_in_its_status_within_a_second() {
     assert_eq!(value_of(out, "state"), "SANDBOX_NOTREADY", "{out}");
     assert!(out.contains("state=CONTAINER_EXITED"), "{out}");
     assert!(out.contains("message=its pod's VM ended"), "{out}");
+    // The end of its console is kept for whoever looks into why, until removal.
+    assert!(
+        value_of(out, "console_kept").ends_with(".log"),
+        "no kept console named: {out}"
+    );
+    assert_eq!(value_of(out, "console_nonempty"), "0", "{out}");
     assert_eq!(value_of(out, "rmp"), "0");
+    assert_eq!(
+        value_of(out, "console_after_rmp"),
+        "1",
+        "removed with it: {out}"
+    );
 }
 
 #[test]

@@ -578,6 +578,9 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
                 "pod_dir": s.pod_dir,
                 "slots": s.slots,
                 "message": s.message,
+                // The end of the console of a VM that ended unasked (a guest
+                // kernel's panic is there), kept until the sandbox is removed.
+                "console": self.server.kept_console(&s.id),
             });
             info.insert("info".to_owned(), v.to_string());
             // The guest agent's own figures: what a long-running pod watches for

@@ -426,6 +426,8 @@ impl Server {
                 SandboxState::Ready if !store::vmm_alive(&s) => {
                     s.state = SandboxState::NotReady;
                     s.message = "its VM ended while atoll-cri was not running".into();
+                    self.store
+                        .keep_console(&s.id, &s.pod_dir.join("console.log"));
                     remove_pod_dir(&s.pod_dir);
                     self.save_sandbox(&s);
                 }
@@ -521,7 +523,17 @@ impl Server {
             }
             (s, lost)
         };
-        tracing::warn!("sandbox {id}: {}", sandbox.message);
+        match self
+            .store
+            .keep_console(id, &sandbox.pod_dir.join("console.log"))
+        {
+            Some(kept) => tracing::warn!(
+                "sandbox {id}: {}; the end of its console is kept in {}",
+                sandbox.message,
+                kept.display()
+            ),
+            None => tracing::warn!("sandbox {id}: {}", sandbox.message),
+        }
         self.save_sandbox(&sandbox);
         for c in &lost {
             self.save_container(c);
@@ -911,6 +923,11 @@ impl Server {
         }
         self.store.delete_sandbox(id);
         Ok(())
+    }
+
+    /// The kept console of sandbox `id` whose VM ended unasked, if any.
+    pub fn kept_console(&self, id: &str) -> Option<PathBuf> {
+        Some(self.store.console_path(id)).filter(|p| p.is_file())
     }
 
     /// One sandbox.

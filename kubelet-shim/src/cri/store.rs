@@ -215,6 +215,9 @@ fn read_records<T: for<'de> Deserialize<'de>>(dir: &Path) -> Vec<T> {
     out
 }
 
+/// How much of an ended VM's console a sandbox keeps.
+pub const KEPT_CONSOLE_BYTES: u64 = 64 * 1024;
+
 impl Store {
     /// The store in `dir` (made when missing).
     pub fn open(dir: &Path) -> io::Result<Self> {
@@ -254,6 +257,33 @@ impl Store {
 
     pub fn delete_sandbox(&self, id: &str) {
         let _ = fs::remove_file(self.sandbox_path(id));
+        let _ = fs::remove_file(self.console_path(id));
+    }
+
+    /// Where the console of a sandbox whose VM ended unasked is kept (until the
+    /// sandbox is removed).
+    pub fn console_path(&self, id: &str) -> PathBuf {
+        self.dir.join("consoles").join(format!("{id}.log"))
+    }
+
+    /// Keeps the last [`KEPT_CONSOLE_BYTES`] of `console` (the VM's console log,
+    /// about to go with its pod directory) for sandbox `id`: a guest panic's
+    /// trace is there. Returns where, or `None` when there was nothing to keep.
+    pub fn keep_console(&self, id: &str, console: &Path) -> Option<PathBuf> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut f = fs::File::open(console).ok()?;
+        let len = f.metadata().ok()?.len();
+        f.seek(SeekFrom::Start(len.saturating_sub(KEPT_CONSOLE_BYTES)))
+            .ok()?;
+        let mut tail = Vec::new();
+        f.take(KEPT_CONSOLE_BYTES).read_to_end(&mut tail).ok()?;
+        if tail.is_empty() {
+            return None;
+        }
+        let path = self.console_path(id);
+        fs::create_dir_all(path.parent()?).ok()?;
+        write_atomic(&path, &tail).ok()?;
+        Some(path)
     }
 
     pub fn delete_container(&self, id: &str) {
@@ -344,6 +374,25 @@ mod tests {
             .filter(|n| n.contains("tmp"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
+    fn an_ended_vms_console_tail_is_kept_until_the_sandbox_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let console = dir.path().join("console.log");
+        assert_eq!(s.keep_console("a", &console), None, "no console");
+        let mut text = vec![b'x'; usize::try_from(KEPT_CONSOLE_BYTES).unwrap()];
+        text.extend_from_slice(b"\nKernel panic - not syncing: boom\n");
+        fs::write(&console, &text).unwrap();
+        let kept = s.keep_console("a", &console).unwrap();
+        assert_eq!(kept, s.console_path("a"));
+        let got = fs::read(&kept).unwrap();
+        assert_eq!(got.len() as u64, KEPT_CONSOLE_BYTES);
+        assert!(got.ends_with(b"Kernel panic - not syncing: boom\n"));
+        s.put_sandbox(&sandbox("a")).unwrap();
+        s.delete_sandbox("a");
+        assert!(!kept.exists());
     }
 
     #[test]

@@ -123,31 +123,38 @@ pub fn fingerprint(src: &Path) -> Result<[u8; 32], PackError> {
         bytes: 0,
         entries: 0,
     };
-    visit(&mut w, src, Path::new(""), &meta, 0, &mut |path, name, meta| {
-        h.update(name.as_os_str().as_encoded_bytes());
-        h.update([0]);
-        for v in [
-            u64::from(meta.mode()),
-            u64::from(meta.uid()),
-            u64::from(meta.gid()),
-            meta.len(),
-            meta.mtime() as u64,
-            meta.mtime_nsec() as u64,
-            meta.ctime() as u64,
-            meta.ctime_nsec() as u64,
-            meta.ino(),
-        ] {
-            h.update(v.to_le_bytes());
-        }
-        if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(path).map_err(|source| PackError::Read {
-                path: path.to_owned(),
-                source,
-            })?;
-            h.update(target.as_os_str().as_encoded_bytes());
-        }
-        Ok(())
-    })?;
+    visit(
+        &mut w,
+        src,
+        Path::new(""),
+        &meta,
+        0,
+        &mut |path, name, meta| {
+            h.update(name.as_os_str().as_encoded_bytes());
+            h.update([0]);
+            for v in [
+                u64::from(meta.mode()),
+                u64::from(meta.uid()),
+                u64::from(meta.gid()),
+                meta.len(),
+                meta.mtime() as u64,
+                meta.mtime_nsec() as u64,
+                meta.ctime() as u64,
+                meta.ctime_nsec() as u64,
+                meta.ino(),
+            ] {
+                h.update(v.to_le_bytes());
+            }
+            if meta.file_type().is_symlink() {
+                let target = std::fs::read_link(path).map_err(|source| PackError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                h.update(target.as_os_str().as_encoded_bytes());
+            }
+            Ok(())
+        },
+    )?;
     Ok(h.finalize().into())
 }
 
@@ -364,9 +371,14 @@ pub fn pack(src: &Path, out: &mut File) -> Result<Packed, PackError> {
             .map_err(write_err)?;
     } else {
         // The root (followed) is the volume's directory in the guest: its entries.
-        visit(&mut walk, src, Path::new(""), &meta, 0, &mut |path, name, meta| {
-            append(&mut b, src, path, name, meta)
-        })?;
+        visit(
+            &mut walk,
+            src,
+            Path::new(""),
+            &meta,
+            0,
+            &mut |path, name, meta| append(&mut b, src, path, name, meta),
+        )?;
     }
     let mut sink = b.into_inner().map_err(write_err)?;
     sink.flush().map_err(write_err)?;

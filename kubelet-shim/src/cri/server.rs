@@ -427,7 +427,7 @@ impl Server {
                     s.state = SandboxState::NotReady;
                     s.message = "its VM ended while atoll-cri was not running".into();
                     self.store
-                        .keep_console(&s.id, &s.pod_dir.join("console.log"));
+                        .keep_console(&s.id, &s.pod_dir.join("console.log"), &s.message);
                     remove_pod_dir(&s.pod_dir);
                     self.save_sandbox(&s);
                 }
@@ -525,7 +525,7 @@ impl Server {
         };
         match self
             .store
-            .keep_console(id, &sandbox.pod_dir.join("console.log"))
+            .keep_console(id, &sandbox.pod_dir.join("console.log"), &sandbox.message)
         {
             Some(kept) => tracing::warn!(
                 "sandbox {id}: {}; the end of its console is kept in {}",

@@ -266,23 +266,31 @@ impl Store {
         self.dir.join("consoles").join(format!("{id}.log"))
     }
 
-    /// Keeps the last [`KEPT_CONSOLE_BYTES`] of `console` (the VM's console log,
-    /// about to go with its pod directory) for sandbox `id`: a guest panic's
-    /// trace is there. Returns where, or `None` when there was nothing to keep.
-    pub fn keep_console(&self, id: &str, console: &Path) -> Option<PathBuf> {
+    /// Keeps, for sandbox `id` whose VM ended unasked (`why`), a line saying so
+    /// and the last [`KEPT_CONSOLE_BYTES`] of `console` (the VM's console log,
+    /// about to go with its pod directory: a guest panic's trace is there).
+    /// Returns where, or `None` when it could not be written.
+    pub fn keep_console(&self, id: &str, console: &Path, why: &str) -> Option<PathBuf> {
         use std::io::{Read, Seek, SeekFrom};
-        let mut f = fs::File::open(console).ok()?;
-        let len = f.metadata().ok()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(KEPT_CONSOLE_BYTES)))
-            .ok()?;
         let mut tail = Vec::new();
-        f.take(KEPT_CONSOLE_BYTES).read_to_end(&mut tail).ok()?;
-        if tail.is_empty() {
-            return None;
+        if let Ok(mut f) = fs::File::open(console) {
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if f.seek(SeekFrom::Start(len.saturating_sub(KEPT_CONSOLE_BYTES)))
+                .is_ok()
+            {
+                let _ = f.take(KEPT_CONSOLE_BYTES).read_to_end(&mut tail);
+            }
         }
+        let mut kept = format!(
+            "atoll-cri: the VM of sandbox {id} ended without being stopped: {why}\n\
+             --- the last {} bytes of its console ---\n",
+            tail.len()
+        )
+        .into_bytes();
+        kept.extend_from_slice(&tail);
         let path = self.console_path(id);
         fs::create_dir_all(path.parent()?).ok()?;
-        write_atomic(&path, &tail).ok()?;
+        write_atomic(&path, &kept).ok()?;
         Some(path)
     }
 
@@ -381,15 +389,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         let console = dir.path().join("console.log");
-        assert_eq!(s.keep_console("a", &console), None, "no console");
+        // No console at all: the line saying what happened is still kept.
+        let kept = s.keep_console("a", &console, "killed").unwrap();
+        let got = fs::read_to_string(&kept).unwrap();
+        assert!(
+            got.starts_with("atoll-cri: the VM of sandbox a ended"),
+            "{got}"
+        );
+        assert!(
+            got.contains("killed") && got.contains("last 0 bytes"),
+            "{got}"
+        );
         let mut text = vec![b'x'; usize::try_from(KEPT_CONSOLE_BYTES).unwrap()];
         text.extend_from_slice(b"\nKernel panic - not syncing: boom\n");
         fs::write(&console, &text).unwrap();
-        let kept = s.keep_console("a", &console).unwrap();
+        let kept = s.keep_console("a", &console, "a panic").unwrap();
         assert_eq!(kept, s.console_path("a"));
         let got = fs::read(&kept).unwrap();
-        assert_eq!(got.len() as u64, KEPT_CONSOLE_BYTES);
         assert!(got.ends_with(b"Kernel panic - not syncing: boom\n"));
+        let first = got.iter().position(|&b| b == b'\n').unwrap() + 1;
+        let header = first + got[first..].iter().position(|&b| b == b'\n').unwrap() + 1;
+        assert_eq!((got.len() - header) as u64, KEPT_CONSOLE_BYTES);
         s.put_sandbox(&sandbox("a")).unwrap();
         s.delete_sandbox("a");
         assert!(!kept.exists());

@@ -446,10 +446,8 @@ fn process_figures(pid: u32) -> Value {
 
 /// The pod VMM's vsock counters (connections open now, host clients refused or
 /// failed), from its control API: whether the VMM is where connections pile up.
-fn vmm_vsock_figures(pod: &str) -> Value {
-    let sock = Path::new("/run/atoll/cri/pods")
-        .join(pod)
-        .join(atoll_cri::pod::API_SOCK);
+fn vmm_vsock_figures(pod_dir: &Path) -> Value {
+    let sock = pod_dir.join(atoll_cri::pod::API_SOCK);
     let metrics = atoll_cri::pod::template::api_call(&sock, "GET", "/metrics", "")
         .ok()
         .and_then(|b| serde_json::from_str::<Value>(&b).ok());
@@ -464,6 +462,22 @@ fn vmm_vsock_figures(pod: &str) -> Value {
             || json!({"error": "no vsock device in the metrics"}),
             |d| json!({"open": d["open"], "errors": d["errors"]}),
         )
+}
+
+/// atoll-cri's own description of sandbox `pod` (PodSandboxStatus's verbose
+/// `info`: its pod directory, the kept console of a VM that ended...).
+async fn sandbox_info(c: &mut Client, pod: &str) -> anyhow::Result<Value> {
+    let r = c
+        .runtime
+        .pod_sandbox_status(cri::PodSandboxStatusRequest {
+            pod_sandbox_id: pod.to_owned(),
+            verbose: true,
+        })
+        .await?
+        .into_inner();
+    Ok(serde_json::from_str(
+        r.info.get("info").context("no sandbox info")?,
+    )?)
 }
 
 /// The guest agent's own figures, from PodSandboxStatus's verbose info.
@@ -493,6 +507,12 @@ async fn probe(atoll: &mut Client, calls: u32) -> anyhow::Result<Value> {
     let s = start_pod(atoll, "atoll-probe").await?;
     let ctr = first_container(atoll, &s.pod).await?;
     let server = pid_of("atoll-cri")?;
+    // Where the pod's VMM answers its control API, as atoll-cri says.
+    let pod_dir = PathBuf::from(
+        sandbox_info(atoll, &s.pod).await?["pod_dir"]
+            .as_str()
+            .context("no pod_dir in the sandbox info")?,
+    );
     let every = (calls / 10).max(1);
     let mut samples = Vec::new();
     let mut lat = Vec::with_capacity(calls as usize);
@@ -516,7 +536,7 @@ async fn probe(atoll: &mut Client, calls: u32) -> anyhow::Result<Value> {
                 "elapsed_s": r1(t0.elapsed().as_secs_f64()),
                 "agent": agent,
                 "server": process_figures(server),
-                "vmm_vsock": vmm_vsock_figures(&s.pod),
+                "vmm_vsock": vmm_vsock_figures(&pod_dir),
             }));
         }
         if i == calls || !failed.is_null() {
@@ -555,20 +575,7 @@ async fn probe(atoll: &mut Client, calls: u32) -> anyhow::Result<Value> {
             }
         }
         // The end of the VM's console, when its VM went away (a guest panic).
-        if let Ok(r) = atoll
-            .runtime
-            .pod_sandbox_status(cri::PodSandboxStatusRequest {
-                pod_sandbox_id: s.pod.clone(),
-                verbose: true,
-            })
-            .await
-        {
-            let info: Value = r
-                .into_inner()
-                .info
-                .get("info")
-                .and_then(|i| serde_json::from_str(i).ok())
-                .unwrap_or_default();
+        if let Ok(info) = sandbox_info(atoll, &s.pod).await {
             if let Some(path) = info["console"].as_str() {
                 let text = std::fs::read_to_string(path).unwrap_or_default();
                 let lines: Vec<&str> = text.lines().collect();

@@ -64,8 +64,7 @@ pub fn call(
                     "{what}: the runtime panicked"
                 )))
             });
-        let message = encode(&result);
-        let _ = write_all(&write, &message);
+        let _ = std::io::Write::write_all(&mut std::fs::File::from(write), &encode(&result));
         // SAFETY: ends the child at once, running no exit handler and flushing
         // nothing that the agent's other threads may have left half-done.
         unsafe { libc::_exit(0) }
@@ -106,22 +105,6 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     // SAFETY: as above, the other end.
     let write = unsafe { OwnedFd::from_raw_fd(fds[1]) };
     Ok((read, write))
-}
-
-fn write_all(fd: &OwnedFd, mut bytes: &[u8]) -> io::Result<()> {
-    while !bytes.is_empty() {
-        // SAFETY: writes from a valid buffer of `bytes.len()` bytes.
-        let n = unsafe { libc::write(fd.as_raw_fd(), bytes.as_ptr().cast(), bytes.len()) };
-        if n < 0 {
-            let err = io::Error::last_os_error();
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(err);
-        }
-        bytes = &bytes[usize::try_from(n).unwrap_or(0)..];
-    }
-    Ok(())
 }
 
 #[derive(Debug)]

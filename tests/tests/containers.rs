@@ -18,7 +18,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use common::oci::{self, E};
-use common::{artefact, build_dir, kvm_runner, run, scenario, static_dir, value_of, with, word};
+use common::{
+    artefact, build_dir, kvm_runner, run, scenario, static_dir, value_of, with, word, SCENARIO_SH,
+};
 
 /// Everything the node needs, prepared once per test binary.
 struct Fixture {
@@ -151,11 +153,11 @@ fn in_pod_node(script: &str) -> String {
     .file(f.store.clone(), "store")
     .unwrap()
     .timeout(Duration::from_secs(900));
-    let prelude = "export ATOLL_STORE=$ATOLL_ARTIFACTS/store ATOLL_KERNEL=$ATOLL_ARTIFACTS/vmlinux \
+    let prelude =
+        "export ATOLL_STORE=$ATOLL_ARTIFACTS/store ATOLL_KERNEL=$ATOLL_ARTIFACTS/vmlinux \
          ATOLL_INITRAMFS=$ATOLL_ARTIFACTS/initramfs.cpio ATOLL_VMM=$ATOLL_ARTIFACTS/atoll-vmm \
-         ATOLL_RUN_DIR=/run/atoll; \
-         scenario() { name=$1; shift; echo \"@@@ $name\"; \"$@\"; echo \"@@@ $name status=$?\"; }; ";
-    run(runner, &format!("{prelude}{script}")).output
+         ATOLL_RUN_DIR=/run/atoll\n";
+    run(runner, &format!("{SCENARIO_SH}{prelude}{script}")).output
 }
 
 /// On the host itself, where the host's KVM cannot run the guest (KVM-PVM, or no
@@ -475,6 +477,11 @@ fn lifecycle() -> &'static str {
                 ls /tmp | sort > tmp.after; echo tmpdiff=\\$(diff tmp.before tmp.after | grep -c '^[+]')\"; \
              scenario killed sh -c \"$A run --name target busybox -- sleep 1000 & pid=\\$!; \
                 until $A kill -s KILL target 2>/dev/null; do sleep 1; done; wait \\$pid; echo atoll=\\$?\"; \
+             scenario wedged sh -c \"$A run --name frozen --guest-timeout 6 busybox -- sleep 1000 2>wedged.err & pid=\\$!; \
+                for i in \\$(seq 1 60); do $A ps | grep frozen | grep -q running && break; sleep 1; done; \
+                kill -STOP \\$(pidof atoll-vmm); t0=\\$(date +%s); wait \\$pid; echo atoll=\\$?; \
+                echo secs=\\$((\\$(date +%s) - t0)); cat wedged.err; \
+                echo vmm=\\$(pidof atoll-vmm | wc -w); echo pods=\\$(ls /run/atoll/pods | wc -l)\"; \
              scenario logs sh -c \"$A run --name chatty busybox -- echo logged-line >/dev/null; $A logs chatty\"; \
              scenario ps_empty $A ps",
         )
@@ -502,6 +509,29 @@ fn sigterm_to_atoll_run_stops_the_vm_and_leaves_nothing_behind() {
 fn a_container_killed_by_a_signal_reports_128_plus_n() {
     let (out, _) = scenario(lifecycle(), "killed");
     assert_eq!(word(out, "atoll"), Some("137"), "SIGKILL: 128 + 9: {out}");
+}
+
+/// A guest that stops answering (its VMM frozen with SIGSTOP: the sockets stay,
+/// nothing answers) is declared dead by `atoll run`'s liveness checks after
+/// `--guest-timeout`, its VM killed and the pod removed, with the reason.
+#[test]
+fn a_guest_that_stops_answering_ends_the_pod_with_the_reason() {
+    let (out, _) = scenario(lifecycle(), "wedged");
+    assert_ne!(word(out, "atoll"), Some("0"), "{out}");
+    assert!(word(out, "atoll").is_some(), "{out}");
+    assert!(out.contains("the guest stopped answering"), "{out}");
+    let secs: u64 = value_of(out, "secs").parse().unwrap();
+    // 6 s of silence, plus the emulated node's slowness; never the 1000 s sleep.
+    assert!(
+        (5..=60).contains(&secs),
+        "declared dead after {secs} s: {out}"
+    );
+    assert_eq!(
+        value_of(out, "vmm"),
+        "0",
+        "the frozen VMM was killed: {out}"
+    );
+    assert_eq!(value_of(out, "pods"), "0", "the pod was removed: {out}");
 }
 
 #[test]

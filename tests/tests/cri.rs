@@ -19,7 +19,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{artefact, build_dir, kvm_runner, oci, run, scenario, static_dir, value_of, with};
+use common::{
+    artefact, build_dir, kvm_runner, oci, run, scenario, static_dir, value_of, with, SCENARIO_SH,
+};
 
 const IMAGE: &str = "registry.k8s.io/e2e-test-images/busybox:1.29-2";
 /// iptables' extensions (matches and targets, loaded at run time), which the CNI
@@ -29,7 +31,6 @@ const XTABLES_EXTENSIONS: &str = "/usr/lib/x86_64-linux-gnu/xtables";
 const SCRIPT: &str = r#"
 set +e
 A=$ATOLL_ARTIFACTS
-scenario() { name=$1; shift; echo "@@@ $name"; "$@"; echo "@@@ $name status=$?"; }
 C="$A/atoll-crictl -r /run/atoll/atoll-cri.sock --timeout 120"
 IMAGE=registry.k8s.io/e2e-test-images/busybox:1.29-2
 ip link set lo up
@@ -44,6 +45,8 @@ image_store = "/var/lib/atoll/images"
 kernel = "$A/vmlinux"
 initramfs = "$A/initramfs.cpio"
 vmm = "$A/atoll-vmm"
+[sandbox]
+guest_timeout_secs = 15
 [registry.mirrors]
 "registry.k8s.io" = ["http://127.0.0.1:5000"]
 [metrics]
@@ -411,6 +414,17 @@ vm_killed() {
   $C rmp $Q; echo "rmp=$?"
   [ -e "$K" ]; echo "console_after_rmp=$?"
 }
+# A guest that stops answering: its VMM frozen (SIGSTOP), sockets and process alive.
+vm_wedged() {
+  Q=$($C runp /tmp/cfg/pod2.json) || return 1
+  S=$($C create $Q /tmp/cfg/s.json /tmp/cfg/pod2.json) && $C start $S || return 1
+  V=$(vmm_of $Q); kill -STOP $V; t0=$(date +%s)
+  for i in $(seq 120); do $C inspectp $Q | grep -q state=SANDBOX_NOTREADY && break; sleep 1; done
+  echo "secs=$(($(date +%s) - t0))"
+  $C inspectp $Q | grep -e state= -e message=; $C inspect $S | grep -e state= -e message=
+  kill -0 $V 2>/dev/null; echo "vmm_alive=$?"
+  $C rmp $Q; echo "rmp=$?"
+}
 stopp() {
   $C stopp $P && $C stopp $P && $C stopp nonexistent && echo stopped
   $C inspectp $P | grep state=
@@ -464,6 +478,7 @@ scenario stop_grace stop_grace
 scenario stop_again stop_again
 scenario remove remove
 scenario vm_killed vm_killed
+scenario vm_wedged vm_wedged
 scenario stopp stopp
 scenario rmi rmi
 scenario bad_config bad_config
@@ -537,7 +552,7 @@ fn node_output() -> &'static str {
             )
             .timeout(Duration::from_secs(900))
         };
-        let mut out = run(runner(), SCRIPT).output;
+        let mut out = run(runner(), &format!("{SCENARIO_SH}{SCRIPT}")).output;
         // Every scenario shares one pod VM: one whose guest triple-faulted (the
         // nested node's emulation does that to a few percent of long runs, as the
         // containers tests see) would fail all that follow. The node run is
@@ -548,7 +563,7 @@ fn node_output() -> &'static str {
                 std::io::stderr().lock(),
                 "cri: a pod's guest VM triple-faulted in the node run; running it once more"
             );
-            out = run(runner(), SCRIPT).output;
+            out = run(runner(), &format!("{SCENARIO_SH}{SCRIPT}")).output;
         }
         drop(dir);
         out
@@ -1143,6 +1158,29 @@ fn a_vm_killed_under_a_running_pod_shows_in_its_status_within_a_second() {
         "1",
         "removed with it: {out}"
     );
+}
+
+/// A guest that stops answering (its VMM frozen: alive, sockets open) is declared
+/// dead by the sandbox's liveness checks after `guest_timeout_secs` (15 here): the
+/// VMM is killed, the sandbox NotReady and its container Exited, saying why.
+#[test]
+fn a_guest_that_stops_answering_turns_its_sandbox_not_ready_with_the_reason() {
+    let (out, st) = sc("vm_wedged");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "state"), "SANDBOX_NOTREADY", "{out}");
+    assert!(out.contains("state=CONTAINER_EXITED"), "{out}");
+    assert!(out.contains("the guest stopped answering"), "{out}");
+    let secs: u64 = value_of(out, "secs").parse().unwrap();
+    assert!(
+        (12..=90).contains(&secs),
+        "declared dead after {secs} s: {out}"
+    );
+    assert_eq!(
+        value_of(out, "vmm_alive"),
+        "1",
+        "the frozen VMM was killed: {out}"
+    );
+    assert_eq!(value_of(out, "rmp"), "0", "{out}");
 }
 
 #[test]

@@ -12,13 +12,12 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{artefact, build_dir, kvm_runner, oci, run, static_dir, value_of, with};
+use common::{artefact, build_dir, kvm_runner, oci, run, static_dir, value_of, with, SCENARIO_SH};
 
 const SCRIPT: &str = r#"
 export ATOLL_STORE=$ATOLL_ARTIFACTS/store ATOLL_KERNEL=$ATOLL_ARTIFACTS/vmlinux \
   ATOLL_INITRAMFS=$ATOLL_ARTIFACTS/initramfs.cpio ATOLL_VMM=$ATOLL_ARTIFACTS/atoll-vmm \
   ATOLL_RUN_DIR=/run/atoll ATOLL_CACHE=/tmp/cache
-scenario() { name=$1; shift; echo "@@@ $name"; "$@"; echo "@@@ $name status=$?"; }
 T=/tmp/cache/templates
 first() {
   ./atoll run --timings first.json busybox -- echo first-pod; echo "status=$?"
@@ -111,7 +110,7 @@ fn node_output() -> &'static str {
         .file(PathBuf::from(&store), "store")
         .unwrap()
         .timeout(Duration::from_secs(900));
-        let out = run(runner, SCRIPT).output;
+        let out = run(runner, &format!("{SCENARIO_SH}{SCRIPT}")).output;
         drop(dir);
         out
     })

@@ -10,7 +10,7 @@ mod common;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{artefact, build_dir, kvm_runner, run, static_dir, value_of, with};
+use common::{artefact, build_dir, kvm_runner, run, static_dir, value_of, with, SCENARIO_SH};
 
 /// A guest that proves memory and registers survive: it fills a tmpfs file with
 /// random bytes and prints its md5, counts (one counter per vCPU when `N` is 2,
@@ -23,7 +23,6 @@ const GUEST: &str = "head -c 8388608 /dev/urandom > /tmp/blob; echo sum0 $(md5su
 
 /// The node script: helpers, then the scenarios.
 const SCRIPT: &str = r#"
-scenario() { name=$1; shift; echo "@@@ $name"; "$@"; echo "@@@ $name status=$?"; }
 api() { ./atoll-vmm-api "$@"; }
 # Boots the counting guest with N vCPUs and an API socket; waits for its 5th tick.
 boot() {
@@ -130,7 +129,10 @@ fn node_output() -> &'static str {
         )
         .unwrap()
         .timeout(Duration::from_secs(900));
-        let script = format!("GUEST='{}'\n{SCRIPT}", GUEST.replace('\'', "'\\''"));
+        let script = format!(
+            "GUEST='{}'\n{SCENARIO_SH}{SCRIPT}",
+            GUEST.replace('\'', "'\\''")
+        );
         run(runner, &script).output
     })
 }

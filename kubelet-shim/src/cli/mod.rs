@@ -165,6 +165,11 @@ pub struct RunArgs {
     /// Seconds to wait for the VM's agent.
     #[arg(long, default_value_t = 60)]
     pub boot_timeout: u64,
+    /// Seconds of silence after which a running guest is declared dead and its VM
+    /// killed: its agent is asked something cheap every 1/15 of this, allowing
+    /// 4/15 each time, and must miss three checks in a row. 0 turns it off.
+    #[arg(long, default_value_t = 75, value_name = "SECS")]
+    pub guest_timeout: u64,
     /// Attach the image's layer blobs as they are and let the guest unpack them
     /// into the container's memory (no erofs conversion, no mkfs.erofs needed; the
     /// default when mkfs.erofs is missing and the image was never converted).

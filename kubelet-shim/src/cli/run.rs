@@ -25,6 +25,7 @@ use super::artifacts;
 use super::RunArgs;
 use crate::agent::AgentError;
 use crate::pod::image::{self, ProcessOverrides};
+use crate::pod::liveness::{Liveness, LivenessConfig};
 use crate::pod::template::{self, Template, TemplateSpec};
 use crate::pod::{self, state, Disk, Pod, PodConfig, PodHandle};
 
@@ -542,11 +543,25 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         let h = pod.handle();
         thread::spawn(move || h.stop_container(MAIN, STOP_GRACE));
     }
+    // A guest that wedges would hold the Wait below forever: watch that it answers.
+    let liveness = (args.guest_timeout > 0).then(|| {
+        Liveness::watch_pod(
+            pod.handle(),
+            MAIN.to_owned(),
+            pod.vmm_pidfd(),
+            LivenessConfig::within(Duration::from_secs(args.guest_timeout)),
+        )
+    });
     let waited = pod.wait(MAIN);
-    // An agent connection that broke because the VM ended: say why it ended.
+    let declared_dead = liveness.and_then(Liveness::stop);
+    // An agent connection that broke because the VM ended: say why it ended (the
+    // liveness verdict first: it killed the VM).
     let vmm_ended = match &waited {
         Err(AgentError::Refused { .. }) | Ok(_) => None,
-        Err(_) => pod.vmm_end_reason(Duration::from_secs(1)),
+        Err(_) => {
+            let why = pod.vmm_end_reason(Duration::from_secs(1));
+            declared_dead.or(why)
+        }
     };
     // Output written just before the end is still in flight: drain it.
     let deadline = Instant::now() + DRAIN_TIMEOUT;

@@ -13,6 +13,7 @@
 //! vcpus = 1
 //! memory_mib = 256
 //! overhead_mib = 64
+//! guest_timeout_secs = 75
 //!
 //! [registry.mirrors]
 //! "registry.k8s.io" = ["http://127.0.0.1:5000"]
@@ -150,6 +151,10 @@ pub struct SandboxConfig {
     /// waiting for a snapshot), so a sandbox's start is only the restore; 0 turns
     /// the pool off.
     pub standby_vmms: usize,
+    /// Seconds of silence after which a ready sandbox's guest is declared dead
+    /// (its agent missed three liveness checks in a row: `pod::liveness`): its VM
+    /// is killed, the sandbox turns NotReady and its containers Exited. 0: off.
+    pub guest_timeout_secs: u64,
 }
 
 /// How images are pulled, as containerd's `registry.mirrors` and CRI-O's
@@ -194,6 +199,7 @@ impl Default for SandboxConfig {
             overhead_mib: 64,
             max_memory_mib: 16 << 10,
             standby_vmms: 2,
+            guest_timeout_secs: 75,
         }
     }
 }

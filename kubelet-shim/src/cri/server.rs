@@ -33,6 +33,7 @@ use super::store::{
 use super::stream::attach::{Hub, Tee};
 use crate::agent::{AgentClient, AgentError};
 use crate::pod::image::{self, ImageRootfs, RootfsFrom};
+use crate::pod::liveness::{Liveness, LivenessConfig};
 use crate::pod::netns::NetNs;
 use crate::pod::template::{self, TemplateSpec, SLOTS};
 use crate::pod::volume;
@@ -472,30 +473,48 @@ impl Server {
     }
 
     /// Watches every ready sandbox's VMM; one that is gone turns its sandbox
-    /// NotReady and its containers Exited within [`WATCH_EVERY`].
+    /// NotReady and its containers Exited within [`WATCH_EVERY`]. A guest that
+    /// wedges keeps its VMM alive: each ready sandbox also has a liveness watch
+    /// (`[sandbox] guest_timeout_secs`), which kills the VMM of a guest that stopped
+    /// answering, and its verdict becomes the sandbox's message.
     pub fn spawn_watcher(self: &Arc<Self>) {
         let me = Arc::clone(self);
-        std::thread::spawn(move || loop {
-            std::thread::sleep(WATCH_EVERY);
-            let ready: Vec<SandboxRecord> = me
-                .state()
-                .sandboxes
-                .values()
-                .filter(|s| s.state == SandboxState::Ready)
-                .cloned()
-                .collect();
-            for s in ready {
-                if !store::vmm_alive(&s) {
-                    me.vm_ended(&s.id);
+        let silence = Duration::from_secs(self.cfg.sandbox.guest_timeout_secs);
+        std::thread::spawn(move || {
+            let mut watches: HashMap<String, Liveness> = HashMap::new();
+            loop {
+                std::thread::sleep(WATCH_EVERY);
+                let ready: Vec<SandboxRecord> = me
+                    .state()
+                    .sandboxes
+                    .values()
+                    .filter(|s| s.state == SandboxState::Ready)
+                    .cloned()
+                    .collect();
+                watches.retain(|id, _| ready.iter().any(|s| &s.id == id));
+                for s in ready {
+                    if !store::vmm_alive(&s) {
+                        let verdict = watches.remove(&s.id).and_then(|w| w.verdict());
+                        me.vm_ended(&s.id, verdict);
+                    } else if !silence.is_zero() && !watches.contains_key(&s.id) {
+                        let watch = Liveness::watch_pod(
+                            PodHandle::for_dir(&s.pod_dir),
+                            LIVENESS_PROBE_ID.to_owned(),
+                            vmm_pidfd(&s),
+                            LivenessConfig::within(silence),
+                        );
+                        watches.insert(s.id.clone(), watch);
+                    }
                 }
             }
         });
     }
 
-    /// The VM of a ready sandbox is gone without being stopped.
-    fn vm_ended(&self, id: &str) {
+    /// The VM of a ready sandbox is gone without being stopped; `verdict` is the
+    /// liveness watch's, when it killed the VM.
+    fn vm_ended(&self, id: &str, verdict: Option<String>) {
         let pod_dir = self.state().sandboxes.get(id).map(|s| s.pod_dir.clone());
-        let why = pod_dir.as_deref().and_then(vm_end_reason);
+        let why = verdict.or_else(|| pod_dir.as_deref().and_then(vm_end_reason));
         let (sandbox, lost) = {
             let mut st = self.state();
             let Some(s) = st.sandboxes.get_mut(id) else {
@@ -2116,6 +2135,19 @@ fn vm_end_reason(pod_dir: &Path) -> Option<String> {
         std::thread::sleep(Duration::from_millis(50));
     }
     None
+}
+
+/// The container the liveness checks ask about: none has this id, and the agent's
+/// NotFound is an answer as good as any.
+const LIVENESS_PROBE_ID: &str = "atoll-liveness-check";
+
+/// A pidfd of a sandbox's VMM, opened only while the record still names that very
+/// process (its start time matches after the open): so a kill through it cannot
+/// reach a process that reused the pid.
+fn vmm_pidfd(s: &SandboxRecord) -> Option<std::os::fd::OwnedFd> {
+    let pid = rustix::process::Pid::from_raw(i32::try_from(s.vmm_pid?).ok()?)?;
+    let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()?;
+    store::vmm_alive(s).then_some(fd)
 }
 
 fn remove_pod_dir(dir: &Path) {

@@ -12,6 +12,7 @@
 
 pub mod confine;
 pub mod image;
+pub mod liveness;
 pub mod net;
 pub mod netns;
 pub mod pool;
@@ -571,7 +572,12 @@ impl PodHandle {
 
     /// A new control connection (the guest is up: a short deadline).
     pub fn client(&self) -> Result<AgentClient, AgentError> {
-        AgentClient::connect(&self.vsock, Duration::from_secs(10))
+        self.client_within(Duration::from_secs(10))
+    }
+
+    /// A new control connection, connecting for at most `timeout`.
+    pub fn client_within(&self, timeout: Duration) -> Result<AgentClient, AgentError> {
+        AgentClient::connect(&self.vsock, timeout)
     }
 
     pub fn attach(
@@ -1105,6 +1111,13 @@ impl Pod {
 
     pub fn console_log(&self) -> PathBuf {
         self.dir.path.join("console.log")
+    }
+
+    /// A pidfd of the VMM while it is this process's unreaped child (so the pid
+    /// cannot have been reused): lets another thread signal it safely.
+    pub fn vmm_pidfd(&self) -> Option<std::os::fd::OwnedFd> {
+        let pid = rustix::process::Pid::from_raw(i32::try_from(self.vmm.as_ref()?.id()).ok()?)?;
+        rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).ok()
     }
 
     pub fn handle(&self) -> PodHandle {

@@ -81,6 +81,32 @@ pub fn on_kvm(script: &str) -> RunOutput {
     run(r, script)
 }
 
+/// The node scripts' `scenario NAME COMMAND...`: prints `@@@ NAME`, runs the command
+/// (a program or a shell function) and prints `@@@ NAME status=N`, which
+/// [`scenario`] parses. A scenario still running after `$SCENARIO_LIMIT` seconds
+/// (300; the slowest takes about 30) gets the end of every pod's console printed
+/// into its output and its atoll clients stopped (SIGTERM, SIGKILL 10 s later): a
+/// hang fails its own test with the evidence, and the scenarios after it still run,
+/// instead of the node run ending at its limit with nothing but L1's console.
+pub const SCENARIO_SH: &str = r#"
+scenario() {
+  name=$1; shift; echo "@@@ $name"
+  ( limit=${SCENARIO_LIMIT:-300}; sleep "$limit" >/dev/null 2>&1
+    echo "@@@ $name is still running after $limit s: the pods' consoles, then its atoll clients are stopped"
+    for c in /run/atoll/pods/*/console.log /run/atoll/cri/pods/*/console.log; do
+      [ -f "$c" ] && { echo "--- $c"; tail -n 60 "$c"; }
+    done
+    ps -o pid,ppid,stat,comm 2>/dev/null | grep -e atoll -e PID
+    for p in atoll atoll-crictl atoll-vmm-api; do pkill -TERM -x $p; done
+    sleep 10 >/dev/null 2>&1
+    for p in atoll atoll-crictl atoll-vmm-api; do pkill -KILL -x $p; done ) &
+  scenario_watchdog=$!
+  "$@"; scenario_status=$?
+  kill "$scenario_watchdog" 2>/dev/null
+  echo "@@@ $name status=$scenario_status"
+}
+"#;
+
 /// The output of scenario `name` in `output`, and its status: node scripts print
 /// `@@@ NAME` before and `@@@ NAME status=N` after each scenario, so several
 /// scenarios share one node run and each test asserts on its own.

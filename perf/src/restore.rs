@@ -117,6 +117,9 @@ struct Sample {
     /// Of which copied on write (anonymous), KiB.
     ram_private_kib: u64,
     exits: u64,
+    /// The VMM's set-up phases (name, µs since its clock started: the launch, or
+    /// for a standby VMM the load request), in order.
+    phases_us: Vec<(String, u64)>,
 }
 
 /// Where the pieces live in the node.
@@ -253,7 +256,7 @@ fn measure_standby(s: &Setup, id: &str) -> anyhow::Result<(Sample, f64)> {
     let client = agent(&mut vm, Duration::from_secs(120))?;
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
     let (ram_rss_kib, ram_private_kib) = guest_ram_kib(vm.child.id());
-    let exits = exits(&vm);
+    let (exits, phases_us) = vmm_metrics(&vm);
     drop(client);
     Ok((
         Sample {
@@ -261,6 +264,7 @@ fn measure_standby(s: &Setup, id: &str) -> anyhow::Result<(Sample, f64)> {
             ram_rss_kib,
             ram_private_kib,
             exits,
+            phases_us,
         },
         prestart_ms,
     ))
@@ -328,12 +332,22 @@ fn uss_kib(pid: u32) -> u64 {
     rollup_kib(pid, &["Private_Clean:", "Private_Dirty:"])
 }
 
-fn exits(vm: &Vm) -> u64 {
-    template::api_call(&vm.dir.join(API_SOCK), "GET", "/metrics", "")
+/// The VMM's exit count and set-up phases, from its API's metrics.
+fn vmm_metrics(vm: &Vm) -> (u64, Vec<(String, u64)>) {
+    let v = template::api_call(&vm.dir.join(API_SOCK), "GET", "/metrics", "")
         .ok()
         .and_then(|b| serde_json::from_str::<Value>(&b).ok())
-        .and_then(|v| v["metrics"]["exits_total"].as_u64())
-        .unwrap_or(0)
+        .unwrap_or(Value::Null);
+    let exits = v["metrics"]["exits_total"].as_u64().unwrap_or(0);
+    let phases = v["metrics"]["vmm_phases_us"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| Some((p[0].as_str()?.to_owned(), p[1].as_u64()?)))
+                .collect()
+        })
+        .unwrap_or_default();
+    (exits, phases)
 }
 
 fn measure(s: &Setup, id: &str, boot: Boot, mem: u64, lazy: bool) -> anyhow::Result<Sample> {
@@ -342,13 +356,14 @@ fn measure(s: &Setup, id: &str, boot: Boot, mem: u64, lazy: bool) -> anyhow::Res
     let client = agent(&mut vm, Duration::from_secs(120))?;
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
     let (ram_rss_kib, ram_private_kib) = guest_ram_kib(vm.child.id());
-    let exits = exits(&vm);
+    let (exits, phases_us) = vmm_metrics(&vm);
     drop(client);
     Ok(Sample {
         ms,
         ram_rss_kib,
         ram_private_kib,
         exits,
+        phases_us,
     })
 }
 
@@ -363,8 +378,22 @@ fn summary(samples: &[Sample]) -> Value {
         min: 0.0,
         max: 0.0,
     });
+    // Each VMM phase's median time (ms since the VMM's clock started), in the
+    // order the first sample has them: where the time to "agent answers" goes.
+    let mut phases = Vec::new();
+    for (name, _) in samples.first().map_or(&[][..], |s| &s.phases_us[..]) {
+        let v: Vec<f64> = samples
+            .iter()
+            .filter_map(|s| s.phases_us.iter().find(|(n, _)| n == name))
+            .map(|(_, us)| *us as f64 / 1000.0)
+            .collect();
+        if let Some(m) = summarize(&v) {
+            phases.push(json!([name, r1(m.median)]));
+        }
+    }
     json!({
         "median_ms": r1(s.median), "min_ms": r1(s.min), "max_ms": r1(s.max),
+        "vmm_phases_ms_median": phases,
         "samples_ms": ms.iter().map(|x| r1(*x)).collect::<Vec<_>>(),
         "guest_ram_rss_kib_median": med(&|s| s.ram_rss_kib),
         "guest_ram_copied_kib_median": med(&|s| s.ram_private_kib),
@@ -556,6 +585,18 @@ fn print_restore(r: &Value) {
         "standby pre-start (spawn to API answering, off the clock): median {} ms, min {} ms",
         r["standby_prestart_ms"]["median"], r["standby_prestart_ms"]["min"]
     );
+    for key in ["restore", "standby"] {
+        if let Some(p) = r[key]["vmm_phases_ms_median"].as_array() {
+            let line: Vec<String> = p
+                .iter()
+                .map(|p| format!("{} {}", p[0].as_str().unwrap_or("?"), p[1]))
+                .collect();
+            println!(
+                "{key}: VMM phases, median ms from its clock: {}",
+                line.join(", ")
+            );
+        }
+    }
 }
 
 fn print_density(r: &Value) {

@@ -560,7 +560,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         Err(AgentError::Refused { .. }) | Ok(_) => None,
         Err(_) => {
             let why = pod.vmm_end_reason(Duration::from_secs(1));
-            declared_dead.or(why)
+            // What a silent guest last printed is all there is to tell why.
+            declared_dead
+                .map(|v| {
+                    let tail = pod::file_tail(&pod.console_log(), 20);
+                    format!("{v}; the end of its console:\n{tail}")
+                })
+                .or(why)
         }
     };
     // Output written just before the end is still in flight: drain it.

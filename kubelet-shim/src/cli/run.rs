@@ -550,6 +550,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
             MAIN.to_owned(),
             pod.vmm_pidfd(),
             LivenessConfig::within(Duration::from_secs(args.guest_timeout)),
+            |_| {},
         )
     });
     let waited = pod.wait(MAIN);

@@ -189,6 +189,10 @@ pub struct Server {
     copies: Mutex<HashMap<(String, String), CopyState>>,
     /// Per sandbox: held while one of its copies is packed and sent.
     copy_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Per sandbox whose guest its liveness watch declared dead: the verdict,
+    /// recorded before the VMM is killed, so that the container's exit watch and
+    /// the VMM watcher, whichever sees the end first, both say why.
+    verdicts: Arc<Mutex<HashMap<String, String>>>,
     /// Held for the server's life: one server per state directory.
     _lock: std::fs::File,
 }
@@ -361,6 +365,7 @@ impl Server {
             events: super::events::EventBus::default(),
             copies: Mutex::new(HashMap::new()),
             copy_locks: Mutex::new(HashMap::new()),
+            verdicts: Arc::new(Mutex::new(HashMap::new())),
             _lock: lock,
         })
     }
@@ -494,14 +499,21 @@ impl Server {
                 watches.retain(|id, _| ready.iter().any(|s| &s.id == id));
                 for s in ready {
                     if !store::vmm_alive(&s) {
-                        let verdict = watches.remove(&s.id).and_then(|w| w.verdict());
-                        me.vm_ended(&s.id, verdict);
+                        watches.remove(&s.id);
+                        me.vm_ended(&s.id);
                     } else if !silence.is_zero() && !watches.contains_key(&s.id) {
+                        let verdicts = Arc::clone(&me.verdicts);
+                        let id = s.id.clone();
                         let watch = Liveness::watch_pod(
                             PodHandle::for_dir(&s.pod_dir),
                             LIVENESS_PROBE_ID.to_owned(),
                             vmm_pidfd(&s),
                             LivenessConfig::within(silence),
+                            move |v| {
+                                if let Ok(mut m) = verdicts.lock() {
+                                    m.insert(id, v.to_owned());
+                                }
+                            },
                         );
                         watches.insert(s.id.clone(), watch);
                     }
@@ -510,11 +522,28 @@ impl Server {
         });
     }
 
-    /// The VM of a ready sandbox is gone without being stopped; `verdict` is the
-    /// liveness watch's, when it killed the VM.
-    fn vm_ended(&self, id: &str, verdict: Option<String>) {
+    /// Why the liveness watch of sandbox `id` killed its VM, if it did.
+    fn verdict(&self, id: &str) -> Option<String> {
+        self.verdicts.lock().ok()?.get(id).cloned()
+    }
+
+    /// What a container lost with its pod's VM says: the liveness verdict when
+    /// there is one.
+    fn lost_message(&self, sandbox_id: &str) -> String {
+        match self.verdict(sandbox_id) {
+            Some(v) => format!("its pod's VM ended: {v}"),
+            None => VM_ENDED.to_owned(),
+        }
+    }
+
+    /// The VM of a ready sandbox is gone without being stopped.
+    fn vm_ended(&self, id: &str) {
         let pod_dir = self.state().sandboxes.get(id).map(|s| s.pod_dir.clone());
-        let why = verdict.or_else(|| pod_dir.as_deref().and_then(vm_end_reason));
+        // Kept (not taken) until the sandbox is removed: the container's exit
+        // watch may read it after this.
+        let why = self
+            .verdict(id)
+            .or_else(|| pod_dir.as_deref().and_then(vm_end_reason));
         let (sandbox, lost) = {
             let mut st = self.state();
             let Some(s) = st.sandboxes.get_mut(id) else {
@@ -939,6 +968,9 @@ impl Server {
         };
         for c in &containers {
             self.forget_container(c, id);
+        }
+        if let Ok(mut v) = self.verdicts.lock() {
+            v.remove(id);
         }
         self.store.delete_sandbox(id);
         Ok(())
@@ -1636,6 +1668,7 @@ impl Server {
                 std::thread::sleep(Duration::from_millis(20));
             }
         };
+        let lost = self.lost_message(&sandbox.id);
         self.update_container(id, |c| {
             if c.state != ContainerState::Running {
                 return;
@@ -1658,7 +1691,7 @@ impl Server {
                     }
                     .into();
                 }
-                Err(_) if vm_gone => mark_lost(c, VM_ENDED),
+                Err(_) if vm_gone => mark_lost(c, &lost),
                 Err(e) => {
                     c.exit_code = 255;
                     c.reason = "Error".into();

@@ -64,13 +64,16 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// Watches the pod behind `handle` through its agent (GetStats of `container`),
-    /// and kills the VMM behind `vmm` (a pidfd) when the guest is declared dead.
+    /// Watches the pod behind `handle` through its agent (GetStats of `container`);
+    /// when the guest is declared dead, calls `before_kill` with the verdict (so
+    /// that whoever notices the VM's end can say why), then kills the VMM behind
+    /// `vmm` (a pidfd).
     pub fn watch_pod(
         handle: PodHandle,
         container: String,
         vmm: Option<OwnedFd>,
         cfg: LivenessConfig,
+        before_kill: impl FnOnce(&str) + Send + 'static,
     ) -> Self {
         let mut client: Option<AgentClient> = None;
         let probe = move |deadline: Duration| -> Result<(), String> {
@@ -88,7 +91,8 @@ impl Liveness {
                 }
             }
         };
-        let on_dead = move |_: &str| {
+        let on_dead = move |verdict: &str| {
+            before_kill(verdict);
             if let Some(fd) = vmm {
                 let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
             }
@@ -312,17 +316,23 @@ mod tests {
             .unwrap();
         let pid = rustix::process::Pid::from_raw(vmm.id() as i32).unwrap();
         let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).unwrap();
+        let told = Arc::new(Mutex::new(None::<String>));
+        let t = Arc::clone(&told);
         let w = Liveness::watch_pod(
             PodHandle::for_dir(dir.path()),
             "main".into(),
             Some(fd),
             fast(3),
+            move |v| *t.lock().unwrap() = Some(v.to_owned()),
         );
         let status = vmm.wait().unwrap();
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(status.signal(), Some(libc::SIGKILL));
+        // Told before the kill, so anyone who sees the VMM gone can say why.
+        let before = told.lock().unwrap().clone().expect("told before the kill");
         let v = w.stop().expect("a verdict");
         assert!(v.contains("the guest stopped answering"), "{v}");
+        assert_eq!(before, v);
         held.join().unwrap();
     }
 }

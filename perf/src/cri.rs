@@ -464,9 +464,8 @@ fn vmm_vsock_figures(pod_dir: &Path) -> Value {
         )
 }
 
-/// atoll-cri's own description of sandbox `pod` (PodSandboxStatus's verbose
-/// `info`: its pod directory, the kept console of a VM that ended...).
-async fn sandbox_info(c: &mut Client, pod: &str) -> anyhow::Result<Value> {
+/// Entry `key` of sandbox `pod`'s PodSandboxStatus verbose info, as JSON.
+async fn verbose_info(c: &mut Client, pod: &str, key: &str) -> anyhow::Result<Value> {
     let r = c
         .runtime
         .pod_sandbox_status(cri::PodSandboxStatusRequest {
@@ -475,22 +474,22 @@ async fn sandbox_info(c: &mut Client, pod: &str) -> anyhow::Result<Value> {
         })
         .await?
         .into_inner();
-    Ok(serde_json::from_str(
-        r.info.get("info").context("no sandbox info")?,
-    )?)
+    let entry = r
+        .info
+        .get(key)
+        .with_context(|| format!("no {key} in the sandbox's verbose info"))?;
+    Ok(serde_json::from_str(entry)?)
+}
+
+/// atoll-cri's own description of sandbox `pod` (its pod directory, the kept
+/// console of a VM that ended...).
+async fn sandbox_info(c: &mut Client, pod: &str) -> anyhow::Result<Value> {
+    verbose_info(c, pod, "info").await
 }
 
 /// The guest agent's own figures, from PodSandboxStatus's verbose info.
 async fn agent_figures(c: &mut Client, pod: &str) -> anyhow::Result<Value> {
-    let r = c
-        .runtime
-        .pod_sandbox_status(cri::PodSandboxStatusRequest {
-            pod_sandbox_id: pod.to_owned(),
-            verbose: true,
-        })
-        .await?
-        .into_inner();
-    let a: Value = serde_json::from_str(r.info.get("agent").context("no agent info")?)?;
+    let a = verbose_info(c, pod, "agent").await?;
     if a.get("error").is_some() {
         bail!("the agent's figures: {a}");
     }

@@ -155,6 +155,7 @@ impl Liveness {
                     }
                 }
             })
+            .map_err(|e| tracing::warn!("no liveness checks for this pod: cannot start their thread: {e}"))
             .ok();
         Self {
             stop: Some(stop),

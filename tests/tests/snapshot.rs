@@ -107,12 +107,51 @@ standby_load() {
   wait $sb2; echo "stopped-exit=$?"
   true
 }
+# A standby VMM prepared for one snapshot (PUT /snapshot/preload): a load of those
+# files finishes the prepared restore; a load of others, or of the same files
+# changed since, restores in full. The guest counts on in every case.
+standby_preload() {
+  waitsock() { for _ in $(seq 1 100); do [ -S "$1" ] && return 0; sleep 0.1; done; echo "no socket $1"; return 1; }
+  call() { k=$1; shift; api "$@"; r=$?; echo; echo "$k=$r"; }
+  phases() { api "$1" GET /metrics | grep -o '\["[a-z_]*",[0-9]*\]' | cut -d'"' -f2 | tr '\n' ' '; }
+  one() { echo "{\"snapshot_path\":\"$1.state\",\"mem_file_path\":\"$1.mem\"$2}"; }
+  ./atoll-vmm --standby --api-sock p1.sock --timeout 120 > out5.txt 2>&1 &
+  p1=$!
+  waitsock p1.sock || return 1
+  call bad-preload p1.sock PUT /snapshot/preload '{"snapshot_path":"trunc.state","mem_file_path":"s1.mem"}'
+  call preload-other p1.sock PUT /snapshot/preload "$(one s2)"
+  call preload p1.sock PUT /snapshot/preload "$(one s1)"
+  call preloaded-load p1.sock PUT /snapshot/load "$(one s1 ',"resume_vm":true')"
+  echo "preloaded-phases=$(phases p1.sock)"
+  wait $p1; echo "preloaded-exit=$?"
+  grep '^sum1\|^ticka 40' out5.txt | sed 's/^/preloaded: /'
+  ./atoll-vmm --standby --api-sock p2.sock --timeout 120 > out6.txt 2>&1 &
+  p2=$!
+  waitsock p2.sock || return 1
+  call preload-a p2.sock PUT /snapshot/preload "$(one s1)"
+  call other-load p2.sock PUT /snapshot/load "$(one s2 ',"resume_vm":true')"
+  echo "other-phases=$(phases p2.sock)"
+  wait $p2; echo "other-exit=$?"
+  grep '^sum1\|^tickb 40' out6.txt | sed 's/^/other: /'
+  cp s1.state c.state; cp s1.mem c.mem
+  ./atoll-vmm --standby --api-sock p3.sock --timeout 120 > out7.txt 2>&1 &
+  p3=$!
+  waitsock p3.sock || return 1
+  call preload-c p3.sock PUT /snapshot/preload "$(one c)"
+  touch -d '2001-01-01' c.state
+  call changed-load p3.sock PUT /snapshot/load "$(one c ',"resume_vm":true')"
+  echo "changed-phases=$(phases p3.sock)"
+  wait $p3; echo "changed-exit=$?"
+  grep '^sum1\|^ticka 40' out7.txt | sed 's/^/changed: /'
+  true
+}
 printf '%s' "$GUEST" > guest.sh
 scenario one_vcpu continue_after_restore 1
 scenario two_vcpus continue_after_restore 2
 scenario pause_resume pause_resume_and_refusals
 scenario bad bad_snapshots
 scenario standby standby_load
+scenario preload standby_preload
 "#;
 
 fn node_output() -> &'static str {
@@ -247,6 +286,50 @@ fn bad_snapshots_are_refused_with_one_line_and_leave_nothing() {
         assert!(out.contains(says), "{name}: expected {says:?} in\n{out}");
     }
     assert!(!out.contains("left: "), "{out}");
+}
+
+#[test]
+fn a_preloaded_standby_vmm_finishes_the_restore_it_prepared_and_restores_others_in_full() {
+    let (out, status) = scenario("preload");
+    assert_eq!(status, 0, "{out}");
+    // A bad preload is refused with why; the VMM still takes the next one.
+    assert_eq!(value_of(out, "bad-preload"), "1", "{out}");
+    assert!(
+        out.contains("not a usable Atoll snapshot state file"),
+        "{out}"
+    );
+    assert!(out.contains("this VMM still waits for a snapshot"), "{out}");
+    for k in ["preload-other", "preload", "preload-a", "preload-c"] {
+        assert_eq!(value_of(out, k), "0", "{k}\n{out}");
+    }
+    let sum = checksum(scenario("one_vcpu").0, "sum0");
+    let sum2 = checksum(scenario("two_vcpus").0, "sum0");
+    // Loading what was preloaded (the second preload replaced the first):
+    // only the clone's part ran, and the guest went on where it was.
+    assert_eq!(value_of(out, "preloaded-load"), "0", "{out}");
+    let phases = value_of(out, "preloaded-phases");
+    assert!(phases.contains("template_preloaded"), "{out}");
+    assert!(!phases.contains("state_read"), "{out}");
+    assert_eq!(value_of(out, "preloaded-exit"), "9", "{out}");
+    assert_eq!(checksum(out, "preloaded: sum1"), sum, "{out}");
+    assert!(out.contains("preloaded: ticka 40"), "{out}");
+    // Another snapshot than the preloaded one: restored in full, and right (two
+    // vCPUs where one was prepared).
+    assert_eq!(value_of(out, "other-load"), "0", "{out}");
+    let phases = value_of(out, "other-phases");
+    assert!(!phases.contains("template_preloaded"), "{out}");
+    assert!(phases.contains("state_read"), "{out}");
+    assert_eq!(value_of(out, "other-exit"), "9", "{out}");
+    assert_eq!(checksum(out, "other: sum1"), sum2, "{out}");
+    assert!(out.contains("other: tickb 40"), "{out}");
+    // The same path, changed since the preload: restored in full from the file
+    // as it is now.
+    assert_eq!(value_of(out, "changed-load"), "0", "{out}");
+    let phases = value_of(out, "changed-phases");
+    assert!(!phases.contains("template_preloaded"), "{out}");
+    assert!(phases.contains("state_read"), "{out}");
+    assert_eq!(value_of(out, "changed-exit"), "9", "{out}");
+    assert_eq!(checksum(out, "changed: sum1"), sum, "{out}");
 }
 
 #[test]

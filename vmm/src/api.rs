@@ -10,6 +10,7 @@
 //! | `PUT /snapshot/create`   | `{"snapshot_path": P, "mem_file_path": M}`        | full snapshot of a paused VM |
 //! | `PUT /snapshot/working-set` | `{"path": P}`                                | record the guest pages resident now |
 //! | `PATCH /drives/{id}`      | `{"path_on_host": P, "id": NEW?}`                 | new backing file (and id) for a disk |
+//! | `PUT /snapshot/preload`  | `{"snapshot_path", "mem_file_path", "working_set_path"?}` ([`PreloadSnapshot`]) | prepare a standby VMM for the clones of one snapshot |
 //! | `PUT /snapshot/load`     | `{"snapshot_path", "mem_file_path", ...}` ([`LoadSnapshot`]) | restore into a VMM started with `--standby` |
 //! | `GET /metrics`           | —                                                 | exits, stages, device counters |
 //! | `PUT /actions`           | `{"action_type": "Stop"}`                         | stop the VM, exit 0 |
@@ -85,6 +86,24 @@ pub struct LoadSnapshot {
     pub resume_vm: bool,
 }
 
+/// `PUT /snapshot/preload`: the snapshot whose clones a VMM started with
+/// `--standby` will be, prepared ahead: its state read, its memory mapped, its VM
+/// and vCPUs created and its working set prefetched, all before a pod asks. A
+/// later load of the same files (unchanged) then only builds the clone's devices
+/// and starts it; a load of other files restores in full. Preloading again
+/// replaces what an earlier preload prepared.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PreloadSnapshot {
+    /// The state file.
+    pub snapshot_path: PathBuf,
+    /// The memory file.
+    pub mem_file_path: PathBuf,
+    /// The working set to prefetch.
+    #[serde(default)]
+    pub working_set_path: Option<PathBuf>,
+}
+
 /// One disk of a [`LoadSnapshot`].
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -129,6 +148,8 @@ pub enum Request {
         /// The id the guest sees from now on (default: unchanged).
         new_id: Option<String>,
     },
+    /// Prepare the restore of a snapshot (only in a VMM that waits for one).
+    Preload(Box<PreloadSnapshot>),
     /// Restore a snapshot (only into a VMM that waits for one).
     Load(Box<LoadSnapshot>),
     /// Counters.
@@ -143,6 +164,7 @@ impl Request {
         match self {
             Request::Snapshot { .. } => 2,
             Request::WorkingSet { .. } | Request::UpdateDrive { .. } => 1,
+            Request::Preload(p) => 2 + usize::from(p.working_set_path.is_some()),
             Request::Load(l) => {
                 2 + usize::from(l.working_set_path.is_some())
                     + l.drives.len()
@@ -278,6 +300,10 @@ pub fn route(method: &str, path: &str, body: &[u8]) -> Result<Request, ApiError>
             "PUT" => Ok(Request::WorkingSet {
                 path: json::<WorkingSetCreate>(body)?.path,
             }),
+            _ => Err(not_allowed()),
+        },
+        "/snapshot/preload" => match method {
+            "PUT" => Ok(Request::Preload(Box::new(json(body)?))),
             _ => Err(not_allowed()),
         },
         "/snapshot/load" => match method {
@@ -600,6 +626,11 @@ impl Handover {
             h.renames.push((tmp, path.to_owned()));
             Ok(f)
         };
+        let open = |path: &Path| {
+            File::open(path).map_err(|e| {
+                io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
+            })
+        };
         match req {
             Request::Snapshot {
                 snapshot_path,
@@ -615,12 +646,14 @@ impl Handover {
                 let f = create(&mut h, path)?;
                 h.files = vec![f];
             }
+            Request::Preload(p) => {
+                h.files.push(open(&p.snapshot_path)?);
+                h.files.push(open(&p.mem_file_path)?);
+                if let Some(ws) = &p.working_set_path {
+                    h.files.push(open(ws)?);
+                }
+            }
             Request::Load(l) => {
-                let open = |path: &Path| {
-                    File::open(path).map_err(|e| {
-                        io::Error::new(e.kind(), format!("cannot open {}: {e}", path.display()))
-                    })
-                };
                 h.files.push(open(&l.snapshot_path)?);
                 h.files.push(open(&l.mem_file_path)?);
                 if let Some(ws) = &l.working_set_path {
@@ -859,6 +892,27 @@ mod tests {
         };
         assert_eq!(l.drives[0].id.as_deref(), Some("img0"));
         assert!(l.resume_vm);
+        let preload = route(
+            "PUT",
+            "/snapshot/preload",
+            br#"{"snapshot_path":"/s","mem_file_path":"/m","working_set_path":"/w"}"#,
+        )
+        .unwrap();
+        assert_eq!(preload.files(), 3, "state, memory, working set");
+        assert!(route("PUT", "/snapshot/preload", br#"{"snapshot_path":"/s"}"#).is_err());
+        assert!(
+            route(
+                "PUT",
+                "/snapshot/preload",
+                br#"{"snapshot_path":"/s","mem_file_path":"/m","net_tap":"t"}"#
+            )
+            .is_err(),
+            "clone-specific fields belong to the load"
+        );
+        assert_eq!(
+            route("GET", "/snapshot/preload", b"").unwrap_err().status,
+            405
+        );
         let bare = route(
             "PUT",
             "/snapshot/load",

@@ -42,7 +42,7 @@ use crate::persist::{self, MicrovmState, SnapshotFileError};
 use crate::vmm::{Vmm, VmmParts};
 use crate::vstate::kvm::{self, KvmError};
 use crate::vstate::memory::{self, MemoryError};
-use crate::vstate::vcpu::{ConfigureVcpuError, Vcpu, VcpuShared};
+use crate::vstate::vcpu::{self, ConfigureVcpuError, Vcpu, VcpuShared};
 use crate::vstate::vm::{CreateVmError, Vm, VmStateError};
 use crate::vstate::VmMessage;
 
@@ -812,24 +812,142 @@ pub fn restore_with(
 ) -> Result<Vmm, StartVmError> {
     let metrics = Arc::new(VmMetrics::new(start));
     metrics.record_phase("process_ready");
-    let state: MicrovmState = persist::read_state_from(&cfg.state)?;
+    let prepared = prepare_restore(
+        kvm,
+        &cfg.state,
+        &cfg.mem,
+        cfg.working_set.as_ref(),
+        &metrics,
+    )?;
+    restore_prepared(prepared, cfg, metrics, console)
+}
+
+/// The files a restore was prepared from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Sources {
+    state: persist::FileIdentity,
+    mem: persist::FileIdentity,
+    working_set: Option<persist::FileIdentity>,
+}
+
+impl Sources {
+    /// `None` when one cannot be inspected (reading it will say why).
+    fn of(
+        state: &persist::Input,
+        mem: &persist::Input,
+        working_set: Option<&persist::Input>,
+    ) -> Option<Self> {
+        Some(Self {
+            state: state.identity().ok()?,
+            mem: mem.identity().ok()?,
+            working_set: match working_set {
+                Some(w) => Some(w.identity().ok()?),
+                None => None,
+            },
+        })
+    }
+}
+
+/// The part of a restore that is the same for every clone of one snapshot: the
+/// state file read and checked, the memory file mapped, the VM with its irqchip
+/// and its vCPUs created (no state set: the clock and TSC start at the load), and
+/// the working set mapped and built into KVM's page tables. A VMM waiting for its
+/// snapshot (`--standby`) does this ahead (`PUT /snapshot/preload`), so that a
+/// clone's load does only what is its own ([`restore_prepared`]).
+pub struct PreparedRestore {
+    kvm: kvm_ioctls::Kvm,
+    state: MicrovmState,
+    vm: Vm,
+    vcpu_fds: Vec<kvm_ioctls::VcpuFd>,
+    sources: Option<Sources>,
+}
+
+impl std::fmt::Debug for PreparedRestore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedRestore")
+            .field("vcpus", &self.vcpu_fds.len())
+            .field("mem_size", &self.state.mem_size)
+            .field("sources", &self.sources)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PreparedRestore {
+    /// Whether `cfg` restores the very files (unchanged) this was prepared from.
+    pub fn serves(&self, cfg: &RestoreConfig) -> bool {
+        self.sources.is_some()
+            && Sources::of(&cfg.state, &cfg.mem, cfg.working_set.as_ref()) == self.sources
+    }
+}
+
+/// Prepares the restore of the snapshot `state` + `mem` (prefetching the pages of
+/// `working_set`): everything but the clone's own devices and vCPU state. `kvm`
+/// is `/dev/kvm` opened already (`None` opens it). Phases go to `metrics`.
+pub fn prepare_restore(
+    kvm: Option<kvm_ioctls::Kvm>,
+    state: &persist::Input,
+    mem: &persist::Input,
+    working_set: Option<&persist::Input>,
+    metrics: &VmMetrics,
+) -> Result<PreparedRestore, StartVmError> {
+    // Before reading: a file changed meanwhile no longer matches a later load.
+    let sources = Sources::of(state, mem, working_set);
+    let saved: MicrovmState = persist::read_state_from(state)?;
     metrics.record_phase("state_read");
     let kvm = match kvm {
         Some(k) => k,
         None => kvm::open()?,
     };
     metrics.record_phase("kvm_open");
-    let vcpu_count = u8::try_from(state.vcpus.len())
+    let vcpu_count = u8::try_from(saved.vcpus.len())
         .map_err(|_| StartVmError::Incompatible("more vCPUs than this VMM runs".into()))?;
     check_vcpus(&kvm, vcpu_count)?;
-    let ram = memory::restore(&cfg.mem, state.mem_size, &state.id)?;
-    let working_set = match &cfg.working_set {
-        Some(input) => Some(memory::WorkingSet::read(input, state.mem_size)?),
+    let ram = memory::restore(mem, saved.mem_size, &saved.id)?;
+    let working_set = match working_set {
+        Some(input) => Some(memory::WorkingSet::read(input, saved.mem_size)?),
         None => None,
     };
     let vm = Vm::new(&kvm, ram)?;
-    vm.restore_state(&state.vm).map_err(StartVmError::VmState)?;
+    let vcpu_fds = (0..vcpu_count)
+        .map(|id| vcpu::create_fd(&vm.fd, id))
+        .collect::<Result<Vec<_>, _>>()?;
     metrics.record_phase("vm_created");
+    if let Some(ws) = &working_set {
+        let ranges = vm.ram.populate(ws)?;
+        metrics.record_phase("working_set_populated");
+        if let Some(fd) = vcpu_fds.first() {
+            if !vcpu::prefault(fd, 0, &ranges)? {
+                tracing::info!("this KVM cannot prefault memory: pages fault in as touched");
+            }
+        }
+        metrics.record_phase("working_set_prefaulted");
+    }
+    Ok(PreparedRestore {
+        kvm,
+        state: saved,
+        vm,
+        vcpu_fds,
+        sources,
+    })
+}
+
+/// Finishes a restore prepared by [`prepare_restore`] with what is the clone's own
+/// (`cfg`: its disks, tap, vsock socket and CID, jail): the VM and vCPU state, the
+/// devices, a new generation ID; then starts it.
+pub fn restore_prepared(
+    prepared: PreparedRestore,
+    cfg: &RestoreConfig,
+    metrics: Arc<VmMetrics>,
+    console: Box<dyn Write + Send>,
+) -> Result<Vmm, StartVmError> {
+    let PreparedRestore {
+        kvm,
+        state,
+        vm,
+        vcpu_fds,
+        ..
+    } = prepared;
+    vm.restore_state(&state.vm).map_err(StartVmError::VmState)?;
     let serial =
         SerialDevice::from_state(&state.serial, serial_irq(&vm)?, console).map_err(|source| {
             StartVmError::Device {
@@ -849,20 +967,10 @@ pub fn restore_with(
     a.metrics.record_phase("devices_restored");
     let shared = a.vcpu_shared();
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
-    for (id, s) in (0..vcpu_count).zip(&state.vcpus) {
-        let vcpu = Vcpu::create(&a.vm.fd, id, shared.clone())?;
+    for ((id, fd), s) in (0u8..).zip(vcpu_fds).zip(&state.vcpus) {
+        let vcpu = Vcpu::over(fd, id, shared.clone());
         vcpu.restore_state(s)?;
         vcpus.push(vcpu);
-    }
-    if let Some(ws) = &working_set {
-        let ranges = a.vm.ram.populate(ws)?;
-        a.metrics.record_phase("working_set_populated");
-        if let Some(v) = vcpus.first() {
-            if !v.prefault(&ranges)? {
-                tracing::info!("this KVM cannot prefault memory: pages fault in as touched");
-            }
-        }
-        a.metrics.record_phase("working_set_prefaulted");
     }
     // Interrupts the devices raise now reach restored LAPICs.
     for t in &a.virtio.transports {

@@ -366,8 +366,11 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
 
 /// `--standby`: opens KVM, binds the vsock socket, enters the jail, then serves
 /// the API until a snapshot loads (the VM and the instant its load began) or a
-/// Stop arrives (`None`). A load that fails is answered with why, and the VMM
-/// waits for the next one: nothing of the failed VM is left.
+/// Stop arrives (`None`). A preload prepares the restore of the snapshot a load
+/// will most likely name (`builder::prepare_restore`); a load of exactly those
+/// files finishes it, any other load restores in full. A preload or load that
+/// fails is answered with why, and the VMM waits for the next one: nothing of the
+/// failed VM is left.
 fn standby(
     args: &Args,
     listener: UnixListener,
@@ -389,21 +392,76 @@ fn standby(
     let target = api::target(tx);
     api::spawn(listener, target.clone()).context("cannot start the API thread")?;
     tracing::info!("standing by for PUT /snapshot/load");
+    // What a PUT /snapshot/preload prepared, for a load of the same files.
+    let mut preloaded: Option<builder::PreparedRestore> = None;
+    let dup_kvm = || {
+        atoll_vmm::vstate::kvm::duplicate(&kvm)
+            .map_err(|e| anyhow::anyhow!("cannot use /dev/kvm again: {e}"))
+    };
     for msg in rx {
         let VmMessage::Api(req, files, reply) = msg else {
             continue;
         };
         let answer = match req {
+            Request::Preload(p) => {
+                let t = Instant::now();
+                // The earlier one goes first: two VMs' page tables never coexist.
+                preloaded = None;
+                let mut files = files.into_iter();
+                let state = persist::Input::new(p.snapshot_path, files.next());
+                let mem = persist::Input::new(p.mem_file_path, files.next());
+                let ws = p
+                    .working_set_path
+                    .map(|w| persist::Input::new(w, files.next()));
+                let metrics = atoll_vmm::metrics::VmMetrics::new(t);
+                match dup_kvm().and_then(|kvm| {
+                    builder::prepare_restore(Some(kvm), &state, &mem, ws.as_ref(), &metrics)
+                        .map_err(anyhow::Error::from)
+                }) {
+                    Ok(p) => {
+                        tracing::info!("preloaded {}: {p:?}", state.path.display());
+                        preloaded = Some(p);
+                        Ok(serde_json::json!({
+                            "state": "Standby",
+                            "ms": t.elapsed().as_millis() as u64,
+                        }))
+                    }
+                    Err(e) => {
+                        tracing::warn!("snapshot preload failed: {e:#}");
+                        Err(ApiError::bad_request(format!(
+                            "{e:#}; this VMM still waits for a snapshot"
+                        )))
+                    }
+                }
+            }
             Request::Load(load) => {
                 let loaded = Instant::now();
                 let cfg = load_config(*load, files, args, vsock.clone(), console_input);
                 let console = Box::new(LineWriter::new(std::io::stdout()));
-                let vmm = atoll_vmm::vstate::kvm::duplicate(&kvm)
-                    .map_err(|e| anyhow::anyhow!("cannot use /dev/kvm again: {e}"))
-                    .and_then(|kvm| {
-                        builder::restore_with(Some(kvm), &cfg, loaded, console)
+                let vmm = match preloaded.take() {
+                    Some(p) if p.serves(&cfg) => {
+                        let metrics = Arc::new(atoll_vmm::metrics::VmMetrics::new(loaded));
+                        metrics.record_phase("process_ready");
+                        metrics.record_phase("template_preloaded");
+                        builder::restore_prepared(p, &cfg, metrics, console)
                             .map_err(anyhow::Error::from)
-                    });
+                    }
+                    other => {
+                        if other.is_some() {
+                            tracing::info!(
+                                "the load names other snapshot files than the preload (or \
+                                 they changed): restoring {} in full",
+                                cfg.state.path.display()
+                            );
+                        }
+                        // Its VM goes before another is made.
+                        drop(other);
+                        dup_kvm().and_then(|kvm| {
+                            builder::restore_with(Some(kvm), &cfg, loaded, console)
+                                .map_err(anyhow::Error::from)
+                        })
+                    }
+                };
                 match vmm {
                     Ok(vmm) => {
                         // Requests go to the VM from now on; the load's answer

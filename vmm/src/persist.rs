@@ -239,6 +239,32 @@ impl Input {
             None => File::open(&self.path),
         }
     }
+
+    /// Which file this is now: equal for the same file unchanged, whatever its
+    /// path or descriptor (a template rebuilt is renamed into place: a new inode).
+    pub fn identity(&self) -> io::Result<FileIdentity> {
+        use std::os::unix::fs::MetadataExt;
+        let m = match &self.handed {
+            Some(f) => f.metadata()?,
+            None => std::fs::metadata(&self.path)?,
+        };
+        Ok(FileIdentity {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: (m.mtime(), m.mtime_nsec()),
+        })
+    }
+}
+
+/// A file's device, inode, size and modification time: what tells that a file
+/// handed over now is the one read earlier.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileIdentity {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: (i64, i64),
 }
 
 /// Reads and checks the state file at `path`.

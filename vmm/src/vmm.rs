@@ -275,7 +275,7 @@ impl Vmm {
                 path,
                 new_id,
             } => self.update_drive(&drive_id, path, new_id, files.next()),
-            Request::Load(_) => Err(ApiError::conflict(
+            Request::Load(_) | Request::Preload(_) => Err(ApiError::conflict(
                 "this VMM runs a VM already: a snapshot loads only into a VMM started with \
                  --standby, before any VM",
             )),

@@ -208,6 +208,63 @@ extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_v
     }
 }
 
+/// Creates the KVM vCPU `id` of `vm`, without any state.
+pub fn create_fd(vm: &VmFd, id: u8) -> Result<VcpuFd, ConfigureVcpuError> {
+    vm.create_vcpu(u64::from(id))
+        .map_err(|source| ConfigureVcpuError::Create { id, source })
+}
+
+/// Builds KVM's stage-2 mappings of the guest-physical `ranges` now, through vCPU
+/// `id`'s `fd` (any state, or none yet: the mappings are the VM's), so the guest
+/// does not take one exit per page on first touch (KVM_PRE_FAULT_MEMORY, Linux
+/// 6.10+). Returns false when this KVM cannot (the pages then fault in lazily).
+pub fn prefault(fd: &VcpuFd, id: u8, ranges: &[(u64, u64)]) -> Result<bool, ConfigureVcpuError> {
+    /// struct kvm_pre_fault_memory.
+    #[repr(C)]
+    struct PreFault {
+        gpa: u64,
+        size: u64,
+        flags: u64,
+        padding: [u64; 5],
+    }
+    // _IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)
+    const KVM_PRE_FAULT_MEMORY: libc::c_ulong = 0xc040_aed5;
+    for &(gpa, size) in ranges {
+        let mut req = PreFault {
+            gpa,
+            size,
+            flags: 0,
+            padding: [0; 5],
+        };
+        while req.size > 0 {
+            // SAFETY: `req` is a valid kvm_pre_fault_memory that KVM reads and
+            // updates (gpa and size advance); the fd is this vCPU's.
+            let r = unsafe {
+                libc::ioctl(
+                    std::os::unix::io::AsRawFd::as_raw_fd(fd),
+                    KVM_PRE_FAULT_MEMORY,
+                    &mut req,
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.raw_os_error() {
+                    Some(libc::EINTR | libc::EAGAIN) => continue,
+                    Some(libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP) => return Ok(false),
+                    _ => {
+                        return Err(ConfigureVcpuError::Kvm {
+                            id,
+                            what: "KVM_PRE_FAULT_MEMORY",
+                            source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
+                        })
+                    }
+                }
+            }
+        }
+    }
+    Ok(true)
+}
+
 /// The signal that kicks a vCPU out of `KVM_RUN`.
 fn kick_signal() -> libc::c_int {
     vmm_sys_util::signal::SIGRTMIN()
@@ -225,10 +282,13 @@ fn install_kick_handler() {
 impl Vcpu {
     /// Creates vCPU `id` without any state.
     pub fn create(vm: &VmFd, id: u8, shared: VcpuShared) -> Result<Self, ConfigureVcpuError> {
-        let fd = vm
-            .create_vcpu(u64::from(id))
-            .map_err(|source| ConfigureVcpuError::Create { id, source })?;
-        Ok(Self {
+        Ok(Self::over(create_fd(vm, id)?, id, shared))
+    }
+
+    /// vCPU `id` over `fd`, created earlier by [`create_fd`] (a restore prepared
+    /// ahead of its devices).
+    pub fn over(fd: VcpuFd, id: u8, shared: VcpuShared) -> Self {
+        Self {
             id,
             fd,
             io_bus: shared.io_bus,
@@ -236,7 +296,7 @@ impl Vcpu {
             events: shared.events,
             metrics: shared.metrics,
             msr_list: shared.msr_list,
-        })
+        }
     }
 
     /// Gives vCPU `id` of `num_cpus` its boot state. Only the boot processor (id 0)
@@ -412,54 +472,9 @@ impl Vcpu {
         Ok(())
     }
 
-    /// Builds KVM's stage-2 mappings of the guest-physical `ranges` now, so the guest
-    /// does not take one exit per page on first touch (KVM_PRE_FAULT_MEMORY, Linux
-    /// 6.10+). Returns false when this KVM cannot (the pages then fault in lazily).
+    /// [`prefault`] through this vCPU.
     pub fn prefault(&self, ranges: &[(u64, u64)]) -> Result<bool, ConfigureVcpuError> {
-        /// struct kvm_pre_fault_memory.
-        #[repr(C)]
-        struct PreFault {
-            gpa: u64,
-            size: u64,
-            flags: u64,
-            padding: [u64; 5],
-        }
-        // _IOWR(KVMIO, 0xd5, struct kvm_pre_fault_memory)
-        const KVM_PRE_FAULT_MEMORY: libc::c_ulong = 0xc040_aed5;
-        for &(gpa, size) in ranges {
-            let mut req = PreFault {
-                gpa,
-                size,
-                flags: 0,
-                padding: [0; 5],
-            };
-            while req.size > 0 {
-                // SAFETY: `req` is a valid kvm_pre_fault_memory that KVM reads and
-                // updates (gpa and size advance); the fd is this vCPU's.
-                let r = unsafe {
-                    libc::ioctl(
-                        std::os::unix::io::AsRawFd::as_raw_fd(&self.fd),
-                        KVM_PRE_FAULT_MEMORY,
-                        &mut req,
-                    )
-                };
-                if r < 0 {
-                    let e = std::io::Error::last_os_error();
-                    match e.raw_os_error() {
-                        Some(libc::EINTR | libc::EAGAIN) => continue,
-                        Some(libc::ENOTTY | libc::EINVAL | libc::EOPNOTSUPP) => return Ok(false),
-                        _ => {
-                            return Err(ConfigureVcpuError::Kvm {
-                                id: self.id,
-                                what: "KVM_PRE_FAULT_MEMORY",
-                                source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
-                            })
-                        }
-                    }
-                }
-            }
-        }
-        Ok(true)
+        prefault(&self.fd, self.id, ranges)
     }
 
     /// Starts the vCPU's thread, paused or running.

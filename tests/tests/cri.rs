@@ -340,6 +340,9 @@ network() {
   ping -c 1 -W 10 $IP >/dev/null && echo "node_ping=ok"
   $C exec $CA -- sh -c 'ip addr show eth0; ip route; cat /etc/resolv.conf'
   Q=$($C runp /tmp/cfg/peer.json) || return 1
+  # The VMM's own account of its start: a pool VMM that had the template
+  # preloaded only finished the restore.
+  echo "peer_vmm_phases=$(./atoll-vmm-api /run/atoll/cri/pods/$Q/api.sock GET /metrics | grep -o '\["[a-z_]*",[0-9]*\]' | cut -d'"' -f2 | tr '\n' ' ')"
   H=$($C create $Q /tmp/cfg/httpd.json /tmp/cfg/peer.json) && $C start $H || return 1
   IP2=$(ip_of $Q); echo "peer_ip=$IP2"
   for i in $(seq 30); do
@@ -524,6 +527,11 @@ fn node_output() -> &'static str {
             .file(artefact(static_dir().join("atoll-cri")), "atoll-cri")
             .unwrap()
             .file(artefact(static_dir().join("atoll-crictl")), "atoll-crictl")
+            .unwrap()
+            .file(
+                artefact(static_dir().join("atoll-vmm-api")),
+                "atoll-vmm-api",
+            )
             .unwrap()
             .file(storage.clone(), "registry")
             .unwrap()
@@ -1030,6 +1038,18 @@ fn pods_get_cni_addresses_the_node_and_other_pods_reach() {
         "peer's veth went: {out}"
     );
     assert_eq!(value_of(out, "netns_left"), "1", "only web's: {out}");
+}
+
+#[test]
+fn a_sandbox_from_the_pool_finishes_the_restore_its_vmm_prepared_while_waiting() {
+    let (out, st) = sc("network");
+    assert_eq!(st, 0, "{out}");
+    // By the time peer starts, web's template is the expected one and every
+    // waiting VMM has preloaded it: the load only built the clone's devices.
+    let phases = value_of(out, "peer_vmm_phases");
+    assert!(phases.contains("template_preloaded"), "{out}");
+    assert!(!phases.contains("state_read"), "{out}");
+    assert!(phases.contains("vcpus_started"), "{out}");
 }
 
 #[test]

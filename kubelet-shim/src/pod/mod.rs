@@ -654,7 +654,8 @@ impl Pod {
     /// the thread that spawned it ends (`PR_SET_PDEATHSIG`).
     pub fn start(mut cfg: PodConfig) -> Result<Pod, PodError> {
         let mut standby = match (&cfg.boot, &cfg.pool) {
-            (Boot::Template(_), Some(pool)) => {
+            (Boot::Template(t), Some(pool)) => {
+                pool.expect(t);
                 let taken = pool.take();
                 match &taken {
                     Some(s) => tracing::info!("pod {}: standby VMM {:?} takes it", cfg.id, s.pid()),

@@ -4,6 +4,12 @@
 //! that starts from a template takes one and sends it the template's snapshot as
 //! `PUT /snapshot/load` ([`super::Pod::start`]), instead of spawning a VMM.
 //!
+//! A VMM is also handed the snapshot of the template the last pod asked for
+//! (`PUT /snapshot/preload`): it reads it, maps its memory, creates the VM and
+//! its vCPUs and prefetches the working set while it waits, so that a pod's load
+//! only builds the clone's devices and starts it. A pod of another template still
+//! gets a waiting VMM; its load restores in full.
+//!
 //! Each waits in a directory of its own, `<pods dir>/standby-<n>`, which becomes the
 //! pod's directory by a rename when a pod takes it (its sockets and files keep
 //! working: the VMM's jail holds the directory, not its name). It runs under a uid
@@ -48,6 +54,10 @@ pub struct Standby {
     pub(super) uid: Option<confine::UidClaim>,
     /// Spawn to the API's first answer.
     pub ready_ms: f64,
+    /// How long its preload took, if it had one.
+    pub preload_ms: Option<f64>,
+    /// The template it was given to preload (whether or not that worked).
+    preloaded_for: Option<PathBuf>,
 }
 
 impl Standby {
@@ -57,6 +67,17 @@ impl Standby {
         run_dir: &Path,
         vmm: &Path,
         cgroup_root: Option<&Path>,
+    ) -> Result<Standby, PodError> {
+        Self::start_for(run_dir, vmm, cgroup_root, None)
+    }
+
+    /// [`Standby::start`], then preloads `template`'s snapshot into it (a
+    /// preload that fails is logged: the VMM still takes any load, in full).
+    pub fn start_for(
+        run_dir: &Path,
+        vmm: &Path,
+        cgroup_root: Option<&Path>,
+        template: Option<&Template>,
     ) -> Result<Standby, PodError> {
         let t0 = Instant::now();
         let pods = state::pods_dir(run_dir);
@@ -69,6 +90,8 @@ impl Standby {
             cgroup: None,
             uid: None,
             ready_ms: 0.0,
+            preload_ms: None,
+            preloaded_for: None,
         };
         let uid = confine::claim_uid(run_dir, &id)?;
         let uid_value = uid.uid;
@@ -133,7 +156,27 @@ impl Standby {
         fs::write(&pid_file, format!("{pid} {start}\n")).map_err(super::io_err(&pid_file))?;
         s.wait_ready(&log_path)?;
         s.ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        if let Some(t) = template {
+            s.preload(t);
+        }
         Ok(s)
+    }
+
+    /// Has the VMM prepare the restore of `t`'s snapshot (replacing an earlier
+    /// preload). A failure is logged: the VMM still takes any load, in full.
+    fn preload(&mut self, t: &Template) {
+        let t1 = Instant::now();
+        let sock = self.dir.join(API_SOCK);
+        self.preloaded_for = Some(t.dir.clone());
+        self.preload_ms = None;
+        match super::template::api_call(&sock, "PUT", "/snapshot/preload", &t.preload_body()) {
+            Ok(_) => self.preload_ms = Some(t1.elapsed().as_secs_f64() * 1000.0),
+            Err(e) => tracing::warn!(
+                "a standby VMM could not preload template {}: {e} (a pod's load \
+                 restores it in full)",
+                t.dir.display()
+            ),
+        }
     }
 
     /// Waits until the VMM answers `GET /vm` (it is jailed and listening).
@@ -249,6 +292,8 @@ pub struct Pool {
     vmm: PathBuf,
     cgroup_root: Option<PathBuf>,
     ready: Mutex<VecDeque<Standby>>,
+    /// The template new VMMs preload: the one the last pod asked for.
+    expected: Mutex<Option<Template>>,
     /// Whether a thread is filling the pool now.
     filling: AtomicBool,
     /// Set when the pool is being dropped: fillers stop.
@@ -269,6 +314,7 @@ impl Pool {
             vmm,
             cgroup_root,
             ready: Mutex::new(VecDeque::new()),
+            expected: Mutex::new(None),
             filling: AtomicBool::new(false),
             closed: AtomicBool::new(false),
         })
@@ -286,6 +332,15 @@ impl Pool {
     /// Whether none waits now.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Makes the VMMs started from now on preload `t` (the template of the pod
+    /// asking now is the best guess for the next).
+    pub fn expect(&self, t: &Template) {
+        let mut e = self.expected.lock().unwrap_or_else(|p| p.into_inner());
+        if e.as_ref().is_none_or(|old| old.dir != t.dir) {
+            *e = Some(t.clone());
+        }
     }
 
     /// A waiting VMM that still runs, if there is one. The pool does not fill up
@@ -321,10 +376,40 @@ impl Pool {
             .spawn(move || {
                 // Filling waits for idle CPU like the VMMs it starts.
                 let _ = lowest_priority(0);
+                // VMMs that waited since before the expected template changed
+                // get it now (each out of the queue only while it preloads).
+                let expected = me
+                    .expected
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                if let Some(t) = &expected {
+                    while let Some(mut s) = me.take_unprepared(t) {
+                        s.preload(t);
+                        if me.closed.load(Ordering::Acquire) {
+                            break; // `s` goes, and its VMM with it.
+                        }
+                        me.ready().push_back(s);
+                    }
+                }
                 while !me.closed.load(Ordering::Acquire) && me.len() < me.size {
-                    match Standby::start(&me.run_dir, &me.vmm, me.cgroup_root.as_deref()) {
+                    let expected = me
+                        .expected
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    match Standby::start_for(
+                        &me.run_dir,
+                        &me.vmm,
+                        me.cgroup_root.as_deref(),
+                        expected.as_ref(),
+                    ) {
                         Ok(s) => {
-                            tracing::debug!("standby VMM ready in {:.1} ms", s.ready_ms);
+                            tracing::debug!(
+                                "standby VMM ready in {:.1} ms, preloaded in {:?} ms",
+                                s.ready_ms,
+                                s.preload_ms
+                            );
                             me.ready().push_back(s);
                         }
                         Err(e) => {
@@ -338,6 +423,18 @@ impl Pool {
         if spawned.is_err() {
             self.filling.store(false, Ordering::Release);
         }
+    }
+
+    /// A waiting VMM not yet given template `t` to preload, out of the queue.
+    fn take_unprepared(&self, t: &Template) -> Option<Standby> {
+        if self.closed.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut ready = self.ready();
+        let i = ready
+            .iter()
+            .position(|s| s.preloaded_for.as_ref() != Some(&t.dir))?;
+        ready.remove(i)
     }
 
     /// Stops filling and kills every waiting VMM.
@@ -431,6 +528,46 @@ mod tests {
         assert!(!pods.join("standby-aa").exists());
         assert!(!pods.join("standby-bb").exists());
         assert!(pods.join("pod-1").is_dir());
+    }
+
+    #[test]
+    fn waiting_vmms_not_given_the_expected_template_are_found_one_by_one() {
+        let run = tempfile::tempdir().unwrap();
+        let pool = Pool::new(2, run.path().to_owned(), "/nonexistent".into(), None);
+        let standby = |n: &str, t: Option<&str>| Standby {
+            dir: run.path().join(n),
+            child: None,
+            console: None,
+            cgroup: None,
+            uid: None,
+            ready_ms: 0.0,
+            preload_ms: None,
+            preloaded_for: t.map(PathBuf::from),
+        };
+        let template = |d: &str| Template {
+            dir: d.into(),
+            key: "k".into(),
+            net: false,
+        };
+        pool.ready().push_back(standby("a", Some("/t/old")));
+        pool.ready().push_back(standby("b", Some("/t/new")));
+        pool.ready().push_back(standby("c", None));
+        pool.expect(&template("/t/new"));
+        let expected = pool.expected.lock().unwrap().clone();
+        assert_eq!(expected, Some(template("/t/new")));
+        let t = template("/t/new");
+        let first = pool.take_unprepared(&t).unwrap();
+        assert!(first.dir.ends_with("a"), "{first:?}");
+        let second = pool.take_unprepared(&t).unwrap();
+        assert!(second.dir.ends_with("c"), "{second:?}");
+        assert!(pool.take_unprepared(&t).is_none(), "b has it already");
+        assert_eq!(pool.len(), 1);
+        pool.close();
+        pool.ready().push_back(standby("d", None));
+        assert!(
+            pool.take_unprepared(&t).is_none(),
+            "a closed pool prepares nothing"
+        );
     }
 
     #[test]

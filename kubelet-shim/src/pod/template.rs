@@ -272,6 +272,21 @@ impl Template {
         body.to_string()
     }
 
+    /// The body of the `PUT /snapshot/preload` that prepares a VMM started with
+    /// [`Template::standby_args`] for this template's clones: the snapshot's files
+    /// and working set, the parts of [`Template::load_body`] every clone shares.
+    pub fn preload_body(&self) -> String {
+        let mut body = serde_json::json!({
+            "snapshot_path": self.state(),
+            "mem_file_path": self.memory(),
+        });
+        let ws = self.working_set();
+        if ws.is_file() {
+            body["working_set_path"] = serde_json::json!(ws);
+        }
+        body.to_string()
+    }
+
     /// Removes the template (it could not be restored).
     pub fn discard(&self) {
         let _ = fs::remove_dir_all(&self.dir);

@@ -7,8 +7,11 @@
 //!   memory file's mapping of a restore, split into pages read from the page cache and
 //!   pages copied on write) and VM exits, both at the moment the agent answered.
 //!   A fourth mode, `standby`, is the pool's: atoll-vmm started with `--standby`
-//!   (jailed, KVM open, sockets bound) before the clock starts, then timed from its
-//!   `PUT /snapshot/load` to the agent's answer; the pre-start is reported apart.
+//!   (jailed, KVM open, sockets bound) and given the template's snapshot with
+//!   `PUT /snapshot/preload` (VM, vCPUs, memory and working set prepared) before
+//!   the clock starts, then timed from its `PUT /snapshot/load` to the agent's
+//!   answer; the pre-start and the preload are reported apart. A fifth,
+//!   `standby_no_preload`, is the same VMM loading without a preload.
 //! - `density`: N idle clones of one template at once: the rate they come up at, and
 //!   each one's proportional set size (PSS) beyond the snapshot pages all of them
 //!   share, until N or until one fails (the closing line says how far it got).
@@ -240,12 +243,25 @@ fn spawn_standby(s: &Setup, id: &str) -> anyhow::Result<Vm> {
     }
 }
 
-/// A clone loaded into a standby VMM: the clock runs from the load request.
-/// Returns the sample and how long the pre-start took (not on the clock).
-fn measure_standby(s: &Setup, id: &str) -> anyhow::Result<(Sample, f64)> {
+/// A clone loaded into a standby VMM (the template preloaded into it first when
+/// `preload`, as the pool does): the clock runs from the load request. Returns
+/// the sample, how long the pre-start took and how long the preload (neither on
+/// the clock).
+fn measure_standby(s: &Setup, id: &str, preload: bool) -> anyhow::Result<(Sample, f64, f64)> {
     let pre = Instant::now();
     let mut vm = spawn_standby(s, id)?;
     let prestart_ms = pre.elapsed().as_secs_f64() * 1000.0;
+    let mut preload_ms = 0.0;
+    if preload {
+        let t = Instant::now();
+        template::api_call(
+            &vm.dir.join(API_SOCK),
+            "PUT",
+            "/snapshot/preload",
+            &s.template.preload_body(),
+        )?;
+        preload_ms = t.elapsed().as_secs_f64() * 1000.0;
+    }
     let t0 = Instant::now();
     template::api_call(
         &vm.dir.join(API_SOCK),
@@ -267,6 +283,7 @@ fn measure_standby(s: &Setup, id: &str) -> anyhow::Result<(Sample, f64)> {
             phases_us,
         },
         prestart_ms,
+        preload_ms,
     ))
 }
 
@@ -404,14 +421,15 @@ fn summary(samples: &[Sample]) -> Value {
 /// `restore-inner`: alternating cold boots and restores; one JSON line.
 pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
     let s = setup(a.mem)?;
-    let (mut cold, mut restored, mut lazy, mut standby) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut prestart = Vec::new();
+    let (mut cold, mut restored, mut lazy, mut standby, mut standby_full) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut prestart, mut preload) = (Vec::new(), Vec::new());
     for round in 0..=a.runs {
         // 0 cold, 1 restore with the working set prefetched, 2 restore without,
-        // 3 a standby VMM loading it (with the working set).
-        let mut order = [0, 1, 2, 3];
-        order.rotate_left(round as usize % 4);
+        // 3 a standby VMM with the template preloaded loading it (the pool's way),
+        // 4 a standby VMM loading it without a preload.
+        let mut order = [0, 1, 2, 3, 4];
+        order.rotate_left(round as usize % 5);
         for mode in order {
             let boot = || Boot::Template(s.template.clone());
             let sample = match mode {
@@ -419,15 +437,27 @@ pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
                 1 => measure(&s, &format!("r{round}"), boot(), a.mem, false)?,
                 2 => measure(&s, &format!("l{round}"), boot(), a.mem, true)?,
                 _ => {
-                    let (sample, pre) = measure_standby(&s, &format!("s{round}"))?;
+                    let preloaded = mode == 3;
+                    let (sample, pre, load) =
+                        measure_standby(&s, &format!("s{mode}-{round}"), preloaded)?;
                     if round > 0 {
                         prestart.push(pre);
+                        if preloaded {
+                            preload.push(load);
+                        }
                     }
                     sample
                 }
             };
             if round > 0 {
-                [&mut cold, &mut restored, &mut lazy, &mut standby][mode].push(sample);
+                [
+                    &mut cold,
+                    &mut restored,
+                    &mut lazy,
+                    &mut standby,
+                    &mut standby_full,
+                ][mode]
+                    .push(sample);
             }
         }
     }
@@ -435,13 +465,15 @@ pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(Value::Null);
-    let (c, r, l, sb) = (
+    let (c, r, l, sb, sf) = (
         summary(&cold),
         summary(&restored),
         summary(&lazy),
         summary(&standby),
+        summary(&standby_full),
     );
     let pre = summarize(&prestart);
+    let pl = summarize(&preload);
     let ratio = |x: &Value| {
         let v = x["median_ms"].as_f64().unwrap_or(0.0) / c["median_ms"].as_f64().unwrap_or(1.0);
         (v * 1000.0).round() / 1000.0
@@ -452,14 +484,21 @@ pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
         "ratio_median": ratio(&r),
         "ratio_median_lazy": ratio(&l),
         "ratio_median_standby": ratio(&sb),
+        "ratio_median_standby_no_preload": ratio(&sf),
         "cold": c,
         "restore": r,
         "restore_lazy": l,
         "standby": sb,
+        "standby_no_preload": sf,
         "standby_prestart_ms": {
             "median": pre.as_ref().map(|p| r1(p.median)),
             "min": pre.as_ref().map(|p| r1(p.min)),
             "max": pre.as_ref().map(|p| r1(p.max)),
+        },
+        "standby_preload_ms": {
+            "median": pl.as_ref().map(|p| r1(p.median)),
+            "min": pl.as_ref().map(|p| r1(p.min)),
+            "max": pl.as_ref().map(|p| r1(p.max)),
         },
         "template": {
             "build_ms": s.template_build_ms,
@@ -470,8 +509,10 @@ pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
             restore: the recorded working set populated (MADV_POPULATE_READ) and \
             prefaulted into KVM (KVM_PRE_FAULT_MEMORY) first; restore_lazy: every page on \
             first touch; standby: a VMM started with --standby (exec, KVM, sockets, jail \
-            done before the clock) loads the snapshot as PUT /snapshot/load, working set \
-            prefetched",
+            done before the clock) and given the template as PUT /snapshot/preload (state \
+            read, memory mapped, VM and vCPUs created, working set prefetched, also before \
+            the clock: the pool's way) loads it as PUT /snapshot/load; standby_no_preload: \
+            the same without the preload",
     });
     println!("{JSON_PREFIX}{result}");
     Ok(())
@@ -562,13 +603,19 @@ fn print_restore(r: &Value) {
         r["runs"], r["where"]
     );
     println!(
-        "{:<13} {:>10} {:>10} {:>10} {:>14} {:>14} {:>8}",
+        "{:<18} {:>10} {:>10} {:>10} {:>14} {:>14} {:>8}",
         "", "median", "min", "max", "RAM touched", "RAM copied", "exits"
     );
-    for key in ["cold", "restore", "restore_lazy", "standby"] {
+    for key in [
+        "cold",
+        "restore",
+        "restore_lazy",
+        "standby",
+        "standby_no_preload",
+    ] {
         let v = &r[key];
         println!(
-            "{key:<13} {:>10} {:>10} {:>10} {:>14} {:>14} {:>8}",
+            "{key:<18} {:>10} {:>10} {:>10} {:>14} {:>14} {:>8}",
             format!("{} ms", v["median_ms"]),
             format!("{} ms", v["min_ms"]),
             format!("{} ms", v["max_ms"]),
@@ -578,14 +625,22 @@ fn print_restore(r: &Value) {
         );
     }
     println!(
-        "ratio_median (restore/cold): {}; without the working set: {}; standby VMM: {}",
-        r["ratio_median"], r["ratio_median_lazy"], r["ratio_median_standby"]
+        "ratio_median (restore/cold): {}; without the working set: {}; standby VMM: {} \
+         (without the preload: {})",
+        r["ratio_median"],
+        r["ratio_median_lazy"],
+        r["ratio_median_standby"],
+        r["ratio_median_standby_no_preload"]
     );
     println!(
-        "standby pre-start (spawn to API answering, off the clock): median {} ms, min {} ms",
-        r["standby_prestart_ms"]["median"], r["standby_prestart_ms"]["min"]
+        "standby pre-start (spawn to API answering, off the clock): median {} ms, min {} ms; \
+         its preload (off the clock): median {} ms, min {} ms",
+        r["standby_prestart_ms"]["median"],
+        r["standby_prestart_ms"]["min"],
+        r["standby_preload_ms"]["median"],
+        r["standby_preload_ms"]["min"]
     );
-    for key in ["restore", "standby"] {
+    for key in ["restore", "standby", "standby_no_preload"] {
         if let Some(p) = r[key]["vmm_phases_ms_median"].as_array() {
             let line: Vec<String> = p
                 .iter()

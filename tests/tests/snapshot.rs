@@ -145,6 +145,17 @@ standby_preload() {
   grep '^sum1\|^ticka 40' out7.txt | sed 's/^/changed: /'
   true
 }
+# The two-vCPU snapshot restored with its memory brought in by a userfaultfd page
+# server, jailed under a uid of its own (the server thread, started before the
+# jail, goes into it too): the guest counts on, and its faults were answered.
+uffd_restore() {
+  ./atoll-vmm --restore s2.state --mem-file s2.mem --mem-backend uffd --jail-uid 4242 \
+    --metrics u.json --timeout 120 > out8.txt 2>&1
+  echo "uffd-exit=$?"
+  grep '^sum1\|^tickb 40\|^ticka 40' out8.txt | sed 's/^/uffd: /'
+  tr -d ' \n' < u.json | grep -o '"uffd_pages":{[^}]*}'; echo
+  true
+}
 printf '%s' "$GUEST" > guest.sh
 scenario one_vcpu continue_after_restore 1
 scenario two_vcpus continue_after_restore 2
@@ -152,6 +163,7 @@ scenario pause_resume pause_resume_and_refusals
 scenario bad bad_snapshots
 scenario standby standby_load
 scenario preload standby_preload
+scenario uffd uffd_restore
 "#;
 
 fn node_output() -> &'static str {
@@ -330,6 +342,40 @@ fn a_preloaded_standby_vmm_finishes_the_restore_it_prepared_and_restores_others_
     assert!(phases.contains("state_read"), "{out}");
     assert_eq!(value_of(out, "changed-exit"), "9", "{out}");
     assert_eq!(checksum(out, "changed: sum1"), sum, "{out}");
+}
+
+#[test]
+fn a_restore_whose_memory_a_userfaultfd_page_server_brings_in_continues_jailed() {
+    let (out, status) = scenario("uffd");
+    assert_eq!(status, 0, "{out}");
+    assert_eq!(
+        value_of(out, "uffd-exit"),
+        "9",
+        "the guest's own status\n{out}"
+    );
+    let sum = checksum(scenario("two_vcpus").0, "sum0");
+    assert_eq!(
+        checksum(out, "uffd: sum1"),
+        sum,
+        "memory came in whole\n{out}"
+    );
+    assert!(
+        out.contains("uffd: ticka 40") && out.contains("uffd: tickb 40"),
+        "{out}"
+    );
+    // No working set was given: every page the guest touched was a fault the
+    // server answered (the 8 MiB blob the guest summed among them).
+    let counts = out
+        .lines()
+        .find_map(|l| l.strip_prefix("\"uffd_pages\":"))
+        .unwrap_or_else(|| panic!("no page counts in\n{out}"));
+    let counts: serde_json::Value = serde_json::from_str(counts).unwrap();
+    assert_eq!(counts["prefetched"], 0, "{out}");
+    let copied = counts["copied"].as_u64().unwrap();
+    assert!(
+        copied > 2048,
+        "at least the 8 MiB blob: {copied} pages\n{out}"
+    );
 }
 
 #[test]

@@ -130,6 +130,9 @@ pub struct RunReport {
     pub format: Option<KernelFormat>,
     /// Per-device counters at the end.
     pub devices: Vec<DeviceMetricsSnapshot>,
+    /// What the page server did (a restore with `--mem-backend uffd`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uffd_pages: Option<crate::vstate::uffd::PageCounts>,
 }
 
 /// Why the VM could not be started.
@@ -640,6 +643,8 @@ pub struct RestoreConfig {
     pub tap_file: Option<Arc<File>>,
     /// Prefetch these pages of the memory file before the guest runs.
     pub working_set: Option<persist::Input>,
+    /// How the memory comes in.
+    pub mem_backend: memory::MemBackend,
 }
 
 impl RestoreConfig {
@@ -658,6 +663,7 @@ impl RestoreConfig {
             tap: None,
             tap_file: None,
             working_set: None,
+            mem_backend: memory::MemBackend::File,
         }
     }
 }
@@ -817,6 +823,7 @@ pub fn restore_with(
         &cfg.state,
         &cfg.mem,
         cfg.working_set.as_ref(),
+        cfg.mem_backend,
         &metrics,
     )?;
     restore_prepared(prepared, cfg, metrics, console)
@@ -881,13 +888,15 @@ impl PreparedRestore {
 }
 
 /// Prepares the restore of the snapshot `state` + `mem` (prefetching the pages of
-/// `working_set`): everything but the clone's own devices and vCPU state. `kvm`
-/// is `/dev/kvm` opened already (`None` opens it). Phases go to `metrics`.
+/// `working_set`, bringing memory in the `backend` way): everything but the
+/// clone's own devices and vCPU state. `kvm` is `/dev/kvm` opened already (`None`
+/// opens it). Phases go to `metrics`.
 pub fn prepare_restore(
     kvm: Option<kvm_ioctls::Kvm>,
     state: &persist::Input,
     mem: &persist::Input,
     working_set: Option<&persist::Input>,
+    backend: memory::MemBackend,
     metrics: &VmMetrics,
 ) -> Result<PreparedRestore, StartVmError> {
     // Before reading: a file changed meanwhile no longer matches a later load.
@@ -902,7 +911,10 @@ pub fn prepare_restore(
     let vcpu_count = u8::try_from(saved.vcpus.len())
         .map_err(|_| StartVmError::Incompatible("more vCPUs than this VMM runs".into()))?;
     check_vcpus(&kvm, vcpu_count)?;
-    let ram = memory::restore(mem, saved.mem_size, &saved.id)?;
+    let ram = match backend {
+        memory::MemBackend::File => memory::restore(mem, saved.mem_size, &saved.id)?,
+        memory::MemBackend::Uffd => memory::restore_uffd(mem, saved.mem_size, &saved.id)?,
+    };
     let working_set = match working_set {
         Some(input) => Some(memory::WorkingSet::read(input, saved.mem_size)?),
         None => None,
@@ -958,6 +970,11 @@ pub fn restore_prepared(
     let (configs, backings): (Vec<_>, Vec<_>) =
         override_devices(&state.devices, cfg)?.into_iter().unzip();
     let a = assemble(kvm, vm, serial, &configs, backings, metrics)?;
+    let shared = a.vcpu_shared();
+    if let memory::Backing::Uffd(server) = &a.vm.ram.backing {
+        // A fault it cannot answer ends the VM from now on.
+        let _ = server.sink.set(shared.events.clone());
+    }
     for (index, (t, d)) in a.virtio.transports.iter().zip(&state.devices).enumerate() {
         t.lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -965,7 +982,6 @@ pub fn restore_prepared(
             .map_err(|source| StartVmError::DeviceState { index, source })?;
     }
     a.metrics.record_phase("devices_restored");
-    let shared = a.vcpu_shared();
     let mut vcpus = Vec::with_capacity(state.vcpus.len());
     for ((id, fd), s) in (0u8..).zip(vcpu_fds).zip(&state.vcpus) {
         let vcpu = Vcpu::over(fd, id, shared.clone());
@@ -988,6 +1004,9 @@ pub fn restore_prepared(
     };
     a.metrics.record_phase("vcpus_configured");
     enter_jail(cfg.jail.as_ref(), &configs, &a.metrics)?;
+    if let memory::Backing::Uffd(server) = &a.vm.ram.backing {
+        server.confine().map_err(StartVmError::Thread)?;
+    }
     a.start(
         vcpus,
         cfg.paused,

@@ -116,7 +116,8 @@ pub fn inside(host: &Path) -> Option<PathBuf> {
 
 /// Enters the jail, keeping the directories `reach` (read-only) in reach. Call
 /// on the main thread while it is the only thread (a mount namespace cannot be
-/// left by one thread of many).
+/// left by one thread of many), or the only one besides a uffd restore's page
+/// server, which confines itself after (crate::vstate::uffd).
 pub fn enter(cfg: &JailConfig, reach: &[PathBuf]) -> Result<(), JailError> {
     // What needs the host's /proc is read or opened now.
     let last = last_cap();

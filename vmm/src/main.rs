@@ -16,6 +16,7 @@ use atoll_vmm::jail::JailConfig;
 use atoll_vmm::metrics::VmMetrics;
 use atoll_vmm::persist;
 use atoll_vmm::vmm::Vmm;
+use atoll_vmm::vstate::memory::MemBackend;
 use atoll_vmm::vstate::VmMessage;
 use clap::Parser;
 
@@ -79,6 +80,11 @@ struct Args {
     /// (recorded with PUT /snapshot/working-set) before the guest runs.
     #[arg(long, requires = "restore")]
     working_set: Option<PathBuf>,
+    /// With --restore: how guest memory comes in: `file` maps the memory file
+    /// copy-on-write (pages shared with every clone through the page cache), `uffd`
+    /// copies each page into anonymous memory on first touch (userfaultfd).
+    #[arg(long, requires = "restore", value_enum, default_value_t = MemBackend::File)]
+    mem_backend: MemBackend,
     /// With --restore: this clone's tap for the net device.
     #[arg(long, requires = "restore", value_name = "NAME")]
     net_tap: Option<String>,
@@ -269,6 +275,7 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
                     disks: args.disk_path.clone(),
                     tap: args.net_tap.clone(),
                     working_set: args.working_set.clone().map(persist::Input::path),
+                    mem_backend: args.mem_backend,
                     ..RestoreConfig::new(
                         persist::Input::path(state.clone()),
                         persist::Input::path(mem.clone()),
@@ -340,6 +347,9 @@ fn run(args: Args, start: Instant) -> anyhow::Result<u8> {
             None => serde_json::Value::String("restored".into()),
         };
         json["devices"] = serde_json::to_value(&report.devices)?;
+        if let Some(p) = report.uffd_pages {
+            json["uffd_pages"] = serde_json::to_value(p)?;
+        }
         out.write_all(&serde_json::to_vec_pretty(&json)?)
             .with_context(|| format!("cannot write metrics to {}", path.display()))?;
     }
@@ -415,8 +425,15 @@ fn standby(
                     .map(|w| persist::Input::new(w, files.next()));
                 let metrics = atoll_vmm::metrics::VmMetrics::new(t);
                 match dup_kvm().and_then(|kvm| {
-                    builder::prepare_restore(Some(kvm), &state, &mem, ws.as_ref(), &metrics)
-                        .map_err(anyhow::Error::from)
+                    builder::prepare_restore(
+                        Some(kvm),
+                        &state,
+                        &mem,
+                        ws.as_ref(),
+                        MemBackend::File,
+                        &metrics,
+                    )
+                    .map_err(anyhow::Error::from)
                 }) {
                     Ok(p) => {
                         tracing::info!("preloaded {}: {p:?}", state.path.display());

@@ -40,16 +40,19 @@ pub enum Thread {
     Devices,
     /// Copies the VMM's stdin into the serial console.
     ConsoleIn,
+    /// Answers guest page faults from the memory file (`--mem-backend uffd`).
+    Pages,
 }
 
 impl Thread {
     /// Every kind.
-    pub const ALL: [Thread; 5] = [
+    pub const ALL: [Thread; 6] = [
         Thread::Main,
         Thread::Api,
         Thread::Vcpu,
         Thread::Devices,
         Thread::ConsoleIn,
+        Thread::Pages,
     ];
 
     /// The name used in messages (NUL-free, static: the SIGSYS handler reads it).
@@ -60,6 +63,7 @@ impl Thread {
             Thread::Vcpu => "vcpu",
             Thread::Devices => "devices",
             Thread::ConsoleIn => "console-in",
+            Thread::Pages => "pages",
         }
     }
 }
@@ -435,6 +439,20 @@ fn rules(thread: Thread) -> Result<Rules, seccompiler::BackendError> {
             allow_ioctls(&mut r, &[KVM_GET_IRQCHIP, KVM_GET_PIT2, KVM_GET_CLOCK])?;
         }
         Thread::ConsoleIn => {}
+        Thread::Pages => {
+            // Waits on the userfaultfd and its stop eventfd, reads fault messages
+            // (base's read), a page of the memory file, and fills it in.
+            for nr in [libc::SYS_poll, libc::SYS_ppoll, libc::SYS_pread64] {
+                allow(&mut r, nr);
+            }
+            allow_ioctls(
+                &mut r,
+                &[
+                    u64::from(linux_raw_sys::ioctl::UFFDIO_COPY),
+                    u64::from(linux_raw_sys::ioctl::UFFDIO_ZEROPAGE),
+                ],
+            )?;
+        }
     }
     Ok(r)
 }

@@ -396,6 +396,10 @@ impl Vmm {
                     d.metrics().snapshot(d.kind())
                 })
                 .collect(),
+            uffd_pages: match &self.vm.ram.backing {
+                crate::vstate::memory::Backing::Uffd(s) => Some(s.stats.counts()),
+                _ => None,
+            },
         }
     }
 

@@ -2,7 +2,8 @@
 //! and, where the host allows shmem THP, backed by huge pages), or a snapshot's
 //! memory file mapped copy-on-write for a restored one (lazy: a page is read from
 //! the page cache, shared by every clone of that snapshot, when the guest first
-//! touches it).
+//! touches it), or, asked for, anonymous memory that a userfaultfd page server
+//! fills from the memory file ([`super::uffd`]).
 //!
 //! The memory file is the guest's RAM regions back to back, sparse where the guest
 //! never wrote, followed by one page of trailer that names the snapshot it belongs
@@ -75,15 +76,30 @@ pub enum Backing {
     Memfd(Arc<File>),
     /// A snapshot memory file mapped privately (restore).
     Snapshot(Arc<File>),
+    /// Anonymous memory filled from a snapshot's memory file by a page server
+    /// (restore with `--mem-backend uffd`).
+    Uffd(super::uffd::PageServer),
+}
+
+/// How a restore brings the snapshot's memory in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemBackend {
+    /// The memory file mapped copy-on-write: pages come from the page cache, shared
+    /// by every clone of the snapshot.
+    #[default]
+    File,
+    /// Anonymous memory; a userfaultfd page server copies each page in from the
+    /// memory file on first touch (every clone has its own copies).
+    Uffd,
 }
 
 /// Guest memory with what backs it.
 #[derive(Debug)]
 pub struct GuestRam {
+    /// What backs it (first: a page server stops before the mapping goes).
+    pub backing: Backing,
     /// The mapping the VM and the devices use.
     pub memory: GuestMemoryMmap,
-    /// What backs it.
-    pub backing: Backing,
     /// RAM size in bytes.
     pub size: u64,
 }
@@ -173,6 +189,82 @@ pub fn restore(
     mem_size: u64,
     id: &[u8; 16],
 ) -> Result<GuestRam, MemoryError> {
+    let file = Arc::new(open_checked(input, mem_size, id)?);
+    let memory = map(&file, mem_size, libc::MAP_PRIVATE | libc::MAP_NORESERVE)?;
+    Ok(GuestRam {
+        memory,
+        backing: Backing::Snapshot(file),
+        size: mem_size,
+    })
+}
+
+/// Guest RAM of `mem_size` bytes for snapshot `id` as anonymous memory whose pages
+/// a userfaultfd page server copies in from the memory file at `input` as they
+/// are first touched ([`super::uffd`]).
+pub fn restore_uffd(
+    input: &crate::persist::Input,
+    mem_size: u64,
+    id: &[u8; 16],
+) -> Result<GuestRam, MemoryError> {
+    let file = Arc::new(open_checked(input, mem_size, id)?);
+    let mut regions = Vec::new();
+    let mut mapped = Vec::new();
+    for (addr, offset, len) in layout_of(mem_size) {
+        let region: MmapRegion = MmapRegionBuilder::new(len)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+            .build()
+            .map_err(MemoryError::Map)?;
+        let host = region.as_ptr() as u64;
+        // Named like a boot's memfd in /proc/PID/smaps (Linux 5.17+; a name only).
+        // SAFETY: prctl(PR_SET_VMA_ANON_NAME) on a range we just mapped, with a
+        // NUL-terminated literal; it changes no memory.
+        let _ = unsafe {
+            libc::prctl(
+                libc::PR_SET_VMA,
+                libc::PR_SET_VMA_ANON_NAME,
+                host,
+                len,
+                c"atoll-guest-ram".as_ptr(),
+            )
+        };
+        regions.push(super::uffd::Region {
+            host,
+            offset,
+            len: len as u64,
+        });
+        mapped.push(
+            GuestRegionMmap::new(region, addr)
+                .ok_or(MemoryError::Map(MmapRegionError::InvalidPointer))?,
+        );
+    }
+    let memory = GuestMemoryMmap::from_regions(mapped)
+        .map_err(|_| MemoryError::Map(MmapRegionError::InvalidPointer))?;
+    let server =
+        super::uffd::PageServer::start(file, regions).map_err(|source| MemoryError::Create {
+            mib: mem_size >> 20,
+            source: io::Error::new(
+                source.kind(),
+                format!(
+                    "userfaultfd: {source} (it needs CAP_SYS_PTRACE; without it, restore \
+                     with --mem-backend file)"
+                ),
+            ),
+        })?;
+    Ok(GuestRam {
+        memory,
+        backing: Backing::Uffd(server),
+        size: mem_size,
+    })
+}
+
+/// Opens the memory file `input` after checking that it was written for snapshot
+/// `id` with `mem_size` bytes of RAM.
+fn open_checked(
+    input: &crate::persist::Input,
+    mem_size: u64,
+    id: &[u8; 16],
+) -> Result<File, MemoryError> {
     let shown = input.path.display().to_string();
     let file = input.open().map_err(|source| MemoryError::Open {
         path: shown.clone(),
@@ -208,13 +300,7 @@ pub fn restore(
     if found != trailer(mem_size, id) {
         return Err(mismatch("it was written for another snapshot".into()));
     }
-    let file = Arc::new(file);
-    let memory = map(&file, mem_size, libc::MAP_PRIVATE | libc::MAP_NORESERVE)?;
-    Ok(GuestRam {
-        memory,
-        backing: Backing::Snapshot(file),
-        size: mem_size,
-    })
+    Ok(file)
 }
 
 /// What writing a memory file did.
@@ -268,7 +354,8 @@ impl GuestRam {
         // snapshot does not (its copied pages are anonymous), so scan it all.
         let ranges = match &self.backing {
             Backing::Memfd(f) => data_ranges(f, self.size).map_err(MemoryError::Write)?,
-            Backing::Snapshot(_) => vec![(0, self.size)],
+            // With a page server, every page not there yet is copied in to be read.
+            Backing::Snapshot(_) | Backing::Uffd(_) => vec![(0, self.size)],
         };
         for (start, len) in ranges {
             for &(addr, offset, rlen) in &regions {
@@ -497,6 +584,19 @@ impl GuestRam {
     /// front, measured 3.7x slower to agent-ready than not prefetching at all in the
     /// nested node; for read it measured 7% faster: docs/vmm-api.md.)
     pub fn populate(&self, ws: &WorkingSet) -> Result<Vec<(u64, u64)>, WorkingSetError> {
+        let server = match &self.backing {
+            Backing::Uffd(s) => Some(s),
+            _ => None,
+        };
+        if let Some(s) = server {
+            // Copied in by the page server, a range at a time.
+            s.prefetch(&ws.ranges)
+                .map_err(|source| WorkingSetError::Io {
+                    what: "prefetch",
+                    path: "guest memory".into(),
+                    source,
+                })?;
+        }
         let mut done = Vec::with_capacity(ws.ranges.len());
         for &(off, len) in &ws.ranges {
             for (addr, region_off, rlen) in layout_of(self.size) {
@@ -514,6 +614,10 @@ impl GuestRam {
                         path: "guest memory".into(),
                         source: io::Error::other(e.to_string()),
                     })?;
+                if server.is_some() {
+                    done.push((gpa, hi - lo));
+                    continue;
+                }
                 // SAFETY: `host..host + (hi - lo)` lies inside one region's live
                 // mapping (clipped above); MADV_POPULATE_READ only faults pages in,
                 // changing no contents.

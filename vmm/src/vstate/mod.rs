@@ -4,6 +4,7 @@
 
 pub mod kvm;
 pub mod memory;
+pub mod uffd;
 pub mod vcpu;
 pub mod vm;
 

@@ -11,7 +11,10 @@
 //!   `PUT /snapshot/preload` (VM, vCPUs, memory and working set prepared) before
 //!   the clock starts, then timed from its `PUT /snapshot/load` to the agent's
 //!   answer; the pre-start and the preload are reported apart. A fifth,
-//!   `standby_no_preload`, is the same VMM loading without a preload.
+//!   `standby_no_preload`, is the same VMM loading without a preload. A sixth,
+//!   `restore_uffd`, restores with `--mem-backend uffd`: guest memory anonymous,
+//!   filled from the memory file by a userfaultfd page server (the working set
+//!   copied in first), the alternative the default (MAP_PRIVATE) is measured against.
 //! - `density`: N idle clones of one template at once: the rate they come up at, and
 //!   each one's proportional set size (PSS) beyond the snapshot pages all of them
 //!   share, until N or until one fails (the closing line says how far it got).
@@ -181,7 +184,7 @@ impl Drop for Vm {
     }
 }
 
-fn spawn(s: &Setup, id: &str, boot: Boot, mem: u64, lazy: bool) -> anyhow::Result<Vm> {
+fn spawn(s: &Setup, id: &str, boot: Boot, mem: u64, lazy: bool, uffd: bool) -> anyhow::Result<Vm> {
     let dir = s.run_dir.join(id);
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -204,6 +207,13 @@ fn spawn(s: &Setup, id: &str, boot: Boot, mem: u64, lazy: bool) -> anyhow::Resul
             dir.join(API_SOCK).display().to_string(),
         ],
     );
+    if uffd {
+        let tail = args.iter().position(|a| a == "--").unwrap_or(args.len());
+        args.splice(
+            tail..tail,
+            ["--mem-backend".to_string(), "uffd".to_string()],
+        );
+    }
     let child = Command::new(&s.vmm)
         .args(&args)
         .stdin(Stdio::null())
@@ -351,10 +361,19 @@ fn uss_kib(pid: u32) -> u64 {
 
 /// The VMM's exit count and set-up phases, from its API's metrics.
 fn vmm_metrics(vm: &Vm) -> (u64, Vec<(String, u64)>) {
-    let v = template::api_call(&vm.dir.join(API_SOCK), "GET", "/metrics", "")
+    vmm_metrics_value(&vmm_metrics_json(vm))
+}
+
+/// The VMM's `GET /metrics` answer (null if there is none).
+fn vmm_metrics_json(vm: &Vm) -> Value {
+    template::api_call(&vm.dir.join(API_SOCK), "GET", "/metrics", "")
         .ok()
         .and_then(|b| serde_json::from_str::<Value>(&b).ok())
-        .unwrap_or(Value::Null);
+        .unwrap_or(Value::Null)
+}
+
+/// The exit count and phases of a metrics answer.
+fn vmm_metrics_value(v: &Value) -> (u64, Vec<(String, u64)>) {
     let exits = v["metrics"]["exits_total"].as_u64().unwrap_or(0);
     let phases = v["metrics"]["vmm_phases_us"]
         .as_array()
@@ -367,13 +386,30 @@ fn vmm_metrics(vm: &Vm) -> (u64, Vec<(String, u64)>) {
     (exits, phases)
 }
 
-fn measure(s: &Setup, id: &str, boot: Boot, mem: u64, lazy: bool) -> anyhow::Result<Sample> {
+fn measure(
+    s: &Setup,
+    id: &str,
+    boot: Boot,
+    mem: u64,
+    lazy: bool,
+    uffd: bool,
+) -> anyhow::Result<Sample> {
     let t0 = Instant::now();
-    let mut vm = spawn(s, id, boot, mem, lazy)?;
+    let mut vm = spawn(s, id, boot, mem, lazy, uffd)?;
     let client = agent(&mut vm, Duration::from_secs(120))?;
     let ms = t0.elapsed().as_secs_f64() * 1000.0;
-    let (ram_rss_kib, ram_private_kib) = guest_ram_kib(vm.child.id());
-    let (exits, phases_us) = vmm_metrics(&vm);
+    let (mut ram_rss_kib, mut ram_private_kib) = guest_ram_kib(vm.child.id());
+    let metrics = vmm_metrics_json(&vm);
+    let (exits, phases_us) = vmm_metrics_value(&metrics);
+    let pages = &metrics["uffd_pages"];
+    if uffd && pages.is_object() {
+        // Anonymous memory (unnamed where the kernel cannot name it): the page
+        // server's counts say what it holds; all of it is this clone's own, but
+        // the zero pages, which map the shared zero page until written.
+        let n = |k: &str| pages[k].as_u64().unwrap_or(0);
+        ram_rss_kib = (n("prefetched") + n("copied") + n("zero")) * 4;
+        ram_private_kib = (n("prefetched") + n("copied")) * 4;
+    }
     drop(client);
     Ok(Sample {
         ms,
@@ -421,21 +457,29 @@ fn summary(samples: &[Sample]) -> Value {
 /// `restore-inner`: alternating cold boots and restores; one JSON line.
 pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
     let s = setup(a.mem)?;
-    let (mut cold, mut restored, mut lazy, mut standby, mut standby_full) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut cold, mut restored, mut lazy, mut standby, mut standby_full, mut uffd) = (
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+        Vec::new(),
+    );
     let (mut prestart, mut preload) = (Vec::new(), Vec::new());
     for round in 0..=a.runs {
         // 0 cold, 1 restore with the working set prefetched, 2 restore without,
         // 3 a standby VMM with the template preloaded loading it (the pool's way),
-        // 4 a standby VMM loading it without a preload.
-        let mut order = [0, 1, 2, 3, 4];
-        order.rotate_left(round as usize % 5);
+        // 4 a standby VMM loading it without a preload, 5 a restore whose memory
+        // a userfaultfd page server brings in (working set prefetched).
+        let mut order = [0, 1, 2, 3, 4, 5];
+        order.rotate_left(round as usize % 6);
         for mode in order {
             let boot = || Boot::Template(s.template.clone());
             let sample = match mode {
-                0 => measure(&s, &format!("c{round}"), Boot::Cold, a.mem, false)?,
-                1 => measure(&s, &format!("r{round}"), boot(), a.mem, false)?,
-                2 => measure(&s, &format!("l{round}"), boot(), a.mem, true)?,
+                0 => measure(&s, &format!("c{round}"), Boot::Cold, a.mem, false, false)?,
+                1 => measure(&s, &format!("r{round}"), boot(), a.mem, false, false)?,
+                2 => measure(&s, &format!("l{round}"), boot(), a.mem, true, false)?,
+                5 => measure(&s, &format!("u{round}"), boot(), a.mem, false, true)?,
                 _ => {
                     let preloaded = mode == 3;
                     let (sample, pre, load) =
@@ -456,6 +500,7 @@ pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
                     &mut lazy,
                     &mut standby,
                     &mut standby_full,
+                    &mut uffd,
                 ][mode]
                     .push(sample);
             }
@@ -465,12 +510,13 @@ pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or(Value::Null);
-    let (c, r, l, sb, sf) = (
+    let (c, r, l, sb, sf, u) = (
         summary(&cold),
         summary(&restored),
         summary(&lazy),
         summary(&standby),
         summary(&standby_full),
+        summary(&uffd),
     );
     let pre = summarize(&prestart);
     let pl = summarize(&preload);
@@ -483,11 +529,13 @@ pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
         "mem_mib": a.mem,
         "ratio_median": ratio(&r),
         "ratio_median_lazy": ratio(&l),
+        "ratio_median_uffd": ratio(&u),
         "ratio_median_standby": ratio(&sb),
         "ratio_median_standby_no_preload": ratio(&sf),
         "cold": c,
         "restore": r,
         "restore_lazy": l,
+        "restore_uffd": u,
         "standby": sb,
         "standby_no_preload": sf,
         "standby_prestart_ms": {
@@ -508,7 +556,9 @@ pub fn restore_inner(a: &InnerArgs) -> anyhow::Result<()> {
         "restore_mode": "MAP_PRIVATE of the memory file (page cache shared by clones); \
             restore: the recorded working set populated (MADV_POPULATE_READ) and \
             prefaulted into KVM (KVM_PRE_FAULT_MEMORY) first; restore_lazy: every page on \
-            first touch; standby: a VMM started with --standby (exec, KVM, sockets, jail \
+            first touch; restore_uffd: anonymous memory filled by a userfaultfd page \
+            server from the memory file (working set copied in first, UFFDIO_COPY; other \
+            pages on first touch; no page cache shared); standby: a VMM started with --standby (exec, KVM, sockets, jail \
             done before the clock) and given the template as PUT /snapshot/preload (state \
             read, memory mapped, VM and vCPUs created, working set prefetched, also before \
             the clock: the pool's way) loads it as PUT /snapshot/load; standby_no_preload: \
@@ -529,7 +579,7 @@ pub fn density_inner(a: &InnerArgs) -> anyhow::Result<()> {
     for n in 0..a.runs {
         let started = Instant::now();
         let boot = Boot::Template(s.template.clone());
-        let mut vm = match spawn(&s, &format!("d{n}"), boot, a.mem, false) {
+        let mut vm = match spawn(&s, &format!("d{n}"), boot, a.mem, false, false) {
             Ok(vm) => vm,
             Err(e) => {
                 stopped = Some(format!("clone {n} could not start: {e:#}"));
@@ -610,6 +660,7 @@ fn print_restore(r: &Value) {
         "cold",
         "restore",
         "restore_lazy",
+        "restore_uffd",
         "standby",
         "standby_no_preload",
     ] {
@@ -625,10 +676,11 @@ fn print_restore(r: &Value) {
         );
     }
     println!(
-        "ratio_median (restore/cold): {}; without the working set: {}; standby VMM: {} \
-         (without the preload: {})",
+        "ratio_median (restore/cold): {}; without the working set: {}; userfaultfd: {}; \
+         standby VMM: {} (without the preload: {})",
         r["ratio_median"],
         r["ratio_median_lazy"],
+        r["ratio_median_uffd"],
         r["ratio_median_standby"],
         r["ratio_median_standby_no_preload"]
     );
@@ -640,7 +692,7 @@ fn print_restore(r: &Value) {
         r["standby_preload_ms"]["median"],
         r["standby_preload_ms"]["min"]
     );
-    for key in ["restore", "standby", "standby_no_preload"] {
+    for key in ["restore", "restore_uffd", "standby", "standby_no_preload"] {
         if let Some(p) = r[key]["vmm_phases_ms_median"].as_array() {
             let line: Vec<String> = p
                 .iter()

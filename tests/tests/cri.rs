@@ -408,6 +408,9 @@ remove() {
 }
 vm_killed() {
   Q=$($C runp /tmp/cfg/pod2.json) || return 1
+  # The first sandbox since the server restarted: its pool found the default
+  # template on disk and preloaded it.
+  echo "first_after_restart_phases=$(./atoll-vmm-api /run/atoll/cri/pods/$Q/api.sock GET /metrics | grep -o '\["[a-z_]*",[0-9]*\]' | cut -d'"' -f2 | tr '\n' ' ')"
   S=$($C create $Q /tmp/cfg/s.json /tmp/cfg/pod2.json) && $C start $S || return 1
   kill -9 $(vmm_of $Q)
   sleep 1
@@ -1178,6 +1181,17 @@ fn a_vm_killed_under_a_running_pod_shows_in_its_status_within_a_second() {
         "1",
         "removed with it: {out}"
     );
+}
+
+#[test]
+fn a_restarted_server_has_its_pool_preload_the_template_already_on_disk() {
+    let (out, st) = sc("vm_killed");
+    assert_eq!(st, 0, "{out}");
+    // No sandbox had asked this server for a template yet: the pool took the
+    // default size's from the cache at start.
+    let phases = value_of(out, "first_after_restart_phases");
+    assert!(phases.contains("template_preloaded"), "{out}");
+    assert!(!phases.contains("state_read"), "{out}");
 }
 
 /// A guest that stops answering (its VMM frozen: alive, sockets open) is declared

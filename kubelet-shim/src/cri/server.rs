@@ -474,6 +474,23 @@ impl Server {
         if !adopted.is_empty() {
             tracing::info!("adopted {} running sandbox(es)", adopted.len());
         }
+        // The template of a sandbox of the default size on a pod network, if one
+        // is built already: the pool's VMMs preload it, so that the first
+        // sandboxes after a (re)start find it prepared, not only those after the
+        // first sandbox has told the pool which template to expect.
+        let (vcpus, mem_mib) = self.cfg.sandbox_size(0, 0, 0);
+        let spec = TemplateSpec {
+            kernel: self.artifacts.kernel.clone(),
+            initramfs: self.artifacts.initramfs.clone(),
+            vmm: self.artifacts.vmm.clone(),
+            vcpus,
+            mem_mib,
+            net: true,
+        };
+        if let Some(t) = template::find(&spec) {
+            tracing::info!("standby VMMs preload template {}", t.dir.display());
+            self.pool.expect(&t);
+        }
         self.pool.fill();
     }
 

@@ -293,6 +293,12 @@ impl Template {
     }
 }
 
+/// The complete template for `spec`, if one is there already (nothing is built).
+pub fn find(spec: &TemplateSpec) -> Option<Template> {
+    let key = spec.key().ok()?;
+    existing(&templates_dir().join(&key), &key)
+}
+
 /// The complete template at `dir`, if `meta.json` says it is one for `key`.
 fn existing(dir: &Path, key: &str) -> Option<Template> {
     let meta: Meta = serde_json::from_slice(&fs::read(dir.join("meta.json")).ok()?).ok()?;

@@ -160,6 +160,8 @@ EOF
 now_ms() { awk '{printf "%d", $1*1000}' /proc/uptime; }
 # The VMM of sandbox $1 (its pod directory's state names it).
 vmm_of() { sed -n 's/.*"vmm_pid": *\([0-9]*\).*/\1/p' /run/atoll/cri/pods/$1/state.json; }
+# The set-up phases sandbox $1's VMM reports (its own account of its start).
+vmm_phases() { ./atoll-vmm-api /run/atoll/cri/pods/$1/api.sock GET /metrics | grep -o '\["[a-z_]*",[0-9]*\]' | cut -d'"' -f2 | tr '\n' ' '; }
 # atoll-vmm processes waiting in the pool (their cgroup leaf is a standby one) and
 # the others (a sandbox's).
 waiting_vmms() { n=0; for p in $(pidof atoll-vmm); do grep -q 'atoll/standby-' /proc/$p/cgroup && n=$((n+1)); done; echo $n; }
@@ -342,7 +344,7 @@ network() {
   Q=$($C runp /tmp/cfg/peer.json) || return 1
   # The VMM's own account of its start: a pool VMM that had the template
   # preloaded only finished the restore.
-  echo "peer_vmm_phases=$(./atoll-vmm-api /run/atoll/cri/pods/$Q/api.sock GET /metrics | grep -o '\["[a-z_]*",[0-9]*\]' | cut -d'"' -f2 | tr '\n' ' ')"
+  echo "peer_vmm_phases=$(vmm_phases $Q)"
   H=$($C create $Q /tmp/cfg/httpd.json /tmp/cfg/peer.json) && $C start $H || return 1
   IP2=$(ip_of $Q); echo "peer_ip=$IP2"
   for i in $(seq 30); do
@@ -410,7 +412,7 @@ vm_killed() {
   Q=$($C runp /tmp/cfg/pod2.json) || return 1
   # The first sandbox since the server restarted: its pool found the default
   # template on disk and preloaded it.
-  echo "first_after_restart_phases=$(./atoll-vmm-api /run/atoll/cri/pods/$Q/api.sock GET /metrics | grep -o '\["[a-z_]*",[0-9]*\]' | cut -d'"' -f2 | tr '\n' ' ')"
+  echo "first_after_restart_phases=$(vmm_phases $Q)"
   S=$($C create $Q /tmp/cfg/s.json /tmp/cfg/pod2.json) && $C start $S || return 1
   kill -9 $(vmm_of $Q)
   sleep 1
@@ -1049,10 +1051,16 @@ fn a_sandbox_from_the_pool_finishes_the_restore_its_vmm_prepared_while_waiting()
     assert_eq!(st, 0, "{out}");
     // By the time peer starts, web's template is the expected one and every
     // waiting VMM has preloaded it: the load only built the clone's devices.
-    let phases = value_of(out, "peer_vmm_phases");
-    assert!(phases.contains("template_preloaded"), "{out}");
-    assert!(!phases.contains("state_read"), "{out}");
-    assert!(phases.contains("vcpus_started"), "{out}");
+    assert_finished_a_preloaded_restore(out, "peer_vmm_phases");
+}
+
+/// The VMM phases under `key` in `out` are those of a load into a standby VMM
+/// that had the template preloaded: no state read, the vCPUs started.
+fn assert_finished_a_preloaded_restore(out: &str, key: &str) {
+    let phases = value_of(out, key);
+    assert!(phases.contains("template_preloaded"), "{key}: {out}");
+    assert!(!phases.contains("state_read"), "{key}: {out}");
+    assert!(phases.contains("vcpus_started"), "{key}: {out}");
 }
 
 #[test]
@@ -1189,9 +1197,7 @@ fn a_restarted_server_has_its_pool_preload_the_template_already_on_disk() {
     assert_eq!(st, 0, "{out}");
     // No sandbox had asked this server for a template yet: the pool took the
     // default size's from the cache at start.
-    let phases = value_of(out, "first_after_restart_phases");
-    assert!(phases.contains("template_preloaded"), "{out}");
-    assert!(!phases.contains("state_read"), "{out}");
+    assert_finished_a_preloaded_restore(out, "first_after_restart_phases");
 }
 
 /// A guest that stops answering (its VMM frozen: alive, sockets open) is declared

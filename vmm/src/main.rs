@@ -417,12 +417,12 @@ fn standby(
                 let t = Instant::now();
                 // The earlier one goes first: two VMs' page tables never coexist.
                 preloaded = None;
-                let mut files = files.into_iter();
-                let state = persist::Input::new(p.snapshot_path, files.next());
-                let mem = persist::Input::new(p.mem_file_path, files.next());
-                let ws = p
-                    .working_set_path
-                    .map(|w| persist::Input::new(w, files.next()));
+                let (state, mem, ws) = snapshot_inputs(
+                    p.snapshot_path,
+                    p.mem_file_path,
+                    p.working_set_path,
+                    &mut files.into_iter(),
+                );
                 let metrics = atoll_vmm::metrics::VmMetrics::new(t);
                 match dup_kvm().and_then(|kvm| {
                     builder::prepare_restore(
@@ -513,6 +513,20 @@ fn standby(
     bail!("the API thread ended")
 }
 
+/// The state, memory and working-set files a preload or load names, each with the
+/// file handed over for it (taken from `files` in that order, when there are).
+fn snapshot_inputs(
+    state: PathBuf,
+    mem: PathBuf,
+    working_set: Option<PathBuf>,
+    files: &mut impl Iterator<Item = std::fs::File>,
+) -> (persist::Input, persist::Input, Option<persist::Input>) {
+    let state = persist::Input::new(state, files.next());
+    let mem = persist::Input::new(mem, files.next());
+    let working_set = working_set.map(|w| persist::Input::new(w, files.next()));
+    (state, mem, working_set)
+}
+
 /// The restore a `PUT /snapshot/load` asks for, with the files it carried (none,
 /// or one for each file it names, in [`api::LoadSnapshot`]'s order).
 fn load_config(
@@ -523,11 +537,12 @@ fn load_config(
     console_input: bool,
 ) -> RestoreConfig {
     let mut files = files.into_iter();
-    let state = persist::Input::new(load.snapshot_path, files.next());
-    let mem = persist::Input::new(load.mem_file_path, files.next());
-    let working_set = load
-        .working_set_path
-        .map(|p| persist::Input::new(p, files.next()));
+    let (state, mem, working_set) = snapshot_inputs(
+        load.snapshot_path,
+        load.mem_file_path,
+        load.working_set_path,
+        &mut files,
+    );
     let disks = load
         .drives
         .into_iter()

@@ -9,7 +9,7 @@ export ATOLL_CACHE ?= /var/cache/atoll
 
 # Static binaries: they run in the guest and inside the nested node, which have no libc.
 STATIC_ENV := RUSTFLAGS='-C target-feature=+crt-static' LIBSECCOMP_LINK_TYPE=static LIBSECCOMP_LIB_PATH=/usr/lib/x86_64-linux-gnu
-STATIC_PKGS := -p atoll-vmm -p atoll-init -p atoll-image -p atoll-tests -p atoll-bench -p atoll-cri
+STATIC_PKGS := -p atoll-vmm -p atoll-init -p atoll-image -p atoll-node -p atoll-tests -p atoll-bench -p atoll-cri
 
 .PHONY: fuzz-smoke all deps static kernel initramfs artifacts go-peers demo test unit e2e bench bench-image clean
 

@@ -1,12 +1,16 @@
 //! Everything `atoll-init` asks of the operating system, behind one trait.
 //!
 //! PID 1 mounts file systems, talks to the VMM through I/O ports, spawns and reaps
-//! processes and finally powers the machine off. None of that can run in a unit test
-//! (no root, and a test process is not PID 1), so the boot logic in this crate is
-//! written against [`Syscall`]: [`LinuxSyscall`] does the real work, and a recording
-//! fake (tests only) scripts answers and records calls.
+//! processes and finally powers the machine off; the agent switches its root,
+//! enables cgroup controllers, configures the pod's network, renews a restored
+//! clone's entropy and clock, and mounts container root file systems. None of that
+//! can run in a unit test (no root, and a test process is not PID 1), so all of it is
+//! written against the one trait [`Syscall`]: [`LinuxSyscall`] does the real work,
+//! and one recording fake (tests only, `fake.rs`) scripts answers and records calls.
+//! (libcontainer, which creates the containers themselves, has its own.)
 
 mod linux;
+mod netdev;
 
 #[cfg(test)]
 pub(crate) mod fake;
@@ -16,8 +20,8 @@ use std::io;
 use std::path::Path;
 use std::time::Duration;
 
-pub use linux::{mount, rename_exchange, LinuxSyscall};
-
+pub use crate::agent::net::{Cidr, RoutePlan};
+pub use linux::{rename_exchange, LinuxSyscall};
 /// Mount flags (`MS_*`), as passed to mount(2).
 pub type MountFlags = libc::c_ulong;
 
@@ -46,15 +50,34 @@ pub enum RebootCmd {
     Restart,
 }
 
-/// The operating-system effects PID 1 needs.
+/// The operating-system effects of PID 1 and the agent.
 ///
 /// Methods return raw `io::Error`s (an errno); callers wrap them in the error enum of
 /// the operation they were doing.
-pub trait Syscall {
+pub trait Syscall: Send {
+    // Files and mounts.
+
     /// Creates one directory (not its parents) with `mode`; `EEXIST` is an error here.
     fn create_dir(&mut self, path: &Path, mode: u32) -> io::Result<()>;
 
-    /// mount(2).
+    /// Creates an empty file (a bind-mount target); an existing one is kept as it is.
+    fn create_file(&mut self, path: &Path) -> io::Result<()>;
+
+    /// Writes `text` to an existing file (a cgroup or `/proc` control file).
+    fn write_file(&mut self, path: &Path, text: &str) -> io::Result<()>;
+
+    /// Whether `path` exists.
+    fn exists(&mut self, path: &Path) -> bool;
+
+    /// Whether `path` is a directory.
+    fn is_dir(&mut self, path: &Path) -> bool;
+
+    /// The size in 512-byte sectors of the virtio-blk disk whose serial is `serial`
+    /// (read from the device, never a stale cache), if one is attached.
+    fn disk_sectors(&mut self, serial: &str) -> io::Result<Option<u64>>;
+
+    /// mount(2); an empty `source`, `fstype` or `data` is passed as NULL (what a
+    /// bind, a move or a file system without options wants).
     fn mount(
         &mut self,
         source: &str,
@@ -67,8 +90,26 @@ pub trait Syscall {
     /// Lazily detaches the mount at `target` (`umount2(MNT_DETACH)`).
     fn unmount(&mut self, target: &Path) -> io::Result<()>;
 
+    /// `unshare(CLONE_NEWNS)`: a private mount namespace.
+    fn unshare_mount_ns(&mut self) -> io::Result<()>;
+
+    /// chdir(2).
+    fn chdir(&mut self, path: &Path) -> io::Result<()>;
+
+    /// chroot(2).
+    fn chroot(&mut self, path: &Path) -> io::Result<()>;
+
     /// sync(2).
     fn sync(&mut self);
+
+    /// sync(2), then drops clean page, dentry and inode caches.
+    fn drop_caches(&mut self) -> io::Result<()>;
+
+    // The machine.
+
+    /// Whether this looks like an Atoll guest's agent: the parent is PID 1 and `/` is
+    /// the initramfs (ramfs or tmpfs).
+    fn in_guest(&mut self) -> bool;
 
     /// Grants this process access to one I/O port (`ioperm`).
     fn enable_port(&mut self, port: u16) -> io::Result<()>;
@@ -82,6 +123,13 @@ pub trait Syscall {
     /// Time since boot (`CLOCK_BOOTTIME`).
     fn uptime(&mut self) -> io::Result<Duration>;
 
+    /// clock_settime(CLOCK_REALTIME).
+    fn set_realtime(&mut self, since_epoch: Duration) -> io::Result<()>;
+
+    /// Credits `bytes` to the kernel's entropy pool (RNDADDENTROPY) and reseeds the
+    /// CRNG from it (RNDRESEEDCRNG).
+    fn add_entropy(&mut self, bytes: &[u8]) -> io::Result<()>;
+
     /// The kernel command line (`/proc/cmdline`).
     fn kernel_cmdline(&mut self) -> io::Result<String>;
 
@@ -90,6 +138,8 @@ pub trait Syscall {
 
     /// Bytes written to the console (fd 2) that the serial port has not sent yet.
     fn console_pending(&mut self) -> io::Result<usize>;
+
+    // Processes.
 
     /// Blocks the signals PID 1 handles synchronously (`SIGCHLD`, `SIGTERM`, `SIGINT`,
     /// `SIGHUP`) so they queue for [`Syscall::wait_signal`].
@@ -107,4 +157,30 @@ pub trait Syscall {
     /// Starts the command `argv` as a child in its own session, with stdio on
     /// `/dev/console` and the standard environment. Returns its pid.
     fn spawn(&mut self, argv: &[OsString]) -> io::Result<libc::pid_t>;
+
+    /// `prctl(PR_SET_CHILD_SUBREAPER)`: orphaned descendants become our children.
+    fn become_subreaper(&mut self) -> io::Result<()>;
+
+    // The network (`SIOC*` ioctls on an `AF_INET` socket) and the host name.
+
+    /// The name of the interface whose MAC is `mac` (lower case), if any.
+    fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>>;
+
+    /// SIOCSIFHWADDR: the interface's MAC (`aa:bb:cc:dd:ee:ff`).
+    fn set_mac(&mut self, ifname: &str, mac: &str) -> io::Result<()>;
+
+    /// SIOCSIFADDR + SIOCSIFNETMASK.
+    fn set_address(&mut self, ifname: &str, cidr: Cidr) -> io::Result<()>;
+
+    /// SIOCSIFMTU.
+    fn set_mtu(&mut self, ifname: &str, mtu: u32) -> io::Result<()>;
+
+    /// Sets IFF_UP (SIOCGIFFLAGS, SIOCSIFFLAGS).
+    fn link_up(&mut self, ifname: &str) -> io::Result<()>;
+
+    /// SIOCADDRT.
+    fn add_route(&mut self, route: &RoutePlan) -> io::Result<()>;
+
+    /// sethostname(2).
+    fn set_hostname(&mut self, name: &str) -> io::Result<()>;
 }

@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 use atoll_agent_proto::v1::{self, error::Code, request::Op, response::Result as Reply};
 use atoll_agent_proto::{read_frame, validate_id, write_frame, FrameError, PROTOCOL_VERSION};
 
-use super::net::{self, PodOps};
+use super::net;
 use super::process::{Process, ProcessTable, RegisterError, StdioEnds};
 use super::restore;
 use super::server::ConnectionLimit;
 use super::ContainerRuntime;
 use crate::container::{self, RuntimeError};
+use crate::syscall::Syscall;
 
 /// What the agent says it is in HelloReply.
 pub const AGENT_NAME: &str = concat!("atoll-init ", env!("CARGO_PKG_VERSION"));
@@ -122,7 +123,8 @@ pub struct Agent<R: ContainerRuntime> {
     runtime: Mutex<R>,
     /// Processes and their stdio ends (also used by stream connections).
     pub processes: Arc<ProcessTable>,
-    net: Mutex<Box<dyn PodOps>>,
+    /// The pod-wide system calls: network, hostname, a restored clone's renewal.
+    sys: Mutex<Box<dyn Syscall>>,
     pod_dir: PathBuf,
     ready_us: u64,
     shutdown: Mutex<mpsc::Sender<u8>>,
@@ -143,7 +145,7 @@ impl<R: ContainerRuntime> Agent<R> {
     pub fn new(
         runtime: R,
         processes: Arc<ProcessTable>,
-        net: Box<dyn PodOps>,
+        sys: Box<dyn Syscall>,
         pod_dir: PathBuf,
         ready_us: u64,
         shutdown: mpsc::Sender<u8>,
@@ -151,7 +153,7 @@ impl<R: ContainerRuntime> Agent<R> {
         Self {
             runtime: Mutex::new(runtime),
             processes,
-            net: Mutex::new(net),
+            sys: Mutex::new(sys),
             pod_dir,
             ready_us,
             shutdown: Mutex::new(shutdown),
@@ -435,7 +437,7 @@ impl<R: ContainerRuntime> Agent<R> {
     }
 
     fn network(&self, req: &v1::ConfigureNetwork) -> Result<Reply, RequestError> {
-        let mut ops = self.net.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ops = self.sys.lock().unwrap_or_else(PoisonError::into_inner);
         net::configure(ops.as_mut(), req, &self.pod_dir).map_err(|err| match err {
             net::ConfigureNetworkError::Plan(plan) => {
                 RequestError::InvalidArgument(plan.to_string())
@@ -447,13 +449,13 @@ impl<R: ContainerRuntime> Agent<R> {
     }
 
     fn quiesce(&self) -> Result<Reply, RequestError> {
-        let mut ops = self.net.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ops = self.sys.lock().unwrap_or_else(PoisonError::into_inner);
         restore::quiesce(ops.as_mut()).map_err(internal("drop caches"))?;
         Ok(Reply::Ok(v1::Empty {}))
     }
 
     fn restored(&self, req: &v1::Restored) -> Result<Reply, RequestError> {
-        let mut ops = self.net.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut ops = self.sys.lock().unwrap_or_else(PoisonError::into_inner);
         restore::restored(ops.as_mut(), req, &self.pod_dir, restore::DISK_WAIT).map_err(|err| {
             match err {
                 restore::RestoreError::Invalid(_)
@@ -619,9 +621,9 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(100);
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::agent::net::{Cidr, RoutePlan};
     use crate::agent::process::Exit;
     use crate::container::{CreateTimings, Spawned, Stdio};
+    use crate::syscall::fake::FakeSyscall;
     use atoll_agent_proto::v1::request::Op;
     use std::os::unix::net::UnixStream;
     use std::process::Command;
@@ -747,43 +749,6 @@ pub(crate) mod tests {
         })
     }
 
-    struct NoNet;
-    impl PodOps for NoNet {
-        fn interface_by_mac(&mut self, _: &str) -> io::Result<Option<String>> {
-            Ok(None)
-        }
-        fn set_mac(&mut self, _: &str, _: &str) -> io::Result<()> {
-            Ok(())
-        }
-        fn set_address(&mut self, _: &str, _: Cidr) -> io::Result<()> {
-            Ok(())
-        }
-        fn set_mtu(&mut self, _: &str, _: u32) -> io::Result<()> {
-            Ok(())
-        }
-        fn set_up(&mut self, _: &str) -> io::Result<()> {
-            Ok(())
-        }
-        fn add_route(&mut self, _: &RoutePlan) -> io::Result<()> {
-            Ok(())
-        }
-        fn set_hostname(&mut self, _: &str) -> io::Result<()> {
-            Err(io::Error::from_raw_os_error(libc::EPERM))
-        }
-        fn add_entropy(&mut self, _: &[u8]) -> io::Result<()> {
-            Ok(())
-        }
-        fn set_realtime(&mut self, _: std::time::Duration) -> io::Result<()> {
-            Ok(())
-        }
-        fn drop_caches(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn disk_sectors(&mut self, _: &str) -> io::Result<Option<u64>> {
-            Ok(None)
-        }
-    }
-
     pub(crate) fn agent_with<R: ContainerRuntime>(
         runtime: R,
     ) -> (Arc<Agent<R>>, mpsc::Receiver<u8>, tempfile::TempDir) {
@@ -794,7 +759,12 @@ pub(crate) mod tests {
         let agent = Agent::new(
             runtime,
             table,
-            Box::new(NoNet),
+            Box::new({
+                // Set-up calls succeed and change nothing; only the hostname fails.
+                let mut sys = FakeSyscall::default();
+                sys.fail("hostname", libc::EPERM);
+                sys
+            }),
             dir.path().join("pod"),
             42,
             tx,

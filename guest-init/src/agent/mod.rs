@@ -26,6 +26,7 @@ use atoll_agent_proto::{v1, CONTROL_PORT, STREAM_PORT};
 
 use crate::container::{self, CreateTimings, RuntimeError, Spawned, Stdio};
 use crate::status::INIT_FAILURE;
+use crate::syscall::LinuxSyscall;
 
 /// What the agent needs of a container runtime. [`container::Runtime`] is the real
 /// one; tests use a fake whose "containers" are host processes.
@@ -136,7 +137,7 @@ pub fn run() -> u8 {
 
 fn serve() -> Result<u8, AgentError> {
     // Before any thread exists: unshare(CLONE_NEWNS) needs a single-threaded process.
-    setup::prepare(&mut setup::LinuxSetup)?;
+    setup::prepare(&mut LinuxSyscall::new())?;
 
     let processes = Arc::new(process::ProcessTable::new().map_err(AgentError::Start)?);
     processes.spawn_reaper().map_err(AgentError::Start)?;
@@ -149,7 +150,7 @@ fn serve() -> Result<u8, AgentError> {
     let agent = Arc::new(conn::Agent::new(
         container::Runtime::new(PathBuf::from(setup::STATE_ROOT)),
         processes,
-        Box::new(net::LinuxPodOps),
+        Box::new(LinuxSyscall::new()),
         PathBuf::from(setup::POD_DIR),
         ready_us,
         exit_tx,

@@ -2,21 +2,20 @@
 //! the pod shares the VM's network namespace, so this is the pod's network.
 //!
 //! The request is checked and turned into a [`NetPlan`] first (pure, unit-tested);
-//! only a plan that is valid as a whole is applied, through [`PodOps`] (old-style
+//! only a plan that is valid as a whole is applied, through [`Syscall`] (old-style
 //! `SIOC*` ioctls on an `AF_INET` socket: enough for IPv4 addresses, MTU, link up and
 //! routes, without netlink). The pod's `resolv.conf`, `hosts` and `hostname` are
 //! written under the runtime's `pod/` directory, which the runtime bind-mounts into
 //! every container.
 
-use std::ffi::CString;
 use std::fs;
 use std::io;
-use std::mem;
 use std::net::{IpAddr, Ipv4Addr};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use atoll_agent_proto::v1;
+
+use crate::syscall::Syscall;
 
 /// Most interfaces, addresses per interface, routes, DNS servers and search domains
 /// one request may carry.
@@ -349,35 +348,6 @@ pub fn render_hosts(hostname: Option<&str>, pod_ip: Option<Ipv4Addr>) -> String 
     out
 }
 
-/// The privileged pod-wide operations (network, hostname, and what a restored clone
-/// renews: entropy, clock, caches, disks), so the logic can be tested without root.
-pub trait PodOps: Send {
-    /// The name of the interface whose MAC is `mac` (lower case), if any.
-    fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>>;
-    /// SIOCSIFHWADDR: the interface's MAC (`aa:bb:cc:dd:ee:ff`).
-    fn set_mac(&mut self, ifname: &str, mac: &str) -> io::Result<()>;
-    /// SIOCSIFADDR + SIOCSIFNETMASK.
-    fn set_address(&mut self, ifname: &str, cidr: Cidr) -> io::Result<()>;
-    /// SIOCSIFMTU.
-    fn set_mtu(&mut self, ifname: &str, mtu: u32) -> io::Result<()>;
-    /// Sets IFF_UP (SIOCGIFFLAGS, SIOCSIFFLAGS).
-    fn set_up(&mut self, ifname: &str) -> io::Result<()>;
-    /// SIOCADDRT.
-    fn add_route(&mut self, route: &RoutePlan) -> io::Result<()>;
-    /// sethostname(2).
-    fn set_hostname(&mut self, name: &str) -> io::Result<()>;
-    /// Credits `bytes` to the kernel's entropy pool (RNDADDENTROPY) and reseeds the
-    /// CRNG from it (RNDRESEEDCRNG).
-    fn add_entropy(&mut self, bytes: &[u8]) -> io::Result<()>;
-    /// clock_settime(CLOCK_REALTIME).
-    fn set_realtime(&mut self, since_epoch: std::time::Duration) -> io::Result<()>;
-    /// sync(2), then drops clean page, dentry and inode caches.
-    fn drop_caches(&mut self) -> io::Result<()>;
-    /// The size in 512-byte sectors of the virtio-blk disk whose serial is `serial`,
-    /// if one is attached.
-    fn disk_sectors(&mut self, serial: &str) -> io::Result<Option<u64>>;
-}
-
 /// Applying a valid plan failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigureNetworkError {
@@ -412,7 +382,7 @@ fn apply_err(action: String) -> impl FnOnce(io::Error) -> ConfigureNetworkError 
 /// Applies a request: interfaces (address, MTU, up), routes, hostname and the pod
 /// files in `pod_dir`.
 pub fn configure(
-    ops: &mut dyn PodOps,
+    ops: &mut dyn Syscall,
     req: &v1::ConfigureNetwork,
     pod_dir: &Path,
 ) -> Result<(), ConfigureNetworkError> {
@@ -441,7 +411,7 @@ pub fn configure(
             ops.set_mtu(&name, iface.mtu)
                 .map_err(apply_err(format!("set MTU {} on {name}", iface.mtu)))?;
         }
-        ops.set_up(&name)
+        ops.link_up(&name)
             .map_err(apply_err(format!("bring {name} up")))?;
     }
     for route in &plan.routes {
@@ -477,272 +447,10 @@ fn write_pod_file(dir: &Path, name: &str, text: &str) -> Result<(), ConfigureNet
         .map_err(|cause| ConfigureNetworkError::WriteFile { path, cause })
 }
 
-/// The real [`PodOps`]: ioctls on an `AF_INET` datagram socket.
-#[derive(Debug, Default)]
-pub struct LinuxPodOps;
-
-fn inet_socket() -> io::Result<OwnedFd> {
-    // SAFETY: socket has no memory arguments.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a new fd owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn ifreq_for(ifname: &str) -> io::Result<libc::ifreq> {
-    // SAFETY: ifreq is plain old data (a name array and a union of PODs); all zeros is
-    // a valid value.
-    let mut req: libc::ifreq = unsafe { mem::zeroed() };
-    let bytes = ifname.as_bytes();
-    if bytes.is_empty() || bytes.len() >= req.ifr_name.len() || bytes.contains(&0) {
-        return Err(io::Error::from(io::ErrorKind::InvalidInput));
-    }
-    for (dst, src) in req.ifr_name.iter_mut().zip(bytes) {
-        *dst = *src as libc::c_char;
-    }
-    Ok(req)
-}
-
-fn sockaddr_in(addr: Ipv4Addr) -> libc::sockaddr {
-    let sin = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(addr).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    // SAFETY: sockaddr_in and sockaddr are both 16-byte POD socket addresses; this is
-    // how the ioctl interface takes an AF_INET address.
-    unsafe { mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
-}
-
-fn ioctl(fd: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_void) -> io::Result<()> {
-    // SAFETY: every caller passes a pointer to the structure `request` expects (an
-    // ifreq or an rtentry) that lives across the call.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), request, arg) } == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The kernel's `struct rtentry` (x86_64 / LP64 layout, `include/uapi/linux/route.h`).
-#[repr(C)]
-struct RtEntry {
-    rt_pad1: libc::c_ulong,
-    rt_dst: libc::sockaddr,
-    rt_gateway: libc::sockaddr,
-    rt_genmask: libc::sockaddr,
-    rt_flags: libc::c_ushort,
-    rt_pad2: libc::c_short,
-    rt_pad3: libc::c_ulong,
-    rt_pad4: *mut libc::c_void,
-    rt_metric: libc::c_short,
-    rt_dev: *mut libc::c_char,
-    rt_mtu: libc::c_ulong,
-    rt_window: libc::c_ulong,
-    rt_irtt: libc::c_ushort,
-}
-
-/// Brings one interface up (used for `lo` at start-up too).
-pub fn link_up(ifname: &str) -> io::Result<()> {
-    let sock = inet_socket()?;
-    let mut req = ifreq_for(ifname)?;
-    ioctl(
-        &sock,
-        libc::SIOCGIFFLAGS,
-        (&mut req as *mut libc::ifreq).cast(),
-    )?;
-    // SAFETY: SIOCGIFFLAGS filled the `ifru_flags` member of the union.
-    let flags = unsafe { req.ifr_ifru.ifru_flags };
-    req.ifr_ifru.ifru_flags = flags | (libc::IFF_UP as libc::c_short);
-    ioctl(
-        &sock,
-        libc::SIOCSIFFLAGS,
-        (&mut req as *mut libc::ifreq).cast(),
-    )
-}
-
-impl PodOps for LinuxPodOps {
-    fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>> {
-        for entry in fs::read_dir("/sys/class/net")? {
-            let entry = entry?;
-            let address = fs::read_to_string(entry.path().join("address")).unwrap_or_default();
-            if address.trim().eq_ignore_ascii_case(mac) {
-                return Ok(Some(entry.file_name().to_string_lossy().into_owned()));
-            }
-        }
-        Ok(None)
-    }
-
-    fn set_mac(&mut self, ifname: &str, mac: &str) -> io::Result<()> {
-        let mut bytes = [0u8; 6];
-        for (b, part) in bytes.iter_mut().zip(mac.split(':')) {
-            *b = u8::from_str_radix(part, 16)
-                .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        }
-        let sock = inet_socket()?;
-        let mut req = ifreq_for(ifname)?;
-        // A sockaddr: the family, then 14 data bytes of which a MAC takes 6.
-        let mut hw = libc::sockaddr {
-            sa_family: libc::ARPHRD_ETHER,
-            sa_data: [0; 14],
-        };
-        for (d, b) in hw.sa_data.iter_mut().zip(bytes) {
-            *d = b as libc::c_char;
-        }
-        req.ifr_ifru.ifru_hwaddr = hw;
-        ioctl(
-            &sock,
-            libc::SIOCSIFHWADDR,
-            (&mut req as *mut libc::ifreq).cast(),
-        )
-    }
-
-    fn set_address(&mut self, ifname: &str, cidr: Cidr) -> io::Result<()> {
-        let sock = inet_socket()?;
-        let mut req = ifreq_for(ifname)?;
-        req.ifr_ifru.ifru_addr = sockaddr_in(cidr.addr);
-        ioctl(
-            &sock,
-            libc::SIOCSIFADDR,
-            (&mut req as *mut libc::ifreq).cast(),
-        )?;
-        let mut req = ifreq_for(ifname)?;
-        req.ifr_ifru.ifru_netmask = sockaddr_in(cidr.netmask());
-        ioctl(
-            &sock,
-            libc::SIOCSIFNETMASK,
-            (&mut req as *mut libc::ifreq).cast(),
-        )
-    }
-
-    fn set_mtu(&mut self, ifname: &str, mtu: u32) -> io::Result<()> {
-        let sock = inet_socket()?;
-        let mut req = ifreq_for(ifname)?;
-        req.ifr_ifru.ifru_mtu =
-            libc::c_int::try_from(mtu).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        ioctl(
-            &sock,
-            libc::SIOCSIFMTU,
-            (&mut req as *mut libc::ifreq).cast(),
-        )
-    }
-
-    fn set_up(&mut self, ifname: &str) -> io::Result<()> {
-        link_up(ifname)
-    }
-
-    fn add_route(&mut self, route: &RoutePlan) -> io::Result<()> {
-        let sock = inet_socket()?;
-        let device = route
-            .device
-            .as_deref()
-            .map(CString::new)
-            .transpose()
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        let mut flags = libc::RTF_UP;
-        if route.gateway.is_some() {
-            flags |= libc::RTF_GATEWAY;
-        }
-        if route.destination.prefix == 32 {
-            flags |= libc::RTF_HOST;
-        }
-        let mut entry = RtEntry {
-            rt_pad1: 0,
-            rt_dst: sockaddr_in(route.destination.addr),
-            rt_gateway: sockaddr_in(route.gateway.unwrap_or(Ipv4Addr::UNSPECIFIED)),
-            rt_genmask: sockaddr_in(route.destination.netmask()),
-            rt_flags: flags,
-            rt_pad2: 0,
-            rt_pad3: 0,
-            rt_pad4: std::ptr::null_mut(),
-            rt_metric: 0,
-            rt_dev: device
-                .as_ref()
-                .map_or(std::ptr::null_mut(), |d| d.as_ptr().cast_mut()),
-            rt_mtu: 0,
-            rt_window: 0,
-            rt_irtt: 0,
-        };
-        // `device` outlives the call, so `rt_dev` stays valid.
-        ioctl(&sock, libc::SIOCADDRT, (&mut entry as *mut RtEntry).cast())
-    }
-
-    fn set_hostname(&mut self, name: &str) -> io::Result<()> {
-        // SAFETY: the pointer and length describe `name`'s bytes, valid for the call.
-        if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    fn add_entropy(&mut self, bytes: &[u8]) -> io::Result<()> {
-        // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
-        let mut info = Vec::with_capacity(8 + bytes.len());
-        let bits = i32::try_from(bytes.len() * 8)
-            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        info.extend_from_slice(&bits.to_ne_bytes());
-        info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
-        info.extend_from_slice(bytes);
-        let random = fs::OpenOptions::new().write(true).open("/dev/urandom")?;
-        // _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
-        const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
-        const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
-        // SAFETY: `info` is a rand_pool_info header followed by `buf_size` bytes, as
-        // RNDADDENTROPY reads; the fd is open for the call.
-        if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: RNDRESEEDCRNG takes no argument.
-        if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG, 0) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    fn set_realtime(&mut self, since_epoch: std::time::Duration) -> io::Result<()> {
-        let ts = libc::timespec {
-            tv_sec: libc::time_t::try_from(since_epoch.as_secs())
-                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
-            tv_nsec: libc::c_long::from(since_epoch.subsec_nanos() as i32),
-        };
-        // SAFETY: `ts` is a valid timespec for the call.
-        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } == -1 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    }
-
-    fn drop_caches(&mut self) -> io::Result<()> {
-        // SAFETY: sync has no arguments and cannot fail.
-        unsafe { libc::sync() };
-        fs::write("/proc/sys/vm/drop_caches", b"3")
-    }
-
-    fn disk_sectors(&mut self, serial: &str) -> io::Result<Option<u64>> {
-        for entry in fs::read_dir("/sys/block")? {
-            let dir = entry?.path();
-            // Reading `serial` asks the device (VIRTIO_BLK_T_GET_ID): never stale.
-            let found = fs::read_to_string(dir.join("serial")).unwrap_or_default();
-            if found.trim_end_matches(['\0', '\n']) == serial {
-                let size = fs::read_to_string(dir.join("size"))?;
-                return size
-                    .trim()
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| io::Error::other(format!("bad size {size:?}")));
-            }
-        }
-        Ok(None)
-    }
-}
-
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
+    use crate::syscall::fake::FakeSyscall;
 
     #[test]
     fn parse_cidr_address_and_prefix() {
@@ -876,79 +584,14 @@ pub(crate) mod tests {
         assert!(!render_hosts(None, None).contains("127.0.1.1"));
     }
 
-    #[derive(Default)]
-    pub(crate) struct FakeNet {
-        pub(crate) calls: Vec<String>,
-        pub(crate) macs: Vec<(String, String)>,
-        /// (serial, sectors) of attached disks.
-        pub(crate) disks: Vec<(String, u64)>,
-    }
-
-    impl PodOps for FakeNet {
-        fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>> {
-            Ok(self
-                .macs
-                .iter()
-                .find(|(m, _)| m == mac)
-                .map(|(_, n)| n.clone()))
-        }
-        fn set_mac(&mut self, ifname: &str, mac: &str) -> io::Result<()> {
-            self.calls.push(format!("mac {ifname} {mac}"));
-            Ok(())
-        }
-        fn set_address(&mut self, ifname: &str, cidr: Cidr) -> io::Result<()> {
-            self.calls
-                .push(format!("addr {ifname} {} {}", cidr.addr, cidr.netmask()));
-            Ok(())
-        }
-        fn set_mtu(&mut self, ifname: &str, mtu: u32) -> io::Result<()> {
-            self.calls.push(format!("mtu {ifname} {mtu}"));
-            Ok(())
-        }
-        fn set_up(&mut self, ifname: &str) -> io::Result<()> {
-            self.calls.push(format!("up {ifname}"));
-            Ok(())
-        }
-        fn add_entropy(&mut self, bytes: &[u8]) -> io::Result<()> {
-            self.calls.push(format!("entropy {}", bytes.len()));
-            Ok(())
-        }
-        fn set_realtime(&mut self, t: std::time::Duration) -> io::Result<()> {
-            self.calls.push(format!("clock {}", t.as_secs()));
-            Ok(())
-        }
-        fn drop_caches(&mut self) -> io::Result<()> {
-            self.calls.push("drop caches".into());
-            Ok(())
-        }
-        fn disk_sectors(&mut self, serial: &str) -> io::Result<Option<u64>> {
-            Ok(self
-                .disks
-                .iter()
-                .find(|(s, _)| s == serial)
-                .map(|(_, n)| *n))
-        }
-        fn add_route(&mut self, route: &RoutePlan) -> io::Result<()> {
-            self.calls.push(format!(
-                "route {}/{} via {:?}",
-                route.destination.addr, route.destination.prefix, route.gateway
-            ));
-            Ok(())
-        }
-        fn set_hostname(&mut self, name: &str) -> io::Result<()> {
-            self.calls.push(format!("hostname {name}"));
-            Ok(())
-        }
-    }
-
     #[test]
     fn configure_applies_in_order_and_writes_pod_files() {
         let dir = tempfile::tempdir().unwrap();
         let pod = dir.path().join("pod");
-        let mut ops = FakeNet::default();
+        let mut ops = FakeSyscall::default();
         configure(&mut ops, &request(), &pod).unwrap();
         assert_eq!(
-            ops.calls,
+            ops.log(),
             [
                 "addr eth0 10.0.0.2 255.255.255.0",
                 "mtu eth0 1400",
@@ -972,23 +615,23 @@ pub(crate) mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut req = request();
         req.interfaces[0].mac = "02:AA:00:00:00:01".into();
-        let mut ops = FakeNet {
+        let mut ops = FakeSyscall {
             macs: vec![("02:aa:00:00:00:01".into(), "enp0".into())],
-            ..FakeNet::default()
+            ..FakeSyscall::default()
         };
         configure(&mut ops, &req, dir.path()).unwrap();
-        assert_eq!(ops.calls[0], "addr enp0 10.0.0.2 255.255.255.0");
+        assert_eq!(ops.log()[0], "addr enp0 10.0.0.2 255.255.255.0");
 
         // A MAC to take comes first (before the link is up), normalised.
         let mut named = request();
         named.interfaces[0].set_mac = "0A:58:0A:58:00:07".into();
-        let mut ops = FakeNet::default();
+        let mut ops = FakeSyscall::default();
         configure(&mut ops, &named, dir.path()).unwrap();
-        assert_eq!(ops.calls[0], "mac eth0 0a:58:0a:58:00:07");
+        assert_eq!(ops.log()[0], "mac eth0 0a:58:0a:58:00:07");
         named.interfaces[0].set_mac = "0A:58".into();
-        assert!(configure(&mut FakeNet::default(), &named, dir.path()).is_err());
+        assert!(configure(&mut FakeSyscall::default(), &named, dir.path()).is_err());
 
-        let mut ops = FakeNet::default();
+        let mut ops = FakeSyscall::default();
         let err = configure(&mut ops, &req, &dir.path().join("x")).unwrap_err();
         assert_eq!(
             err.to_string(),

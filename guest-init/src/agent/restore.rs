@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use atoll_agent_proto::v1;
 
-use super::net::{self, ConfigureNetworkError, PodOps};
+use super::net::{self, ConfigureNetworkError};
+use crate::syscall::Syscall;
 
 /// Least and most entropy a Restored request carries.
 pub const MIN_ENTROPY: usize = 32;
@@ -57,13 +58,13 @@ pub enum RestoreError {
 }
 
 /// Syncs and drops clean caches before the host snapshots the VM.
-pub fn quiesce(ops: &mut dyn PodOps) -> std::io::Result<()> {
+pub fn quiesce(ops: &mut dyn Syscall) -> std::io::Result<()> {
     ops.drop_caches()
 }
 
 /// Applies a clone's identity; waits at most `disk_wait` for its disks.
 pub fn restored(
-    ops: &mut dyn PodOps,
+    ops: &mut dyn Syscall,
     req: &v1::Restored,
     pod_dir: &Path,
     disk_wait: Duration,
@@ -117,7 +118,7 @@ pub fn restored(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::net::tests::FakeNet;
+    use crate::syscall::fake::FakeSyscall;
 
     fn request() -> v1::Restored {
         v1::Restored {
@@ -134,15 +135,15 @@ mod tests {
     #[test]
     fn restored_reseeds_first_then_clock_network_and_waits_for_disks() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ops = FakeNet {
+        let mut ops = FakeSyscall {
             disks: vec![("img0".into(), 2048)],
-            ..FakeNet::default()
+            ..FakeSyscall::default()
         };
         restored(&mut ops, &request(), dir.path(), Duration::ZERO).unwrap();
-        assert_eq!(ops.calls[0], "entropy 64");
-        assert_eq!(ops.calls[1], "clock 1800000000");
+        assert_eq!(ops.log()[0], "entropy 64");
+        assert_eq!(ops.log()[1], "clock 1800000000");
         assert!(
-            ops.calls.iter().any(|c| c == "hostname clone-1"),
+            ops.log().iter().any(|c| c == "hostname clone-1"),
             "{:?}",
             ops.calls
         );
@@ -151,7 +152,7 @@ mod tests {
     #[test]
     fn restored_refuses_bad_entropy_and_reports_a_missing_disk() {
         let dir = tempfile::tempdir().unwrap();
-        let mut ops = FakeNet::default();
+        let mut ops = FakeSyscall::default();
         let mut req = request();
         req.entropy = vec![1; 8];
         let err = restored(&mut ops, &req, dir.path(), Duration::ZERO).unwrap_err();
@@ -161,9 +162,9 @@ mod tests {
         let err = restored(&mut ops, &req, dir.path(), Duration::from_millis(30)).unwrap_err();
         assert!(matches!(err, RestoreError::DiskMissing { .. }), "{err}");
         // A disk still at size 0 (its resize not yet seen) is not ready either.
-        let mut ops = FakeNet {
+        let mut ops = FakeSyscall {
             disks: vec![("img0".into(), 0)],
-            ..FakeNet::default()
+            ..FakeSyscall::default()
         };
         let err = restored(&mut ops, &req, dir.path(), Duration::from_millis(30)).unwrap_err();
         assert!(matches!(err, RestoreError::DiskMissing { .. }), "{err}");

@@ -26,6 +26,7 @@ pub mod user;
 use self::libcontainer::Engine;
 use self::rootfs::{Mounts, RootfsError};
 use self::spec::{MountSource, SpecError, SpecPaths};
+use crate::syscall::{LinuxSyscall, Syscall};
 
 /// How a new process gets its stdio.
 #[derive(Debug)]
@@ -171,19 +172,19 @@ impl Runtime {
             root,
             PathBuf::from("/sys/block"),
             PathBuf::from("/sys/fs/cgroup"),
-            Box::new(rootfs::SysMounter),
+            Box::new(LinuxSyscall::new()),
         )
     }
 
-    /// A runtime with its system paths and mounter given (tests).
+    /// A runtime with its system paths and system calls given (tests).
     pub fn with_parts(
         root: PathBuf,
         sys_block: PathBuf,
         cgroup_root: PathBuf,
-        mounter: Box<dyn rootfs::Mounter>,
+        sys: Box<dyn Syscall>,
     ) -> Self {
         Self {
-            mounts: Mounts::new(root.clone(), sys_block, mounter),
+            mounts: Mounts::new(root.clone(), sys_block, sys),
             engine: Engine {
                 state: root.join("state"),
                 sockets: root.join("tty"),
@@ -500,13 +501,14 @@ impl Runtime {
 
 #[cfg(test)]
 mod tests {
-    use super::rootfs::fake::{FakeMounter, Op};
+    use super::rootfs::fake::{ops, Op};
     use super::*;
+    use crate::syscall::fake::SharedFake;
 
     struct Fixture {
         _dirs: Vec<tempfile::TempDir>,
         rt: Runtime,
-        fake: FakeMounter,
+        fake: SharedFake,
     }
 
     fn fixture() -> Fixture {
@@ -515,7 +517,7 @@ mod tests {
         std::fs::create_dir(sys.path().join("vda")).unwrap();
         std::fs::write(sys.path().join("vda/serial"), "img1").unwrap();
         let cg = tempfile::tempdir().unwrap();
-        let fake = FakeMounter::default();
+        let fake = SharedFake::default();
         let rt = Runtime::with_parts(
             root.path().into(),
             sys.path().into(),
@@ -563,7 +565,7 @@ mod tests {
         let mut f = fixture();
         let err = f.rt.create(&req("../x"), pipes()).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
-        assert!(f.fake.ops.lock().unwrap().is_empty());
+        assert!(ops(&f.fake).is_empty());
     }
 
     /// A layers disk `vdb` (serial `layers0`) holding `blobs`; the request for it.
@@ -601,7 +603,7 @@ mod tests {
         let err = f.rt.create(&r, pipes()).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.to_string().contains("no user \"nobody\""), "{err}");
-        let ops = f.fake.ops.lock().unwrap().clone();
+        let ops = ops(&f.fake);
         let dir = f.rt.root().join("containers/c1");
         assert_eq!(
             ops.first(),
@@ -635,12 +637,7 @@ mod tests {
         assert!(err.to_string().contains("layer 0"), "{err}");
         assert!(err.to_string().contains("tampered"), "{err}");
         let dir = f.rt.root().join("containers/c1");
-        assert!(f
-            .fake
-            .ops
-            .lock()
-            .unwrap()
-            .contains(&Op::Unmount(dir.clone())));
+        assert!(ops(&f.fake).contains(&Op::Unmount(dir.clone())));
         assert!(!dir.exists());
     }
 
@@ -654,7 +651,7 @@ mod tests {
         let err = f.rt.create(&r, pipes()).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.to_string().contains("goes past the end"), "{err}");
-        assert!(f.fake.ops.lock().unwrap().is_empty());
+        assert!(ops(&f.fake).is_empty());
     }
 
     #[test]
@@ -667,7 +664,7 @@ mod tests {
         }));
         let err = f.rt.create(&r, pipes()).unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition);
-        assert!(f.fake.ops.lock().unwrap().is_empty());
+        assert!(ops(&f.fake).is_empty());
     }
 
     #[test]
@@ -686,7 +683,7 @@ mod tests {
             err.to_string().starts_with("mounts[0].destination"),
             "{err}"
         );
-        assert!(f.fake.ops.lock().unwrap().is_empty());
+        assert!(ops(&f.fake).is_empty());
     }
 
     #[test]
@@ -709,7 +706,7 @@ mod tests {
         let err = f.rt.create(&r, pipes()).unwrap_err();
         assert_eq!(err.code(), Code::InvalidArgument);
         assert!(err.to_string().contains("no user \"nobody\""), "{err}");
-        let ops = f.fake.ops.lock().unwrap().clone();
+        let ops = ops(&f.fake);
         let root = f.rt.root().to_owned();
         assert!(ops.contains(&Op::Unmount(root.join("images/img1"))));
         assert!(ops.contains(&Op::Unmount(root.join("containers/c1"))));

@@ -4,7 +4,7 @@
 //! into that tmpfs (see [`super::layers`]); plus the pod's tmpfs volumes and
 //! read-only data disks that containers bind.
 //!
-//! Every mount goes through [`Mounter`], so the plan is tested with a recording fake.
+//! Every mount goes through [`Syscall`], so the plan is tested with the recording fake.
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use atoll_agent_proto::v1;
 
 use super::layers::{LayersDisk, LayersError, GUEST_LIMITS};
+use crate::syscall::{MountFlags, Syscall};
 
 /// Flags of a mount, the subset this module uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,51 +29,28 @@ pub enum MountKind {
     RemountBindReadonly,
 }
 
-/// The privileged operations of this module.
-pub trait Mounter: Send {
-    /// `mount(2)`.
-    fn mount(
-        &mut self,
-        source: &str,
-        target: &Path,
-        fstype: &str,
-        kind: MountKind,
-        data: &str,
-    ) -> io::Result<()>;
-    /// `umount2(2)` with `MNT_DETACH`.
-    fn unmount(&mut self, target: &Path) -> io::Result<()>;
+impl MountKind {
+    /// The mount(2) flags of this kind.
+    pub fn flags(self) -> MountFlags {
+        match self {
+            MountKind::New { readonly: true } => libc::MS_RDONLY,
+            MountKind::New { readonly: false } => 0,
+            MountKind::Bind => libc::MS_BIND,
+            MountKind::RemountBindReadonly => libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY,
+        }
+    }
 }
 
-/// The real [`Mounter`].
-#[derive(Debug, Default)]
-pub struct SysMounter;
-
-impl Mounter for SysMounter {
-    fn mount(
-        &mut self,
-        source: &str,
-        target: &Path,
-        fstype: &str,
-        kind: MountKind,
-        data: &str,
-    ) -> io::Result<()> {
-        use nix::mount::MsFlags;
-        let flags = match kind {
-            MountKind::New { readonly: true } => MsFlags::MS_RDONLY,
-            MountKind::New { readonly: false } => MsFlags::empty(),
-            MountKind::Bind => MsFlags::MS_BIND,
-            MountKind::RemountBindReadonly => {
-                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY
-            }
-        };
-        let fstype = (!fstype.is_empty()).then_some(fstype);
-        let data = (!data.is_empty()).then_some(data);
-        nix::mount::mount(Some(source), target, fstype, flags, data).map_err(io::Error::from)
-    }
-
-    fn unmount(&mut self, target: &Path) -> io::Result<()> {
-        nix::mount::umount2(target, nix::mount::MntFlags::MNT_DETACH).map_err(io::Error::from)
-    }
+/// mount(2) of one `kind` through `sys`.
+fn mount(
+    sys: &mut dyn Syscall,
+    source: &str,
+    target: &Path,
+    fstype: &str,
+    kind: MountKind,
+    data: &str,
+) -> io::Result<()> {
+    sys.mount(source, target, fstype, kind.flags(), data)
 }
 
 /// Preparing or freeing a rootfs, volume or disk failed.
@@ -181,7 +159,8 @@ pub struct Mounts {
     sys_block: PathBuf,
     /// Where the block devices `find_disk` names are (`/dev`).
     dev: PathBuf,
-    mounter: Box<dyn Mounter>,
+    /// mount(2) and umount2(2).
+    sys: Box<dyn Syscall>,
     images: HashMap<String, usize>,
     disks: HashMap<String, usize>,
     volumes: HashSet<String>,
@@ -210,12 +189,12 @@ fn mkdir(path: &Path) -> Result<(), RootfsError> {
 
 impl Mounts {
     /// Mounts under `root`, finding disks in `sys_block` (`/sys/block`).
-    pub fn new(root: PathBuf, sys_block: PathBuf, mounter: Box<dyn Mounter>) -> Self {
+    pub fn new(root: PathBuf, sys_block: PathBuf, sys: Box<dyn Syscall>) -> Self {
         Self {
             root,
             sys_block,
             dev: PathBuf::from("/dev"),
-            mounter,
+            sys,
             images: HashMap::new(),
             disks: HashMap::new(),
             volumes: HashSet::new(),
@@ -243,15 +222,15 @@ impl Mounts {
     /// Makes `dir` and mounts a new writable tmpfs with `options` on it.
     fn mount_tmpfs(&mut self, dir: &Path, options: &str) -> Result<(), RootfsError> {
         mkdir(dir)?;
-        self.mounter
-            .mount(
-                "tmpfs",
-                dir,
-                "tmpfs",
-                MountKind::New { readonly: false },
-                options,
-            )
-            .map_err(io_err("mount a tmpfs on", dir))
+        mount(
+            self.sys.as_mut(),
+            "tmpfs",
+            dir,
+            "tmpfs",
+            MountKind::New { readonly: false },
+            options,
+        )
+        .map_err(io_err("mount a tmpfs on", dir))
     }
 
     /// Looks block devices up in `dev` instead of `/dev` (tests).
@@ -291,7 +270,8 @@ impl Mounts {
         mkdir(&dir)?;
         let data = if fs_type == "ext4" { "noload" } else { "" };
         let device_str = device.to_string_lossy().into_owned();
-        let mounted = self.mounter.mount(
+        let mounted = mount(
+            self.sys.as_mut(),
             &device_str,
             &dir,
             fs_type,
@@ -303,15 +283,15 @@ impl Mounts {
             if fs_type != "ext4" {
                 return Err(io_err("mount", &dir)(e));
             }
-            self.mounter
-                .mount(
-                    &device_str,
-                    &dir,
-                    fs_type,
-                    MountKind::New { readonly: true },
-                    "",
-                )
-                .map_err(io_err("mount", &dir))?;
+            mount(
+                self.sys.as_mut(),
+                &device_str,
+                &dir,
+                fs_type,
+                MountKind::New { readonly: true },
+                "",
+            )
+            .map_err(io_err("mount", &dir))?;
         }
         let counts = if image {
             &mut self.images
@@ -339,7 +319,7 @@ impl Mounts {
         *n -= 1;
         if *n == 0 {
             counts.remove(serial);
-            let _ = self.mounter.unmount(&dir);
+            let _ = self.sys.unmount(&dir);
             let _ = std::fs::remove_dir(&dir);
         }
     }
@@ -376,22 +356,22 @@ impl Mounts {
     ) -> Result<PathBuf, RootfsError> {
         let dir = self.container_dir(id);
         mkdir(&dir)?;
-        self.mounter
-            .mount(
-                "tmpfs",
-                &dir,
-                "tmpfs",
-                MountKind::New { readonly: false },
-                "mode=0700",
-            )
-            .map_err(io_err("mount a tmpfs on", &dir))?;
+        mount(
+            self.sys.as_mut(),
+            "tmpfs",
+            &dir,
+            "tmpfs",
+            MountKind::New { readonly: false },
+            "mode=0700",
+        )
+        .map_err(io_err("mount a tmpfs on", &dir))?;
         let rootfs = dir.join("rootfs");
         let done = mkdir(&rootfs).and_then(|()| fill(self, &dir, &rootfs));
         match done {
             Ok(()) => Ok(rootfs),
             Err(e) => {
-                let _ = self.mounter.unmount(&rootfs);
-                let _ = self.mounter.unmount(&dir);
+                let _ = self.sys.unmount(&rootfs);
+                let _ = self.sys.unmount(&dir);
                 let _ = std::fs::remove_dir_all(&dir);
                 Err(e)
             }
@@ -402,12 +382,24 @@ impl Mounts {
         self.in_container_tmpfs(id, |this, dir, rootfs| {
             if readonly {
                 let image_str = image.to_string_lossy().into_owned();
-                this.mounter
-                    .mount(&image_str, rootfs, "", MountKind::Bind, "")
-                    .map_err(io_err("bind the image on", rootfs))?;
-                this.mounter
-                    .mount("", rootfs, "", MountKind::RemountBindReadonly, "")
-                    .map_err(io_err("make read-only", rootfs))?;
+                mount(
+                    this.sys.as_mut(),
+                    &image_str,
+                    rootfs,
+                    "",
+                    MountKind::Bind,
+                    "",
+                )
+                .map_err(io_err("bind the image on", rootfs))?;
+                mount(
+                    this.sys.as_mut(),
+                    "",
+                    rootfs,
+                    "",
+                    MountKind::RemountBindReadonly,
+                    "",
+                )
+                .map_err(io_err("make read-only", rootfs))?;
             } else {
                 let (upper, work) = (dir.join("upper"), dir.join("work"));
                 mkdir(&upper)?;
@@ -418,15 +410,15 @@ impl Mounts {
                     upper.display(),
                     work.display()
                 );
-                this.mounter
-                    .mount(
-                        "overlay",
-                        rootfs,
-                        "overlay",
-                        MountKind::New { readonly: false },
-                        &data,
-                    )
-                    .map_err(io_err("mount the overlay on", rootfs))?;
+                mount(
+                    this.sys.as_mut(),
+                    "overlay",
+                    rootfs,
+                    "overlay",
+                    MountKind::New { readonly: false },
+                    &data,
+                )
+                .map_err(io_err("mount the overlay on", rootfs))?;
             }
             Ok(())
         })
@@ -462,8 +454,8 @@ impl Mounts {
     /// Undoes [`Mounts::prepare_rootfs`] (idempotent: a second call does nothing).
     pub fn release_rootfs(&mut self, id: &str, serial: &str) {
         let dir = self.container_dir(id);
-        let _ = self.mounter.unmount(&dir.join("rootfs"));
-        let _ = self.mounter.unmount(&dir);
+        let _ = self.sys.unmount(&dir.join("rootfs"));
+        let _ = self.sys.unmount(&dir);
         let _ = std::fs::remove_dir_all(&dir);
         self.release_disk(serial, true);
     }
@@ -506,9 +498,9 @@ impl Mounts {
 #[cfg(test)]
 pub(crate) mod fake {
     use super::*;
-    use std::sync::{Arc, Mutex};
+    use crate::syscall::fake::{Call, SharedFake};
 
-    /// One recorded call.
+    /// One mount or unmount, in this module's terms.
     #[derive(Debug, Clone, PartialEq, Eq)]
     pub enum Op {
         Mount {
@@ -521,46 +513,53 @@ pub(crate) mod fake {
         Unmount(PathBuf),
     }
 
-    /// Records calls; fails mounts whose fstype is in `fail`.
-    #[derive(Debug, Default, Clone)]
-    pub struct FakeMounter {
-        pub ops: Arc<Mutex<Vec<Op>>>,
-        pub fail: Arc<Mutex<Vec<String>>>,
+    fn kind(flags: MountFlags) -> MountKind {
+        [
+            MountKind::New { readonly: true },
+            MountKind::New { readonly: false },
+            MountKind::Bind,
+            MountKind::RemountBindReadonly,
+        ]
+        .into_iter()
+        .find(|k| k.flags() == flags)
+        .unwrap_or_else(|| panic!("flags {flags:#x} are no MountKind"))
     }
 
-    impl Mounter for FakeMounter {
-        fn mount(
-            &mut self,
-            source: &str,
-            target: &Path,
-            fstype: &str,
-            kind: MountKind,
-            data: &str,
-        ) -> io::Result<()> {
-            self.ops.lock().unwrap().push(Op::Mount {
-                source: source.into(),
-                target: target.into(),
-                fstype: fstype.into(),
-                kind,
-                data: data.into(),
-            });
-            if self.fail.lock().unwrap().iter().any(|f| f == fstype) {
-                return Err(io::Error::from_raw_os_error(libc::EINVAL));
-            }
-            Ok(())
-        }
+    /// The mounts and unmounts `fake` saw, in order.
+    pub fn ops(fake: &SharedFake) -> Vec<Op> {
+        fake.calls()
+            .into_iter()
+            .filter_map(|call| match call {
+                Call::Mount {
+                    source,
+                    target,
+                    fstype,
+                    flags,
+                    data,
+                } => Some(Op::Mount {
+                    source,
+                    target,
+                    fstype,
+                    kind: kind(flags),
+                    data,
+                }),
+                Call::Unmount(target) => Some(Op::Unmount(target)),
+                _ => None,
+            })
+            .collect()
+    }
 
-        fn unmount(&mut self, target: &Path) -> io::Result<()> {
-            self.ops.lock().unwrap().push(Op::Unmount(target.into()));
-            Ok(())
-        }
+    /// Makes every mount of `fstype` fail with EINVAL.
+    pub fn fail_fstype(fake: &SharedFake, fstype: &str) {
+        fake.get().fail(&format!("mount {fstype} "), libc::EINVAL);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::fake::{FakeMounter, Op};
+    use super::fake::{fail_fstype, ops, Op};
     use super::*;
+    use crate::syscall::fake::SharedFake;
 
     fn sysfs(disks: &[(&str, &str)]) -> tempfile::TempDir {
         let dir = tempfile::tempdir().unwrap();
@@ -572,12 +571,10 @@ mod tests {
         dir
     }
 
-    fn setup(
-        disks: &[(&str, &str)],
-    ) -> (tempfile::TempDir, tempfile::TempDir, Mounts, FakeMounter) {
+    fn setup(disks: &[(&str, &str)]) -> (tempfile::TempDir, tempfile::TempDir, Mounts, SharedFake) {
         let sys = sysfs(disks);
         let root = tempfile::tempdir().unwrap();
-        let fake = FakeMounter::default();
+        let fake = SharedFake::default();
         let m = Mounts::new(
             root.path().into(),
             sys.path().into(),
@@ -622,7 +619,7 @@ mod tests {
         let r2 = m.prepare_rootfs("c2", "img1", "erofs", false).unwrap();
         assert_eq!(r1, root.path().join("containers/c1/rootfs"));
         assert_eq!(r2, root.path().join("containers/c2/rootfs"));
-        let ops = fake.ops.lock().unwrap().clone();
+        let ops = ops(&fake);
         let image_mounts = ops
             .iter()
             .filter(|o| matches!(o, Op::Mount { fstype, .. } if fstype == "erofs"))
@@ -661,13 +658,9 @@ mod tests {
         m.prepare_rootfs("c2", "img1", "erofs", false).unwrap();
         m.release_rootfs("c1", "img1");
         let image = root.path().join("images/img1");
-        assert!(!fake
-            .ops
-            .lock()
-            .unwrap()
-            .contains(&Op::Unmount(image.clone())));
+        assert!(!ops(&fake).contains(&Op::Unmount(image.clone())));
         m.release_rootfs("c2", "img1");
-        assert!(fake.ops.lock().unwrap().contains(&Op::Unmount(image)));
+        assert!(ops(&fake).contains(&Op::Unmount(image)));
         assert_eq!(m.image_users("img1"), 0);
         // Idempotent.
         m.release_rootfs("c2", "img1");
@@ -678,7 +671,7 @@ mod tests {
     fn prepare_rootfs_readonly_binds_and_remounts() {
         let (_sys, _root, mut m, fake) = setup(&[("vda", "img1")]);
         let rootfs = m.prepare_rootfs("c1", "img1", "ext4", true).unwrap();
-        let ops = fake.ops.lock().unwrap().clone();
+        let ops = ops(&fake);
         assert!(matches!(&ops[0], Op::Mount { data, .. } if data == "noload"));
         assert!(ops.iter().any(
             |o| matches!(o, Op::Mount { kind: MountKind::Bind, target, .. } if *target == rootfs)
@@ -702,20 +695,20 @@ mod tests {
             m.prepare_rootfs("c1", "img1", "xfs", false),
             Err(RootfsError::FsType(_))
         ));
-        assert!(fake.ops.lock().unwrap().is_empty());
+        assert!(ops(&fake).is_empty());
     }
 
     #[test]
     fn prepare_rootfs_overlay_failure_releases_the_image() {
         let (_sys, root, mut m, fake) = setup(&[("vda", "img1")]);
-        fake.fail.lock().unwrap().push("overlay".into());
+        fail_fstype(&fake, "overlay");
         let err = m.prepare_rootfs("c1", "img1", "erofs", false).unwrap_err();
         assert!(
             err.to_string().starts_with("cannot mount the overlay on"),
             "{err}"
         );
         assert_eq!(m.image_users("img1"), 0);
-        let ops = fake.ops.lock().unwrap().clone();
+        let ops = ops(&fake);
         assert!(ops.contains(&Op::Unmount(root.path().join("images/img1"))));
         assert!(ops.contains(&Op::Unmount(root.path().join("containers/c1"))));
     }
@@ -725,7 +718,7 @@ mod tests {
         let (_sys, _root, mut m, fake) = setup(&[("vda", "img1")]);
         let err = m.prepare_rootfs("c1", "nope", "erofs", false).unwrap_err();
         assert!(matches!(err, RootfsError::NoDisk(_)));
-        assert!(fake.ops.lock().unwrap().is_empty());
+        assert!(ops(&fake).is_empty());
     }
 
     #[test]
@@ -748,11 +741,7 @@ mod tests {
         assert_eq!(std::fs::read(rootfs.join("bin/sh")).unwrap(), b"#!\n");
         let mode = std::fs::metadata(&rootfs).unwrap().permissions().mode();
         assert_eq!(mode & 0o7777, 0o755);
-        assert_eq!(
-            fake.ops.lock().unwrap().len(),
-            1,
-            "only the tmpfs is mounted"
-        );
+        assert_eq!(ops(&fake).len(), 1, "only the tmpfs is mounted");
         assert_eq!(m.image_users("layers0"), 0, "no image disk is mounted");
         m.release_rootfs("c1", "");
         assert!(!root.path().join("containers/c1").exists());
@@ -763,7 +752,7 @@ mod tests {
         let (_sys, root, mut m, fake) = setup(&[]);
         m.ensure_volume("cache").unwrap();
         m.ensure_volume("cache").unwrap();
-        let ops = fake.ops.lock().unwrap().clone();
+        let ops = ops(&fake);
         assert_eq!(ops.len(), 1);
         assert!(matches!(&ops[0], Op::Mount { target, fstype, .. }
             if *target == root.path().join("volumes/cache") && fstype == "tmpfs"));
@@ -772,14 +761,14 @@ mod tests {
     #[test]
     fn data_disk_falls_back_to_ext4_and_is_counted() {
         let (_sys, root, mut m, fake) = setup(&[("vdc", "data1")]);
-        fake.fail.lock().unwrap().push("erofs".into());
+        fail_fstype(&fake, "erofs");
         m.acquire_data_disk("data1").unwrap();
         m.acquire_data_disk("data1").unwrap();
         m.release_data_disk("data1");
         let dir = root.path().join("disks/data1");
-        assert!(!fake.ops.lock().unwrap().contains(&Op::Unmount(dir.clone())));
+        assert!(!ops(&fake).contains(&Op::Unmount(dir.clone())));
         m.release_data_disk("data1");
-        let ops = fake.ops.lock().unwrap().clone();
+        let ops = ops(&fake);
         assert!(ops.contains(&Op::Unmount(dir)));
         assert!(ops
             .iter()

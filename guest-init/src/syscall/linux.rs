@@ -1,9 +1,11 @@
-//! The real [`Syscall`] implementation: libc calls, each return value checked.
+//! The real [`Syscall`] implementation: libc calls, each return value checked (the
+//! network's ioctls are in `netdev.rs`).
 
 use std::ffi::{CString, OsString};
 use std::fs::OpenOptions;
 use std::io;
 use std::mem::MaybeUninit;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
@@ -11,7 +13,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use super::{MountFlags, Reaped, RebootCmd, Syscall};
+use super::{netdev, Cidr, MountFlags, Reaped, RebootCmd, RoutePlan, Syscall};
 use crate::arch;
 
 /// Where the command's stdio and PID 1's own fallback stdio come from.
@@ -49,10 +51,8 @@ fn c_string(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))
 }
 
-/// mount(2); an empty `source`, `fstype` or `data` is passed as NULL (what a bind,
-/// a remount or a file system without options wants). Shared by PID 1 and the
-/// agent's start-up.
-pub fn mount(
+/// mount(2); an empty `source`, `fstype` or `data` is passed as NULL.
+fn mount(
     source: &str,
     target: &Path,
     fstype: &str,
@@ -105,6 +105,10 @@ pub fn rename_exchange(a: &Path, b: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// `statfs` magic numbers of an initramfs root.
+const RAMFS_MAGIC: libc::__fsword_t = 0x8584_58f6;
+const TMPFS_MAGIC: libc::__fsword_t = 0x0102_1994;
+
 /// Turns a `-1` return into the errno it set.
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc == -1 {
@@ -156,6 +160,31 @@ impl Syscall for LinuxSyscall {
         std::fs::DirBuilder::new().mode(mode).create(path)
     }
 
+    fn create_file(&mut self, path: &Path) -> io::Result<()> {
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map(drop)
+    }
+
+    fn write_file(&mut self, path: &Path, text: &str) -> io::Result<()> {
+        use std::io::Write;
+        OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .write_all(text.as_bytes())
+    }
+
+    fn exists(&mut self, path: &Path) -> bool {
+        path.exists()
+    }
+
+    fn is_dir(&mut self, path: &Path) -> bool {
+        path.is_dir()
+    }
+
     fn mount(
         &mut self,
         source: &str,
@@ -174,9 +203,38 @@ impl Syscall for LinuxSyscall {
         Ok(())
     }
 
+    fn unshare_mount_ns(&mut self) -> io::Result<()> {
+        // SAFETY: unshare has no memory arguments.
+        check(unsafe { libc::unshare(libc::CLONE_NEWNS) })?;
+        Ok(())
+    }
+
+    fn chdir(&mut self, path: &Path) -> io::Result<()> {
+        std::env::set_current_dir(path)
+    }
+
+    fn chroot(&mut self, path: &Path) -> io::Result<()> {
+        std::os::unix::fs::chroot(path)
+    }
+
     fn sync(&mut self) {
         // SAFETY: sync takes no arguments and cannot fail.
         unsafe { libc::sync() };
+    }
+
+    fn in_guest(&mut self) -> bool {
+        // SAFETY: getppid has no arguments.
+        let parent = unsafe { libc::getppid() };
+        let mut fs = MaybeUninit::<libc::statfs>::uninit();
+        // SAFETY: the path is a NUL-terminated literal; `fs` is writable storage.
+        let rc = unsafe { libc::statfs(c"/".as_ptr(), fs.as_mut_ptr()) };
+        if rc == -1 {
+            return false;
+        }
+        // SAFETY: statfs returned 0, so it filled `fs`.
+        let fs = unsafe { fs.assume_init() };
+        let magic = fs.f_type;
+        parent == 1 && (magic == RAMFS_MAGIC || magic == TMPFS_MAGIC)
     }
 
     fn enable_port(&mut self, port: u16) -> io::Result<()> {
@@ -337,5 +395,105 @@ impl Syscall for LinuxSyscall {
         // PID 1 reaps with waitpid(-1); dropping `Child` neither waits nor kills.
         libc::pid_t::try_from(child.id())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "pid out of range"))
+    }
+
+    fn become_subreaper(&mut self) -> io::Result<()> {
+        // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes integer arguments only.
+        check(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) })?;
+        Ok(())
+    }
+
+    fn interface_by_mac(&mut self, mac: &str) -> io::Result<Option<String>> {
+        netdev::interface_by_mac(mac)
+    }
+
+    fn set_mac(&mut self, ifname: &str, mac: &str) -> io::Result<()> {
+        netdev::set_mac(ifname, mac)
+    }
+
+    fn set_address(&mut self, ifname: &str, cidr: Cidr) -> io::Result<()> {
+        netdev::set_address(ifname, cidr)
+    }
+
+    fn set_mtu(&mut self, ifname: &str, mtu: u32) -> io::Result<()> {
+        netdev::set_mtu(ifname, mtu)
+    }
+
+    fn link_up(&mut self, ifname: &str) -> io::Result<()> {
+        netdev::link_up(ifname)
+    }
+
+    fn add_route(&mut self, route: &RoutePlan) -> io::Result<()> {
+        netdev::add_route(route)
+    }
+
+    fn set_hostname(&mut self, name: &str) -> io::Result<()> {
+        // SAFETY: the pointer and length describe `name`'s bytes, valid for the call.
+        if unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn add_entropy(&mut self, bytes: &[u8]) -> io::Result<()> {
+        // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+        let mut info = Vec::with_capacity(8 + bytes.len());
+        let bits = i32::try_from(bytes.len() * 8)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        info.extend_from_slice(&bits.to_ne_bytes());
+        info.extend_from_slice(&(bytes.len() as i32).to_ne_bytes());
+        info.extend_from_slice(bytes);
+        let random = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/urandom")?;
+        // _IOW('R', 0x03, int[2]) and _IO('R', 0x07).
+        const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+        const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+        // SAFETY: `info` is a rand_pool_info header followed by `buf_size` bytes, as
+        // RNDADDENTROPY reads; the fd is open for the call.
+        if unsafe { libc::ioctl(random.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: RNDRESEEDCRNG takes no argument.
+        if unsafe { libc::ioctl(random.as_raw_fd(), RNDRESEEDCRNG, 0) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn set_realtime(&mut self, since_epoch: Duration) -> io::Result<()> {
+        let ts = libc::timespec {
+            tv_sec: libc::time_t::try_from(since_epoch.as_secs())
+                .map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?,
+            tv_nsec: libc::c_long::from(since_epoch.subsec_nanos() as i32),
+        };
+        // SAFETY: `ts` is a valid timespec for the call.
+        if unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) } == -1 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn drop_caches(&mut self) -> io::Result<()> {
+        // SAFETY: sync has no arguments and cannot fail.
+        unsafe { libc::sync() };
+        std::fs::write("/proc/sys/vm/drop_caches", b"3")
+    }
+
+    fn disk_sectors(&mut self, serial: &str) -> io::Result<Option<u64>> {
+        for entry in std::fs::read_dir("/sys/block")? {
+            let dir = entry?.path();
+            // Reading `serial` asks the device (VIRTIO_BLK_T_GET_ID): never stale.
+            let found = std::fs::read_to_string(dir.join("serial")).unwrap_or_default();
+            if found.trim_end_matches(['\0', '\n']) == serial {
+                let size = std::fs::read_to_string(dir.join("size"))?;
+                return size
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| io::Error::other(format!("bad size {size:?}")));
+            }
+        }
+        Ok(None)
     }
 }

@@ -43,6 +43,14 @@ fn main() {
         // The agent: PID 1's supervised command (`/init agent`).
         std::process::exit(i32::from(atoll_init::agent::run()));
     }
+    if std::process::id() != 1
+        && std::env::args_os()
+            .nth(1)
+            .is_some_and(|a| a == atoll_init::container::pidns::PAUSE_ARG)
+    {
+        // The holder of a pod's shared PID namespace, started by the agent.
+        std::process::exit(atoll_init::container::pidns::pause_main());
+    }
     if std::process::id() != 1 {
         // Mounting over the host's /dev and rebooting it would be a disaster.
         eprintln!("atoll-init: refusing to run: this is PID 1 of an Atoll guest VM only");

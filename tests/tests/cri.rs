@@ -80,8 +80,21 @@ cat > /tmp/cfg/pod.json <<EOF
 {"metadata":{"name":"web","uid":"uid-1","namespace":"default","attempt":0},
  "hostname":"web","log_directory":"/tmp/logs/web","labels":{"app":"web"},
  "annotations":{"note":"kept as given"},
- "linux":{"resources":{"cpu_quota":50000,"cpu_period":100000}},
- "dns_config":{"servers":["10.96.0.10"],"searches":["default.svc.cluster.local"]}}
+ "linux":{"resources":{"cpu_quota":50000,"cpu_period":100000},
+  "sysctls":{"net.ipv4.ip_unprivileged_port_start":"80","kernel/shm_rmid_forced":"1"}},
+ "dns_config":{"servers":["10.96.0.10"],"searches":["default.svc.cluster.local"],"options":["ndots:5","edns0"]}}
+EOF
+cat > /tmp/cfg/hostpid.json <<EOF
+{"metadata":{"name":"hostpid","uid":"uid-5","namespace":"default","attempt":0},
+ "linux":{"security_context":{"namespace_options":{"pid":"NODE"}}}}
+EOF
+cat > /tmp/cfg/badsysctl.json <<EOF
+{"metadata":{"name":"badsysctl","uid":"uid-6","namespace":"default","attempt":0},
+ "linux":{"sysctls":{"net.ipv4.no_such_sysctl":"1"}}}
+EOF
+cat > /tmp/cfg/grouponly.json <<EOF
+{"metadata":{"name":"grouponly"},"image":{"image":"$IMAGE"},"command":["true"],
+ "linux":{"security_context":{"run_as_group":{"value":100}}}}
 EOF
 cat > /tmp/cfg/peer.json <<EOF
 {"metadata":{"name":"peer","uid":"uid-4","namespace":"default","attempt":0},
@@ -100,7 +113,9 @@ cat > /tmp/cfg/a.json <<EOF
 {"metadata":{"name":"ticker"},"image":{"image":"$IMAGE"},
  "command":["sh","-c","echo hello World; echo oops >&2; i=0; while true; do i=\$((i+1)); echo tick \$i; sleep 0.2; done"],
  "envs":[{"key":"GREETING","value":"hi"}],
- "log_path":"ticker/0.log","labels":{"c":"ticker"}}
+ "log_path":"ticker/0.log","labels":{"c":"ticker"},
+ "linux":{"security_context":{"supplemental_groups":[1234,5678],
+  "masked_paths":["/proc/version"],"readonly_paths":["/root"]}}}
 EOF
 cat > /tmp/cfg/b.json <<EOF
 {"metadata":{"name":"once"},"image":{"image":"$IMAGE"},
@@ -255,6 +270,23 @@ exec_stream() {
   done
 }
 log() { sleep 1; head -3 /tmp/logs/web/ticker/0.log; }
+# What the pod and container configs set beyond the basics: DNS options and sysctls
+# (pod-wide, in the VM), supplemental groups (the container's init and its execs),
+# masked and read-only paths; and what a microVM pod refuses.
+pod_settings() {
+  $C exec $CA -- sh -c 'echo "resolv_options=$(grep ^options /etc/resolv.conf)"
+    echo "port_start=$(cat /proc/sys/net/ipv4/ip_unprivileged_port_start)"
+    echo "shm_rmid=$(cat /proc/sys/kernel/shm_rmid_forced)"
+    echo "init_groups=$(sed -n "s/^Groups:[[:space:]]*//p" /proc/1/status | tr -s " " | sed "s/ $//")"
+    echo "exec_groups=$(id -G)"
+    echo "version_bytes=$(cat /proc/version | wc -c)"
+    touch /root/x 2>/dev/null && echo root_write=allowed || echo root_write=refused
+    touch /tmp/x 2>/dev/null && echo tmp_write=allowed || echo tmp_write=refused'
+  $C runp /tmp/cfg/hostpid.json; echo "hostpid_rc=$?"
+  $C runp /tmp/cfg/badsysctl.json; echo "badsysctl_rc=$?"
+  echo "badsysctl_left=$($C pods | grep -c badsysctl)"
+  $C create $P /tmp/cfg/grouponly.json /tmp/cfg/pod.json; echo "grouponly_rc=$?"
+}
 # Attach to a container created with stdin (stdin_once): its output from the
 # moment of attaching, our stdin to it; closing stdin ends it.
 attach() {
@@ -472,6 +504,7 @@ scenario exec_timeout exec_timeout
 scenario exec_many exec_many
 scenario exec_stream exec_stream
 scenario log log
+scenario pod_settings pod_settings
 scenario attach attach
 scenario stats stats
 scenario metrics metrics
@@ -900,6 +933,45 @@ fn is_cri_record(l: &str, stream: &str, text: &str) -> bool {
         && t.ends_with('Z')
         && t[20..29].bytes().all(|b| b.is_ascii_digit());
     time_ok && s == stream && tag == "F" && rest == text
+}
+
+#[test]
+fn dns_options_sysctls_groups_and_hidden_paths_reach_the_guest_and_what_a_vm_cannot_do_is_refused()
+{
+    let (out, st) = sc("pod_settings");
+    assert_eq!(st, 0, "{out}");
+    // Pod-wide, from the sandbox config: resolv.conf's options, both sysctl forms.
+    assert_eq!(
+        value_of(out, "resolv_options"),
+        "options ndots:5 edns0",
+        "{out}"
+    );
+    assert_eq!(value_of(out, "port_start"), "80", "{out}");
+    assert_eq!(value_of(out, "shm_rmid"), "1", "{out}");
+    // The container's supplemental groups, on its init and on an exec.
+    assert_eq!(value_of(out, "init_groups"), "1234 5678", "{out}");
+    assert_eq!(value_of(out, "exec_groups"), "0 1234 5678", "{out}");
+    // The CRI's masked and read-only paths replace the defaults.
+    assert_eq!(value_of(out, "version_bytes"), "0", "{out}");
+    assert_eq!(value_of(out, "root_write"), "refused", "{out}");
+    assert_eq!(value_of(out, "tmp_write"), "allowed", "{out}");
+    // What a microVM pod cannot do, refused with the reason.
+    assert_ne!(value_of(out, "hostpid_rc"), "0", "{out}");
+    assert!(
+        out.contains("namespace_options.pid = NODE: a microVM pod has its own kernel"),
+        "{out}"
+    );
+    assert_ne!(value_of(out, "badsysctl_rc"), "0", "{out}");
+    assert!(
+        out.contains("cannot set sysctl net.ipv4.no_such_sysctl"),
+        "{out}"
+    );
+    assert_eq!(value_of(out, "badsysctl_left"), "0", "{out}");
+    assert_ne!(value_of(out, "grouponly_rc"), "0", "{out}");
+    assert!(
+        out.contains("run_as_group is set without run_as_user or run_as_username"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -288,8 +288,9 @@ impl<R: ContainerRuntime> Agent<R> {
             );
             ends.tty = Some(master);
         }
-        self.processes
-            .register(Process::new(container_id, exec_id, spawned.pid, ends, pty));
+        let mut process = Process::new(container_id, exec_id, spawned.pid, ends, pty);
+        process.kill_on_exit = spawned.kill_on_exit;
+        self.processes.register(process);
         Ok(())
     }
 
@@ -442,6 +443,9 @@ impl<R: ContainerRuntime> Agent<R> {
             net::ConfigureNetworkError::Plan(plan) => {
                 RequestError::InvalidArgument(plan.to_string())
             }
+            net::ConfigureNetworkError::Sysctl { .. } => {
+                RequestError::InvalidArgument(err.to_string())
+            }
             net::ConfigureNetworkError::NoSuchMac(_) => RequestError::NotFound(err.to_string()),
             other => RequestError::Internal(other.to_string()),
         })?;
@@ -459,9 +463,9 @@ impl<R: ContainerRuntime> Agent<R> {
         restore::restored(ops.as_mut(), req, &self.pod_dir, restore::DISK_WAIT).map_err(|err| {
             match err {
                 restore::RestoreError::Invalid(_)
-                | restore::RestoreError::Network(net::ConfigureNetworkError::Plan(_)) => {
-                    RequestError::InvalidArgument(err.to_string())
-                }
+                | restore::RestoreError::Network(
+                    net::ConfigureNetworkError::Plan(_) | net::ConfigureNetworkError::Sysctl { .. },
+                ) => RequestError::InvalidArgument(err.to_string()),
                 restore::RestoreError::DiskMissing { .. } => {
                     RequestError::NotFound(err.to_string())
                 }
@@ -746,6 +750,7 @@ pub(crate) mod tests {
         Ok(Spawned {
             pid,
             pty_master: None,
+            kill_on_exit: None,
         })
     }
 

@@ -26,6 +26,15 @@ const MAX_IFNAME: usize = 15;
 const MAX_HOSTNAME: usize = 64;
 /// Longest DNS search domain.
 const MAX_DOMAIN: usize = 253;
+/// Where sysctls are.
+const PROC_SYS: &str = "/proc/sys";
+/// Longest resolv.conf option ("ndots:5").
+const MAX_DNS_OPTION: usize = 64;
+/// Most sysctls one pod may set.
+pub const MAX_SYSCTLS: usize = 128;
+/// Longest sysctl name and value.
+const MAX_SYSCTL_NAME: usize = 256;
+const MAX_SYSCTL_VALUE: usize = 4096;
 
 /// The request cannot be applied as given.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -56,9 +65,21 @@ pub enum NetPlanError {
     /// A search domain has whitespace or is too long.
     #[error("invalid DNS search domain {0:?}")]
     BadDomain(String),
+    /// A resolv.conf option is empty, too long or has whitespace.
+    #[error("invalid DNS option {0:?}: one word such as ndots:5, at most 64 characters")]
+    BadDnsOption(String),
+    /// A sysctl name is not a path below /proc/sys.
+    #[error("invalid sysctl name {0:?}: dotted (net.ipv4.ip_forward) or slashed (net/ipv4/conf/eth0.1/forwarding) components of a-z, A-Z, 0-9, '_', '-' (and '.' when slashed)")]
+    BadSysctlName(String),
+    /// A sysctl value is too long or has a newline or NUL.
+    #[error("invalid value for sysctl {0}: at most 4096 bytes, one line")]
+    BadSysctlValue(String),
     /// Too many entries of a kind.
     #[error("too many {0} (at most {MAX_ITEMS})")]
     TooMany(&'static str),
+    /// Too many sysctls.
+    #[error("too many sysctls (at most {MAX_SYSCTLS})")]
+    TooManySysctls,
     /// MTU out of range.
     #[error("MTU {0} is out of range (68 to 65535, or 0 to keep it)")]
     BadMtu(u32),
@@ -221,6 +242,44 @@ pub struct NetPlan {
     pub dns_search: Vec<String>,
     /// The pod's hostname, if given.
     pub hostname: Option<String>,
+    /// resolv.conf options.
+    pub dns_options: Vec<String>,
+    /// Sysctls: the file below /proc/sys, the name as given, the value.
+    pub sysctls: Vec<SysctlPlan>,
+}
+
+/// One sysctl to write.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysctlPlan {
+    /// The name as the request gave it (for messages).
+    pub name: String,
+    /// Its file, relative to /proc/sys ("net/ipv4/ip_forward").
+    pub path: PathBuf,
+    /// What is written.
+    pub value: String,
+}
+
+/// Where a sysctl lives below /proc/sys: the components of a dotted name, or of a
+/// slashed one (whose components may hold dots, as interface names like
+/// `eth0.100` do). None for anything that could leave /proc/sys.
+pub fn sysctl_path(name: &str) -> Option<PathBuf> {
+    if name.is_empty() || name.len() > MAX_SYSCTL_NAME {
+        return None;
+    }
+    let slashed = name.contains('/');
+    let parts: Vec<&str> = if slashed {
+        name.split('/').collect()
+    } else {
+        name.split('.').collect()
+    };
+    let ok = |p: &&str| {
+        !p.is_empty()
+            && *p != "."
+            && *p != ".."
+            && p.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || (slashed && c == '.'))
+    };
+    parts.iter().all(ok).then(|| parts.iter().collect())
 }
 
 /// Checks a request and turns it into a plan; nothing is applied on any error.
@@ -229,6 +288,10 @@ pub fn plan(req: &v1::ConfigureNetwork) -> Result<NetPlan, NetPlanError> {
     bounded(&req.routes, "routes")?;
     bounded(&req.dns_servers, "DNS servers")?;
     bounded(&req.dns_search, "DNS search domains")?;
+    bounded(&req.dns_options, "DNS options")?;
+    if req.sysctls.len() > MAX_SYSCTLS {
+        return Err(NetPlanError::TooManySysctls);
+    }
     let mut interfaces = Vec::new();
     for iface in &req.interfaces {
         bounded(&iface.addresses, "addresses on one interface")?;
@@ -308,23 +371,51 @@ pub fn plan(req: &v1::ConfigureNetwork) -> Result<NetPlan, NetPlanError> {
             return Err(NetPlanError::BadDomain(domain.clone()));
         }
     }
+    for option in &req.dns_options {
+        if option.is_empty()
+            || option.len() > MAX_DNS_OPTION
+            || option
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control() || c == '#' || c == ';')
+        {
+            return Err(NetPlanError::BadDnsOption(option.clone()));
+        }
+    }
     let hostname = if req.hostname.is_empty() {
         None
     } else {
         check_hostname(&req.hostname)?;
         Some(req.hostname.clone())
     };
+    let sysctls = req
+        .sysctls
+        .iter()
+        .map(|s| {
+            let path =
+                sysctl_path(&s.name).ok_or_else(|| NetPlanError::BadSysctlName(s.name.clone()))?;
+            if s.value.len() > MAX_SYSCTL_VALUE || s.value.contains(['\n', '\0']) {
+                return Err(NetPlanError::BadSysctlValue(s.name.clone()));
+            }
+            Ok(SysctlPlan {
+                name: s.name.clone(),
+                path,
+                value: s.value.clone(),
+            })
+        })
+        .collect::<Result<_, _>>()?;
     Ok(NetPlan {
         interfaces,
         routes,
         dns_servers,
         dns_search: req.dns_search.clone(),
         hostname,
+        dns_options: req.dns_options.clone(),
+        sysctls,
     })
 }
 
 /// The text of `resolv.conf`.
-pub fn render_resolv_conf(servers: &[IpAddr], search: &[String]) -> String {
+pub fn render_resolv_conf(servers: &[IpAddr], search: &[String], options: &[String]) -> String {
     let mut out = String::new();
     if !search.is_empty() {
         out.push_str("search ");
@@ -333,6 +424,11 @@ pub fn render_resolv_conf(servers: &[IpAddr], search: &[String]) -> String {
     }
     for server in servers {
         out.push_str(&format!("nameserver {server}\n"));
+    }
+    if !options.is_empty() {
+        out.push_str("options ");
+        out.push_str(&options.join(" "));
+        out.push('\n');
     }
     out
 }
@@ -362,6 +458,17 @@ pub enum ConfigureNetworkError {
     Apply {
         /// What was being done.
         action: String,
+        /// What the kernel said.
+        cause: io::Error,
+    },
+    /// The guest kernel refused a sysctl: it has no such one (ENOENT), or not
+    /// that value (EINVAL).
+    #[error("cannot set sysctl {name} to {value:?}: {cause}")]
+    Sysctl {
+        /// As the request named it.
+        name: String,
+        /// What was written.
+        value: String,
         /// What the kernel said.
         cause: io::Error,
     },
@@ -424,10 +531,18 @@ pub fn configure(
         ops.set_hostname(name)
             .map_err(apply_err(format!("set hostname {name}")))?;
     }
+    for sysctl in &plan.sysctls {
+        ops.write_file(&Path::new(PROC_SYS).join(&sysctl.path), &sysctl.value)
+            .map_err(|cause| ConfigureNetworkError::Sysctl {
+                name: sysctl.name.clone(),
+                value: sysctl.value.clone(),
+                cause,
+            })?;
+    }
     write_pod_file(
         pod_dir,
         "resolv.conf",
-        &render_resolv_conf(&plan.dns_servers, &plan.dns_search),
+        &render_resolv_conf(&plan.dns_servers, &plan.dns_search, &plan.dns_options),
     )?;
     write_pod_file(
         pod_dir,
@@ -512,6 +627,7 @@ mod tests {
             dns_servers: vec!["10.96.0.10".into()],
             dns_search: vec!["default.svc.cluster.local".into(), "cluster.local".into()],
             hostname: "web-0".into(),
+            ..Default::default()
         }
     }
 
@@ -567,12 +683,21 @@ mod tests {
         let text = render_resolv_conf(
             &["10.96.0.10".parse().unwrap(), "fd00::a".parse().unwrap()],
             &["ns.svc".into(), "svc".into()],
+            &[],
         );
         assert_eq!(
             text,
             "search ns.svc svc\nnameserver 10.96.0.10\nnameserver fd00::a\n"
         );
-        assert_eq!(render_resolv_conf(&[], &[]), "");
+        assert_eq!(render_resolv_conf(&[], &[], &[]), "");
+        assert_eq!(
+            render_resolv_conf(
+                &["10.96.0.10".parse().unwrap()],
+                &[],
+                &["ndots:5".into(), "edns0".into()]
+            ),
+            "nameserver 10.96.0.10\noptions ndots:5 edns0\n"
+        );
     }
 
     #[test]
@@ -608,6 +733,118 @@ mod tests {
             .unwrap()
             .ends_with("10.0.0.2\tweb-0\n"));
         assert_eq!(fs::read_to_string(pod.join("hostname")).unwrap(), "web-0\n");
+    }
+
+    #[test]
+    fn sysctl_names_map_below_proc_sys_and_nothing_escapes() {
+        let p = |n: &str| sysctl_path(n).map(|p| p.display().to_string());
+        assert_eq!(
+            p("net.ipv4.ip_forward").as_deref(),
+            Some("net/ipv4/ip_forward")
+        );
+        assert_eq!(
+            p("net/ipv4/conf/eth0.100/forwarding").as_deref(),
+            Some("net/ipv4/conf/eth0.100/forwarding")
+        );
+        assert_eq!(
+            p("kernel.shm_rmid_forced").as_deref(),
+            Some("kernel/shm_rmid_forced")
+        );
+        for bad in [
+            "",
+            "net..ipv4",
+            "net/../../etc/passwd",
+            "/net/ipv4",
+            "net/ipv4/",
+            "..",
+            "net.ipv4.ip forward",
+            "net.ipv4.x\n",
+            "net/ipv4/..",
+        ] {
+            assert_eq!(sysctl_path(bad), None, "{bad:?}");
+        }
+        assert_eq!(sysctl_path(&"a.".repeat(200)), None);
+    }
+
+    #[test]
+    fn configure_writes_sysctls_after_the_interfaces_and_dns_options() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut req = request();
+        req.dns_options = vec!["ndots:5".into()];
+        req.sysctls = vec![
+            v1::Sysctl {
+                name: "net.ipv4.ip_unprivileged_port_start".into(),
+                value: "0".into(),
+            },
+            v1::Sysctl {
+                name: "net/ipv4/ping_group_range".into(),
+                value: "0 2147483647".into(),
+            },
+        ];
+        let mut ops = FakeSyscall::default();
+        configure(&mut ops, &req, dir.path()).unwrap();
+        let log = ops.log();
+        assert_eq!(
+            log[log.len() - 2..],
+            [
+                "write /proc/sys/net/ipv4/ip_unprivileged_port_start 0",
+                "write /proc/sys/net/ipv4/ping_group_range 0 2147483647"
+            ]
+        );
+        assert!(
+            log.iter().position(|l| l == "up eth0")
+                < log.iter().position(|l| l.starts_with("write"))
+        );
+        assert!(fs::read_to_string(dir.path().join("resolv.conf"))
+            .unwrap()
+            .ends_with("nameserver 10.96.0.10\noptions ndots:5\n"));
+
+        // The kernel refusing one names it, and is no plan error.
+        let mut ops = FakeSyscall::default();
+        ops.fail("write /proc/sys/net/ipv4/ping_group_range", libc::EINVAL);
+        let err = configure(&mut ops, &req, dir.path()).unwrap_err();
+        assert!(matches!(err, ConfigureNetworkError::Sysctl { .. }), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("cannot set sysctl net/ipv4/ping_group_range to \"0 2147483647\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn plan_refuses_bad_sysctls_and_dns_options_before_anything_is_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let sysctl = |name: &str, value: &str| v1::Sysctl {
+            name: name.into(),
+            value: value.into(),
+        };
+        for (sysctls, options, want) in [
+            (vec![sysctl("net/../x", "1")], vec![], "invalid sysctl name"),
+            (
+                vec![sysctl("net.core.somaxconn", "1\n2")],
+                vec![],
+                "invalid value",
+            ),
+            (
+                vec![sysctl("a.b", "1"); MAX_SYSCTLS + 1],
+                vec![],
+                "too many sysctls",
+            ),
+            (
+                vec![],
+                vec!["ndots:5 edns0".to_string()],
+                "invalid DNS option",
+            ),
+            (vec![], vec![String::new()], "invalid DNS option"),
+        ] {
+            let mut req = request();
+            req.sysctls = sysctls;
+            req.dns_options = options;
+            let mut ops = FakeSyscall::default();
+            let err = configure(&mut ops, &req, dir.path()).unwrap_err();
+            assert!(err.to_string().contains(want), "{err}");
+            assert!(ops.calls.is_empty(), "{:?}", ops.calls);
+        }
     }
 
     #[test]

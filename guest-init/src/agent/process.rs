@@ -301,6 +301,9 @@ pub struct Process {
     ended: Condvar,
     /// The output sinks of STDOUT, STDERR and TTY (used for a container's init).
     sinks: [OutputSink; 3],
+    /// A cgroup whose processes are killed once this one has ended
+    /// ([`crate::container::Spawned::kill_on_exit`]).
+    pub kill_on_exit: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug)]
@@ -333,6 +336,7 @@ impl Process {
             }),
             ended: Condvar::new(),
             sinks: Default::default(),
+            kill_on_exit: None,
         }
     }
 
@@ -493,6 +497,15 @@ impl Process {
         };
         state.exit = Some(exit);
         drop(state);
+        if let Some(cgroup) = &self.kill_on_exit {
+            if let Err(e) = crate::container::pidns::kill_cgroup(cgroup) {
+                eprintln!(
+                    "atoll-init agent: cannot kill what is left of {} ({}): {e}",
+                    self.name(),
+                    cgroup.display()
+                );
+            }
+        }
         self.ended.notify_all();
         true
     }

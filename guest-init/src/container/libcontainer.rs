@@ -296,7 +296,11 @@ impl Engine {
             Prepared::Pipes => None,
             Prepared::Terminal { socket, rows, cols } => Some(socket.receive(rows, cols)?),
         };
-        Ok(Spawned { pid, pty_master })
+        Ok(Spawned {
+            pid,
+            pty_master,
+            kill_on_exit: None,
+        })
     }
 
     fn load(&self, id: &str) -> Result<Container, RuntimeError> {
@@ -338,7 +342,11 @@ impl Engine {
             Prepared::Pipes => None,
             Prepared::Terminal { socket, rows, cols } => Some(socket.receive(rows, cols)?),
         };
-        Ok(Spawned { pid, pty_master })
+        Ok(Spawned {
+            pid,
+            pty_master,
+            kill_on_exit: None,
+        })
     }
 
     /// Sends `signal` to the init process, or to every process of the container.

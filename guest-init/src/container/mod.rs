@@ -17,6 +17,7 @@ use v1::error::Code;
 pub mod forked;
 pub mod layers;
 pub mod libcontainer;
+pub mod pidns;
 pub mod rootfs;
 pub mod seccomp;
 pub mod spec;
@@ -57,6 +58,9 @@ pub struct Spawned {
     pub pid: i32,
     /// The terminal master, for [`Stdio::Terminal`].
     pub pty_master: Option<OwnedFd>,
+    /// A cgroup whose processes die with this one: a container's in the pod's
+    /// shared PID namespace, whose init's end does not end the rest.
+    pub kill_on_exit: Option<PathBuf>,
 }
 
 /// Guest-side phases of a create, in microseconds.
@@ -123,6 +127,8 @@ pub struct Runtime {
     containers: Vec<Record>,
     /// Numbers console sockets and exec process files.
     serial: u64,
+    /// The pod's shared PID namespace, once a container asked for it.
+    pod_pid: Option<pidns::PodPidNs>,
 }
 
 /// What the runtime remembers of a container.
@@ -136,6 +142,9 @@ struct Record {
     rootfs: PathBuf,
     security: v1::Security,
     seccomp: Option<LinuxSeccomp>,
+    /// The groups its init process has beyond its user's (the CRI's supplemental
+    /// groups); exec processes get them too.
+    extra_gids: Vec<u32>,
 }
 
 impl From<SpecError> for RuntimeError {
@@ -193,7 +202,29 @@ impl Runtime {
             root,
             containers: Vec::new(),
             serial: 0,
+            pod_pid: None,
         }
+    }
+
+    /// The pod's PID namespace, started now if it is not there (or died).
+    fn pod_pid_ns(&mut self) -> Result<PathBuf, RuntimeError> {
+        if let Some(ns) = self.pod_pid.as_mut() {
+            if ns.alive() {
+                return Ok(ns.path());
+            }
+        }
+        let exe = std::env::current_exe().map_err(|e| {
+            RuntimeError::Internal(self::libcontainer::chain("the agent's own binary", &e))
+        })?;
+        let ns = pidns::PodPidNs::start(&exe).map_err(|e| {
+            RuntimeError::Internal(self::libcontainer::chain(
+                "cannot start the pod's PID namespace",
+                &e,
+            ))
+        })?;
+        let path = ns.path();
+        self.pod_pid = Some(ns);
+        Ok(path)
     }
 
     /// The state root.
@@ -279,6 +310,10 @@ impl Runtime {
             rootfs: rootfs.clone(),
             security: security.clone(),
             seccomp,
+            extra_gids: req
+                .process
+                .as_ref()
+                .map_or_else(Vec::new, |p| p.additional_gids.clone()),
         };
         let result = self.create_in(req, &planned, &mut record, stdio, t0);
         match result {
@@ -303,10 +338,13 @@ impl Runtime {
         t0: Instant,
     ) -> Result<(Spawned, CreateTimings), RuntimeError> {
         let user_spec = req.process.as_ref().map_or("", |p| p.user.as_str());
-        let user = user::resolve_in_rootfs(&record.rootfs, user_spec).map_err(|e| match e {
-            user::ResolveUserError::User(u) => RuntimeError::InvalidArgument(u.to_string()),
-            other => RuntimeError::Internal(self::libcontainer::chain("process.user", &other)),
-        })?;
+        let user = user::resolve_in_rootfs(&record.rootfs, user_spec)
+            .map_err(|e| match e {
+                user::ResolveUserError::User(u) => RuntimeError::InvalidArgument(u.to_string()),
+                other => RuntimeError::Internal(self::libcontainer::chain("process.user", &other)),
+            })?
+            .with_groups(&record.extra_gids)
+            .map_err(|e| RuntimeError::InvalidArgument(e.to_string()))?;
         for m in planned {
             match &m.source {
                 MountSource::Volume(name) => self.mounts.ensure_volume(name)?,
@@ -339,10 +377,16 @@ impl Runtime {
             .copied()
             .filter(|f| self.root.join("pod").join(f).is_file())
             .collect();
+        let pid_ns = if record.security.share_pod_pid {
+            Some(self.pod_pid_ns()?)
+        } else {
+            None
+        };
         let paths = SpecPaths {
             root: self.root.clone(),
             rootfs: record.rootfs.clone(),
             pod_files,
+            pid_ns,
         };
         let oci = spec::build_spec(req, &user, &paths)?;
         let bundle = self.mounts.container_dir(&record.id).join("bundle");
@@ -353,7 +397,11 @@ impl Runtime {
             RuntimeError::Internal(self::libcontainer::chain("cannot write config.json", &e))
         })?;
         let tty_name = format!("{}.sock", self.next_serial());
-        let spawned = self.engine.create(&record.id, &bundle, stdio, &tty_name)?;
+        let mut spawned = self.engine.create(&record.id, &bundle, stdio, &tty_name)?;
+        spawned.kill_on_exit = record
+            .security
+            .share_pod_pid
+            .then(|| self.cgroup_dir(&record.id));
         let timings = CreateTimings {
             rootfs_us,
             create_us: micros(t1),
@@ -387,10 +435,14 @@ impl Runtime {
                 "process.terminal does not match the stdio the agent prepared".into(),
             ));
         }
-        let user = user::resolve_in_rootfs(&record.rootfs, &process.user).map_err(|e| match e {
-            user::ResolveUserError::User(u) => RuntimeError::InvalidArgument(u.to_string()),
-            other => RuntimeError::Internal(self::libcontainer::chain("process.user", &other)),
-        })?;
+        let user = user::resolve_in_rootfs(&record.rootfs, &process.user)
+            .map_err(|e| match e {
+                user::ResolveUserError::User(u) => RuntimeError::InvalidArgument(u.to_string()),
+                other => RuntimeError::Internal(self::libcontainer::chain("process.user", &other)),
+            })?
+            .with_groups(&record.extra_gids)
+            .and_then(|u| u.with_groups(&process.additional_gids))
+            .map_err(|e| RuntimeError::InvalidArgument(e.to_string()))?;
         let oci = spec::build_process(process, &user, &record.security)?;
         let seccomp = record.seccomp.clone();
         let n = self.next_serial();

@@ -186,6 +186,9 @@ pub struct SpecPaths {
     pub rootfs: PathBuf,
     /// The [`POD_FILES`] that exist under `<root>/pod/`.
     pub pod_files: Vec<&'static str>,
+    /// The pod's shared PID namespace (`/proc/<pid>/ns/pid`), for a container that
+    /// asked for it; None: a namespace of its own.
+    pub pid_ns: Option<PathBuf>,
 }
 
 impl SpecPaths {
@@ -695,8 +698,18 @@ pub fn build_spec(
     spec.set_annotations(None);
     spec.set_hooks(None);
 
+    let mut pid = namespace(LinuxNamespaceType::Pid);
+    if sec.share_pod_pid {
+        let path = paths.pid_ns.clone().ok_or_else(|| {
+            invalid(
+                "security.share_pod_pid",
+                "the pod's PID namespace is not there",
+            )
+        })?;
+        pid.set_path(Some(path));
+    }
     let mut namespaces = vec![
-        namespace(LinuxNamespaceType::Pid),
+        pid,
         namespace(LinuxNamespaceType::Mount),
         namespace(LinuxNamespaceType::Cgroup),
     ];
@@ -765,17 +778,46 @@ pub fn build_spec(
     linux.set_uid_mappings(None);
     linux.set_gid_mappings(None);
     linux.set_sysctl(None);
-    if sec.privileged {
-        linux.set_masked_paths(Some(Vec::new()));
-        linux.set_readonly_paths(Some(Vec::new()));
-    } else {
-        linux.set_masked_paths(Some(MASKED_PATHS.iter().map(|s| (*s).to_owned()).collect()));
-        linux.set_readonly_paths(Some(
-            READONLY_PATHS.iter().map(|s| (*s).to_owned()).collect(),
-        ));
-    }
+    let (masked, readonly) = hidden_paths(sec)?;
+    linux.set_masked_paths(Some(masked));
+    linux.set_readonly_paths(Some(readonly));
     spec.set_linux(Some(linux));
     Ok(spec)
+}
+
+/// Most masked or read-only paths one container may list.
+pub const MAX_HIDDEN_PATHS: usize = 128;
+
+/// The masked and read-only paths of a container: the request's lists, or when
+/// a list is empty Docker's defaults; none for a privileged container (which
+/// sees everything, as on a node).
+fn hidden_paths(sec: &v1::Security) -> Result<(Vec<String>, Vec<String>), SpecError> {
+    if sec.privileged {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    let pick = |field: &str, given: &[String], defaults: &[&str]| {
+        if given.is_empty() {
+            return Ok(defaults.iter().map(|p| (*p).to_owned()).collect());
+        }
+        if given.len() > MAX_HIDDEN_PATHS {
+            return Err(invalid(
+                field,
+                format!("{} paths, at most {MAX_HIDDEN_PATHS}", given.len()),
+            ));
+        }
+        for (i, path) in given.iter().enumerate() {
+            check_absolute(&format!("{field}[{i}]"), path)?;
+        }
+        Ok(given.to_vec())
+    };
+    Ok((
+        pick("security.masked_paths", &sec.masked_paths, MASKED_PATHS)?,
+        pick(
+            "security.readonly_paths",
+            &sec.readonly_paths,
+            READONLY_PATHS,
+        )?,
+    ))
 }
 
 /// Whether `path` is a plain relative name (no separators or dots), as ids are.
@@ -810,6 +852,7 @@ mod tests {
             root: PathBuf::from("/run/atoll"),
             rootfs: PathBuf::from("/run/atoll/containers/c1/rootfs"),
             pod_files: vec![],
+            pid_ns: None,
         }
     }
 
@@ -1061,6 +1104,32 @@ mod tests {
         assert!(!types.contains(&LinuxNamespaceType::Uts));
         assert!(!types.contains(&LinuxNamespaceType::User));
         assert_eq!(s.hostname(), &None);
+    }
+
+    #[test]
+    fn a_container_sharing_the_pods_pid_namespace_joins_it_by_path() {
+        let mut r = req();
+        r.security = Some(sec(|s| s.share_pod_pid = true));
+        let mut p = paths();
+        p.pid_ns = Some(PathBuf::from("/proc/77/ns/pid"));
+        let s = build_spec(&r, &user(0), &p).unwrap();
+        let ns = s.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let pid = ns
+            .iter()
+            .find(|n| n.typ() == LinuxNamespaceType::Pid)
+            .unwrap();
+        assert_eq!(pid.path().as_deref(), Some(Path::new("/proc/77/ns/pid")));
+        // Without the namespace there is nothing to join.
+        let err = build_spec(&r, &user(0), &paths()).unwrap_err();
+        assert_eq!(err.field, "security.share_pod_pid");
+        // Not asked: a namespace of its own, whatever the pod has.
+        let s = build_spec(&req(), &user(0), &p).unwrap();
+        let ns = s.linux().as_ref().unwrap().namespaces().clone().unwrap();
+        let pid = ns
+            .iter()
+            .find(|n| n.typ() == LinuxNamespaceType::Pid)
+            .unwrap();
+        assert_eq!(pid.path(), &None);
     }
 
     #[test]
@@ -1323,6 +1392,44 @@ mod tests {
             .clone()
             .unwrap()
             .contains(&"/proc/sys".to_owned()));
+    }
+
+    #[test]
+    fn the_cri_masked_and_readonly_paths_replace_the_defaults_and_are_checked() {
+        let mut r = req();
+        r.security = Some(sec(|s| {
+            s.masked_paths = vec!["/etc/hostname".into(), "/proc/kcore".into()];
+            s.readonly_paths = vec!["/etc".into()];
+        }));
+        let s = spec_of(&r);
+        let linux = s.linux().as_ref().unwrap();
+        assert_eq!(
+            linux.masked_paths().clone().unwrap(),
+            ["/etc/hostname", "/proc/kcore"]
+        );
+        assert_eq!(linux.readonly_paths().clone().unwrap(), ["/etc"]);
+        // Privileged: nothing hidden, whatever the lists say.
+        r.security.as_mut().unwrap().privileged = true;
+        let s = spec_of(&r);
+        assert!(s
+            .linux()
+            .as_ref()
+            .unwrap()
+            .masked_paths()
+            .clone()
+            .unwrap()
+            .is_empty());
+        for bad in ["etc", "/etc/../proc", ""] {
+            let mut r = req();
+            r.security = Some(sec(|s| s.masked_paths = vec![bad.into()]));
+            let err = build_spec(&r, &ResolvedUser::default(), &paths()).unwrap_err();
+            assert_eq!(err.field, "security.masked_paths[0]", "{bad:?}: {err}");
+        }
+        let mut r = req();
+        r.security = Some(sec(|s| {
+            s.readonly_paths = vec!["/x".into(); MAX_HIDDEN_PATHS + 1]
+        }));
+        assert!(build_spec(&r, &ResolvedUser::default(), &paths()).is_err());
     }
 
     #[test]

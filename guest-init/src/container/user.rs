@@ -27,6 +27,28 @@ pub struct ResolvedUser {
     pub home: String,
 }
 
+/// Most supplementary groups a process may be given.
+pub const MAX_GROUPS: usize = 256;
+
+impl ResolvedUser {
+    /// These ids and `extra` groups as well (Kubernetes' "Merge" policy for
+    /// supplemental groups): each once, the user's own first.
+    pub fn with_groups(mut self, extra: &[u32]) -> Result<Self, UserError> {
+        for &gid in extra {
+            if gid == u32::MAX {
+                return Err(UserError::BadGroupId(gid));
+            }
+            if gid != self.gid && !self.additional_gids.contains(&gid) {
+                self.additional_gids.push(gid);
+            }
+        }
+        if self.additional_gids.len() > MAX_GROUPS {
+            return Err(UserError::TooManyGroups(self.additional_gids.len()));
+        }
+        Ok(self)
+    }
+}
+
 /// The user string names something the container does not have.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum UserError {
@@ -39,6 +61,12 @@ pub enum UserError {
     /// An id out of range or an empty part ("1000:", ":").
     #[error("process.user {0:?} is not \"user\", \"user:group\" or numeric ids below 2^32-1")]
     Malformed(String),
+    /// A supplementary group id of -1 (as u32).
+    #[error("process.additional_gids: {0} is not a group id")]
+    BadGroupId(u32),
+    /// More groups than a process is given.
+    #[error("process.additional_gids: {0} groups in all, at most {MAX_GROUPS}")]
+    TooManyGroups(usize),
 }
 
 /// One `/etc/passwd` entry.
@@ -309,6 +337,30 @@ mod tests {
         let groups = parse_group(GROUP);
         assert_eq!(groups.len(), 5);
         assert_eq!(groups[4].members, ["other", "app"]);
+    }
+
+    #[test]
+    fn extra_groups_merge_after_the_users_own_each_once() {
+        let passwd = parse_passwd(PASSWD);
+        let groups = parse_group(GROUP);
+        let user = resolve("app", &passwd, &groups).unwrap();
+        let own = user.additional_gids.clone();
+        let merged = user
+            .clone()
+            .with_groups(&[1234, own[0], user.gid, 1234, 5678])
+            .unwrap();
+        let mut want = own;
+        want.extend([1234, 5678]);
+        assert_eq!(merged.additional_gids, want);
+        assert_eq!(
+            user.clone().with_groups(&[u32::MAX]),
+            Err(UserError::BadGroupId(u32::MAX))
+        );
+        let many: Vec<u32> = (10_000..10_000 + MAX_GROUPS as u32).collect();
+        assert!(matches!(
+            user.with_groups(&many),
+            Err(UserError::TooManyGroups(_))
+        ));
     }
 
     #[test]

@@ -365,7 +365,9 @@ async fn run(args: Args) -> anyhow::Result<u8> {
             show(json, &s, &lines);
         }
         Cmd::Runp { config, runtime } => {
-            let config = read_json::<spec::Pod>(&config)?.cri();
+            let config = read_json::<spec::Pod>(&config)?
+                .cri()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
             let r = c
                 .runtime
                 .run_pod_sandbox(cri::RunPodSandboxRequest {
@@ -469,7 +471,9 @@ async fn run(args: Args) -> anyhow::Result<u8> {
             let config = read_json::<spec::Container>(&config)?
                 .cri()
                 .map_err(|e| anyhow::anyhow!("{}: {e}", config.display()))?;
-            let sandbox_config = read_json::<spec::Pod>(&pod_config)?.cri();
+            let sandbox_config = read_json::<spec::Pod>(&pod_config)?
+                .cri()
+                .map_err(|e| anyhow::anyhow!("{}: {e}", pod_config.display()))?;
             let r = c
                 .runtime
                 .create_container(cri::CreateContainerRequest {

@@ -97,6 +97,7 @@ pub fn exec_process(args: &ExecArgs, defaults: &ExecDefaults) -> anyhow::Result<
         rows,
         cols,
         rlimits: Vec::new(),
+        additional_gids: Vec::new(),
     })
 }
 

@@ -440,6 +440,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<i32> {
         rows,
         cols,
         rlimits: args.ulimits.clone(),
+        additional_gids: Vec::new(),
     };
     // What `atoll exec` starts from.
     let defaults = state::ExecDefaults {

@@ -91,6 +91,44 @@ pub mod spec {
     pub struct PodLinux {
         pub resources: Option<Resources>,
         pub overhead: Option<Resources>,
+        pub sysctls: HashMap<String, String>,
+        pub security_context: Option<PodSecurityContext>,
+    }
+
+    /// The part of a LinuxSandboxSecurityContext the tests use.
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct PodSecurityContext {
+        pub namespace_options: Option<NamespaceOptions>,
+    }
+
+    /// NamespaceOption; each "POD", "CONTAINER", "NODE" or "TARGET" (empty: POD).
+    #[derive(Debug, Default, Deserialize)]
+    #[serde(deny_unknown_fields, default)]
+    pub struct NamespaceOptions {
+        pub network: String,
+        pub pid: String,
+        pub ipc: String,
+    }
+
+    impl NamespaceOptions {
+        fn cri(&self) -> Result<cri::NamespaceOption, String> {
+            Ok(cri::NamespaceOption {
+                network: namespace_mode("network", &self.network)?,
+                pid: namespace_mode("pid", &self.pid)?,
+                ipc: namespace_mode("ipc", &self.ipc)?,
+                ..Default::default()
+            })
+        }
+    }
+
+    fn namespace_mode(field: &str, mode: &str) -> Result<i32, String> {
+        if mode.is_empty() {
+            return Ok(cri::NamespaceMode::Pod as i32);
+        }
+        cri::NamespaceMode::from_str_name(mode)
+            .map(|m| m as i32)
+            .ok_or_else(|| format!("{field}: give POD, CONTAINER, NODE or TARGET, not {mode:?}"))
     }
 
     /// A DNSConfig.
@@ -99,6 +137,7 @@ pub mod spec {
     pub struct Dns {
         pub servers: Vec<String>,
         pub searches: Vec<String>,
+        pub options: Vec<String>,
     }
 
     /// A PortMapping (protocol "TCP", "UDP" or "SCTP").
@@ -126,9 +165,34 @@ pub mod spec {
     }
 
     impl Pod {
-        pub fn cri(&self) -> cri::PodSandboxConfig {
+        pub fn cri(&self) -> Result<cri::PodSandboxConfig, String> {
             let m = &self.metadata;
-            cri::PodSandboxConfig {
+            let linux = match &self.linux {
+                None => None,
+                Some(l) => {
+                    let namespace_options = match l
+                        .security_context
+                        .as_ref()
+                        .and_then(|s| s.namespace_options.as_ref())
+                    {
+                        None => None,
+                        Some(o) => Some(o.cri()?),
+                    };
+                    Some(cri::LinuxPodSandboxConfig {
+                        resources: l.resources.as_ref().map(Resources::cri),
+                        overhead: l.overhead.as_ref().map(Resources::cri),
+                        sysctls: l.sysctls.clone(),
+                        security_context: namespace_options.map(|o| {
+                            cri::LinuxSandboxSecurityContext {
+                                namespace_options: Some(o),
+                                ..Default::default()
+                            }
+                        }),
+                        ..Default::default()
+                    })
+                }
+            };
+            Ok(cri::PodSandboxConfig {
                 metadata: Some(cri::PodSandboxMetadata {
                     name: m.name.clone(),
                     uid: m.uid.clone(),
@@ -139,15 +203,11 @@ pub mod spec {
                 log_directory: self.log_directory.clone(),
                 labels: self.labels.clone(),
                 annotations: self.annotations.clone(),
-                linux: self.linux.as_ref().map(|l| cri::LinuxPodSandboxConfig {
-                    resources: l.resources.as_ref().map(Resources::cri),
-                    overhead: l.overhead.as_ref().map(Resources::cri),
-                    ..Default::default()
-                }),
+                linux,
                 dns_config: self.dns_config.as_ref().map(|d| cri::DnsConfig {
                     servers: d.servers.clone(),
                     searches: d.searches.clone(),
-                    options: Vec::new(),
+                    options: d.options.clone(),
                 }),
                 port_mappings: self
                     .port_mappings
@@ -164,7 +224,7 @@ pub mod spec {
                     })
                     .collect(),
                 ..Default::default()
-            }
+            })
         }
     }
 
@@ -213,6 +273,10 @@ pub mod spec {
         pub no_new_privs: bool,
         pub capabilities: Option<Capabilities>,
         pub seccomp: Option<Profile>,
+        pub supplemental_groups: Vec<i64>,
+        pub masked_paths: Vec<String>,
+        pub readonly_paths: Vec<String>,
+        pub namespace_options: Option<NamespaceOptions>,
     }
 
     #[derive(Debug, Default, Deserialize)]
@@ -350,6 +414,13 @@ pub mod spec {
                 ..Default::default()
             }),
             seccomp,
+            supplemental_groups: s.supplemental_groups.clone(),
+            masked_paths: s.masked_paths.clone(),
+            readonly_paths: s.readonly_paths.clone(),
+            namespace_options: match &s.namespace_options {
+                None => None,
+                Some(o) => Some(o.cri()?),
+            },
             ..Default::default()
         })
     }
@@ -364,12 +435,30 @@ pub mod spec {
                 r#"{"metadata":{"name":"web","uid":"u","namespace":"default"},"log_directory":"/l","linux":{"resources":{"memory_limit_in_bytes":1048576}}}"#,
             )
             .unwrap();
-            let c = p.cri();
+            let c = p.cri().unwrap();
             assert_eq!(c.metadata.unwrap().name, "web");
             assert_eq!(
                 c.linux.unwrap().resources.unwrap().memory_limit_in_bytes,
                 1 << 20
             );
+            let p: Pod = serde_json::from_str(
+                r#"{"linux":{"sysctls":{"net.ipv4.ip_forward":"1"},
+                    "security_context":{"namespace_options":{"pid":"NODE"}}},
+                    "dns_config":{"options":["ndots:5"]}}"#,
+            )
+            .unwrap();
+            let c = p.cri().unwrap();
+            assert_eq!(c.dns_config.unwrap().options, ["ndots:5"]);
+            let l = c.linux.unwrap();
+            assert_eq!(l.sysctls["net.ipv4.ip_forward"], "1");
+            let ns = l.security_context.unwrap().namespace_options.unwrap();
+            assert_eq!(ns.pid, cri::NamespaceMode::Node as i32);
+            assert_eq!(ns.network, cri::NamespaceMode::Pod as i32);
+            let p: Pod = serde_json::from_str(
+                r#"{"linux":{"security_context":{"namespace_options":{"ipc":"HOST"}}}}"#,
+            )
+            .unwrap();
+            assert!(p.cri().unwrap_err().contains("ipc: give POD"));
             let c: Container = serde_json::from_str(
                 r#"{"metadata":{"name":"a"},"image":{"image":"busybox"},"command":["top"],
                     "linux":{"security_context":{"run_as_user":{"value":1000},"seccomp":{"profile_type":"RuntimeDefault"}}}}"#,

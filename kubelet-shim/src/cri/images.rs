@@ -92,12 +92,7 @@ fn describe(
         Ok(n) => (Some(cri::Int64Value { value: n }), String::new()),
         Err(_) => (None, user),
     };
-    let mut digests: Vec<String> = names
-        .iter()
-        .map(|n| repo_digest(n, &digest.to_string()))
-        .collect();
-    digests.sort();
-    digests.dedup();
+    let digests = repo_digests(&names, &digest.to_string());
     Some(cri::Image {
         id: format!("sha256:{}", digest.hex()),
         repo_tags: names
@@ -112,6 +107,26 @@ fn describe(
         spec: None,
         pinned: false,
     })
+}
+
+/// The `repo@digest` names of an image whose manifest is `digest`, known by
+/// `names`: a name pulled by digest is its own (the digest asked for, which may be
+/// an index's: the CRI client gets back what it pulled), a tag gives its repository
+/// at the manifest's digest.
+fn repo_digests(names: &[&String], digest: &str) -> Vec<String> {
+    let mut digests: Vec<String> = names
+        .iter()
+        .map(|n| {
+            if n.contains('@') {
+                n.to_string()
+            } else {
+                repo_digest(n, digest)
+            }
+        })
+        .collect();
+    digests.sort();
+    digests.dedup();
+    digests
 }
 
 /// Finds an image by id, name or `repo@digest`.
@@ -401,5 +416,23 @@ mod tests {
         assert_eq!(credentials(Some(&a)).unwrap().basic(), "Basic dTpw");
         assert_eq!(credentials(None), None);
         assert_eq!(credentials(Some(&cri::AuthConfig::default())), None);
+    }
+
+    #[test]
+    fn a_digest_pull_reports_the_digest_asked_for_and_a_tag_its_manifests() {
+        let index = "registry.k8s.io/t/digest@sha256:9700f9a2f5bf2c45f2f605a0bd3bce7cf37420ec9d3ed50ac2758413308766bf".to_owned();
+        let tag = "registry.k8s.io/t/digest:v1".to_owned();
+        assert_eq!(
+            repo_digests(&[&index], "sha256:ab"),
+            std::slice::from_ref(&index)
+        );
+        assert_eq!(
+            repo_digests(&[&tag, &index], "sha256:ab"),
+            [
+                index.clone(),
+                "registry.k8s.io/t/digest@sha256:ab".to_owned()
+            ]
+        );
+        assert_eq!(repo_digests(&[&tag, &tag], "sha256:ab").len(), 1);
     }
 }

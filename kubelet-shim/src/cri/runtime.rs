@@ -30,6 +30,9 @@ const KUBELET_FILES: [&str; 4] = [
     "/etc/resolv.conf",
     "/dev/termination-log",
 ];
+/// Why ListMetricDescriptors and ListPodSandboxMetrics are not served.
+const METRICS_UNIMPLEMENTED: &str = "atoll-cri serves pod and container statistics through PodSandboxStats, ListPodSandboxStats, ContainerStats and ListContainerStats, not as cAdvisor-style metrics";
+
 /// The container's host mounts as atoll-cri gives them, [`KUBELET_FILES`] left
 /// out; or why one cannot be given. A microVM pod shares no file system with the
 /// node: a read-only host path is copied in when the container is created, an
@@ -45,7 +48,10 @@ fn host_mounts(mounts: &[cri::Mount]) -> Result<Vec<HostMount>, Status> {
         let at = &m.container_path;
         let refuse = |why: String| Err(Status::invalid_argument(format!("mounts: {at}: {why}")));
         if m.image.is_some() {
-            return refuse("image volumes are not supported by atoll-cri yet".into());
+            // A feature this runtime does not have (yet), not a bad request.
+            return Err(Status::unimplemented(format!(
+                "mounts: {at}: image volumes are not supported by atoll-cri yet"
+            )));
         }
         if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
             return refuse("id-mapped mounts are not supported by microVM pods".into());
@@ -164,6 +170,27 @@ fn security(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<v1::Secur
     let Some(sc) = sc else { return Ok(s) };
     s.privileged = sc.privileged;
     s.no_new_privileges = sc.no_new_privs;
+    s.masked_paths = sc.masked_paths.clone();
+    s.readonly_paths = sc.readonly_paths.clone();
+    if let Some(ns) = &sc.namespace_options {
+        // kubelet always sends them: POD for a pod that shares its process
+        // namespace, CONTAINER otherwise.
+        match cri::NamespaceMode::try_from(ns.pid) {
+            Ok(cri::NamespaceMode::Pod) => s.share_pod_pid = true,
+            Ok(cri::NamespaceMode::Container) => {}
+            Ok(cri::NamespaceMode::Node) => {
+                return Err(CriError::InvalidArgument(
+                    "namespace_options.pid = NODE: a microVM pod has its own kernel, so it cannot share the node's pid namespace".into(),
+                ))
+            }
+            _ => {
+                return Err(CriError::InvalidArgument(format!(
+                    "namespace_options.pid = {}: atoll-cri gives a container its own PID namespace (CONTAINER) or the pod's (POD)",
+                    ns.pid
+                )))
+            }
+        }
+    }
     if let Some(caps) = &sc.capabilities {
         s.add_capabilities = caps.add_capabilities.iter().map(|c| cap_name(c)).collect();
         s.drop_capabilities = caps.drop_capabilities.iter().map(|c| cap_name(c)).collect();
@@ -219,18 +246,43 @@ fn read_profile(path: &std::path::Path) -> Result<String, CriError> {
     Ok(json)
 }
 
-/// The user a container runs as: `run_as_username`, or `run_as_user[:run_as_group]`.
-fn user(sc: Option<&cri::LinuxContainerSecurityContext>) -> Option<String> {
-    let sc = sc?;
+/// The user a container runs as: `run_as_username`, or `run_as_user[:run_as_group]`;
+/// None for the image's. A group without a user is refused, as the CRI says.
+fn user(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<Option<String>, CriError> {
+    let Some(sc) = sc else { return Ok(None) };
     let name = if !sc.run_as_username.is_empty() {
         sc.run_as_username.clone()
+    } else if let Some(uid) = &sc.run_as_user {
+        id_of("run_as_user", uid.value)?.to_string()
+    } else if sc.run_as_group.is_some() {
+        return Err(CriError::InvalidArgument(
+            "run_as_group is set without run_as_user or run_as_username: give the user too".into(),
+        ));
     } else {
-        sc.run_as_user.as_ref()?.value.to_string()
+        return Ok(None);
     };
-    Some(match &sc.run_as_group {
-        Some(g) => format!("{name}:{}", g.value),
+    Ok(Some(match &sc.run_as_group {
+        Some(g) => format!("{name}:{}", id_of("run_as_group", g.value)?),
         None => name,
-    })
+    }))
+}
+
+/// A uid or gid from the CRI's int64: 0 to 2^32-2.
+fn id_of(field: &str, value: i64) -> Result<u32, CriError> {
+    u32::try_from(value)
+        .ok()
+        .filter(|&v| v != u32::MAX)
+        .ok_or_else(|| CriError::InvalidArgument(format!("{field} {value} is not a valid id")))
+}
+
+/// The container's supplemental groups (kubelet puts the pod's fsGroup among them).
+fn supplemental_groups(
+    sc: Option<&cri::LinuxContainerSecurityContext>,
+) -> Result<Vec<u32>, CriError> {
+    sc.map_or(&[][..], |s| &s.supplemental_groups[..])
+        .iter()
+        .map(|&g| id_of("supplemental_groups", g))
+        .collect()
 }
 
 fn resources(r: Option<&cri::LinuxContainerResources>) -> v1::Resources {
@@ -492,11 +544,19 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
         let linux = config.linux.unwrap_or_default();
         let res = linux.resources.clone().unwrap_or_default();
         let overhead = linux.overhead.clone().unwrap_or_default();
-        let host_network = linux
+        let namespaces = linux
             .security_context
             .as_ref()
-            .and_then(|c| c.namespace_options.as_ref())
-            .is_some_and(|o| o.network == cri::NamespaceMode::Node as i32);
+            .and_then(|c| c.namespace_options.clone())
+            .unwrap_or_default();
+        let host_network = namespaces.network == cri::NamespaceMode::Node as i32;
+        for (what, mode) in [("pid", namespaces.pid), ("ipc", namespaces.ipc)] {
+            if mode == cri::NamespaceMode::Node as i32 {
+                return Err(Status::invalid_argument(format!(
+                    "namespace_options.{what} = NODE: a microVM pod has its own kernel, so it cannot share the node's {what} namespace (hostPID/hostIPC pods need a runtime class without VMs)"
+                )));
+            }
+        }
         let port_mappings = config
             .port_mappings
             .iter()
@@ -535,6 +595,8 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
             port_mappings,
             dns_servers: dns.servers,
             dns_search: dns.searches,
+            dns_options: dns.options,
+            sysctls: linux.sysctls.clone().into_iter().collect(),
         };
         let server = Arc::clone(&self.server);
         let id = blocking(move || server.run_sandbox(req)).await?;
@@ -678,7 +740,8 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
                 .map(|kv| (kv.key, kv.value))
                 .collect(),
             working_dir: config.working_dir,
-            user: user(sc),
+            user: user(sc).map_err(status)?,
+            supplemental_groups: supplemental_groups(sc).map_err(status)?,
             log_path: config.log_path,
             tty: config.tty,
             stdin: config.stdin,
@@ -1075,18 +1138,16 @@ impl cri::runtime_service_server::RuntimeService for Runtime {
         &self,
         _: Request<cri::ListMetricDescriptorsRequest>,
     ) -> Result<Response<cri::ListMetricDescriptorsResponse>, Status> {
-        Ok(Response::new(cri::ListMetricDescriptorsResponse {
-            descriptors: Vec::new(),
-        }))
+        // As containerd: kubelet's CRI stats provider then uses the stats RPCs
+        // (PodSandboxStats and ContainerStats), which atoll-cri serves.
+        Err(Status::unimplemented(METRICS_UNIMPLEMENTED))
     }
 
     async fn list_pod_sandbox_metrics(
         &self,
         _: Request<cri::ListPodSandboxMetricsRequest>,
     ) -> Result<Response<cri::ListPodSandboxMetricsResponse>, Status> {
-        Ok(Response::new(cri::ListPodSandboxMetricsResponse {
-            pod_metrics: Vec::new(),
-        }))
+        Err(Status::unimplemented(METRICS_UNIMPLEMENTED))
     }
 
     async fn runtime_config(
@@ -1145,7 +1206,9 @@ mod tests {
         assert!(refused(mapped).contains("id-mapped"));
         let mut image = m("/x", "", true);
         image.image = Some(cri::ImageSpec::default());
-        assert!(refused(image).contains("image volumes"));
+        let err = host_mounts(&[image]).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
+        assert!(err.message().contains("image volumes"));
     }
 
     #[test]
@@ -1170,7 +1233,62 @@ mod tests {
         assert_eq!(s.seccomp, v1::security::Seccomp::RuntimeDefault as i32);
         assert_eq!(s.add_capabilities, vec!["CAP_NET_ADMIN"]);
         assert_eq!(s.drop_capabilities, vec!["ALL"]);
-        assert_eq!(user(Some(&sc)).as_deref(), Some("1000:100"));
+        assert_eq!(user(Some(&sc)).unwrap().as_deref(), Some("1000:100"));
+        assert_eq!(user(None).unwrap(), None);
+        let by_name = cri::LinuxContainerSecurityContext {
+            run_as_username: "www".into(),
+            run_as_group: Some(cri::Int64Value { value: 33 }),
+            masked_paths: vec!["/proc/kcore".into()],
+            readonly_paths: vec!["/proc/sys".into()],
+            supplemental_groups: vec![1234, 5678],
+            ..Default::default()
+        };
+        assert_eq!(user(Some(&by_name)).unwrap().as_deref(), Some("www:33"));
+        assert!(!security(Some(&by_name)).unwrap().share_pod_pid);
+        let ns = |pid: cri::NamespaceMode| cri::LinuxContainerSecurityContext {
+            namespace_options: Some(cri::NamespaceOption {
+                pid: pid as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(
+            security(Some(&ns(cri::NamespaceMode::Pod)))
+                .unwrap()
+                .share_pod_pid
+        );
+        assert!(
+            !security(Some(&ns(cri::NamespaceMode::Container)))
+                .unwrap()
+                .share_pod_pid
+        );
+        assert!(security(Some(&ns(cri::NamespaceMode::Node))).is_err());
+        assert!(security(Some(&ns(cri::NamespaceMode::Target))).is_err());
+        assert_eq!(supplemental_groups(Some(&by_name)).unwrap(), [1234, 5678]);
+        let s = security(Some(&by_name)).unwrap();
+        assert_eq!(
+            (s.masked_paths, s.readonly_paths),
+            (vec!["/proc/kcore".to_owned()], vec!["/proc/sys".to_owned()])
+        );
+        // The CRI: run_as_group without a user MUST be an error.
+        let group_only = cri::LinuxContainerSecurityContext {
+            run_as_group: Some(cri::Int64Value { value: 100 }),
+            ..Default::default()
+        };
+        let e = user(Some(&group_only)).unwrap_err();
+        assert!(matches!(e, CriError::InvalidArgument(_)), "{e}");
+        assert!(
+            e.to_string()
+                .contains("run_as_group is set without run_as_user"),
+            "{e}"
+        );
+        let negative = cri::LinuxContainerSecurityContext {
+            run_as_user: Some(cri::Int64Value { value: -1 }),
+            supplemental_groups: vec![-5],
+            ..Default::default()
+        };
+        assert!(user(Some(&negative)).is_err());
+        assert!(supplemental_groups(Some(&negative)).is_err());
         let bad = cri::LinuxContainerSecurityContext {
             seccomp: Some(cri::SecurityProfile {
                 profile_type: cri::security_profile::ProfileType::Localhost as i32,

@@ -135,6 +135,32 @@ pub(crate) fn agent_error(what: &str, e: &AgentError) -> CriError {
     }
 }
 
+/// A pod VM that did not start: the whole chain of causes (the agent's own words
+/// last); what the guest refused of the request (a sysctl its kernel lacks) is the
+/// caller's to fix, anything else is the runtime's.
+fn pod_start_error(e: &crate::pod::PodError) -> CriError {
+    let mut m = format!("starting the pod VM: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Some errors already quote their source.
+        if !m.contains(&text) {
+            m.push_str(": ");
+            m.push_str(&text);
+        }
+        source = s.source();
+    }
+    let m = clean_message(&m);
+    match e {
+        crate::pod::PodError::Restored(a) | crate::pod::PodError::Network(a)
+            if a.code() == Some(v1::error::Code::InvalidArgument) =>
+        {
+            CriError::InvalidArgument(m)
+        }
+        _ => CriError::Internal(m),
+    }
+}
+
 /// Nanoseconds since the epoch.
 pub fn now_ns() -> i64 {
     std::time::SystemTime::now()
@@ -289,6 +315,17 @@ pub struct SandboxRequest {
     pub port_mappings: Vec<super::cni::PortMapping>,
     pub dns_servers: Vec<String>,
     pub dns_search: Vec<String>,
+    pub dns_options: Vec<String>,
+    /// The pod's sysctls, by name (applied in the guest, which is the pod's own).
+    pub sysctls: BTreeMap<String, String>,
+}
+
+/// A pod's DNS config (the CRI's DNSConfig).
+#[derive(Debug, Clone, Default)]
+pub struct Dns {
+    pub servers: Vec<String>,
+    pub search: Vec<String>,
+    pub options: Vec<String>,
 }
 
 /// What PodSandboxStats reports.
@@ -315,6 +352,9 @@ pub struct ContainerRequest {
     pub envs: Vec<(String, String)>,
     pub working_dir: String,
     pub user: Option<String>,
+    /// Groups beyond the user's own (the CRI's supplemental_groups: the pod's
+    /// supplementalGroups and fsGroup).
+    pub supplemental_groups: Vec<u32>,
     pub log_path: String,
     pub tty: bool,
     pub stdin: bool,
@@ -673,7 +713,11 @@ impl Server {
         let network = if req.host_network {
             Ok(None)
         } else {
-            let dns = (req.dns_servers.clone(), req.dns_search.clone());
+            let dns = Dns {
+                servers: req.dns_servers.clone(),
+                search: req.dns_search.clone(),
+                options: req.dns_options.clone(),
+            };
             self.attach_network(&mut rec, &req.port_mappings, dns)
                 .map(Some)
         };
@@ -681,7 +725,7 @@ impl Server {
         let cpu = (req.cpu_quota > 0 && req.cpu_period > 0).then(|| {
             crate::pod::confine::CpuLimit::for_cpus(req.cpu_quota as f64 / req.cpu_period as f64)
         });
-        let started = network.and_then(|n| self.start_vm(&rec, n, cpu));
+        let started = network.and_then(|n| self.start_vm(&rec, n, cpu, &req.sysctls));
         // The pool fills up again behind the sandbox, not during its start.
         self.pool.fill();
         let (pid, start) = match started {
@@ -732,7 +776,7 @@ impl Server {
         &self,
         rec: &mut SandboxRecord,
         port_mappings: &[cni::PortMapping],
-        (dns_servers, dns_search): (Vec<String>, Vec<String>),
+        dns: Dns,
     ) -> CriResult<PodNetwork> {
         let list = cni::NetworkList::load(&self.cfg.cni.conf_dir).map_err(|e| {
             CriError::FailedPrecondition(format!(
@@ -795,8 +839,9 @@ impl Server {
             addresses: rec.ips.clone(),
             routes,
             mtu,
-            dns_servers,
-            dns_search,
+            dns_servers: dns.servers,
+            dns_search: dns.search,
+            dns_options: dns.options,
         })
     }
 
@@ -849,6 +894,7 @@ impl Server {
         rec: &SandboxRecord,
         network: Option<PodNetwork>,
         cpu: Option<crate::pod::confine::CpuLimit>,
+        sysctls: &BTreeMap<String, String>,
     ) -> CriResult<(u32, Option<u64>)> {
         let a = &self.artifacts;
         let mut cfg = PodConfig::new(
@@ -867,6 +913,10 @@ impl Server {
         cfg.pool = Some(Arc::clone(&self.pool));
         cfg.agent_timeout = Duration::from_secs(self.cfg.agent_timeout_secs);
         cfg.hostname = crate::pod::net::valid_hostname(&rec.hostname).then(|| rec.hostname.clone());
+        cfg.sysctls = sysctls
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         if let Some(n) = network {
             cfg.tap = Some(crate::pod::Tap {
                 name: n.tap.clone(),
@@ -875,8 +925,7 @@ impl Server {
             cfg.network = Some(n);
         }
         let spec = TemplateSpec::for_pod(&cfg);
-        let pod = template::start_pod(cfg, &spec)
-            .map_err(|e| CriError::Internal(clean_message(&format!("starting the pod VM: {e}"))))?;
+        let pod = template::start_pod(cfg, &spec).map_err(|e| pod_start_error(&e))?;
         let dir = pod.dir().to_owned();
         let Some(detached) = pod.detach() else {
             return Err(CriError::Internal("the pod VM ended as it started".into()));
@@ -1121,6 +1170,7 @@ impl Server {
                 rows: if req.tty { 24 } else { 0 },
                 cols: if req.tty { 80 } else { 0 },
                 rlimits: Vec::new(),
+                additional_gids: req.supplemental_groups.clone(),
             }),
             hostname: sandbox.hostname.clone(),
             mounts,
@@ -2409,6 +2459,25 @@ pub(crate) mod tests {
         let a = s.artifacts.clone();
         let e = Server::new(cfg, a, dir.path().join("images")).unwrap_err();
         assert!(matches!(e, StartError::Locked(_)), "{e}");
+    }
+
+    #[test]
+    fn a_pod_that_did_not_start_says_why_to_the_end_and_whose_fault() {
+        let refused = crate::pod::PodError::Restored(crate::agent::AgentError::Refused {
+            op: "Restored",
+            code: v1::error::Code::InvalidArgument,
+            message: "cannot set sysctl net.ipv4.nope to \"1\": No such file or directory".into(),
+        });
+        let e = pod_start_error(&refused);
+        assert!(matches!(e, CriError::InvalidArgument(_)), "{e}");
+        assert!(
+            e.to_string().contains(
+                "giving the restored pod its identity (entropy, clock, network, disks): the guest agent refused Restored: INVALID_ARGUMENT (cannot set sysctl net.ipv4.nope"
+            ),
+            "{e}"
+        );
+        let failed = crate::pod::PodError::VmmFailed("killed".into());
+        assert!(matches!(pod_start_error(&failed), CriError::Internal(_)));
     }
 
     #[test]

@@ -96,6 +96,8 @@ pub struct PodNetwork {
     pub mtu: u32,
     pub dns_servers: Vec<String>,
     pub dns_search: Vec<String>,
+    /// resolv.conf `options` ("ndots:5").
+    pub dns_options: Vec<String>,
 }
 
 /// How to boot a pod.
@@ -119,6 +121,8 @@ pub struct PodConfig {
     pub net: bool,
     /// The pod's hostname; set (with the network) before any container is created.
     pub hostname: Option<String>,
+    /// The pod's sysctls (name, value), written in the guest with the network.
+    pub sysctls: Vec<(String, String)>,
     /// The image's layers, written to `<pod dir>/layers.img` and attached read-only
     /// as [`image::LAYERS_SERIAL`] (`atoll run --unpack-in-guest`).
     pub layers_disk: Option<image::LayersDisk>,
@@ -150,6 +154,17 @@ pub struct PodConfig {
     pub pool: Option<Arc<pool::Pool>>,
 }
 
+/// The pod's sysctls as the agent takes them.
+fn sysctls(cfg: &PodConfig) -> Vec<v1::Sysctl> {
+    cfg.sysctls
+        .iter()
+        .map(|(name, value)| v1::Sysctl {
+            name: name.clone(),
+            value: value.clone(),
+        })
+        .collect()
+}
+
 /// How a pod's VM comes up.
 #[derive(Debug, Clone, Default)]
 pub enum Boot {
@@ -176,6 +191,7 @@ impl PodConfig {
             tap: None,
             net: false,
             hostname: None,
+            sysctls: Vec::new(),
             layers_disk: None,
             run_dir: state::run_dir(),
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
@@ -926,9 +942,11 @@ impl Pod {
                 dns_servers: n.dns_servers.clone(),
                 dns_search: n.dns_search.clone(),
                 hostname,
+                dns_options: n.dns_options.clone(),
+                sysctls: sysctls(cfg),
             });
         }
-        if self.tap.is_none() && hostname.is_empty() {
+        if self.tap.is_none() && hostname.is_empty() && cfg.sysctls.is_empty() {
             return None;
         }
         let dns = std::fs::read_to_string(net::HOST_RESOLV_CONF)
@@ -942,11 +960,13 @@ impl Pod {
             };
             (t.subnet(), mac)
         });
-        Some(net::configure_request(
+        let mut req = net::configure_request(
             link.as_ref().map(|(s, m)| (*s, m.as_str())),
             &dns,
             &hostname,
-        ))
+        );
+        req.sysctls = sysctls(cfg);
+        Some(req)
     }
 
     /// Sends ConfigureNetwork (cold boots) when there is a network to configure.

@@ -172,6 +172,23 @@ fn security(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<v1::Secur
     s.no_new_privileges = sc.no_new_privs;
     s.masked_paths = sc.masked_paths.clone();
     s.readonly_paths = sc.readonly_paths.clone();
+    // The guest kernel has no AppArmor, and a node's profile cannot reach into the
+    // VM: a profile by name is refused rather than silently not enforced. The
+    // runtime's default (what kubelet asks on an AppArmor node) and unconfined are
+    // what the VM boundary gives.
+    let named_apparmor =
+        sc.apparmor.as_ref().is_some_and(|p| {
+            p.profile_type == cri::security_profile::ProfileType::Localhost as i32
+        }) || sc.apparmor_profile.starts_with("localhost/");
+    if named_apparmor {
+        let name = sc
+            .apparmor
+            .as_ref()
+            .map_or(sc.apparmor_profile.as_str(), |p| p.localhost_ref.as_str());
+        return Err(CriError::InvalidArgument(format!(
+            "apparmor profile {name:?}: a microVM pod's guest kernel has no AppArmor and the node's profiles cannot confine it; use RuntimeDefault or Unconfined"
+        )));
+    }
     if let Some(ns) = &sc.namespace_options {
         // kubelet always sends them: POD for a pod that shares its process
         // namespace, CONTAINER otherwise.
@@ -1264,6 +1281,26 @@ mod tests {
         );
         assert!(security(Some(&ns(cri::NamespaceMode::Node))).is_err());
         assert!(security(Some(&ns(cri::NamespaceMode::Target))).is_err());
+        let apparmor = |t: cri::security_profile::ProfileType, legacy: &str| {
+            security(Some(&cri::LinuxContainerSecurityContext {
+                apparmor: Some(cri::SecurityProfile {
+                    profile_type: t as i32,
+                    localhost_ref: "k8s-deny-write".into(),
+                }),
+                apparmor_profile: legacy.into(),
+                ..Default::default()
+            }))
+        };
+        use cri::security_profile::ProfileType;
+        assert!(apparmor(ProfileType::RuntimeDefault, "runtime/default").is_ok());
+        assert!(apparmor(ProfileType::Unconfined, "unconfined").is_ok());
+        let e = apparmor(ProfileType::Localhost, "").unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("apparmor profile \"k8s-deny-write\""),
+            "{e}"
+        );
+        assert!(apparmor(ProfileType::RuntimeDefault, "localhost/x").is_err());
         assert_eq!(supplemental_groups(Some(&by_name)).unwrap(), [1234, 5678]);
         let s = security(Some(&by_name)).unwrap();
         assert_eq!(

@@ -92,6 +92,18 @@ cat > /tmp/cfg/badsysctl.json <<EOF
 {"metadata":{"name":"badsysctl","uid":"uid-6","namespace":"default","attempt":0},
  "linux":{"sysctls":{"net.ipv4.no_such_sysctl":"1"}}}
 EOF
+cat > /tmp/cfg/pod4.json <<EOF
+{"metadata":{"name":"shared","uid":"uid-7","namespace":"default","attempt":0},
+ "linux":{"security_context":{"namespace_options":{"pid":"POD"}}}}
+EOF
+shared_json() { cat <<EOF
+{"metadata":{"name":"$1"},"image":{"image":"$IMAGE"},"command":["sh","-c","$2"],
+ "linux":{"security_context":{"namespace_options":{"pid":"POD"}}}}
+EOF
+}
+shared_json one "exec sleep 3601" > /tmp/cfg/one.json
+shared_json two "exec sleep 3602" > /tmp/cfg/two.json
+shared_json brief "sleep 4321 & sleep 2" > /tmp/cfg/brief.json
 cat > /tmp/cfg/grouponly.json <<EOF
 {"metadata":{"name":"grouponly"},"image":{"image":"$IMAGE"},"command":["true"],
  "linux":{"security_context":{"run_as_group":{"value":100}}}}
@@ -230,7 +242,7 @@ exec_stdout_only() { $C exec $CA -- echo -n hello 2>/tmp/err; echo; echo "stderr
 exec_timeout() {
   t0=$(now_ms); $C exec --timeout 1 $CA -- sleep 4321; echo "rc=$?"
   echo "took_ms=$(( $(now_ms) - t0 ))"
-  $C exec $CA -- sh -c 'pgrep -f "sleep 432[1]" || echo no-sleep-left'
+  $C exec $CA -- sh -c 'ps | grep -q "sleep 432[1]" && echo sleep-left || echo no-sleep-left'
 }
 # The guest agent's own figures (PodSandboxStatus verbose info) and atoll-cri's.
 figures() {
@@ -262,7 +274,7 @@ exec_stream() {
   echo "again=$(echo x | $A/spdy-peer exec $U 2>&1)"
   $C exec -i $CA -- sh -c 'cat >/dev/null' </dev/zero & ex=$!
   sleep 2; kill -9 $ex; sleep 1
-  echo "cat=$($C exec $CA -- sh -c 'pgrep -f "cat$" >/dev/null && echo cat-left || echo no-cat-left')"
+  echo "cat=$($C exec $CA -- sh -c 'ps | grep -q "cat$" && echo cat-left || echo no-cat-left')"
   echo "big_bytes=$(head -c 3000000 /dev/urandom | $C exec -i $CA -- sh -c 'cat | wc -c')"
   for i in 1 2 3 4 5 6; do
     n=$($C exec --stream $CA -- /bin/busybox head -c 8388608 /dev/zero 2>/tmp/big.err | wc -c)
@@ -286,6 +298,28 @@ pod_settings() {
   $C runp /tmp/cfg/badsysctl.json; echo "badsysctl_rc=$?"
   echo "badsysctl_left=$($C pods | grep -c badsysctl)"
   $C create $P /tmp/cfg/grouponly.json /tmp/cfg/pod.json; echo "grouponly_rc=$?"
+}
+# A pod whose containers share its PID namespace (shareProcessNamespace): they see
+# each other and a pause process as PID 1; one that did not ask sees only its own;
+# a container's leftover processes die with its init.
+shared_pid() {
+  Q=$($C runp /tmp/cfg/pod4.json) || return 1
+  S1=$($C create $Q /tmp/cfg/one.json /tmp/cfg/pod4.json) && $C start $S1 || return 1
+  S2=$($C create $Q /tmp/cfg/two.json /tmp/cfg/pod4.json) && $C start $S2 || return 1
+  S4=$($C create $Q /tmp/cfg/s.json /tmp/cfg/pod4.json) && $C start $S4 || return 1
+  until_state $S2 CONTAINER_RUNNING && until_state $S4 CONTAINER_RUNNING || return 1
+  $C exec $S2 -- sh -c 'echo "pid1=$(cat /proc/1/comm)"; echo "two_sees_one=$(ps | grep -c "sleep 360[1]")"'
+  $C exec $S4 -- sh -c 'echo "private_sees_one=$(ps | grep -c "sleep 360[1]")"; echo "private_pid1=$(cat /proc/1/comm)"'
+  S3=$($C create $Q /tmp/cfg/brief.json /tmp/cfg/pod4.json) && $C start $S3 || return 1
+  until_state $S3 CONTAINER_RUNNING; $C exec $S2 -- sh -c 'echo "orphan_while_running=$(ps | grep -c "sleep 432[1]")"'
+  until_state $S3 CONTAINER_EXITED || return 1
+  $C inspect $S3 | grep -E '^(exit_code|reason)='
+  for i in $(seq 20); do
+    n=$($C exec $S2 -- sh -c 'ps | grep -c "sleep 432[1]"'); [ "$n" = 0 ] && break; sleep 0.2
+  done
+  echo "orphans_left=$n"
+  $C exec $S1 -- echo one-still-runs
+  $C stopp $Q && $C rmp $Q && echo shared_gone
 }
 # Attach to a container created with stdin (stdin_once): its output from the
 # moment of attaching, our stdin to it; closing stdin ends it.
@@ -505,6 +539,7 @@ scenario exec_many exec_many
 scenario exec_stream exec_stream
 scenario log log
 scenario pod_settings pod_settings
+scenario shared_pid shared_pid
 scenario attach attach
 scenario stats stats
 scenario metrics metrics
@@ -972,6 +1007,23 @@ fn dns_options_sysctls_groups_and_hidden_paths_reach_the_guest_and_what_a_vm_can
         out.contains("run_as_group is set without run_as_user or run_as_username"),
         "{out}"
     );
+}
+
+#[test]
+fn containers_of_a_pod_that_shares_its_process_namespace_see_each_other_and_a_pause_pid_1() {
+    let (out, st) = sc("shared_pid");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "pid1"), "pause", "{out}");
+    assert_eq!(value_of(out, "two_sees_one"), "1", "{out}");
+    // A container of the same pod that did not ask keeps a namespace of its own.
+    assert_eq!(value_of(out, "private_sees_one"), "0", "{out}");
+    assert_eq!(value_of(out, "private_pid1"), "sleep", "{out}");
+    // The init of a container in the shared namespace takes its processes with it.
+    assert_eq!(value_of(out, "orphan_while_running"), "1", "{out}");
+    assert_eq!(value_of(out, "exit_code"), "0", "{out}");
+    assert_eq!(value_of(out, "orphans_left"), "0", "{out}");
+    assert!(out.contains("one-still-runs"), "{out}");
+    assert!(out.contains("shared_gone"), "{out}");
 }
 
 #[test]

@@ -299,6 +299,22 @@ pod_settings() {
   echo "badsysctl_left=$($C pods | grep -c badsysctl)"
   $C create $P /tmp/cfg/grouponly.json /tmp/cfg/pod.json; echo "grouponly_rc=$?"
 }
+# An image volume: the image's disk on a slot of the VM, bound read-only.
+image_volume() {
+  I=$($C pull $IMAGE) || return 1
+  cat > /tmp/cfg/imgvol.json <<EOF
+{"metadata":{"name":"imgvol"},"image":{"image":"$IMAGE"},"command":["sleep","3600"],
+ "mounts":[{"container_path":"/img","image":{"image":"$I"}}]}
+EOF
+  G=$($C create $P /tmp/cfg/imgvol.json /tmp/cfg/pod.json) && $C start $G || return 1
+  until_state $G CONTAINER_RUNNING || return 1
+  $C exec $G -- sh -c 'echo "img_busybox=$(ls /img/bin/busybox)"; echo "img_passwd=$(head -1 /img/etc/passwd)"
+    touch /img/x 2>/dev/null && echo img_write=allowed || echo img_write=refused'
+  $C inspect $G | grep '^mounts='
+  $C stop -t 0 $G && $C rm $G && echo imgvol_removed
+  sed 's/"image":{"image":"[^"]*"}}]/"image":{"image":"registry.k8s.io\/never\/pulled:1"}}]/' /tmp/cfg/imgvol.json > /tmp/cfg/imgvol2.json
+  $C create $P /tmp/cfg/imgvol2.json /tmp/cfg/pod.json; echo "missing_rc=$?"
+}
 # A pod whose containers share its PID namespace (shareProcessNamespace): they see
 # each other and a pause process as PID 1; one that did not ask sees only its own;
 # a container's leftover processes die with its init.
@@ -540,6 +556,7 @@ scenario exec_stream exec_stream
 scenario log log
 scenario pod_settings pod_settings
 scenario shared_pid shared_pid
+scenario image_volume image_volume
 scenario attach attach
 scenario stats stats
 scenario metrics metrics
@@ -1024,6 +1041,32 @@ fn containers_of_a_pod_that_shares_its_process_namespace_see_each_other_and_a_pa
     assert_eq!(value_of(out, "orphans_left"), "0", "{out}");
     assert!(out.contains("one-still-runs"), "{out}");
     assert!(out.contains("shared_gone"), "{out}");
+}
+
+#[test]
+fn an_image_volume_is_the_images_files_read_only_in_the_container() {
+    let (out, st) = sc("image_volume");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "img_busybox"), "/img/bin/busybox", "{out}");
+    assert_eq!(
+        value_of(out, "img_passwd"),
+        "root:x:0:0:root:/root:/bin/sh",
+        "{out}"
+    );
+    assert_eq!(value_of(out, "img_write"), "refused", "{out}");
+    let mounts = value_of(out, "mounts");
+    assert!(
+        mounts.starts_with("/img:image=sha256:") && mounts.ends_with(":ro"),
+        "{out}"
+    );
+    assert!(out.contains("imgvol_removed"), "{out}");
+    assert_ne!(value_of(out, "missing_rc"), "0", "{out}");
+    assert!(
+        out.contains(
+            "image volume \"registry.k8s.io/never/pulled:1\": the image is not on this node"
+        ),
+        "{out}"
+    );
 }
 
 #[test]

@@ -553,7 +553,11 @@ async fn run(args: Args) -> anyhow::Result<u8> {
                             .iter()
                             .map(|m| {
                                 let mode = if m.readonly { "ro" } else { "rw" };
-                                format!("{}:{}:{mode}", m.container_path, m.host_path)
+                                let source = m
+                                    .image
+                                    .as_ref()
+                                    .map_or(m.host_path.clone(), |i| format!("image={}", i.image));
+                                format!("{}:{source}:{mode}", m.container_path)
                             })
                             .collect::<Vec<_>>()
                             .join(","),

@@ -295,6 +295,8 @@ pub mod spec {
         /// `PROPAGATION_PRIVATE` (or empty), `PROPAGATION_HOST_TO_CONTAINER`,
         /// `PROPAGATION_BIDIRECTIONAL`.
         pub propagation: String,
+        /// An image volume: the image (id or name) in place of a host path.
+        pub image: Option<Image>,
     }
 
     /// A ContainerConfig.
@@ -365,6 +367,10 @@ pub mod spec {
                             host_path: m.host_path.clone(),
                             readonly: m.readonly,
                             propagation: propagation as i32,
+                            image: m.image.as_ref().map(|i| cri::ImageSpec {
+                                image: i.image.clone(),
+                                ..Default::default()
+                            }),
                             ..Default::default()
                         })
                     })

@@ -36,9 +36,9 @@ const METRICS_UNIMPLEMENTED: &str = "atoll-cri serves pod and container statisti
 /// The container's host mounts as atoll-cri gives them, [`KUBELET_FILES`] left
 /// out; or why one cannot be given. A microVM pod shares no file system with the
 /// node: a read-only host path is copied in when the container is created, an
-/// emptyDir is a tmpfs of the pod; a writable host path, bidirectional
-/// propagation, an image volume or id-mapped mounts cannot be honoured and are
-/// refused rather than half-done.
+/// emptyDir is a tmpfs of the pod, an image volume the image's own disk; a
+/// writable host path, bidirectional propagation or id-mapped mounts cannot be
+/// honoured and are refused rather than half-done.
 fn host_mounts(mounts: &[cri::Mount]) -> Result<Vec<HostMount>, Status> {
     let mut out = Vec::new();
     for m in mounts {
@@ -47,11 +47,20 @@ fn host_mounts(mounts: &[cri::Mount]) -> Result<Vec<HostMount>, Status> {
         }
         let at = &m.container_path;
         let refuse = |why: String| Err(Status::invalid_argument(format!("mounts: {at}: {why}")));
-        if m.image.is_some() {
-            // A feature this runtime does not have (yet), not a bad request.
-            return Err(Status::unimplemented(format!(
-                "mounts: {at}: image volumes are not supported by atoll-cri yet"
-            )));
+        if let Some(image) = &m.image {
+            // An image volume: the image's disk, attached to one of the VM's slots
+            // as a container's root is, and bound read-only (image volumes are
+            // read-only by definition, whatever `readonly` says).
+            if image.image.is_empty() || !m.host_path.is_empty() {
+                return refuse("an image volume names an image and no host path".into());
+            }
+            out.push(HostMount {
+                container_path: m.container_path.clone(),
+                readonly: true,
+                image: image.image.clone(),
+                ..Default::default()
+            });
+            continue;
         }
         if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
             return refuse("id-mapped mounts are not supported by microVM pods".into());
@@ -72,6 +81,7 @@ fn host_mounts(mounts: &[cri::Mount]) -> Result<Vec<HostMount>, Status> {
             propagation: m.propagation,
             selinux_relabel: m.selinux_relabel,
             recursive_read_only: m.recursive_read_only,
+            image: String::new(),
         };
         if !mount.readonly && !mount.is_empty_dir() {
             return refuse(format!(
@@ -176,15 +186,7 @@ fn security(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<v1::Secur
     // VM: a profile by name is refused rather than silently not enforced. The
     // runtime's default (what kubelet asks on an AppArmor node) and unconfined are
     // what the VM boundary gives.
-    let named_apparmor =
-        sc.apparmor.as_ref().is_some_and(|p| {
-            p.profile_type == cri::security_profile::ProfileType::Localhost as i32
-        }) || sc.apparmor_profile.starts_with("localhost/");
-    if named_apparmor {
-        let name = sc
-            .apparmor
-            .as_ref()
-            .map_or(sc.apparmor_profile.as_str(), |p| p.localhost_ref.as_str());
+    if let Some(name) = named_apparmor_profile(sc) {
         return Err(CriError::InvalidArgument(format!(
             "apparmor profile {name:?}: a microVM pod's guest kernel has no AppArmor and the node's profiles cannot confine it; use RuntimeDefault or Unconfined"
         )));
@@ -233,6 +235,22 @@ fn security(sc: Option<&cri::LinuxContainerSecurityContext>) -> Result<v1::Secur
         }
     }
     Ok(s)
+}
+
+/// The AppArmor profile `sc` names, if it names one: the `apparmor` field, or
+/// without it the deprecated string kubelet still fills for older runtimes.
+#[allow(deprecated)]
+fn named_apparmor_profile(sc: &cri::LinuxContainerSecurityContext) -> Option<String> {
+    match &sc.apparmor {
+        Some(p) if p.profile_type == cri::security_profile::ProfileType::Localhost as i32 => {
+            Some(p.localhost_ref.clone())
+        }
+        Some(_) => None,
+        None => sc
+            .apparmor_profile
+            .strip_prefix("localhost/")
+            .map(str::to_owned),
+    }
 }
 
 /// `NET_ADMIN` and `CAP_NET_ADMIN` both name the capability; `ALL` stays.
@@ -385,6 +403,10 @@ fn container_status(c: &ContainerRecord) -> cri::ContainerStatus {
                 selinux_relabel: m.selinux_relabel,
                 propagation: m.propagation,
                 recursive_read_only: m.recursive_read_only,
+                image: (!m.image.is_empty()).then(|| cri::ImageSpec {
+                    image: m.image.clone(),
+                    ..Default::default()
+                }),
                 ..Default::default()
             })
             .collect(),
@@ -1221,11 +1243,18 @@ mod tests {
             length: 1,
         });
         assert!(refused(mapped).contains("id-mapped"));
-        let mut image = m("/x", "", true);
-        image.image = Some(cri::ImageSpec::default());
-        let err = host_mounts(&[image]).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::Unimplemented, "{err}");
-        assert!(err.message().contains("image volumes"));
+        let mut image = m("/x", "", false);
+        image.image = Some(cri::ImageSpec {
+            image: "sha256:ab".into(),
+            ..Default::default()
+        });
+        let got = host_mounts(&[image.clone()]).unwrap();
+        assert_eq!(
+            (got[0].image.as_str(), got[0].readonly),
+            ("sha256:ab", true)
+        );
+        image.host_path = "/srv".into();
+        assert!(refused(image).contains("an image volume names an image and no host path"));
     }
 
     #[test]
@@ -1281,26 +1310,31 @@ mod tests {
         );
         assert!(security(Some(&ns(cri::NamespaceMode::Node))).is_err());
         assert!(security(Some(&ns(cri::NamespaceMode::Target))).is_err());
-        let apparmor = |t: cri::security_profile::ProfileType, legacy: &str| {
-            security(Some(&cri::LinuxContainerSecurityContext {
-                apparmor: Some(cri::SecurityProfile {
+        let apparmor = |t: Option<cri::security_profile::ProfileType>, legacy: &str| {
+            #[allow(deprecated)]
+            let sc = cri::LinuxContainerSecurityContext {
+                apparmor: t.map(|t| cri::SecurityProfile {
                     profile_type: t as i32,
                     localhost_ref: "k8s-deny-write".into(),
                 }),
                 apparmor_profile: legacy.into(),
                 ..Default::default()
-            }))
+            };
+            security(Some(&sc))
         };
         use cri::security_profile::ProfileType;
-        assert!(apparmor(ProfileType::RuntimeDefault, "runtime/default").is_ok());
-        assert!(apparmor(ProfileType::Unconfined, "unconfined").is_ok());
-        let e = apparmor(ProfileType::Localhost, "").unwrap_err();
+        assert!(apparmor(Some(ProfileType::RuntimeDefault), "runtime/default").is_ok());
+        assert!(apparmor(Some(ProfileType::Unconfined), "unconfined").is_ok());
+        let e = apparmor(Some(ProfileType::Localhost), "").unwrap_err();
         assert!(
             e.to_string()
                 .contains("apparmor profile \"k8s-deny-write\""),
             "{e}"
         );
-        assert!(apparmor(ProfileType::RuntimeDefault, "localhost/x").is_err());
+        // The deprecated string counts only without the field.
+        assert!(apparmor(None, "localhost/x").is_err());
+        assert!(apparmor(None, "runtime/default").is_ok());
+        assert!(apparmor(Some(ProfileType::RuntimeDefault), "localhost/x").is_ok());
         assert_eq!(supplemental_groups(Some(&by_name)).unwrap(), [1234, 5678]);
         let s = security(Some(&by_name)).unwrap();
         assert_eq!(

@@ -1139,9 +1139,50 @@ impl Server {
                 .to_string()
         };
 
-        // Host mounts first: a copy that fails leaves no image slot taken.
-        let mounts = self.guest_mounts(&sandbox, &req.mounts)?;
-        let (slot, attached_now) = self.attach_image(&sandbox, &image_id, &prepared.rootfs)?;
+        // Image volumes on slots of the VM first, then the host mounts' copies, then
+        // the root's image: whatever fails gives back the slots taken for it.
+        let mut volume_serials = BTreeMap::new();
+        let mut attached = Vec::new();
+        let release = |attached: &[usize]| {
+            for &n in attached {
+                self.release_slot(&req.sandbox_id, n);
+            }
+        };
+        for m in req.mounts.iter().filter(|m| !m.image.is_empty()) {
+            if volume_serials.contains_key(&m.image) {
+                continue;
+            }
+            match self.attach_volume_image(&req.sandbox_id, &m.image) {
+                Ok((slot, now, serial)) => {
+                    if now {
+                        attached.push(slot);
+                    }
+                    volume_serials.insert(m.image.clone(), serial);
+                }
+                Err(e) => {
+                    release(&attached);
+                    return Err(e);
+                }
+            }
+        }
+        let mounts = match self.guest_mounts(&sandbox, &req.mounts, &volume_serials) {
+            Ok(m) => m,
+            Err(e) => {
+                release(&attached);
+                return Err(e);
+            }
+        };
+        let sandbox = self.sandbox(&req.sandbox_id)?;
+        let (slot, attached_now) = match self.attach_image(&sandbox, &image_id, &prepared.rootfs) {
+            Ok(v) => v,
+            Err(e) => {
+                release(&attached);
+                return Err(e);
+            }
+        };
+        if attached_now {
+            attached.push(slot);
+        }
         let serial = self.sandbox(&req.sandbox_id)?.slots[slot].drive_id.clone();
         let rootfs_source = match &prepared.rootfs {
             ImageRootfs::Erofs(_) => v1::rootfs::Source::Block(v1::BlockImage {
@@ -1182,9 +1223,7 @@ impl Server {
                 .map_err(|e| agent_error("creating the container in the guest", &e))
         });
         if let Err(e) = created {
-            if attached_now {
-                self.release_slot(&req.sandbox_id, slot);
-            }
+            release(&attached);
             return Err(e);
         }
         let rec = ContainerRecord {
@@ -1212,6 +1251,7 @@ impl Server {
             reason: String::new(),
             message: String::new(),
             mounts: req.mounts,
+            volume_serials: volume_serials.into_values().collect(),
         };
         self.state().containers.insert(id.clone(), rec.clone());
         self.save_container(&rec);
@@ -1227,9 +1267,22 @@ impl Server {
         &self,
         sandbox: &SandboxRecord,
         mounts: &[HostMount],
+        image_serials: &BTreeMap<String, String>,
     ) -> CriResult<Vec<v1::Mount>> {
         let mut out = Vec::with_capacity(mounts.len());
         for m in mounts {
+            if !m.image.is_empty() {
+                let serial = image_serials.get(&m.image).ok_or_else(|| {
+                    CriError::Internal(format!("image volume {} has no disk", m.image))
+                })?;
+                out.push(v1::Mount {
+                    destination: m.container_path.clone(),
+                    r#type: "bind".into(),
+                    source: format!("disk:{serial}"),
+                    options: vec!["ro".to_owned()],
+                });
+                continue;
+            }
             let ro = if m.readonly {
                 vec!["ro".to_owned()]
             } else {
@@ -1453,6 +1506,35 @@ impl Server {
         Ok((n, true))
     }
 
+    /// An image volume's image on a slot of the sandbox's VM (the slot its
+    /// containers' roots use, if it has one): the slot, whether it was attached
+    /// now, and the disk's serial.
+    fn attach_volume_image(
+        &self,
+        sandbox_id: &str,
+        image: &str,
+    ) -> CriResult<(usize, bool, String)> {
+        let store = ImageStore::open(&self.image_store)
+            .map_err(|e| CriError::Internal(format!("the image store: {e}")))?;
+        let (name, digest) = store.resolve(image).map_err(|_| {
+            CriError::NotFound(format!(
+                "image volume {image:?}: the image is not on this node: pull it first"
+            ))
+        })?;
+        let prepared = image::prepare(&self.image_store, &name, RootfsFrom::Auto)
+            .map_err(|e| CriError::Internal(clean_message(&format!("image {name}: {e}"))))?;
+        if !matches!(prepared.rootfs, ImageRootfs::Erofs(_)) {
+            return Err(CriError::FailedPrecondition(format!(
+                "image volume {image:?}: mounting an image needs it as an erofs disk; install erofs-utils (mkfs.erofs) on the node"
+            )));
+        }
+        let sandbox = self.sandbox(sandbox_id)?;
+        let image_id = format!("sha256:{}", digest.hex());
+        let (slot, now) = self.attach_image(&sandbox, &image_id, &prepared.rootfs)?;
+        let serial = self.sandbox(sandbox_id)?.slots[slot].drive_id.clone();
+        Ok((slot, now, serial))
+    }
+
     /// Gives slot `n` its empty disk back once no container of the sandbox uses
     /// its image (the guest has unmounted it with the last one).
     fn release_slot(&self, sandbox_id: &str, n: usize) {
@@ -1462,10 +1544,10 @@ impl Server {
                 return;
             };
             let Some(slot) = s.slots.get(n) else { return };
-            let in_use = st
-                .containers
-                .values()
-                .any(|c| c.sandbox_id == sandbox_id && c.serial == slot.drive_id);
+            let in_use = st.containers.values().any(|c| {
+                c.sandbox_id == sandbox_id
+                    && (c.serial == slot.drive_id || c.volume_serials.contains(&slot.drive_id))
+            });
             if in_use || slot.image.is_none() || s.state != SandboxState::Ready {
                 return;
             }
@@ -1855,8 +1937,10 @@ impl Server {
                     st.containers.remove(id);
                     st.logs.remove(id);
                 }
-                if let Some(n) = sandbox.slots.iter().position(|s| s.drive_id == c.serial) {
-                    self.release_slot(&c.sandbox_id, n);
+                for serial in std::iter::once(&c.serial).chain(&c.volume_serials) {
+                    if let Some(n) = sandbox.slots.iter().position(|s| &s.drive_id == serial) {
+                        self.release_slot(&c.sandbox_id, n);
+                    }
                 }
                 self.forget_container(id, &c.sandbox_id);
                 return Ok(());
@@ -2400,6 +2484,7 @@ pub(crate) mod tests {
             reason: String::new(),
             message: String::new(),
             mounts: Vec::new(),
+            volume_serials: Vec::new(),
         }
     }
 

@@ -131,6 +131,9 @@ pub struct ContainerRecord {
     /// The host mounts it was given (kubelet's own files left out).
     #[serde(default)]
     pub mounts: Vec<HostMount>,
+    /// The disk serials (image slots) its image volumes are on.
+    #[serde(default)]
+    pub volume_serials: Vec<String>,
 }
 
 /// A host mount of a container as CreateContainer asked for it.
@@ -143,6 +146,10 @@ pub struct HostMount {
     pub propagation: i32,
     pub selinux_relabel: bool,
     pub recursive_read_only: bool,
+    /// An image volume's image (the id kubelet pulled), mounted read-only in place
+    /// of a host path; empty for a host path.
+    #[serde(default)]
+    pub image: String,
 }
 
 impl HostMount {

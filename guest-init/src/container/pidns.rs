@@ -94,9 +94,10 @@ pub fn pause_main() -> i32 {
         reap_forever();
     }
     println!("{pid}");
-    // Nothing else will be written: stdout closes so the agent's read ends.
+    // Nothing else will be written: stdout closes so the agent's read ends (it
+    // reads one line, so a failed close only delays nothing).
     // SAFETY: closing our own stdout descriptor.
-    unsafe { libc::close(1) };
+    let _ = unsafe { libc::close(1) };
     let mut status = 0;
     // SAFETY: `status` is a valid out-parameter; `pid` is our child.
     while unsafe { libc::waitpid(pid, &mut status, 0) } == -1
@@ -107,10 +108,16 @@ pub fn pause_main() -> i32 {
 
 /// PID 1 of the pod's namespace: waits for children, forever.
 fn reap_forever() -> ! {
-    // SAFETY: closing our copy of the pipe to the agent.
-    unsafe { libc::close(1) };
+    // SAFETY: closing our copy of the pipe to the agent; the parent's copy ends
+    // the agent's read either way.
+    let _ = unsafe { libc::close(1) };
     // SAFETY: prctl(PR_SET_NAME) reads a NUL-terminated name of at most 16 bytes.
-    unsafe { libc::prctl(libc::PR_SET_NAME, c"pause".as_ptr(), 0, 0, 0) };
+    if unsafe { libc::prctl(libc::PR_SET_NAME, c"pause".as_ptr(), 0, 0, 0) } != 0 {
+        eprintln!(
+            "atoll-init pause: cannot name the namespace's init: {}",
+            io::Error::last_os_error()
+        );
+    }
     loop {
         let mut status = 0;
         // SAFETY: `status` is a valid out-parameter.

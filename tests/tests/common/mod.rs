@@ -105,9 +105,17 @@ scenario() {
       [ -f "$c" ] && { echo "--- $c"; tail -n 60 "$c"; }
     done
     ps -o pid,ppid,stat,comm 2>/dev/null | grep -e atoll -e PID
-    for p in atoll atoll-crictl atoll-vmm-api; do pkill -TERM -x $p; done
+    # Where each thread of the clients and VMMs waits, and what L1's kernel said.
+    for pid in $(pidof atoll atoll-crictl atoll-vmm); do
+      for t in /proc/$pid/task/*; do
+        echo "thread $pid/${t##*/} $(cat $t/comm 2>/dev/null) $(cat $t/stat 2>/dev/null | cut -d' ' -f3) wchan=$(cat $t/wchan 2>/dev/null)"
+      done
+    done
+    dmesg 2>/dev/null | tail -n 15
+    # The node's busybox has pidof, not pkill.
+    for p in atoll atoll-crictl atoll-vmm-api; do kill -TERM $(pidof $p) 2>/dev/null; done
     sleep 10 >/dev/null 2>&1
-    for p in atoll atoll-crictl atoll-vmm-api; do pkill -KILL -x $p; done ) &
+    for p in atoll atoll-crictl atoll-vmm-api; do kill -KILL $(pidof $p) 2>/dev/null; done ) &
   scenario_watchdog=$!
   "$@"; scenario_status=$?
   kill "$scenario_watchdog" 2>/dev/null

@@ -112,6 +112,13 @@ scenario() {
       done
     done
     dmesg 2>/dev/null | tail -n 15
+    # What each `atoll run` pod's container is doing, seen through its agent.
+    if [ -x ./atoll ]; then
+      for d in /run/atoll/pods/*/; do
+        [ -d "$d" ] || continue; id=$(basename "$d"); echo "--- pod $id, from its agent"
+        timeout 15 ./atoll exec "$id" -- sh -c 'ps -o pid,stat,rss,args; cat /sys/fs/cgroup/memory.events' 2>&1 | tail -n 30
+      done
+    fi
     # The node's busybox has pidof, not pkill.
     for p in atoll atoll-crictl atoll-vmm-api; do kill -TERM $(pidof $p) 2>/dev/null; done
     sleep 10 >/dev/null 2>&1

@@ -130,6 +130,8 @@ pub struct Agent<R: ContainerRuntime> {
     shutdown: Mutex<mpsc::Sender<u8>>,
     /// The connection places both acceptors share.
     pub connections: Arc<ConnectionLimit>,
+    /// Containers the memory-stall watch killed: their Wait reports an OOM kill.
+    pub stall_kills: Arc<super::stall::StallKills>,
 }
 
 impl<R: ContainerRuntime> std::fmt::Debug for Agent<R> {
@@ -158,6 +160,7 @@ impl<R: ContainerRuntime> Agent<R> {
             ready_us,
             shutdown: Mutex::new(shutdown),
             connections: Arc::new(ConnectionLimit::default()),
+            stall_kills: Arc::default(),
         }
     }
 
@@ -260,6 +263,8 @@ impl<R: ContainerRuntime> Agent<R> {
             }
         };
         let pid = spawned.pid;
+        // A new container of an id the stall watch once killed starts clean.
+        self.stall_kills.forget(&req.id);
         // Registered before the runtime lock goes, so `reap_strays` (run under the
         // lock) never takes a process that is about to be registered.
         self.register(&req.id, "", spawned, ends)?;
@@ -344,11 +349,13 @@ impl<R: ContainerRuntime> Agent<R> {
         let process = self.lookup(&req.container_id, &req.exec_id)?;
         let exit = process.wait();
         self.processes.forget_exec(&process);
-        // A container removed meanwhile has no cgroup to ask: no OOM known.
+        // A container removed meanwhile has no cgroup to ask: no OOM known. One the
+        // memory-stall watch killed was stuck at its limit: an OOM kill too.
         let oom_killed = self
             .runtime()
             .oom_kills(&req.container_id)
-            .is_ok_and(|n| n > 0);
+            .is_ok_and(|n| n > 0)
+            || self.stall_kills.contains(&req.container_id);
         Ok(Reply::Wait(v1::WaitReply {
             status: exit.status(),
             signal: exit.signal(),
@@ -909,6 +916,41 @@ pub(crate) mod tests {
                 oom_killed: true
             }))
         );
+    }
+
+    #[test]
+    fn a_container_the_stall_watch_killed_waits_as_oom_killed_until_recreated() {
+        let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
+        let mut session = Session { greeted: true };
+        let (resp, _) = agent.handle(&mut session, create_req("stuck", "kill -9 $$", false));
+        assert!(error_code(&resp).is_none(), "{resp:?}");
+        // What the watch does before it writes cgroup.kill.
+        agent.stall_kills.insert("stuck");
+        let (resp, _) = agent.handle(&mut session, wait_req("stuck", ""));
+        assert_eq!(
+            resp.result,
+            Some(Reply::Wait(v1::WaitReply {
+                status: 137,
+                signal: 9,
+                oom_killed: true
+            }))
+        );
+        // Another container of the pod is not tainted by it.
+        let (resp, _) = agent.handle(&mut session, create_req("other", "kill -9 $$", false));
+        assert!(error_code(&resp).is_none(), "{resp:?}");
+        let (resp, _) = agent.handle(&mut session, wait_req("other", ""));
+        let Some(Reply::Wait(w)) = resp.result else {
+            panic!("{resp:?}")
+        };
+        assert!(!w.oom_killed, "{w:?}");
+        // A container created again under the killed one's id starts clean.
+        agent.handle(
+            &mut session,
+            op(Op::Remove(v1::RemoveContainer { id: "stuck".into() })),
+        );
+        let (resp, _) = agent.handle(&mut session, create_req("stuck", "kill -9 $$", false));
+        assert!(error_code(&resp).is_none(), "{resp:?}");
+        assert!(!agent.stall_kills.contains("stuck"));
     }
 
     #[test]

@@ -7,7 +7,8 @@
 //! [`CONTROL_PORT`] ([`conn`]) and [`STREAM_PORT`] ([`stream`]), one thread per
 //! connection ([`server`]). Containers are made by [`crate::container::Runtime`],
 //! behind a mutex; the agent owns processes, their stdio and their reaping
-//! ([`process`]). docs/guest-contract.md, section "Agent", is the summary.
+//! ([`process`]); a watch thread ends containers stuck at their memory limit
+//! ([`stall`]). docs/guest-contract.md, section "Agent", is the summary.
 
 pub mod conn;
 pub mod net;
@@ -15,6 +16,7 @@ pub mod process;
 pub mod restore;
 pub mod server;
 pub mod setup;
+pub mod stall;
 pub mod stream;
 
 use std::io;
@@ -155,6 +157,12 @@ fn serve() -> Result<u8, AgentError> {
         ready_us,
         exit_tx,
     ));
+    stall::spawn(
+        PathBuf::from(setup::CGROUP_ROOT).join("atoll"),
+        stall::StallPolicy::default(),
+        Arc::clone(&agent.stall_kills),
+    )
+    .map_err(AgentError::Start)?;
     let limit = Arc::clone(&agent.connections);
     {
         let agent = Arc::clone(&agent);

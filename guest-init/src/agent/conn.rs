@@ -905,51 +905,51 @@ pub(crate) mod tests {
                 oom_killed: false
             }))
         );
-        let (resp, _) = agent.handle(&mut session, create_req("oom", "kill -9 $$", false));
-        assert!(error_code(&resp).is_none(), "{resp:?}");
-        let (resp, _) = agent.handle(&mut session, wait_req("oom", ""));
+        create_ok(&agent, &mut session, "oom", "kill -9 $$");
         assert_eq!(
-            resp.result,
-            Some(Reply::Wait(v1::WaitReply {
+            wait_reply(&agent, &mut session, "oom"),
+            v1::WaitReply {
                 status: 137,
                 signal: 9,
                 oom_killed: true
-            }))
+            }
         );
+    }
+
+    /// Creates container `id` running `script`.
+    fn create_ok(agent: &Agent<FakeRuntime>, session: &mut Session, id: &str, script: &str) {
+        let (resp, _) = agent.handle(session, create_req(id, script, false));
+        assert!(error_code(&resp).is_none(), "{resp:?}");
+    }
+
+    /// Waits for container `id`.
+    fn wait_reply(agent: &Agent<FakeRuntime>, session: &mut Session, id: &str) -> v1::WaitReply {
+        let (resp, _) = agent.handle(session, wait_req(id, ""));
+        let Some(Reply::Wait(w)) = resp.result else {
+            panic!("{resp:?}")
+        };
+        w
     }
 
     #[test]
     fn a_container_the_stall_watch_killed_waits_as_oom_killed_until_recreated() {
         let (agent, _rx, _dir) = agent_with(FakeRuntime::default());
         let mut session = Session { greeted: true };
-        let (resp, _) = agent.handle(&mut session, create_req("stuck", "kill -9 $$", false));
-        assert!(error_code(&resp).is_none(), "{resp:?}");
-        // What the watch does before it writes cgroup.kill.
+        create_ok(&agent, &mut session, "stuck", "kill -9 $$");
+        // What the watch does before it writes cgroup.kill (the fake's "kill -9").
         agent.stall_kills.insert("stuck");
-        let (resp, _) = agent.handle(&mut session, wait_req("stuck", ""));
-        assert_eq!(
-            resp.result,
-            Some(Reply::Wait(v1::WaitReply {
-                status: 137,
-                signal: 9,
-                oom_killed: true
-            }))
-        );
+        let w = wait_reply(&agent, &mut session, "stuck");
+        assert_eq!((w.status, w.signal, w.oom_killed), (137, 9, true));
         // Another container of the pod is not tainted by it.
-        let (resp, _) = agent.handle(&mut session, create_req("other", "kill -9 $$", false));
-        assert!(error_code(&resp).is_none(), "{resp:?}");
-        let (resp, _) = agent.handle(&mut session, wait_req("other", ""));
-        let Some(Reply::Wait(w)) = resp.result else {
-            panic!("{resp:?}")
-        };
-        assert!(!w.oom_killed, "{w:?}");
+        create_ok(&agent, &mut session, "other", "kill -9 $$");
+        let w = wait_reply(&agent, &mut session, "other");
+        assert_eq!((w.status, w.oom_killed), (137, false));
         // A container created again under the killed one's id starts clean.
         agent.handle(
             &mut session,
             op(Op::Remove(v1::RemoveContainer { id: "stuck".into() })),
         );
-        let (resp, _) = agent.handle(&mut session, create_req("stuck", "kill -9 $$", false));
-        assert!(error_code(&resp).is_none(), "{resp:?}");
+        create_ok(&agent, &mut session, "stuck", "kill -9 $$");
         assert!(!agent.stall_kills.contains("stuck"));
     }
 

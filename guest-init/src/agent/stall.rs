@@ -49,10 +49,11 @@ pub struct StallPolicy {
 impl Default for StallPolicy {
     /// 30 % full stall at the limit for 30 s, checked every second. Measured in
     /// the nested node: a container stuck for good sat at 44 to 47 % `full avg10`
-    /// (every process stalled about half the time, the other half spent faulting
-    /// and scanning), with `memory.events` `max` rising by about 300 a second and
-    /// `oom` at 0; one that the kernel OOM-killed after 15 s of thrashing reached
-    /// 36 % on the way; an ordinary OOM kill leaves it at 0. systemd-oomd's
+    /// for minutes (every process stalled about half the time, the other half
+    /// spent faulting and scanning), with `memory.events` `max` rising by about
+    /// 300 a second and `oom` at 0; the 6 of 100 soak runs that got stuck were at
+    /// 43 to 56 % when killed; one that the kernel OOM-killed after 15 s of
+    /// thrashing reached 36 % on the way; an ordinary OOM kill leaves it at 0. systemd-oomd's
     /// default is 60 % for 30 s; a thrashing container reaches less than that here,
     /// its running half being slowed by the emulation as much as its stalls.
     fn default() -> Self {

@@ -60,7 +60,7 @@ start_cri() {
 }
 # until_state ID STATE: waits (at most 20 s) for a container state.
 until_state() {
-  for i in $(seq 200); do $C inspect $1 | grep -qx "state=$2" && return 0; sleep 0.1; done
+  for i in $(seq ${3:-200}); do $C inspect $1 | grep -qx "state=$2" && return 0; sleep 0.1; done
   return 1
 }
 mkdir -p /etc/cni/net.d
@@ -132,6 +132,11 @@ EOF
 cat > /tmp/cfg/b.json <<EOF
 {"metadata":{"name":"once"},"image":{"image":"$IMAGE"},
  "args":["sh","-c","echo done; exit 3"],"log_path":"once/0.log"}
+EOF
+cat > /tmp/cfg/oom.json <<EOF
+{"metadata":{"name":"oom"},"image":{"image":"$IMAGE"},
+ "args":["sh","-c","x=\$(yes | head -c 100000000); echo survived"],"log_path":"oom/0.log",
+ "linux":{"resources":{"memory_limit_in_bytes":33554432}}}
 EOF
 cat > /tmp/cfg/quick.json <<EOF
 {"metadata":{"name":"quick"},"image":{"image":"$IMAGE"},
@@ -336,6 +341,16 @@ shared_pid() {
   echo "orphans_left=$n"
   $C exec $S1 -- echo one-still-runs
   $C stopp $Q && $C rmp $Q && echo shared_gone
+}
+# A container past its 32 MiB limit: OOM-killed, by the kernel or (stuck at the limit
+# by its own page cache, about 1 run in 15) by the agent's memory-stall watch after
+# 30 s; hence the longer wait.
+oom_killed() {
+  O=$($C create $P /tmp/cfg/oom.json /tmp/cfg/pod.json) && $C start $O || return 1
+  until_state $O CONTAINER_EXITED 1200 || return 1
+  $C inspect $O | grep -E '^(exit_code|reason)='
+  echo "survived=$(grep -c survived /tmp/logs/web/oom/0.log)"
+  $C rm $O
 }
 # Attach to a container created with stdin (stdin_once): its output from the
 # moment of attaching, our stdin to it; closing stdin ends it.
@@ -558,6 +573,7 @@ scenario pod_settings pod_settings
 scenario shared_pid shared_pid
 scenario image_volume image_volume
 scenario attach attach
+scenario oom_killed oom_killed
 scenario stats stats
 scenario metrics metrics
 scenario network network
@@ -975,6 +991,15 @@ fn attach_joins_a_running_containers_stdio_and_stdin_once_ends_it() {
 }
 
 /// `<RFC 3339 ns>Z <stream> <F|P> <text>`
+#[test]
+fn a_container_past_its_memory_limit_exits_137_with_reason_oom_killed() {
+    let (out, st) = sc("oom_killed");
+    assert_eq!(st, 0, "{out}");
+    assert_eq!(value_of(out, "exit_code"), "137", "{out}");
+    assert_eq!(value_of(out, "reason"), "OOMKilled", "{out}");
+    assert_eq!(value_of(out, "survived"), "0", "{out}");
+}
+
 fn is_cri_record(l: &str, stream: &str, text: &str) -> bool {
     let mut f = l.splitn(4, ' ');
     let (Some(t), Some(s), Some(tag), Some(rest)) = (f.next(), f.next(), f.next(), f.next()) else {

@@ -58,7 +58,8 @@ start_cri() {
   for i in $(seq 200); do $C version >/dev/null 2>&1 && return 0; sleep 0.05; done
   echo "atoll-cri did not start"; cat /tmp/cri.log; return 1
 }
-# until_state ID STATE: waits (at most 20 s) for a container state.
+# until_state ID STATE [TRIES]: waits for a container state, TRIES (200) times 0.1 s
+# (at least 20 s) at most.
 until_state() {
   for i in $(seq ${3:-200}); do $C inspect $1 | grep -qx "state=$2" && return 0; sleep 0.1; done
   return 1
@@ -990,7 +991,6 @@ fn attach_joins_a_running_containers_stdio_and_stdin_once_ends_it() {
     assert_eq!(value_of(out, "exited_rc"), "1", "{out}");
 }
 
-/// `<RFC 3339 ns>Z <stream> <F|P> <text>`
 #[test]
 fn a_container_past_its_memory_limit_exits_137_with_reason_oom_killed() {
     let (out, st) = sc("oom_killed");
@@ -1000,6 +1000,7 @@ fn a_container_past_its_memory_limit_exits_137_with_reason_oom_killed() {
     assert_eq!(value_of(out, "survived"), "0", "{out}");
 }
 
+/// `<RFC 3339 ns>Z <stream> <F|P> <text>`
 fn is_cri_record(l: &str, stream: &str, text: &str) -> bool {
     let mut f = l.splitn(4, ' ');
     let (Some(t), Some(s), Some(tag), Some(rest)) = (f.next(), f.next(), f.next(), f.next()) else {

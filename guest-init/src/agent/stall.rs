@@ -20,8 +20,7 @@
 //! at or over [`StallPolicy::full_avg10_min`] % for [`StallPolicy::sustain`] is
 //! killed as a whole (`cgroup.kill`), and its Wait reports it OOM-killed (exit 137),
 //! as the kernel's kill would have been. The watch only reads files and writes
-//! `cgroup.kill`; a container that never comes near its limit costs three small
-//! reads a second.
+//! `cgroup.kill`; a container costs one small read a second (three with a limit).
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -71,8 +70,8 @@ impl Default for StallPolicy {
 pub struct Sample {
     /// The container id (its cgroup directory's name).
     pub id: String,
-    /// `memory.max`; `None` for `max` (no limit: never stuck at it).
-    pub limit: Option<u64>,
+    /// `memory.max`.
+    pub limit: u64,
     /// `memory.current`.
     pub usage: u64,
     /// `memory.pressure`, `full avg10`.
@@ -80,13 +79,15 @@ pub struct Sample {
 }
 
 impl Sample {
-    /// Reads the cgroup directory `dir` of container `id`; `None` when a file is
-    /// missing or unreadable (the container is going, or PSI is off).
+    /// Reads the cgroup directory `dir` of container `id`; `None` for a container
+    /// without a limit (`max`: never stuck at it, and read no further) and when a
+    /// file is missing or unreadable (the container is going, or PSI is off).
     pub fn read(id: &str, dir: &Path) -> Option<Self> {
-        let limit = match fs::read_to_string(dir.join("memory.max")).ok()?.trim() {
-            "max" => None,
-            n => Some(n.parse().ok()?),
-        };
+        let limit = fs::read_to_string(dir.join("memory.max"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
         let usage = fs::read_to_string(dir.join("memory.current"))
             .ok()?
             .trim()
@@ -157,11 +158,8 @@ impl StallWatch {
 
     /// Whether `s` is stuck right now: at its limit and stalled.
     fn stuck(&self, s: &Sample) -> bool {
-        let Some(limit) = s.limit else {
-            return false;
-        };
-        let margin = self.policy.at_limit_margin.max(limit / 32);
-        s.usage.saturating_add(margin) >= limit && s.full_avg10 >= self.policy.full_avg10_min
+        let margin = self.policy.at_limit_margin.max(s.limit / 32);
+        s.usage.saturating_add(margin) >= s.limit && s.full_avg10 >= self.policy.full_avg10_min
     }
 
     /// Takes one check of every container (those absent are forgotten); returns the
@@ -222,7 +220,7 @@ pub fn check_once(
                      time for {} s; the kernel's OOM killer does not act while reclaim \
                      keeps evicting the container's page cache",
                     s.usage,
-                    s.limit.unwrap_or(0),
+                    s.limit,
                     s.full_avg10,
                     stuck_for.as_secs()
                 );
@@ -264,7 +262,7 @@ mod tests {
     const PRESSURE: &str = "some avg10=95.10 avg60=40.00 avg300=9.00 total=123\n\
                             full avg10=91.50 avg60=38.20 avg300=8.10 total=100\n";
 
-    fn sample(id: &str, limit: Option<u64>, usage: u64, full: f64) -> Sample {
+    fn sample(id: &str, limit: u64, usage: u64, full: f64) -> Sample {
         Sample {
             id: id.into(),
             limit,
@@ -295,7 +293,7 @@ mod tests {
     fn a_container_stuck_for_the_whole_sustain_is_due_once() {
         let mut w = StallWatch::new(policy());
         let t0 = Instant::now();
-        let stuck = [sample("c", Some(32 * MIB), 32 * MIB - 4096, 95.0)];
+        let stuck = [sample("c", 32 * MIB, 32 * MIB - 4096, 95.0)];
         assert!(w.observe(&stuck, t0).is_empty());
         assert!(w.observe(&stuck, t0 + Duration::from_secs(29)).is_empty());
         let due = w.observe(&stuck, t0 + Duration::from_secs(30));
@@ -309,10 +307,10 @@ mod tests {
         let mut w = StallWatch::new(policy());
         let t0 = Instant::now();
         let at = |s| t0 + Duration::from_secs(s);
-        let stuck = [sample("c", Some(32 * MIB), 32 * MIB, 95.0)];
+        let stuck = [sample("c", 32 * MIB, 32 * MIB, 95.0)];
         assert!(w.observe(&stuck, at(0)).is_empty());
         assert!(w
-            .observe(&[sample("c", Some(32 * MIB), 32 * MIB, 29.9)], at(10))
+            .observe(&[sample("c", 32 * MIB, 32 * MIB, 29.9)], at(10))
             .is_empty());
         assert!(w.observe(&stuck, at(11)).is_empty());
         assert!(
@@ -321,21 +319,18 @@ mod tests {
         );
         // Far from the limit (2 MiB under it; the margin is 1 MiB): not stuck.
         assert!(w
-            .observe(&[sample("c", Some(32 * MIB), 30 * MIB, 99.0)], at(41))
+            .observe(&[sample("c", 32 * MIB, 30 * MIB, 99.0)], at(41))
             .is_empty());
         assert!(w.observe(&stuck, at(50)).is_empty());
         assert_eq!(w.observe(&stuck, at(80)).len(), 1);
     }
 
     #[test]
-    fn no_limit_never_counts_and_a_large_limit_has_a_proportional_margin() {
+    fn a_large_limit_has_a_proportional_margin() {
         let mut w = StallWatch::new(policy());
         let t0 = Instant::now();
-        let free = [sample("c", None, 500 * MIB, 100.0)];
-        assert!(w.observe(&free, t0).is_empty());
-        assert!(w.observe(&free, t0 + Duration::from_secs(60)).is_empty());
         // 1 GiB limit: within 1/32 (32 MiB) counts as at the limit.
-        let big = [sample("b", Some(1024 * MIB), 1000 * MIB, 90.0)];
+        let big = [sample("b", 1024 * MIB, 1000 * MIB, 90.0)];
         assert!(w.observe(&big, t0).is_empty());
         assert_eq!(w.observe(&big, t0 + Duration::from_secs(30)).len(), 1);
     }
@@ -344,7 +339,7 @@ mod tests {
     fn containers_that_go_away_are_forgotten() {
         let mut w = StallWatch::new(policy());
         let t0 = Instant::now();
-        let stuck = |id: &str| sample(id, Some(32 * MIB), 32 * MIB, 95.0);
+        let stuck = |id: &str| sample(id, 32 * MIB, 32 * MIB, 95.0);
         assert!(w.observe(&[stuck("a"), stuck("b")], t0).is_empty());
         assert!(w
             .observe(&[stuck("b")], t0 + Duration::from_secs(5))
